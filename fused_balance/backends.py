@@ -1,0 +1,121 @@
+"""Backend registry: one contract, several implementations.
+
+Every backend receives inputs that the public API (``fused_balance.api``) has already validated
+and normalised, so backends never re-check user input:
+
+- ``flat``: the K*P gradient tensors, objective-major (``flat[k * P + p]`` is objective k's
+  gradient for tensor p). For a fixed p all K tensors share shape; all tensors share one dtype
+  (fp32, fp64, bf16 or fp16) and one device. They may be non-contiguous.
+- ``num_objectives``: K.
+- ``segment_ids``: a Python ``list[int]`` of length P with values in ``[0, num_segments)``.
+- ``weights``: a ``[S, K]`` tensor on the gradients' device, fp64 for fp64 gradients else fp32.
+- ``out``: P tensors of the gradients' shapes and dtype on their device (may be non-contiguous).
+- ``skip``: ``None`` or a one-element bool tensor on the gradients' device; when it holds True
+  the in-place operation must leave every output untouched (read on the device: no host sync).
+
+Methods (all of them required):
+
+- ``gram(flat, K, segment_ids, S) -> Tensor[S, K, K]`` (fp32, or fp64 for fp64 input),
+  differentiable w.r.t. ``flat``.
+- ``combine(flat, K, weights, segment_ids) -> list[Tensor]`` (P new tensors, input dtype),
+  differentiable w.r.t. ``flat`` and ``weights``.
+- ``combine_into(flat, K, weights, segment_ids, out, skip) -> None``: in place, not differentiable.
+- ``balanced_adamw_(flat, K, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs,
+  weight_decays, beta1, beta2, eps, step, skip) -> None``: AdamW (decoupled weight decay,
+  bias correction with ``step`` >= 1) on the combined gradient d_p = sum_k w[seg(p), k] g_k,p,
+  without materialising d; ``lrs``/``weight_decays`` are per-tensor Python float lists.
+- ``availability(device) -> (bool, reason)``: can it run on tensors of that device here.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["available_backends", "use_backend", "current_backend", "get_backend", "resolve_backend",
+           "backend_report", "BACKEND_NAMES"]
+
+BACKEND_NAMES = ("torch", "cpp", "triton")
+# Fastest first, per device type: what `auto` tries.
+_AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cpp", "torch")}
+_MODULES = {
+    "torch": "fused_balance.reference",
+    "cpp": "fused_balance.ops",
+    "triton": "fused_balance.kernels.backend",
+}
+
+_default = {"name": "auto"}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    name: str
+    module: object
+
+
+_cache: dict[str, _Entry | Exception] = {}
+
+
+def get_backend(name: str):
+    """The backend module ``name`` (imported lazily). Raises ValueError for unknown names and
+    RuntimeError (with the reason) when it cannot be imported."""
+    if name not in _MODULES:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} or 'auto'")
+    if name not in _cache:
+        try:
+            _cache[name] = _Entry(name, importlib.import_module(_MODULES[name]))
+        except Exception as exc:  # a missing compiler or Triton must not break the others
+            _cache[name] = exc
+    entry = _cache[name]
+    if isinstance(entry, Exception):
+        raise RuntimeError(f"backend {name!r} cannot be loaded: {entry}") from entry
+    return entry.module
+
+
+def availability(name: str, device: torch.device | str = "cpu") -> tuple[bool, str]:
+    try:
+        module = get_backend(name)
+    except RuntimeError as exc:
+        return False, str(exc)
+    return module.availability(torch.device(device))
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run on tensors of ``device`` on this machine."""
+    return [n for n in BACKEND_NAMES if availability(n, device)[0]]
+
+
+def backend_report() -> dict[str, dict[str, tuple[bool, str]]]:
+    """For every backend and device type: (available, reason). Used by `fused-balance info`."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return {n: {d: availability(n, d) for d in devices} for n in BACKEND_NAMES}
+
+
+def use_backend(name: str) -> None:
+    """Set the process-wide default backend ('auto', 'torch', 'cpp' or 'triton')."""
+    if name != "auto":
+        get_backend(name)  # fail now, not at the first call
+    _default["name"] = name
+
+
+def current_backend() -> str:
+    return _default["name"]
+
+
+def resolve_backend(name: str | None, device: torch.device):
+    """The backend module to run on ``device``: ``name`` (None means the default set by
+    use_backend), with 'auto' picking the fastest one available for the device type."""
+    name = name or _default["name"]
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
+            ok, _ = availability(candidate, device)
+            if ok:
+                return get_backend(candidate)
+        return get_backend("torch")
+    ok, reason = availability(name, device)
+    if not ok:
+        raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors here: {reason}")
+    return get_backend(name)
+
+

@@ -1,0 +1,75 @@
+"""The `fused-balance` command: info, build, train, bench."""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+import torch
+
+
+def _info(args) -> int:
+    import fused_balance
+    from fused_balance import _extension
+    from fused_balance.backends import backend_report
+
+    print(f"fused_balance {fused_balance.__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__} "
+          f"(CUDA build: {torch.version.cuda or 'no'}), GPU present: {torch.cuda.is_available()}")
+    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}")
+    if _extension.is_built():
+        info = _extension.build_info()
+        print("C++ extension: built in", info.get("build_dir"))
+        print(f"  CPU kernel path: {info.get('cpu_isa')}")
+        if info.get("cuda_compiled"):
+            print(f"  CUDA kernels: compiled for {', '.join(info.get('cuda_archs', []))}")
+        else:
+            print(f"  CUDA kernels: not compiled ({info.get('cuda_reason')})")
+    else:
+        print("C++ extension: not built yet (run `fused-balance build`; it also builds at first use)")
+    try:
+        from fused_balance.kernels import backend as triton_backend
+        print(f"Triton: {triton_backend.describe()}")
+    except Exception as exc:  # Triton is optional at run time
+        print(f"Triton: unavailable ({exc})")
+    print("Backends (available / reason):")
+    for name, per_device in backend_report().items():
+        for device, (ok, reason) in per_device.items():
+            print(f"  {name:7s} {device:5s} {'yes' if ok else 'no ':3s}  {reason}")
+    return 0
+
+
+def _build(args) -> int:
+    from fused_balance import _extension
+    _extension.build(verbose=True)
+    info = _extension.build_info()
+    print(f"built: CPU kernel path {info.get('cpu_isa')}; CUDA "
+          + (f"compiled for {', '.join(info.get('cuda_archs', []))}" if info.get("cuda_compiled")
+             else f"not compiled ({info.get('cuda_reason')})"))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fused-balance", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, build status, backends and kernel paths").set_defaults(func=_info)
+    sub.add_parser("build", help="build the C++ (and CUDA) extension now").set_defaults(func=_build)
+
+    from fused_balance import benchmarking, demo
+    train = sub.add_parser("train", help="balanced training demo: vanilla LoRA vs Pareto-LoRA")
+    demo.add_arguments(train)
+    train.set_defaults(func=demo.main)
+    bench = sub.add_parser("bench", help="throughput benchmarks against peers and the roofline")
+    benchmarking.add_arguments(bench)
+    bench.set_defaults(func=benchmarking.main)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
