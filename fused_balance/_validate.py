@@ -1,6 +1,13 @@
-"""Input checks of the public API: one place, clear errors naming the offending index."""
+"""Input checks of the public API: one place, clear errors naming the offending index.
+
+Every public entry validates ALL of its arguments before its first write, so a bad argument
+never leaves a half-updated result behind.
+"""
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -31,6 +38,10 @@ class Problem:
     def accumulate_dtype(self) -> torch.dtype:
         return accumulate_dtype(self.dtype)
 
+    def grad_name(self, i: int) -> str:
+        """The user-facing name of flat[i]."""
+        return f"grads[{i // self.num_tensors}][{i % self.num_tensors}]"
+
 
 def _as_tensor_list(seq, what: str) -> list:
     if isinstance(seq, torch.Tensor):
@@ -40,6 +51,26 @@ def _as_tensor_list(seq, what: str) -> list:
     except TypeError:
         raise TypeError(f"{what} must be a sequence of tensors, got {type(seq).__name__}") from None
     return items
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def _check_plain_tensor(t, name: str) -> None:
+    """A dense tensor; subclasses (Parameter, ...) are fine, DTensors are not (the kernels need
+    the local shard)."""
+    if type(t) is not torch.Tensor:  # the common case skips the isinstance checks
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} is {type(t).__name__}, not a Tensor")
+        if _is_dtensor(t):
+            raise TypeError(f"{name} is a DTensor: pass its local shard (.to_local()) with "
+                            "distributed='sharded' and the process group")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} has layout {t.layout}; only dense (strided) tensors are supported")
 
 
 def check_grads(grads) -> tuple[list, int, int]:
@@ -56,14 +87,12 @@ def check_grads(grads) -> tuple[list, int, int]:
             raise ValueError(f"grads[{k}] has {len(lst)} tensors but grads[0] has {P}: every objective "
                              "needs one gradient per tensor")
     first = lists[0][0]
-    if not isinstance(first, torch.Tensor):
-        raise TypeError(f"grads[0][0] is {type(first).__name__}, not a Tensor")
+    _check_plain_tensor(first, "grads[0][0]")
     if first.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"grads[0][0] has dtype {first.dtype}; supported: {SUPPORTED_DTYPES}")
     for k, lst in enumerate(lists):
         for p, t in enumerate(lst):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"grads[{k}][{p}] is {type(t).__name__}, not a Tensor")
+            _check_plain_tensor(t, f"grads[{k}][{p}]")
             if t.device != first.device:
                 raise ValueError(f"grads[{k}][{p}] is on {t.device} but grads[0][0] is on {first.device}")
             if t.dtype != first.dtype:
@@ -84,20 +113,25 @@ def check_segments(segments, num_tensors: int) -> tuple[list, int]:
             return list(range(num_tensors)), num_tensors
         raise ValueError(f"segments={segments!r}: use None/'global', 'tensor' or a sequence of P ids")
     if isinstance(segments, torch.Tensor):
-        if segments.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.bool):
+        if segments.dtype.is_floating_point or segments.dtype.is_complex or segments.dtype == torch.bool:
             raise TypeError(f"segment ids must be integers, got a {segments.dtype} tensor")
         if segments.dim() != 1:
             raise ValueError(f"segment ids must be 1-D, got shape {tuple(segments.shape)}")
         ids = segments.tolist()
     else:
-        ids = list(segments)
+        try:
+            ids = list(segments)
+        except TypeError:
+            raise TypeError(f"segments must be None, 'global', 'tensor' or a sequence of ints, got "
+                            f"{type(segments).__name__}") from None
     if len(ids) != num_tensors:
         raise ValueError(f"segments has {len(ids)} ids but there are {num_tensors} tensors")
     for p, s in enumerate(ids):
-        if isinstance(s, bool) or not isinstance(s, int):
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
             raise TypeError(f"segments[{p}] = {s!r} is not an int")
         if s < 0:
             raise ValueError(f"segments[{p}] = {s} is negative")
+    ids = [operator.index(s) for s in ids]
     S = max(ids) + 1
     used = set(ids)
     missing = [s for s in range(S) if s not in used]
@@ -113,28 +147,32 @@ def check_problem(grads, segments) -> Problem:
 
 
 def check_weights(weights, problem: Problem, name: str = "weights") -> torch.Tensor:
-    """[S, K] float weights, moved to the gradients' device and accumulate dtype."""
+    """[S, K] float weights on the gradients' device -> the accumulate dtype."""
     if not isinstance(weights, torch.Tensor):
         raise TypeError(f"{name} must be a Tensor of shape [S, K], got {type(weights).__name__}")
     S, K = problem.num_segments, problem.num_objectives
+    if not weights.dtype.is_floating_point:
+        raise TypeError(f"{name} must be floating point, got {weights.dtype}")
+    if weights.device != problem.device:
+        raise ValueError(f"{name} is on {weights.device} but the gradients are on {problem.device}")
     if weights.dim() == 1 and S == 1:
         weights = weights.unsqueeze(0)
     if tuple(weights.shape) != (S, K):
-        raise ValueError(f"{name} has shape {tuple(weights.shape)}, expected [S={S}, K={K}]")
-    if not weights.dtype.is_floating_point:
-        raise TypeError(f"{name} must be floating point, got {weights.dtype}")
-    return weights.to(device=problem.device, dtype=problem.accumulate_dtype)
+        raise ValueError(f"{name} has shape {tuple(weights.shape)}, expected [S={S}, K={K}] "
+                         f"(S segments, K objectives)")
+    return weights.to(dtype=problem.accumulate_dtype)
 
 
 def check_out(out, problem: Problem, name: str = "out") -> list:
+    """P tensors matching the gradients' shapes, dtype and device (checked for aliasing by
+    ``check_no_overlap``)."""
     outs = _as_tensor_list(out, name)
     P = problem.num_tensors
     if len(outs) != P:
         raise ValueError(f"{name} has {len(outs)} tensors, expected {P}")
     for p, o in enumerate(outs):
         ref = problem.flat[p]
-        if not isinstance(o, torch.Tensor):
-            raise TypeError(f"{name}[{p}] is {type(o).__name__}, not a Tensor")
+        _check_plain_tensor(o, f"{name}[{p}]")
         if o.shape != ref.shape:
             raise ValueError(f"{name}[{p}] has shape {tuple(o.shape)}, expected {tuple(ref.shape)}")
         if o.dtype != ref.dtype:
@@ -144,25 +182,139 @@ def check_out(out, problem: Problem, name: str = "out") -> list:
     return outs
 
 
+def _byte_interval(t: torch.Tensor):
+    """[first byte, one past the last byte) that ``t`` can touch, or None when it has none."""
+    if t.numel() == 0 or t.device.type == "meta":
+        return None
+    start = t.data_ptr()
+    item = t.element_size()
+    if t.is_contiguous():
+        return start, start + t.numel() * item
+    lo = hi = 0
+    for size, stride in zip(t.shape, t.stride()):
+        if stride >= 0:
+            hi += (size - 1) * stride
+        else:
+            lo += (size - 1) * stride
+    return start + lo * item, start + (hi + 1) * item
+
+
+def check_no_overlap(written: Sequence, read: Sequence = ()) -> None:
+    """Raise if a tensor written in place shares memory with any other argument tensor.
+
+    ``written`` / ``read``: (name, tensors, namer) triples, namer(i) naming tensors[i]. Reads may
+    overlap each other (the same gradient twice is fine); a write that overlaps anything would
+    corrupt the in-place result (or read half-updated data), so it is refused up front. The
+    test is on byte ranges, so exotic interleaved views of one buffer are refused too."""
+    spans = []
+    for is_write, groups in ((True, written), (False, read)):
+        for name, tensors, namer in groups:
+            for i, t in enumerate(tensors):
+                interval = _byte_interval(t)
+                if interval is not None:
+                    spans.append((t.device, interval[0], interval[1], is_write, name, i, namer))
+    # One sweep per device in address order: an overlap with a previous span shows as
+    # start < the largest end seen so far (kept separately for written spans).
+    spans.sort(key=lambda s: (str(s[0]), s[1]))
+    device = None
+    last_any = last_write = None
+    for span in spans:
+        dev, start, end, is_write, name, i, namer = span
+        if dev != device:
+            device, last_any, last_write = dev, None, None
+        culprit = None
+        if last_write is not None and start < last_write[2]:
+            culprit = last_write
+        elif is_write and last_any is not None and start < last_any[2]:
+            culprit = last_any
+        if culprit is not None:
+            a, b = culprit[6](culprit[5]), namer(i)
+            raise ValueError(f"{b} shares memory with {a}: an in-place result must not alias "
+                             "another argument (pass distinct tensors)")
+        if last_any is None or end > last_any[2]:
+            last_any = span
+        if is_write and (last_write is None or end > last_write[2]):
+            last_write = span
+
+
+def indexed(name: str):
+    return lambda i: f"{name}[{i}]"
+
+
+def check_real(value, name: str, *, low=None, high=None, low_open=False, high_open=False,
+               allow_inf=False) -> float:
+    """A real number (not bool, not a string or tensor) inside the given bounds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if math.isnan(value) or (math.isinf(value) and not allow_inf):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}")
+    return value
+
+
 def per_tensor_floats(value, num_tensors: int, name: str) -> list:
-    if isinstance(value, (int, float)):
-        return [float(value)] * num_tensors
-    values = [float(v) for v in value]
-    if len(values) != num_tensors:
-        raise ValueError(f"{name} has {len(values)} values, expected one per tensor ({num_tensors})")
-    return values
+    """One non-negative finite float for all tensors, or one per tensor."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return [check_real(value, name, low=0.0)] * num_tensors
+    if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a float or a sequence of {num_tensors} floats (one per "
+                        f"tensor), got {type(value).__name__}")
+    if len(value) != num_tensors:
+        raise ValueError(f"{name} has {len(value)} values, expected one per tensor ({num_tensors})")
+    return [check_real(v, f"{name}[{p}]", low=0.0) for p, v in enumerate(value)]
+
+
+def check_step(step) -> int:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (bias correction), got {step!r}")
+    return int(step)
+
+
+def check_skip(skip, device: torch.device):
+    """None, or a one-element bool tensor on the gradients' device -> shape [1]."""
+    if skip is None:
+        return None
+    if not isinstance(skip, torch.Tensor) or skip.numel() != 1:
+        raise TypeError("skip must be None or a one-element bool tensor (e.g. ParetoResult.found_inf)")
+    if skip.dtype != torch.bool:
+        raise TypeError(f"skip must be a bool tensor, got {skip.dtype}")
+    if skip.device != device:
+        raise ValueError(f"skip is on {skip.device} but the gradients are on {device}")
+    return skip.reshape(1)
 
 
 def check_gram(G) -> torch.Tensor:
     if not isinstance(G, torch.Tensor):
         raise TypeError(f"G must be a Tensor [S, K, K] or [K, K], got {type(G).__name__}")
+    if not G.dtype.is_floating_point:
+        raise TypeError(f"G must be floating point, got {G.dtype}")
     if G.dim() == 2:
         G = G.unsqueeze(0)
     if G.dim() != 3 or G.shape[1] != G.shape[2] or G.shape[1] == 0:
         raise ValueError(f"G must have shape [S, K, K] with K >= 1, got {tuple(G.shape)}")
-    if not G.dtype.is_floating_point:
-        raise TypeError(f"G must be floating point, got {G.dtype}")
     return G
+
+
+def check_active(active, G: torch.Tensor) -> torch.Tensor | None:
+    """None, or a bool mask [S, K] (or [K] for one segment) on G's device."""
+    if active is None:
+        return None
+    S, K = G.shape[0], G.shape[1]
+    if not isinstance(active, torch.Tensor):
+        raise TypeError(f"active must be a bool Tensor [S, K], got {type(active).__name__}")
+    if active.dtype != torch.bool:
+        raise TypeError(f"active must be a bool tensor, got {active.dtype}")
+    if active.device != G.device:
+        raise ValueError(f"active is on {active.device} but G is on {G.device}")
+    if active.dim() == 1 and S == 1:
+        active = active.unsqueeze(0)
+    if tuple(active.shape) != (S, K):
+        raise ValueError(f"active has shape {tuple(active.shape)}, expected [S={S}, K={K}]")
+    return active
 
 
 def check_sequence_len(seq: Sequence, n: int, name: str) -> None:

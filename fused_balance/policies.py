@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from fused_balance._validate import check_gram
+from fused_balance._validate import check_gram, check_real
 from fused_balance.solvers import min_norm_weights
 
-__all__ = ["POLICIES", "BRANCH_NAMES", "gram_statistics", "policy_weights"]
+__all__ = ["POLICIES", "BRANCH_NAMES", "gram_statistics", "policy_weights", "check_policy_args"]
 
 POLICIES = ("sum", "mgda", "pareto_lora")
 BRANCH_SUM, BRANCH_RESCALE, BRANCH_CONFLICT = 0, 1, 2
@@ -43,6 +43,17 @@ def _restore_sum_magnitude(w: torch.Tensor, G: torch.Tensor, active: torch.Tenso
     return w * factor[:, None]
 
 
+def check_policy_args(policy, tau, rescale) -> str:
+    """Validate the policy arguments (before any work) and return the effective ``rescale``."""
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+    rescale = _DEFAULT_RESCALE[policy] if rescale is None else rescale
+    if not isinstance(rescale, str) or rescale not in ("none", "sum"):
+        raise ValueError(f"rescale must be 'none' or 'sum', got {rescale!r}")
+    check_real(tau, "tau (a norm ratio threshold)", low=1.0, low_open=True, allow_inf=True)
+    return rescale
+
+
 def policy_weights(G: torch.Tensor, policy: str = "pareto_lora", *, tau: float = 5.0,
                    rescale: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights [S, K] and branch [S] (0 sum, 1 rescale, 2 conflict/min-norm) for ``policy``:
@@ -56,13 +67,7 @@ def policy_weights(G: torch.Tensor, policy: str = "pareto_lora", *, tau: float =
     ``rescale="sum"`` multiplies min-norm weights so the update has the plain sum's magnitude
     (the min-norm point is short); default "none" for mgda, "sum" for pareto_lora.
     """
-    if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
-    rescale = _DEFAULT_RESCALE[policy] if rescale is None else rescale
-    if rescale not in ("none", "sum"):
-        raise ValueError(f"rescale must be 'none' or 'sum', got {rescale!r}")
-    if not tau > 1.0:
-        raise ValueError(f"tau must be > 1 (a norm ratio threshold), got {tau}")
+    rescale = check_policy_args(policy, tau, rescale)
     G = check_gram(G)
     G = torch.nan_to_num(G.to(torch.float64 if G.dtype == torch.float64 else torch.float32),
                          nan=0.0, posinf=0.0, neginf=0.0)  # non-finite input is flagged, not solved

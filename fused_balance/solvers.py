@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fused_balance._validate import check_gram
+from fused_balance._validate import check_active, check_gram
 
 __all__ = ["min_norm_weights", "project_to_simplex"]
 
@@ -143,6 +143,11 @@ def min_norm_weights(G: torch.Tensor, *, active: torch.Tensor | None = None, max
     Degenerate Grams (zero, identical, opposite gradients) give finite simplex weights.
     """
     G = check_gram(G)
+    active = check_active(active, G)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an int >= 1, got {max_iter!r}")
+    if isinstance(max_enumeration_k, bool) or not isinstance(max_enumeration_k, int):
+        raise TypeError(f"max_enumeration_k must be an int, got {max_enumeration_k!r}")
     work_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
     G = G.to(work_dtype)
     S, K, _ = G.shape

@@ -1,0 +1,387 @@
+// Body of the CPU kernels, included once per ISA by cpu_kernels_{default,avx2,avx512}.cpp after
+// they set FB_ISA_NS (a namespace name), FB_ISA_NAME, FB_SIMD (0 none, 2 AVX2, 3 AVX-512) and the
+// matching `#pragma GCC target`. The algorithms are written once against a tiny vector wrapper
+// (VF: floats, VD: doubles); the default build has no wrapper and runs the scalar code of
+// multi_tensor.h throughout, which is also every SIMD path's tail.
+//
+// Do not include this header anywhere else: everything below lives in a per-ISA namespace so
+// that code compiled for AVX2 can never be picked by the linker for a caller on the default path.
+
+#include <stdint.h>
+#include <string.h>
+
+namespace fused_balance {
+namespace cpu {
+namespace FB_ISA_NS {
+namespace {
+
+// Tile of a chunk: fp32 lanes accumulate over at most this many elements before their sum is
+// added in double (keeps the fp32 accumulation short, so the Gram's error stays small). It is
+// AdamW update works on tiles of kAdamTile elements converted to the math type in L1 buffers.
+constexpr int64_t kTile = 2048;
+constexpr int64_t kAdamTile = 1024;  // five L1 buffers of it on the stack
+constexpr int kStackObjectives = 64;
+
+template <typename A> struct AccCode;
+template <> struct AccCode<float> { static constexpr int value = kFloat32; };
+template <> struct AccCode<double> { static constexpr int value = kFloat64; };
+
+#if FB_SIMD == 2  // ----------------------------------------------------------------- AVX2
+struct VF {
+  static constexpr int W = 8;
+  __m256 v;
+  static VF zero() { return {_mm256_setzero_ps()}; }
+  static VF set1(float x) { return {_mm256_set1_ps(x)}; }
+  static VF load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static VF load(const bf16_t* p) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))};
+  }
+  static VF load(const f16_t* p) {
+    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
+  }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  void store(bf16_t* p) const {  // round to nearest even, NaN -> 0x7FC0 (as float_to_bf16)
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+  }
+  void store(f16_t* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  double hsum() const {
+    const __m256d s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+                                    _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+  }
+};
+inline VF fmadd(VF a, VF b, VF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
+inline VF mul(VF a, VF b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline VF add(VF a, VF b) { return {_mm256_add_ps(a.v, b.v)}; }
+
+struct VD {
+  static constexpr int W = 4;
+  __m256d v;
+  static VD zero() { return {_mm256_setzero_pd()}; }
+  static VD set1(double x) { return {_mm256_set1_pd(x)}; }
+  static VD load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  void store(double* p) const { _mm256_storeu_pd(p, v); }
+  double hsum() const {
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+  }
+};
+inline VD fmadd(VD a, VD b, VD c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+inline VD mul(VD a, VD b) { return {_mm256_mul_pd(a.v, b.v)}; }
+inline VD add(VD a, VD b) { return {_mm256_add_pd(a.v, b.v)}; }
+
+#elif FB_SIMD == 3  // ----------------------------------------------------------- AVX-512
+struct VF {
+  static constexpr int W = 16;
+  __m512 v;
+  static VF zero() { return {_mm512_setzero_ps()}; }
+  static VF set1(float x) { return {_mm512_set1_ps(x)}; }
+  static VF load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static VF load(const bf16_t* p) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))};
+  }
+  static VF load(const f16_t* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  void store(bf16_t* p) const {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+  void store(f16_t* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  double hsum() const {
+    const __m512d s = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)),
+                                    _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+    return _mm512_reduce_add_pd(s);
+  }
+};
+inline VF fmadd(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+inline VF mul(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
+inline VF add(VF a, VF b) { return {_mm512_add_ps(a.v, b.v)}; }
+
+struct VD {
+  static constexpr int W = 8;
+  __m512d v;
+  static VD zero() { return {_mm512_setzero_pd()}; }
+  static VD set1(double x) { return {_mm512_set1_pd(x)}; }
+  static VD load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  void store(double* p) const { _mm512_storeu_pd(p, v); }
+  double hsum() const { return _mm512_reduce_add_pd(v); }
+};
+inline VD fmadd(VD a, VD b, VD c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
+inline VD mul(VD a, VD b) { return {_mm512_mul_pd(a.v, b.v)}; }
+inline VD add(VD a, VD b) { return {_mm512_add_pd(a.v, b.v)}; }
+#endif
+
+#if FB_SIMD
+// The vector type holding the accumulator type A of element type T.
+template <typename T> struct VecOf { using type = VF; };
+template <> struct VecOf<double> { using type = VD; };
+#endif
+
+// ------------------------------------------------------------------------------------ Gram
+// KC objectives (compile-time) fused: each element of each stream is loaded once per tile and
+// all KC(KC+1)/2 products accumulate in registers, U independent accumulators per product to
+// hide the FMA latency.
+template <int KC, typename A, typename T>
+void gram_tile_fused(const T* const* g, int64_t off, int64_t len, double* pairs) {
+  constexpr int NP = KC * (KC + 1) / 2;
+  int64_t i = 0;
+#if FB_SIMD
+  using V = typename VecOf<T>::type;
+  constexpr int U = KC <= 2 ? 2 : 1;
+  V acc[NP][U];
+  for (int q = 0; q < NP; ++q)
+    for (int u = 0; u < U; ++u) acc[q][u] = V::zero();
+  for (; i + U * V::W <= len; i += U * V::W) {
+    for (int u = 0; u < U; ++u) {
+      V x[KC];
+      for (int k = 0; k < KC; ++k) x[k] = V::load(g[k] + off + i + u * V::W);
+      int q = 0;
+      for (int k = 0; k < KC; ++k)
+        for (int l = k; l < KC; ++l, ++q) acc[q][u] = fmadd(x[k], x[l], acc[q][u]);
+    }
+  }
+  for (int q = 0; q < NP; ++q) {
+    V s = acc[q][0];
+    for (int u = 1; u < U; ++u) s = add(s, acc[q][u]);
+    pairs[q] += s.hsum();
+  }
+#endif
+  A tail[NP];
+  for (int q = 0; q < NP; ++q) tail[q] = A(0);
+  const T* base[KC];
+  for (int k = 0; k < KC; ++k) base[k] = g[k] + off;
+  accumulate_products<A>(base, KC, i, len, tail);
+  for (int q = 0; q < NP; ++q) pairs[q] += double(tail[q]);
+}
+
+// Any K: one pair at a time over the tile (the tile stays in L1 between pairs).
+template <typename A, typename T>
+void gram_tile_pairwise(const T* const* g, int K, int64_t off, int64_t len, double* pairs) {
+  int q = 0;
+  for (int k = 0; k < K; ++k) {
+    for (int l = k; l < K; ++l, ++q) {
+      const T* a = g[k] + off;
+      const T* b = g[l] + off;
+      int64_t i = 0;
+#if FB_SIMD
+      using V = typename VecOf<T>::type;
+      V s0 = V::zero(), s1 = V::zero();
+      for (; i + 2 * V::W <= len; i += 2 * V::W) {
+        s0 = fmadd(V::load(a + i), V::load(b + i), s0);
+        s1 = fmadd(V::load(a + i + V::W), V::load(b + i + V::W), s1);
+      }
+      pairs[q] += add(s0, s1).hsum();
+#endif
+      pairs[q] += double(dot_range<A>(a, b, i, len));
+    }
+  }
+}
+
+template <typename A, typename T>
+void gram_typed(const void* const* g_raw, int K, int64_t n, double* pairs) {
+  const T* const* g = reinterpret_cast<const T* const*>(g_raw);
+  for (int q = 0; q < pair_count(K); ++q) pairs[q] = 0.0;
+  for (int64_t off = 0; off < n; off += kTile) {
+    const int64_t len = n - off < kTile ? n - off : kTile;
+    switch (K) {
+      case 1: gram_tile_fused<1, A>(g, off, len, pairs); break;
+      case 2: gram_tile_fused<2, A>(g, off, len, pairs); break;
+      case 3: gram_tile_fused<3, A>(g, off, len, pairs); break;
+      case 4: gram_tile_fused<4, A>(g, off, len, pairs); break;
+      default: gram_tile_pairwise<A>(g, K, off, len, pairs); break;
+    }
+  }
+}
+
+void gram_chunk(const void* const* g, int K, int dtype, int64_t n, double* pairs) {
+  switch (dtype) {
+    case kFloat32: gram_typed<float, float>(g, K, n, pairs); break;
+    case kFloat64: gram_typed<double, double>(g, K, n, pairs); break;
+    case kBFloat16: gram_typed<float, bf16_t>(g, K, n, pairs); break;
+    case kFloat16: gram_typed<float, f16_t>(g, K, n, pairs); break;
+  }
+}
+
+// --------------------------------------------------------------------------------- Combine
+// out[i] = sum_k w[k] g_k[i] for i in [0, n), A arithmetic, stored as O (O = T, or A when the
+// combined gradient feeds the AdamW update). Products and sums rounded separately (no FMA): the
+// same roundings as combine_element, hence as the reference.
+template <typename A, typename T, typename O>
+void combine_range(const T* const* g, int K, int64_t n, const A* w, O* out) {
+  int64_t i = 0;
+#if FB_SIMD
+  using V = typename VecOf<T>::type;
+  for (; i + V::W <= n; i += V::W) {
+    V d = mul(V::set1(w[0]), V::load(g[0] + i));
+    for (int k = 1; k < K; ++k) d = add(d, mul(V::set1(w[k]), V::load(g[k] + i)));
+    d.store(out + i);
+  }
+#endif
+  for (; i < n; ++i) out[i] = from_acc<O>(combine_element<A>(g, K, w, i));
+}
+
+// K pointers advanced by off, on the stack for small K.
+template <typename T>
+struct Offsets {
+  const T* small[kStackObjectives];
+  const T** ptr;
+  Offsets(const void* const* g, int K, int64_t off) : ptr(K <= kStackObjectives ? small : new const T*[K]) {
+    for (int k = 0; k < K; ++k) ptr[k] = reinterpret_cast<const T*>(g[k]) + off;
+  }
+  ~Offsets() { if (ptr != small) delete[] ptr; }
+  Offsets(const Offsets&) = delete;
+  Offsets& operator=(const Offsets&) = delete;
+};
+
+template <typename A>
+struct Weights {
+  A small[kStackObjectives];
+  A* ptr;
+  Weights(const double* w, int K) : ptr(K <= kStackObjectives ? small : new A[K]) {
+    for (int k = 0; k < K; ++k) ptr[k] = A(w[k]);
+  }
+  ~Weights() { if (ptr != small) delete[] ptr; }
+  Weights(const Weights&) = delete;
+  Weights& operator=(const Weights&) = delete;
+};
+
+template <typename A, typename T>
+void combine_typed(const void* const* g, int K, int64_t n, const double* w, void* out) {
+  const Weights<A> wa(w, K);
+  const Offsets<T> base(g, K, 0);
+  combine_range<A>(base.ptr, K, n, wa.ptr, reinterpret_cast<T*>(out));
+}
+
+void combine_chunk(const void* const* g, int K, int dtype, int64_t n, const double* w, void* out) {
+  switch (dtype) {
+    case kFloat32: combine_typed<float, float>(g, K, n, w, out); break;
+    case kFloat64: combine_typed<double, double>(g, K, n, w, out); break;
+    case kBFloat16: combine_typed<float, bf16_t>(g, K, n, w, out); break;
+    case kFloat16: combine_typed<float, f16_t>(g, K, n, w, out); break;
+  }
+}
+
+// ----------------------------------------------------------------------------------- AdamW
+// Tile conversions between a stored dtype and the math type A.
+template <typename A, typename T>
+void load_tile(const T* src, A* dst, int64_t n) {
+  int64_t i = 0;
+#if FB_SIMD
+  if constexpr (sizeof(T) == 2 && sizeof(A) == 4) {
+    using V = typename VecOf<A>::type;
+    for (; i + V::W <= n; i += V::W) V::load(src + i).store(dst + i);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = to_acc<A>(src[i]);
+}
+
+template <typename A, typename T>
+void store_tile(const A* src, T* dst, int64_t n) {
+  int64_t i = 0;
+#if FB_SIMD
+  if constexpr (sizeof(T) == 2 && sizeof(A) == 4) {
+    using V = typename VecOf<A>::type;
+    for (; i + V::W <= n; i += V::W) V::load(src + i).store(dst + i);
+  }
+#endif
+  for (; i < n; ++i) dst[i] = from_acc<T>(src[i]);
+}
+
+template <typename A>
+void load_any(const void* base, int dtype, int64_t off, A* dst, int64_t n) {
+  switch (dtype) {
+    case kFloat32: load_tile(reinterpret_cast<const float*>(base) + off, dst, n); break;
+    case kFloat64: load_tile(reinterpret_cast<const double*>(base) + off, dst, n); break;
+    case kBFloat16: load_tile(reinterpret_cast<const bf16_t*>(base) + off, dst, n); break;
+    case kFloat16: load_tile(reinterpret_cast<const f16_t*>(base) + off, dst, n); break;
+  }
+}
+
+template <typename A>
+void store_any(const A* src, void* base, int dtype, int64_t off, int64_t n) {
+  switch (dtype) {
+    case kFloat32: store_tile(src, reinterpret_cast<float*>(base) + off, n); break;
+    case kFloat64: store_tile(src, reinterpret_cast<double*>(base) + off, n); break;
+    case kBFloat16: store_tile(src, reinterpret_cast<bf16_t*>(base) + off, n); break;
+    case kFloat16: store_tile(src, reinterpret_cast<f16_t*>(base) + off, n); break;
+  }
+}
+
+// The element update of multi_tensor.h over a tile; a plain loop the compiler vectorises for the
+// TU's ISA (sqrt and division included: the build uses -fno-math-errno, not -ffast-math).
+template <typename A>
+void adamw_tile(A* __restrict p, A* __restrict m, A* __restrict v, const A* __restrict d, int64_t n,
+                const AdamWConsts<A> c) {
+  for (int64_t i = 0; i < n; ++i) adamw_update(p[i], m[i], v[i], d[i], c);
+}
+
+// A: math type (of the parameter); GA: accumulate type of the gradients; T: gradient dtype.
+template <typename A, typename GA, typename T>
+void adamw_typed(const AdamWChunk& t, const AdamWConsts<A>& c) {
+  const Weights<GA> wa(t.weights, t.K);
+  alignas(64) GA dbuf[kAdamTile];
+  alignas(64) A dconv[sizeof(A) == sizeof(GA) ? 1 : kAdamTile];
+  alignas(64) A pbuf[kAdamTile], mbuf[kAdamTile], vbuf[kAdamTile];
+  constexpr int code = AccCode<A>::value;
+  for (int64_t off = 0; off < t.n; off += kAdamTile) {
+    const int64_t len = t.n - off < kAdamTile ? t.n - off : kAdamTile;
+    const Offsets<T> g(t.grads, t.K, off);
+    combine_range<GA>(g.ptr, t.K, len, wa.ptr, dbuf);
+    const A* d = dconv;
+    if constexpr (sizeof(A) == sizeof(GA)) {
+      d = dbuf;
+    } else {
+      for (int64_t i = 0; i < len; ++i) dconv[i] = A(dbuf[i]);
+    }
+    // Operate in place where the stored dtype is the math type, else through an L1 tile.
+    A* p = t.param_dtype == code ? reinterpret_cast<A*>(t.param) + off : pbuf;
+    A* m = t.exp_avg_dtype == code ? reinterpret_cast<A*>(t.exp_avg) + off : mbuf;
+    A* v = t.exp_avg_sq_dtype == code ? reinterpret_cast<A*>(t.exp_avg_sq) + off : vbuf;
+    if (p == pbuf) load_any(t.param, t.param_dtype, off, pbuf, len);
+    if (m == mbuf) load_any(t.exp_avg, t.exp_avg_dtype, off, mbuf, len);
+    if (v == vbuf) load_any(t.exp_avg_sq, t.exp_avg_sq_dtype, off, vbuf, len);
+    adamw_tile(p, m, v, d, len, c);
+    if (p == pbuf) store_any(pbuf, t.param, t.param_dtype, off, len);
+    if (m == mbuf) store_any(mbuf, t.exp_avg, t.exp_avg_dtype, off, len);
+    if (v == vbuf) store_any(vbuf, t.exp_avg_sq, t.exp_avg_sq_dtype, off, len);
+  }
+}
+
+template <typename A>
+void adamw_for_math(const AdamWChunk& t, const AdamWConsts<A>& c) {
+  switch (t.grad_dtype) {
+    case kFloat32: adamw_typed<A, float, float>(t, c); break;
+    case kFloat64: adamw_typed<A, double, double>(t, c); break;
+    case kBFloat16: adamw_typed<A, float, bf16_t>(t, c); break;
+    case kFloat16: adamw_typed<A, float, f16_t>(t, c); break;
+  }
+}
+
+void adamw_chunk(const AdamWChunk* t) {
+  if (t->param_dtype == kFloat64) adamw_for_math<double>(*t, t->consts_f64);
+  else adamw_for_math<float>(*t, t->consts_f32);
+}
+
+}  // namespace
+}  // namespace FB_ISA_NS
+}  // namespace cpu
+}  // namespace fused_balance

@@ -1,0 +1,305 @@
+// Chunk planning and per-element arithmetic shared by the CPU and CUDA kernels.
+//
+// Everything here is HOST_DEVICE and free of torch headers, so that the CPU kernels (compiled
+// once per ISA), the ATen glue and the CUDA kernels all run the same code: the CPU tests then
+// exercise the arithmetic the GPU runs (pair indexing, chunk tables, the combine order, the AdamW
+// element update, the 16-bit conversions).
+#pragma once
+
+#include <math.h>
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define FB_HOST_DEVICE __host__ __device__
+#else
+#define FB_HOST_DEVICE
+#endif
+#define FB_INLINE FB_HOST_DEVICE inline
+
+namespace fused_balance {
+
+// ---------------------------------------------------------------------------------------------
+// Element types. 16-bit floats are carried as raw bits so that no framework header is needed.
+// ---------------------------------------------------------------------------------------------
+enum ElemType : int32_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 3 };
+
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+FB_INLINE float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  union { uint32_t u; float f; } c; c.u = u; return c.f;
+#endif
+}
+FB_INLINE uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  union { uint32_t u; float f; } c; c.f = f; return c.u;
+#endif
+}
+
+FB_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
+
+// Round to nearest even, NaN -> 0x7FC0: the rounding c10::BFloat16 uses.
+FB_INLINE uint16_t float_to_bf16(float f) {
+  uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t(0x7fc0);
+  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+FB_INLINE float f16_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  if (exp == 0x1fu) return bits_to_float(sign | 0x7f800000u | (mant << 13));  // inf / NaN
+  if (exp == 0) {  // zero or subnormal: mant * 2^-24, exact in fp32
+    const float mag = float(mant) * 5.9604644775390625e-8f;
+    return sign ? -mag : mag;
+  }
+  return bits_to_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+// IEEE binary16, round to nearest even (what F16C and c10::Half do), subnormals included.
+FB_INLINE uint16_t float_to_f16(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return uint16_t(sign | 0x7e00u);       // NaN
+  if (a >= 0x477ff000u) return uint16_t(sign | 0x7c00u);      // >= 65520 rounds to inf
+  if (a < 0x38800000u) {                                      // below the smallest normal half
+    const uint32_t e = a >> 23;
+    if (e < 102u) return sign;                                // < 2^-25: rounds to zero
+    const uint32_t full = (a & 0x7fffffu) | 0x800000u;
+    const uint32_t shift = 126u - e;                          // 14..24
+    uint32_t q = full >> shift;
+    const uint32_t rem = full & ((1u << shift) - 1u);
+    const uint32_t half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (q & 1u))) ++q;         // q == 1024 is the smallest normal
+    return uint16_t(sign | q);
+  }
+  const uint32_t rebased = a - 0x38000000u;                   // exponent bias 127 -> 15
+  return uint16_t(sign | ((rebased + 0xfffu + ((rebased >> 13) & 1u)) >> 13));
+}
+
+template <typename A> FB_INLINE A to_acc(float x) { return A(x); }
+template <typename A> FB_INLINE A to_acc(double x) { return A(x); }
+template <typename A> FB_INLINE A to_acc(bf16_t x) { return A(bf16_to_float(x.bits)); }
+template <typename A> FB_INLINE A to_acc(f16_t x) { return A(f16_to_float(x.bits)); }
+
+template <typename T> struct FromAcc;
+template <> struct FromAcc<float> {
+  template <typename A> FB_INLINE static float cast(A x) { return float(x); }
+};
+template <> struct FromAcc<double> {
+  template <typename A> FB_INLINE static double cast(A x) { return double(x); }
+};
+template <> struct FromAcc<bf16_t> {
+  template <typename A> FB_INLINE static bf16_t cast(A x) { return bf16_t{float_to_bf16(float(x))}; }
+};
+template <> struct FromAcc<f16_t> {
+  template <typename A> FB_INLINE static f16_t cast(A x) { return f16_t{float_to_f16(float(x))}; }
+};
+template <typename T, typename A> FB_INLINE T from_acc(A x) { return FromAcc<T>::cast(x); }
+
+// Explicitly rounded product and sum: nvcc would otherwise contract a*b+c into an FMA (the host
+// is built with -ffp-contract=off), and the combine / AdamW results would differ between the CPU,
+// the GPU and the float64-checked reference by a rounding.
+FB_INLINE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FB_INLINE double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FB_INLINE float add_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+FB_INLINE double add_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+FB_INLINE float sqrt_rn(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return __builtin_sqrtf(a);
+#endif
+}
+FB_INLINE double sqrt_rn(double a) {
+#if defined(__CUDA_ARCH__)
+  return __dsqrt_rn(a);
+#else
+  return __builtin_sqrt(a);
+#endif
+}
+FB_INLINE float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+FB_INLINE double div_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunk planning. Every tensor is cut into chunks of a fixed number of elements (the last one of
+// a tensor may be shorter); a chunk never spans two tensors. The chunk size is a constant, never
+// derived from the thread or SM count, so partial sums (and thus results) do not depend on them.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kChunkElems = int64_t(1) << 15;
+
+FB_INLINE int64_t chunks_in_tensor(int64_t numel, int64_t chunk) { return (numel + chunk - 1) / chunk; }
+
+FB_INLINE int64_t chunk_length(int64_t numel, int64_t start, int64_t chunk) {
+  const int64_t rest = numel - start;
+  return rest < chunk ? rest : chunk;
+}
+
+// Fills chunk -> (tensor, first element) for P tensors, tensor by tensor; returns the count.
+// With null output arrays it only counts.
+FB_INLINE int64_t plan_chunks(const int64_t* numels, int64_t P, int64_t chunk,
+                              int32_t* chunk_tensor, int64_t* chunk_start) {
+  int64_t c = 0;
+  for (int64_t p = 0; p < P; ++p) {
+    for (int64_t start = 0; start < numels[p]; start += chunk, ++c) {
+      if (chunk_tensor) chunk_tensor[c] = int32_t(p);
+      if (chunk_start) chunk_start[c] = start;
+    }
+  }
+  return c;
+}
+
+// Chunks grouped by segment (a stable counting sort, so each segment lists its chunks in chunk
+// order): segment s owns seg_chunks[seg_offsets[s] .. seg_offsets[s+1]). seg_offsets has S+1
+// entries. This is the fixed order in which per-chunk partial sums are reduced.
+FB_INLINE void plan_segment_chunks(const int32_t* chunk_tensor, int64_t num_chunks,
+                                   const int64_t* segment_of_tensor, int64_t S,
+                                   int64_t* seg_offsets, int32_t* seg_chunks) {
+  for (int64_t s = 0; s <= S; ++s) seg_offsets[s] = 0;
+  for (int64_t c = 0; c < num_chunks; ++c) ++seg_offsets[segment_of_tensor[chunk_tensor[c]] + 1];
+  for (int64_t s = 0; s < S; ++s) seg_offsets[s + 1] += seg_offsets[s];
+  // Second pass: a running cursor per segment, kept in seg_offsets[s] and restored afterwards.
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    const int64_t s = segment_of_tensor[chunk_tensor[c]];
+    seg_chunks[seg_offsets[s]++] = int32_t(c);
+  }
+  for (int64_t s = S; s > 0; --s) seg_offsets[s] = seg_offsets[s - 1];
+  seg_offsets[0] = 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pairs (k, l), k <= l, of the K objectives: the K(K+1)/2 entries of the Gram's upper triangle,
+// row-major: (0,0) (0,1) .. (0,K-1) (1,1) .. (K-1,K-1).
+// ---------------------------------------------------------------------------------------------
+FB_INLINE int pair_count(int K) { return K * (K + 1) / 2; }
+FB_INLINE int pair_index(int k, int l, int K) { return k * K - k * (k - 1) / 2 + (l - k); }
+FB_INLINE void pair_of_index(int q, int K, int* k, int* l) {
+  int row = 0;
+  while (q >= K - row) { q -= K - row; ++row; }
+  *k = row;
+  *l = row + q;
+}
+
+// Per-chunk Gram partial: pairs[q] += sum_i g_k[i] g_l[i] over [begin, end), pair by pair and in
+// index order. This is the whole computation on the portable CPU path and the tail everywhere.
+template <typename A, typename T>
+FB_INLINE A dot_range(const T* a, const T* b, int64_t begin, int64_t end) {
+  A acc = A(0);
+  for (int64_t i = begin; i < end; ++i) acc += to_acc<A>(a[i]) * to_acc<A>(b[i]);
+  return acc;
+}
+
+template <typename A, typename T>
+FB_INLINE void accumulate_products(const T* const* g, int K, int64_t begin, int64_t end, A* pairs) {
+  int q = 0;
+  for (int k = 0; k < K; ++k)
+    for (int l = k; l < K; ++l, ++q) pairs[q] += dot_range<A>(g[k], g[l], begin, end);
+}
+
+// Sum of the per-chunk partials of segment s for pair q, in chunk order (partials[c * npairs + q]).
+template <typename R>
+FB_INLINE R reduce_segment_pair(const R* partials, int npairs, const int64_t* seg_offsets,
+                                const int32_t* seg_chunks, int64_t s, int q) {
+  R total = R(0);
+  for (int64_t j = seg_offsets[s]; j < seg_offsets[s + 1]; ++j)
+    total += partials[int64_t(seg_chunks[j]) * npairs + q];
+  return total;
+}
+
+// d = sum_k w[k] g_k[i], each product and sum rounded in A, in objective order: the exact
+// sequence of roundings of the reference (w0*g0 + w1*g1 + ...).
+// G: anything with g[k] a pointer to objective k's elements (an array of pointers on the CPU, a
+// view of the metadata table on the GPU).
+template <typename A, typename G>
+FB_INLINE A combine_element(const G& g, int K, const A* w, int64_t i) {
+  A d = mul_rn(w[0], to_acc<A>(g[0][i]));
+  for (int k = 1; k < K; ++k) d = add_rn(d, mul_rn(w[k], to_acc<A>(g[k][i])));
+  return d;
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamW (torch.optim.AdamW semantics, decoupled weight decay) on one element.
+// ---------------------------------------------------------------------------------------------
+template <typename A>
+struct AdamWConsts {
+  A decay;            // 1 - lr * weight_decay
+  A beta1, one_minus_beta1;
+  A beta2, one_minus_beta2;
+  A bias_correction2; // 1 - beta2^step
+  A eps;
+  A step_size;        // lr / (1 - beta1^step)
+};
+
+// Host-side: constants computed in double, as Python does, then rounded once to A.
+template <typename A>
+FB_INLINE AdamWConsts<A> make_adamw_consts(double lr, double weight_decay, double beta1,
+                                           double beta2, double eps, int64_t step) {
+  // pow(), as Python's `beta ** step` (a product loop can differ in the last bit).
+  const double pow1 = pow(beta1, double(step));
+  const double pow2 = pow(beta2, double(step));
+  AdamWConsts<A> c;
+  c.decay = A(1.0 - lr * weight_decay);
+  c.beta1 = A(beta1);
+  c.one_minus_beta1 = A(1.0 - beta1);
+  c.beta2 = A(beta2);
+  c.one_minus_beta2 = A(1.0 - beta2);
+  c.bias_correction2 = A(1.0 - pow2);
+  c.eps = A(eps);
+  c.step_size = A(lr / (1.0 - pow1));
+  return c;
+}
+
+// p *= 1 - lr wd; m = b1 m + (1-b1) d; v = b2 v + (1-b2) d^2; p -= (lr/bc1) m / (sqrt(v/bc2) + eps)
+template <typename A>
+FB_INLINE void adamw_update(A& p, A& m, A& v, A d, const AdamWConsts<A>& c) {
+  p = mul_rn(p, c.decay);
+  m = add_rn(mul_rn(c.beta1, m), mul_rn(c.one_minus_beta1, d));
+  v = add_rn(mul_rn(c.beta2, v), mul_rn(mul_rn(c.one_minus_beta2, d), d));
+  const A denom = add_rn(sqrt_rn(div_rn(v, c.bias_correction2)), c.eps);
+  p = p - div_rn(mul_rn(c.step_size, m), denom);
+}
+
+}  // namespace fused_balance

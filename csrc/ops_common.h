@@ -1,0 +1,191 @@
+// Host-side argument checking and preparation shared by the CPU (ops_cpu.cpp) and CUDA
+// (ops_cuda.cu) implementations of the fused_balance ops. The Python API validates user input
+// first; these checks are for direct calls of torch.ops.fused_balance.* and say what is wrong.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "multi_tensor.h"
+
+namespace fused_balance {
+
+inline int32_t elem_type_of(at::ScalarType t, const char* op) {
+  switch (t) {
+    case at::kFloat: return kFloat32;
+    case at::kDouble: return kFloat64;
+    case at::kBFloat16: return kBFloat16;
+    case at::kHalf: return kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "fused_balance::", op, ": unsupported dtype ", t,
+                       " (expected float32, float64, bfloat16 or float16)");
+  }
+  return kFloat32;
+}
+
+inline int64_t elem_size(int32_t code) { return code == kFloat64 ? 8 : code == kFloat32 ? 4 : 2; }
+
+// Reductions and the combine run in fp32, or fp64 for fp64 inputs.
+inline at::ScalarType accumulate_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+// The K*P gradients (objective-major: grads[k * P + p]) as contiguous tensors and raw pointers,
+// with their segment ids and the chunk table.
+struct GradTable {
+  int64_t K = 0, P = 0, S = 0;
+  at::ScalarType dtype = at::kFloat;
+  int32_t code = kFloat32;
+  at::Device device = at::kCPU;
+  std::vector<at::Tensor> tensors;       // contiguous (a copy only where the input was not)
+  std::vector<const void*> ptrs;         // [K * P]
+  std::vector<int64_t> numel;            // [P]
+  std::vector<int64_t> segment;          // [P]
+  std::vector<int32_t> chunk_tensor;     // [C]
+  std::vector<int64_t> chunk_start;      // [C]
+
+  int64_t num_chunks() const { return int64_t(chunk_tensor.size()); }
+  const void* ptr(int64_t k, int64_t p) const { return ptrs[k * P + p]; }
+};
+
+inline GradTable make_grad_table(const char* op, at::TensorList grads, int64_t K,
+                                 at::IntArrayRef segment_ids, int64_t S) {
+  TORCH_CHECK_VALUE(K >= 1, "fused_balance::", op, ": the number of objectives must be >= 1, got ", K);
+  TORCH_CHECK_VALUE(!grads.empty(), "fused_balance::", op, ": grads is empty");
+  TORCH_CHECK_VALUE(int64_t(grads.size()) % K == 0, "fused_balance::", op, ": len(grads) = ",
+                    grads.size(), " is not a multiple of the number of objectives ", K);
+  GradTable t;
+  t.K = K;
+  t.P = int64_t(grads.size()) / K;
+  t.S = S;
+  TORCH_CHECK_VALUE(int64_t(segment_ids.size()) == t.P, "fused_balance::", op, ": got ",
+                    segment_ids.size(), " segment ids for ", t.P, " tensors");
+  TORCH_CHECK_VALUE(t.P < (int64_t(1) << 31), "fused_balance::", op, ": too many tensors");
+  TORCH_CHECK_VALUE(grads[0].defined(), "fused_balance::", op, ": grads[0] is undefined");
+  t.dtype = grads[0].scalar_type();
+  t.code = elem_type_of(t.dtype, op);
+  t.device = grads[0].device();
+  t.tensors.reserve(grads.size());
+  t.ptrs.reserve(grads.size());
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t p = 0; p < t.P; ++p) {
+      const at::Tensor& g = grads[k * t.P + p];
+      const int64_t i = k * t.P + p;
+      TORCH_CHECK_VALUE(g.defined(), "fused_balance::", op, ": grads[", i, "] is undefined");
+      TORCH_CHECK_TYPE(g.scalar_type() == t.dtype, "fused_balance::", op, ": grads[", i, "] has dtype ",
+                       g.scalar_type(), ", grads[0] has ", t.dtype);
+      TORCH_CHECK_VALUE(g.device() == t.device, "fused_balance::", op, ": grads[", i, "] is on ",
+                        g.device(), ", grads[0] on ", t.device);
+      TORCH_CHECK_VALUE(g.sizes() == grads[p].sizes(), "fused_balance::", op, ": grads[", i, "] (objective ",
+                        k, ", tensor ", p, ") has shape ", g.sizes(), " but objective 0 has ", grads[p].sizes());
+      t.tensors.push_back(g.contiguous());
+      t.ptrs.push_back(t.tensors.back().data_ptr());
+    }
+  }
+  t.numel.resize(t.P);
+  t.segment.resize(t.P);
+  for (int64_t p = 0; p < t.P; ++p) {
+    t.numel[p] = grads[p].numel();
+    const int64_t s = segment_ids[p];
+    TORCH_CHECK_VALUE(s >= 0 && s < S, "fused_balance::", op, ": segment_ids[", p, "] = ", s,
+                      " is outside [0, ", S, ")");
+    t.segment[p] = s;
+  }
+  const int64_t C = plan_chunks(t.numel.data(), t.P, kChunkElems, nullptr, nullptr);
+  t.chunk_tensor.resize(C);
+  t.chunk_start.resize(C);
+  plan_chunks(t.numel.data(), t.P, kChunkElems, t.chunk_tensor.data(), t.chunk_start.data());
+  return t;
+}
+
+// Segment -> chunks (fixed reduction order), see plan_segment_chunks.
+struct SegmentChunks {
+  std::vector<int64_t> offsets;  // [S + 1]
+  std::vector<int32_t> chunks;   // [C]
+};
+
+inline SegmentChunks make_segment_chunks(const GradTable& t) {
+  SegmentChunks sc;
+  sc.offsets.resize(t.S + 1);
+  sc.chunks.resize(t.num_chunks());
+  plan_segment_chunks(t.chunk_tensor.data(), t.num_chunks(), t.segment.data(), t.S, sc.offsets.data(),
+                      sc.chunks.data());
+  return sc;
+}
+
+// P tensors written by an op. Non-contiguous ones are computed into a contiguous copy (holding
+// their current values, which matters when `skip` leaves them untouched) and copied back.
+struct OutputTable {
+  std::vector<at::Tensor> targets, work;
+  std::vector<void*> ptrs;
+  at::ScalarType dtype = at::kFloat;
+  int32_t code = kFloat32;
+
+  void finish() {
+    for (size_t i = 0; i < targets.size(); ++i)
+      if (!work[i].is_same(targets[i])) targets[i].copy_(work[i]);
+  }
+};
+
+inline OutputTable make_output_table(const char* op, const char* what, at::TensorList outs, const GradTable& g) {
+  TORCH_CHECK_VALUE(int64_t(outs.size()) == g.P, "fused_balance::", op, ": ", what, " has ", outs.size(),
+                    " tensors, expected one per gradient tensor (", g.P, ")");
+  OutputTable t;
+  TORCH_CHECK_VALUE(outs.empty() || outs[0].defined(), "fused_balance::", op, ": ", what, "[0] is undefined");
+  if (!outs.empty()) {
+    t.dtype = outs[0].scalar_type();
+    t.code = elem_type_of(t.dtype, op);
+  }
+  for (int64_t p = 0; p < g.P; ++p) {
+    const at::Tensor& o = outs[p];
+    TORCH_CHECK_VALUE(o.defined(), "fused_balance::", op, ": ", what, "[", p, "] is undefined");
+    TORCH_CHECK_TYPE(o.scalar_type() == t.dtype, "fused_balance::", op, ": ", what, "[", p, "] has dtype ",
+                     o.scalar_type(), ", ", what, "[0] has ", t.dtype);
+    TORCH_CHECK_VALUE(o.device() == g.device, "fused_balance::", op, ": ", what, "[", p, "] is on ", o.device(),
+                      ", the gradients on ", g.device);
+    TORCH_CHECK_VALUE(o.numel() == g.numel[p] && o.sizes() == g.tensors[p].sizes(), "fused_balance::", op, ": ",
+                      what, "[", p, "] has shape ", o.sizes(), ", the gradient has ", g.tensors[p].sizes());
+    t.targets.push_back(o);
+    t.work.push_back(o.is_contiguous() ? o : o.contiguous());
+    t.ptrs.push_back(t.work.back().data_ptr());
+  }
+  return t;
+}
+
+// weights[S, K] with K = number of objectives and S > every segment id.
+inline void check_weights(const char* op, const at::Tensor& weights, const GradTable& g) {
+  TORCH_CHECK_VALUE(weights.dim() == 2, "fused_balance::", op, ": weights must be [S, K], got shape ",
+                    weights.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()), "fused_balance::", op,
+                   ": weights must be floating point, got ", weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.device() == g.device, "fused_balance::", op, ": weights are on ", weights.device(),
+                    ", the gradients on ", g.device);
+}
+
+inline void check_skip(const char* op, const std::optional<at::Tensor>& skip, const GradTable& g) {
+  if (!skip.has_value() || !skip->defined()) return;
+  TORCH_CHECK_VALUE(skip->numel() == 1 && skip->scalar_type() == at::kBool, "fused_balance::", op,
+                    ": skip must be a one-element bool tensor, got ", skip->scalar_type(), " of shape ",
+                    skip->sizes());
+  TORCH_CHECK_VALUE(skip->device() == g.device, "fused_balance::", op, ": skip is on ", skip->device(),
+                    ", the gradients on ", g.device);
+}
+
+// Per-tensor AdamW hyper-parameters: one value per tensor, or a single value for all.
+inline std::vector<double> per_tensor(const char* op, const char* what, at::ArrayRef<double> values, int64_t P) {
+  TORCH_CHECK_VALUE(int64_t(values.size()) == P || values.size() == 1, "fused_balance::", op, ": ", what,
+                    " has ", values.size(), " values for ", P, " tensors (give one per tensor, or one)");
+  std::vector<double> out(P);
+  for (int64_t p = 0; p < P; ++p) out[p] = values.size() == 1 ? values[0] : values[p];
+  return out;
+}
+
+inline void check_adamw_scalars(double beta1, double beta2, double eps, int64_t step) {
+  TORCH_CHECK_VALUE(step >= 1, "fused_balance::balanced_adamw_: step must be >= 1, got ", step);
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, "fused_balance::balanced_adamw_: beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, "fused_balance::balanced_adamw_: beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(eps >= 0.0, "fused_balance::balanced_adamw_: eps must be >= 0, got ", eps);
+}
+
+}  // namespace fused_balance

@@ -1,0 +1,289 @@
+// The fused_balance op schemas and their CPU implementations.
+//
+// Every op cuts all tensors into fixed-size chunks (multi_tensor.h) and runs the chunks in one
+// at::parallel_for region through the kernel table of the selected ISA. The Gram writes one
+// partial per (chunk, pair) and reduces them per segment in chunk order afterwards, so the result
+// does not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/Version.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <mutex>
+#include <stdexcept>
+
+#include "cpu_dispatch.h"
+#include "ops_common.h"
+
+namespace fused_balance {
+namespace cpu {
+namespace {
+
+struct Isa {
+  const char* name;
+  const KernelTable* (*table)();
+  int min_capability;  // rank of the CPU capability needed to run it (see capability_rank)
+};
+
+const Isa kIsas[] = {
+    {"default", kernels_default, 0},
+    {"avx2", kernels_avx2, 1},      // null table on non-x86 builds
+    {"avx512", kernels_avx512, 2},
+};
+
+std::mutex g_mutex;
+std::atomic<const KernelTable*> g_table{nullptr};
+
+// torch's capability report ("DEFAULT", "AVX2", "AVX512", ...) as a rank: 0, 1, 2.
+int capability_rank() {
+  const std::string cap = at::get_cpu_capability();
+  if (cap.find("AVX512") != std::string::npos) return 2;
+  if (cap.find("AVX2") != std::string::npos) return 1;
+  return 0;
+}
+
+bool runnable(const Isa& isa) { return isa.table() != nullptr && capability_rank() >= isa.min_capability; }
+
+const Isa* find_isa(const std::string& name) {
+  for (const Isa& isa : kIsas)
+    if (name == isa.name) return &isa;
+  return nullptr;
+}
+
+const KernelTable* choose(const std::string& requested) {
+  if (requested.empty() || requested == "auto") {
+    const KernelTable* best = nullptr;
+    for (const Isa& isa : kIsas)
+      if (runnable(isa)) best = isa.table();
+    return best;
+  }
+  const Isa* isa = find_isa(requested);
+  if (isa == nullptr)
+    throw std::invalid_argument("fused_balance: unknown CPU kernel path '" + requested +
+                                "' (choose default, avx2, avx512 or auto)");
+  if (!runnable(*isa))
+    throw std::invalid_argument("fused_balance: CPU kernel path '" + requested +
+                                "' cannot run here (CPU capability " + at::get_cpu_capability() +
+                                ", or not compiled in)");
+  return isa->table();
+}
+
+}  // namespace
+
+const KernelTable* active_table() {
+  const KernelTable* t = g_table.load(std::memory_order_acquire);
+  if (t != nullptr) return t;
+  std::lock_guard<std::mutex> lock(g_mutex);
+  t = g_table.load(std::memory_order_relaxed);
+  if (t == nullptr) {
+    const char* env = std::getenv("FUSED_BALANCE_CPU_ISA");
+    try {
+      t = choose(env ? env : "");
+    } catch (const std::invalid_argument& e) {
+      TORCH_CHECK(false, e.what(), " [from FUSED_BALANCE_CPU_ISA]");
+    }
+    g_table.store(t, std::memory_order_release);
+  }
+  return t;
+}
+
+std::string active_isa() { return active_table()->name; }
+
+std::string set_isa(const std::string& name) {
+  const KernelTable* t = choose(name);
+  std::lock_guard<std::mutex> lock(g_mutex);
+  g_table.store(t, std::memory_order_release);
+  return t->name;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (const Isa& isa : kIsas)
+    if (runnable(isa)) names.emplace_back(isa.name);
+  return names;
+}
+
+}  // namespace cpu
+
+namespace {
+
+void check_cpu(const char* op, const GradTable& g) {
+  TORCH_CHECK_VALUE(g.device.is_cpu(), "fused_balance::", op, ": CPU kernel called with tensors on ", g.device);
+}
+
+bool skip_requested(const std::optional<at::Tensor>& skip) {
+  return skip.has_value() && skip->defined() && skip->item<bool>();
+}
+
+// The K stream pointers of chunk c, advanced to the chunk's first element.
+void chunk_streams(const GradTable& g, int64_t c, const void** streams) {
+  const int64_t p = g.chunk_tensor[c];
+  const int64_t offset_bytes = g.chunk_start[c] * elem_size(g.code);
+  for (int64_t k = 0; k < g.K; ++k)
+    streams[k] = static_cast<const char*>(g.ptr(k, p)) + offset_bytes;
+}
+
+// Segment weights as doubles ([S * K], row-major); the kernels round them to the math type, which
+// is the same single rounding as the reference's weights.to(accumulate dtype).
+std::vector<double> weights_as_double(const at::Tensor& weights) {
+  const at::Tensor w = weights.to(at::kDouble).contiguous();
+  const double* data = w.data_ptr<double>();
+  return std::vector<double>(data, data + w.numel());
+}
+
+at::Tensor gram_cpu(at::TensorList grads, int64_t num_objectives, at::IntArrayRef segment_ids,
+                    int64_t num_segments) {
+  TORCH_CHECK_VALUE(num_segments >= 1, "fused_balance::gram: num_segments must be >= 1, got ", num_segments);
+  const GradTable g = make_grad_table("gram", grads, num_objectives, segment_ids, num_segments);
+  check_cpu("gram", g);
+  const int K = int(g.K);
+  const int npairs = pair_count(K);
+  const int64_t C = g.num_chunks();
+  std::vector<double> partials(size_t(C) * npairs);
+  const cpu::KernelTable* kt = cpu::active_table();
+  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
+    std::vector<const void*> streams(K);
+    for (int64_t c = begin; c < end; ++c) {
+      chunk_streams(g, c, streams.data());
+      const int64_t n = chunk_length(g.numel[g.chunk_tensor[c]], g.chunk_start[c], kChunkElems);
+      kt->gram_chunk(streams.data(), K, g.code, n, partials.data() + c * npairs);
+    }
+  });
+  const SegmentChunks sc = make_segment_chunks(g);
+  at::Tensor out = at::empty({g.S, g.K, g.K}, at::TensorOptions().dtype(accumulate_type(g.dtype)));
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "fused_balance_gram_reduce", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t s = 0; s < g.S; ++s) {
+      for (int q = 0; q < npairs; ++q) {
+        int k, l;
+        pair_of_index(q, K, &k, &l);
+        const double total =
+            reduce_segment_pair(partials.data(), npairs, sc.offsets.data(), sc.chunks.data(), s, q);
+        o[(s * K + k) * K + l] = static_cast<scalar_t>(total);
+        o[(s * K + l) * K + k] = static_cast<scalar_t>(total);
+      }
+    }
+  });
+  return out;
+}
+
+// out[p] = sum_k w[seg(p), k] g[k][p] for every chunk, into the output table's pointers.
+void run_combine(const GradTable& g, const std::vector<double>& w, const std::vector<void*>& out_ptrs) {
+  const int K = int(g.K);
+  const int64_t esize = elem_size(g.code);
+  const cpu::KernelTable* kt = cpu::active_table();
+  at::parallel_for(0, g.num_chunks(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<const void*> streams(K);
+    for (int64_t c = begin; c < end; ++c) {
+      chunk_streams(g, c, streams.data());
+      const int64_t p = g.chunk_tensor[c];
+      const int64_t n = chunk_length(g.numel[p], g.chunk_start[c], kChunkElems);
+      void* out = static_cast<char*>(out_ptrs[p]) + g.chunk_start[c] * esize;
+      kt->combine_chunk(streams.data(), K, g.code, n, w.data() + g.segment[p] * K, out);
+    }
+  });
+}
+
+std::vector<at::Tensor> combine_cpu(at::TensorList grads, const at::Tensor& weights, at::IntArrayRef segment_ids) {
+  TORCH_CHECK_VALUE(weights.dim() == 2, "fused_balance::combine: weights must be [S, K], got shape ", weights.sizes());
+  const GradTable g = make_grad_table("combine", grads, weights.size(1), segment_ids, weights.size(0));
+  check_cpu("combine", g);
+  check_weights("combine", weights, g);
+  std::vector<at::Tensor> outs;
+  std::vector<void*> ptrs;
+  outs.reserve(g.P);
+  for (int64_t p = 0; p < g.P; ++p) {
+    outs.push_back(at::empty(g.tensors[p].sizes(), g.tensors[p].options()));
+    ptrs.push_back(outs.back().data_ptr());
+  }
+  run_combine(g, weights_as_double(weights), ptrs);
+  return outs;
+}
+
+void combine_into_cpu(at::TensorList grads, const at::Tensor& weights, at::IntArrayRef segment_ids,
+                      at::TensorList out, const std::optional<at::Tensor>& skip) {
+  TORCH_CHECK_VALUE(weights.dim() == 2, "fused_balance::combine_into: weights must be [S, K], got shape ",
+                    weights.sizes());
+  const GradTable g = make_grad_table("combine_into", grads, weights.size(1), segment_ids, weights.size(0));
+  check_cpu("combine_into", g);
+  check_weights("combine_into", weights, g);
+  check_skip("combine_into", skip, g);
+  OutputTable o = make_output_table("combine_into", "out", out, g);
+  TORCH_CHECK_TYPE(o.dtype == g.dtype, "fused_balance::combine_into: out has dtype ", o.dtype,
+                   ", the gradients ", g.dtype);
+  if (skip_requested(skip)) return;
+  run_combine(g, weights_as_double(weights), o.ptrs);
+  o.finish();
+}
+
+void balanced_adamw_cpu(at::TensorList grads, const at::Tensor& weights, at::IntArrayRef segment_ids,
+                        at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                        at::ArrayRef<double> lrs, at::ArrayRef<double> weight_decays, double beta1, double beta2,
+                        double eps, int64_t step, const std::optional<at::Tensor>& skip) {
+  const char* op = "balanced_adamw_";
+  TORCH_CHECK_VALUE(weights.dim() == 2, "fused_balance::", op, ": weights must be [S, K], got shape ", weights.sizes());
+  const GradTable g = make_grad_table(op, grads, weights.size(1), segment_ids, weights.size(0));
+  check_cpu(op, g);
+  check_weights(op, weights, g);
+  check_skip(op, skip, g);
+  check_adamw_scalars(beta1, beta2, eps, step);
+  const std::vector<double> lr = per_tensor(op, "lrs", lrs, g.P);
+  const std::vector<double> wd = per_tensor(op, "weight_decays", weight_decays, g.P);
+  OutputTable P = make_output_table(op, "params", params, g);
+  OutputTable M = make_output_table(op, "exp_avgs", exp_avgs, g);
+  OutputTable V = make_output_table(op, "exp_avg_sqs", exp_avg_sqs, g);
+  if (skip_requested(skip)) return;
+  const std::vector<double> w = weights_as_double(weights);
+  const int K = int(g.K);
+  const cpu::KernelTable* kt = cpu::active_table();
+  at::parallel_for(0, g.num_chunks(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<const void*> streams(K);
+    for (int64_t c = begin; c < end; ++c) {
+      chunk_streams(g, c, streams.data());
+      const int64_t p = g.chunk_tensor[c];
+      const int64_t start = g.chunk_start[c];
+      cpu::AdamWChunk t;
+      t.grads = streams.data();
+      t.K = K;
+      t.grad_dtype = g.code;
+      t.n = chunk_length(g.numel[p], start, kChunkElems);
+      t.weights = w.data() + g.segment[p] * K;
+      t.param = static_cast<char*>(P.ptrs[p]) + start * elem_size(P.code);
+      t.param_dtype = P.code;
+      t.exp_avg = static_cast<char*>(M.ptrs[p]) + start * elem_size(M.code);
+      t.exp_avg_dtype = M.code;
+      t.exp_avg_sq = static_cast<char*>(V.ptrs[p]) + start * elem_size(V.code);
+      t.exp_avg_sq_dtype = V.code;
+      t.consts_f32 = make_adamw_consts<float>(lr[p], wd[p], beta1, beta2, eps, step);
+      t.consts_f64 = make_adamw_consts<double>(lr[p], wd[p], beta1, beta2, eps, step);
+      kt->adamw_chunk(&t);
+    }
+  });
+  P.finish();
+  M.finish();
+  V.finish();
+}
+
+}  // namespace
+}  // namespace fused_balance
+
+TORCH_LIBRARY(fused_balance, m) {
+  // The fake (meta) and autograd registrations live in Python; importing this module adds them.
+  m.set_python_module("fused_balance.ops");
+  m.def("gram(Tensor[] grads, int num_objectives, int[] segment_ids, int num_segments) -> Tensor");
+  m.def("combine(Tensor[] grads, Tensor weights, int[] segment_ids) -> Tensor[]");
+  m.def("combine_into(Tensor[] grads, Tensor weights, int[] segment_ids, Tensor(a!)[] out, Tensor? skip) -> ()");
+  m.def(
+      "balanced_adamw_(Tensor[] grads, Tensor weights, int[] segment_ids, Tensor(a!)[] params, "
+      "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float[] lrs, float[] weight_decays, float beta1, "
+      "float beta2, float eps, int step, Tensor? skip) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fused_balance, CPU, m) {
+  m.impl("gram", &fused_balance::gram_cpu);
+  m.impl("combine", &fused_balance::combine_cpu);
+  m.impl("combine_into", &fused_balance::combine_into_cpu);
+  m.impl("balanced_adamw_", &fused_balance::balanced_adamw_cpu);
+}

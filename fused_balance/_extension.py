@@ -1,0 +1,252 @@
+"""Build (JIT, with ninja) and load the C++/CUDA extension that registers torch.ops.fused_balance.*.
+
+The build lands in a cache folder keyed on the torch version, CUDA-or-not and a hash of the sources
+and flags, so a stale build is never loaded: ``$FUSED_BALANCE_BUILD_DIR`` if set, else
+``~/.cache/fused_balance/``. CUDA kernels are compiled when torch has CUDA and a CUDA toolkit is
+found (``CUDA_HOME``/``CUDA_PATH``, else ``/usr/local/cuda``: a folder with ``bin/nvcc`` and
+``lib64/libcudart.so``); ``FUSED_BALANCE_NO_CUDA=1`` builds the CPU kernels only.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+__all__ = ["build", "load", "is_built", "build_info", "EXTENSION_NAME", "CSRC_DIR"]
+
+EXTENSION_NAME = "fused_balance_C"
+CSRC_DIR = Path(__file__).resolve().parents[1] / "csrc"
+
+# -ffp-contract=off: no silent FMA contraction, so the combine / AdamW roundings are those of the
+# reference on every ISA path. -fno-math-errno lets sqrt vectorise; it is not -ffast-math.
+_CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+CUDA_ARCHS = ["sm_80", "sm_90", "compute_90"]
+_NVCC_FLAGS = [
+    "-O3",
+    "-gencode=arch=compute_80,code=sm_80",
+    "-gencode=arch=compute_90,code=sm_90",
+    "-gencode=arch=compute_90,code=compute_90",  # PTX for newer GPUs
+    "-Xcompiler=-ffp-contract=off",
+]
+
+_lock = threading.Lock()
+_module = None
+_last_build_seconds: float | None = None
+_plan_cache: "_Plan | None" = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    cuda: bool
+    cuda_home: str | None
+    cuda_reason: str
+    sources: tuple[str, ...]
+    cflags: tuple[str, ...]
+    cuda_cflags: tuple[str, ...]
+    build_dir: Path
+
+
+def _toolkit_candidates() -> list[str]:
+    named = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    found = [c for c in named if c]
+    found.append("/usr/local/cuda")
+    found += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    return found
+
+
+def _is_toolkit(root: str) -> bool:
+    return (Path(root) / "bin" / "nvcc").is_file() and (Path(root) / "lib64" / "libcudart.so").exists()
+
+
+def _nvcc_release(root: str) -> str | None:
+    try:
+        text = subprocess.run([str(Path(root) / "bin" / "nvcc"), "--version"], capture_output=True,
+                              text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+)\.(\d+)", text)
+    return f"{match.group(1)}.{match.group(2)}" if match else None
+
+
+def _find_cuda() -> tuple[str | None, str]:
+    """(toolkit root or None, why)."""
+    if os.environ.get("FUSED_BALANCE_NO_CUDA", "") not in ("", "0"):
+        return None, "CUDA disabled by FUSED_BALANCE_NO_CUDA"
+    if not (torch.version.cuda and torch.cuda._is_compiled()):
+        return None, f"torch {torch.__version__} is built without CUDA"
+    explicit = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if explicit and not _is_toolkit(explicit):
+        return None, f"CUDA_HOME={explicit} has no bin/nvcc and lib64/libcudart.so"
+    root = next((c for c in _toolkit_candidates() if _is_toolkit(c)), None)
+    if root is None:
+        return None, "no CUDA toolkit found (set CUDA_HOME to a folder with bin/nvcc and lib64/libcudart.so)"
+    release = _nvcc_release(root)
+    if release is None:
+        return None, f"{root}/bin/nvcc does not run"
+    if release.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return None, f"nvcc {release} at {root} does not match torch's CUDA {torch.version.cuda}"
+    return root, f"compiled for {', '.join(CUDA_ARCHS)} with nvcc {release} at {root}"
+
+
+def _cache_root() -> Path:
+    env = os.environ.get("FUSED_BALANCE_BUILD_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fused_balance"
+
+
+def _plan(cpu_only_reason: str | None = None) -> _Plan:
+    """The build to use (cached); cpu_only_reason replaces it with a CPU-only build."""
+    global _plan_cache
+    if _plan_cache is not None and cpu_only_reason is None:
+        return _plan_cache
+    cuda_home, reason = _find_cuda() if cpu_only_reason is None else (None, cpu_only_reason)
+    cuda = cuda_home is not None
+    sources = sorted(str(p) for p in CSRC_DIR.glob("*.cpp"))
+    if cuda:
+        sources += sorted(str(p) for p in CSRC_DIR.glob("*.cu"))
+    cflags = list(_CXX_FLAGS) + (["-DFUSED_BALANCE_WITH_CUDA=1"] if cuda else [])
+    cuda_cflags = list(_NVCC_FLAGS) if cuda else []
+    digest = hashlib.sha256()
+    for path in sorted(CSRC_DIR.iterdir()):  # headers too
+        if path.is_file():
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    digest.update(repr((cflags, cuda_cflags, cuda_home, sysconfig.get_config_var("EXT_SUFFIX"),
+                        sys.version_info[:2])).encode())
+    tag = f"torch{torch.__version__}-{'cu' + torch.version.cuda if cuda else 'cpu'}-{digest.hexdigest()[:16]}"
+    tag = re.sub(r"[^A-Za-z0-9._-]", "_", tag)
+    _plan_cache = _Plan(cuda, cuda_home, reason, tuple(sources), tuple(cflags), tuple(cuda_cflags),
+                        _cache_root() / tag)
+    return _plan_cache
+
+
+def _library_path(plan: _Plan) -> Path:
+    return plan.build_dir / f"{EXTENSION_NAME}{'.pyd' if os.name == 'nt' else '.so'}"
+
+
+def is_built() -> bool:
+    """Whether the extension is loaded or compiled on disk for the current sources (never builds)."""
+    return _module is not None or _library_path(_plan()).exists()
+
+
+def _import_cpp_extension():
+    """torch.utils.cpp_extension, without its import-time warning about guessing CUDA_HOME from a
+    `which nvcc` that points outside a toolkit (we set CUDA_HOME ourselves before building)."""
+    import logging
+
+    if "torch.utils.cpp_extension" in sys.modules:
+        return sys.modules["torch.utils.cpp_extension"]
+    logger = logging.getLogger("torch.utils.cpp_extension")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+    finally:
+        logger.setLevel(level)
+    return cpp_extension
+
+
+def _compile(plan: _Plan, verbose: bool):
+    cpp_extension = _import_cpp_extension()
+
+    if plan.cuda:
+        # torch guesses the toolkit from `which nvcc` at import time, which may be a wrapper
+        # script outside the toolkit: point both the environment and the module at the real root.
+        os.environ["CUDA_HOME"] = plan.cuda_home
+        cpp_extension.CUDA_HOME = plan.cuda_home
+    plan.build_dir.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=EXTENSION_NAME,
+        sources=list(plan.sources),
+        extra_cflags=list(plan.cflags),
+        extra_cuda_cflags=list(plan.cuda_cflags),
+        build_directory=str(plan.build_dir),
+        with_cuda=plan.cuda,
+        verbose=verbose and os.environ.get("FUSED_BALANCE_VERBOSE_BUILD", "") not in ("", "0"),
+    )
+
+
+def build(verbose: bool = True):
+    """Compile (if needed) and import the extension; returns the Python module. Loading registers
+    the ops torch.ops.fused_balance.{gram, combine, combine_into, balanced_adamw_}."""
+    global _module, _last_build_seconds
+    with _lock:
+        if _module is not None:
+            return _module
+        plan = _plan()
+        fresh = not _library_path(plan).exists()
+        if verbose and fresh:
+            what = "C++/CUDA" if plan.cuda else "C++ (CPU only: " + plan.cuda_reason + ")"
+            print(f"fused_balance: building the {what} extension (first use, a few minutes) "
+                  f"in {plan.build_dir} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        try:
+            module = _compile(plan, verbose)
+        except Exception as exc:
+            if not plan.cuda:
+                raise
+            # Keep the CPU kernels usable; the reason is reported by build_info() and the tests
+            # fail when a toolkit exists but CUDA was not compiled.
+            print(f"fused_balance: the CUDA build failed ({type(exc).__name__}: {exc}); "
+                  "building the CPU kernels only", file=sys.stderr, flush=True)
+            plan = _plan(cpu_only_reason=f"CUDA build failed: {type(exc).__name__}: {str(exc)[:500]}")
+            module = _compile(plan, verbose)
+        _last_build_seconds = time.perf_counter() - start
+        if verbose and fresh:
+            print(f"fused_balance: extension built in {_last_build_seconds:.0f} s "
+                  f"(CUDA kernels: {'yes' if module.cuda_compiled() else 'no'}; "
+                  f"CPU path: {module.cpu_isa()})", file=sys.stderr, flush=True)
+        _module = module
+        return module
+
+
+def load():
+    """The extension module, built on first use and cached for the process."""
+    return _module if _module is not None else build(verbose=True)
+
+
+def _predicted_cpu_isa() -> str:
+    forced = os.environ.get("FUSED_BALANCE_CPU_ISA")
+    if forced:
+        return forced
+    cap = torch.backends.cpu.get_cpu_capability()
+    return "avx512" if "AVX512" in cap else "avx2" if "AVX2" in cap else "default"
+
+
+def build_info() -> dict:
+    """What was (or would be) built: for `fused-balance info`. Loads an already-compiled extension
+    (cheap) but never compiles."""
+    plan = _plan()
+    built = is_built()
+    module = None
+    if built:
+        try:
+            module = load()
+        except Exception as exc:  # a broken cached build must not break `info`
+            return {"built": False, "error": f"{type(exc).__name__}: {exc}", "cuda_compiled": False,
+                    "cuda_reason": plan.cuda_reason, "cuda_archs": [], "cpu_isa": _predicted_cpu_isa(),
+                    "build_dir": str(plan.build_dir)}
+        plan = _plan()  # a failed CUDA build replaces the plan
+    cuda_compiled = bool(module.cuda_compiled()) if module is not None else False
+    return {
+        "built": built,
+        "cuda_compiled": cuda_compiled,
+        "cuda_planned": plan.cuda,
+        "cuda_reason": plan.cuda_reason if (cuda_compiled or not plan.cuda or not built)
+        else "toolkit found but the loaded build has no CUDA kernels",
+        "cuda_archs": list(CUDA_ARCHS) if (cuda_compiled or (plan.cuda and not built)) else [],
+        "cpu_isa": module.cpu_isa() if module is not None else _predicted_cpu_isa(),
+        "cpu_isas_supported": list(module.supported_cpu_isas()) if module is not None else None,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "build_dir": str(plan.build_dir),
+        "build_seconds": _last_build_seconds,
+    }

@@ -1,0 +1,205 @@
+"""The ``cpp`` backend: C++ CPU kernels and CUDA kernels, as torch.ops.fused_balance.*.
+
+The ops are defined in csrc/ (one TORCH_LIBRARY block) and built on first use by
+``fused_balance._extension``. This module adds what lives in Python: fake (meta) kernels, so the
+ops trace under torch.compile, and autograd formulas written with the ops themselves:
+
+- gram:    dL/dg_k,p = sum_l (dG[s,k,l] + dG[s,l,k]) g_l,p       -> one combine per objective k
+- combine: dL/dg_k,p = w[s,k] dout_p                              -> a combine with K = 1
+           dL/dw[s,k] = sum_{p in s} <dout_p, g_k,p>               -> row 0 of a gram over [dout, g]
+
+Argument conventions of the backend functions: see fused_balance.backends.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+
+import torch
+
+from fused_balance import _extension
+from fused_balance._dtypes import accumulate_dtype
+
+__all__ = ["availability", "gram", "combine", "combine_into", "balanced_adamw_", "cpu_isa", "set_cpu_isa"]
+
+_NAMESPACE = "fused_balance"
+_lock = threading.Lock()
+_registered = False
+_cpu_availability: tuple[bool, str] | None = None
+
+
+# ------------------------------------------------------------------------------ registration
+def _ops_defined() -> bool:
+    try:
+        getattr(torch.ops.fused_balance, "gram")
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _gram_fake(grads, num_objectives, segment_ids, num_segments):
+    return grads[0].new_empty((num_segments, num_objectives, num_objectives),
+                              dtype=accumulate_dtype(grads[0].dtype))
+
+
+def _combine_fake(grads, weights, segment_ids):
+    P = len(grads) // weights.shape[1]
+    return [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads[:P]]
+
+
+def _combine_into_fake(grads, weights, segment_ids, out, skip):
+    return None
+
+
+def _adamw_fake(grads, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1, beta2,
+                eps, step, skip):
+    return None
+
+
+def _gram_setup_context(ctx, inputs, output):
+    grads, num_objectives, segment_ids, num_segments = inputs
+    ctx.num_objectives = num_objectives
+    ctx.segment_ids = list(segment_ids)
+    ctx.save_for_backward(*grads)
+
+
+def _gram_backward(ctx, grad_gram):
+    grads = list(ctx.saved_tensors)
+    sym = grad_gram + grad_gram.transpose(1, 2)  # [S, K, K]
+    grad_grads = []
+    for k in range(ctx.num_objectives):
+        grad_grads.extend(torch.ops.fused_balance.combine(grads, sym[:, k, :].contiguous(), ctx.segment_ids))
+    return grad_grads, None, None, None
+
+
+def _combine_setup_context(ctx, inputs, output):
+    grads, weights, segment_ids = inputs
+    ctx.segment_ids = list(segment_ids)
+    ctx.save_for_backward(weights, *grads)
+
+
+def _combine_backward(ctx, grad_outs):
+    weights, *grads = ctx.saved_tensors
+    S, K = weights.shape
+    P = len(grads) // K
+    douts = [d if d is not None else torch.zeros_like(grads[p]) for p, d in enumerate(grad_outs)]
+    grad_grads = grad_weights = None
+    if ctx.needs_input_grad[0]:
+        grad_grads = []
+        for k in range(K):
+            grad_grads.extend(
+                torch.ops.fused_balance.combine(douts, weights[:, k:k + 1].contiguous(), ctx.segment_ids))
+    if ctx.needs_input_grad[1]:
+        G = torch.ops.fused_balance.gram(douts + list(grads), K + 1, ctx.segment_ids, S)
+        grad_weights = G[:, 0, 1:].to(weights.dtype)
+    return grad_grads, grad_weights, None
+
+
+def _register_python_parts() -> None:
+    """Fake kernels and autograd formulas, once per process (after the C++ library is loaded)."""
+    global _registered
+    if _registered:
+        return
+    with _lock:
+        if _registered:
+            return
+        ns = _NAMESPACE + "::"
+        torch.library.register_fake(ns + "gram")(_gram_fake)
+        torch.library.register_fake(ns + "combine")(_combine_fake)
+        torch.library.register_fake(ns + "combine_into")(_combine_into_fake)
+        torch.library.register_fake(ns + "balanced_adamw_")(_adamw_fake)
+        torch.library.register_autograd(ns + "gram", _gram_backward, setup_context=_gram_setup_context)
+        torch.library.register_autograd(ns + "combine", _combine_backward, setup_context=_combine_setup_context)
+        _registered = True
+
+
+def _ops():
+    """torch.ops.fused_balance, with the extension built/loaded and the Python parts registered."""
+    _extension.load()
+    _register_python_parts()
+    return torch.ops.fused_balance
+
+
+# The C++ library names this module as its Python part: if it was loaded first (e.g. by
+# _extension.load() alone), importing this module completes the registration.
+if _ops_defined():
+    _register_python_parts()
+
+
+# ----------------------------------------------------------------------------------- backend
+def availability(device: torch.device) -> tuple[bool, str]:
+    global _cpu_availability
+    device = torch.device(device)
+    if device.type == "cpu":
+        if _cpu_availability is not None:
+            return _cpu_availability
+        if _extension.is_built():
+            answer = (True, "C++ CPU kernels (built)")
+        else:
+            compiler = os.environ.get("CXX", "c++")
+            if shutil.which(compiler) is None:
+                return False, f"no C++ compiler ({compiler!r}) to build the extension"
+            if shutil.which("ninja") is None and not _ninja_module_available():
+                return False, "ninja is not installed (pip install ninja)"
+            answer = (True, "C++ CPU kernels (built on first use, a few minutes)")
+        _cpu_availability = answer
+        return answer
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU"
+        if _extension.is_built():
+            info = _extension.build_info()
+            if info["cuda_compiled"]:
+                return True, "CUDA kernels (built)"
+            return False, f"the extension has no CUDA kernels: {info['cuda_reason']}"
+        plan = _extension._plan()
+        if plan.cuda:
+            return True, "CUDA kernels (built on first use, a few minutes)"
+        return False, f"no CUDA kernels can be built: {plan.cuda_reason}"
+    return False, f"no kernels for device type {device.type!r}"
+
+
+def _ninja_module_available() -> bool:
+    from torch.utils.cpp_extension import is_ninja_available
+
+    return is_ninja_available()
+
+
+def _check_objectives(num_objectives, weights) -> None:
+    if weights.dim() != 2 or weights.shape[1] != num_objectives:
+        raise ValueError(f"weights must be [S, {num_objectives}], got shape {tuple(weights.shape)}")
+
+
+def gram(flat, num_objectives, segment_ids, num_segments):
+    return _ops().gram(list(flat), int(num_objectives), [int(s) for s in segment_ids], int(num_segments))
+
+
+def combine(flat, num_objectives, weights, segment_ids):
+    _check_objectives(num_objectives, weights)
+    return list(_ops().combine(list(flat), weights, [int(s) for s in segment_ids]))
+
+
+def combine_into(flat, num_objectives, weights, segment_ids, out, skip):
+    _check_objectives(num_objectives, weights)
+    _ops().combine_into(list(flat), weights, [int(s) for s in segment_ids], list(out), skip)
+
+
+def balanced_adamw_(flat, num_objectives, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs,
+                    weight_decays, beta1, beta2, eps, step, skip):
+    _check_objectives(num_objectives, weights)
+    _ops().balanced_adamw_(list(flat), weights, [int(s) for s in segment_ids], list(params), list(exp_avgs),
+                           list(exp_avg_sqs), [float(x) for x in lrs], [float(x) for x in weight_decays],
+                           float(beta1), float(beta2), float(eps), int(step), skip)
+
+
+# ------------------------------------------------------------------------- CPU kernel path
+def cpu_isa() -> str:
+    """The CPU kernel path in use ('default', 'avx2' or 'avx512'); builds the extension if needed."""
+    return _extension.load().cpu_isa()
+
+
+def set_cpu_isa(name: str) -> str:
+    """Force the CPU kernel path ('default', 'avx2', 'avx512', or 'auto'); returns the one in use.
+    Raises ValueError for a path this CPU or build cannot run."""
+    return _extension.load().set_cpu_isa(name)

@@ -1,0 +1,145 @@
+"""GradBank: per-objective gradients in one contiguous ``[K, N]`` buffer.
+
+The fused kernels read every objective's gradient for every tensor; keeping them in one flat
+buffer (with per-parameter views into it) means the gradients land in place during backward and
+are read as contiguous memory afterwards, with no gather copy.
+
+Two ways to fill it, giving the same numbers:
+
+- ``"backward"``: for each objective k, point every parameter's ``.grad`` at its view in row k
+  and call ``loss_k.backward()``. Autograd accumulates in place into an existing ``.grad``, so the
+  gradient is written straight into the bank. K backward passes over the shared graph.
+- ``"batched"``: one ``torch.autograd.grad`` of the stacked losses with ``grad_outputs=eye(K)``
+  and ``is_grads_batched=True`` (vmap over the backward), then one copy per tensor into the bank.
+
+On the demo model (CPU, 2 cores) ``"backward"`` is the faster of the two (see the report in
+``fused_balance.demo``), so it is the default.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["GradBank", "FILL_MODES"]
+
+FILL_MODES = ("backward", "batched")
+
+
+class GradBank:
+    """Flat storage for K objectives' gradients of a fixed list of parameters.
+
+    ``bank.grads[k][p]`` is a view (shape of parameter p) into ``bank.buffer[k]``; pass
+    ``bank.grads`` as the ``grads`` argument of ``fb.gram`` / ``fb.combine`` / ... .
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], num_objectives: int, *,
+                 mode: str = "backward", dtype: torch.dtype | None = None):
+        params = list(params)
+        if not params:
+            raise ValueError("GradBank needs at least one parameter")
+        if num_objectives < 1:
+            raise ValueError(f"num_objectives must be >= 1, got {num_objectives}")
+        if mode not in FILL_MODES:
+            raise ValueError(f"unknown fill mode {mode!r}; choose one of {FILL_MODES}")
+        devices = {p.device for p in params}
+        if len(devices) != 1:
+            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+        dtypes = {p.dtype for p in params}
+        if dtype is None:
+            if len(dtypes) != 1:
+                raise TypeError(f"parameters have several dtypes {sorted(map(str, dtypes))}; "
+                                "pass dtype= (the backward mode needs the parameters' own dtype)")
+            dtype = params[0].dtype
+        self.params = params
+        self.num_objectives = num_objectives
+        self.mode = mode
+        self.dtype = dtype
+        self.numels = [p.numel() for p in params]
+        self.offsets = [0]
+        for n in self.numels:
+            self.offsets.append(self.offsets[-1] + n)
+        self.buffer = torch.zeros(num_objectives, self.offsets[-1], dtype=dtype,
+                                  device=params[0].device)
+        self.grads: list[list[torch.Tensor]] = [
+            [self.buffer[k, self.offsets[i]:self.offsets[i + 1]].view(p.shape)
+             for i, p in enumerate(params)]
+            for k in range(num_objectives)]
+
+    @property
+    def num_params(self) -> int:
+        return len(self.params)
+
+    @property
+    def numel(self) -> int:
+        return self.offsets[-1]
+
+    def zero_(self) -> "GradBank":
+        self.buffer.zero_()
+        return self
+
+    def fill(self, losses: Sequence[torch.Tensor], *, mode: str | None = None,
+             retain_graph: bool = False) -> "GradBank":
+        """Overwrite the bank with d loss_k / d params for every objective k.
+
+        A parameter an objective does not reach gets zeros; an objective that reaches no
+        parameter at all (a constant loss) gets a zero row. ``retain_graph`` keeps the graph
+        alive after the call (it is always kept between the objectives).
+        """
+        losses = list(losses)
+        if len(losses) != self.num_objectives:
+            raise ValueError(f"expected {self.num_objectives} losses, got {len(losses)}")
+        for k, loss in enumerate(losses):
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError(f"loss {k} must be a scalar tensor")
+        mode = mode or self.mode
+        if mode == "backward":
+            self._fill_backward(losses, retain_graph)
+        elif mode == "batched":
+            self._fill_batched(losses, retain_graph)
+        else:
+            raise ValueError(f"unknown fill mode {mode!r}; choose one of {FILL_MODES}")
+        return self
+
+    def _fill_backward(self, losses, retain_graph):
+        self.buffer.zero_()
+        if self.dtype != self.params[0].dtype or any(p.dtype != self.dtype for p in self.params):
+            raise TypeError("the backward fill mode needs the bank dtype to equal the parameters'")
+        saved = [p.grad for p in self.params]
+        live = [k for k, loss in enumerate(losses) if loss.requires_grad]
+        try:
+            for j, k in enumerate(live):
+                for p, view in zip(self.params, self.grads[k]):
+                    p.grad = view  # autograd adds into an existing .grad in place
+                losses[k].reshape(()).backward(retain_graph=retain_graph or j < len(live) - 1)
+                for p, view in zip(self.params, self.grads[k]):
+                    # A hook or a sparse gradient may have replaced .grad: copy it back in.
+                    if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+                        view.copy_(p.grad)
+        finally:
+            for p, g in zip(self.params, saved):
+                p.grad = g
+
+    def _fill_batched(self, losses, retain_graph):
+        self.buffer.zero_()
+        live = [k for k, loss in enumerate(losses) if loss.requires_grad]
+        if not live:
+            return
+        wanted = [i for i, p in enumerate(self.params) if p.requires_grad]
+        stacked = torch.stack([losses[k].reshape(()) for k in live])
+        eye = torch.eye(len(live), dtype=stacked.dtype, device=stacked.device)
+        grads = torch.autograd.grad(stacked, [self.params[i] for i in wanted], grad_outputs=eye,
+                                    is_grads_batched=True, allow_unused=True,
+                                    retain_graph=retain_graph)
+        with torch.no_grad():
+            for i, g in zip(wanted, grads):
+                if g is None:
+                    continue
+                for row, k in enumerate(live):
+                    self.grads[k][i].copy_(g[row])
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer.clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.buffer.copy_(state["buffer"])

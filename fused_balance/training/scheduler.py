@@ -1,0 +1,281 @@
+r"""BalanceScheduler: balance the learning of model components (e.g. feature encoder vs. LLM).
+
+After CoMMIT (Wu et al., 2024: a learning-balance coefficient between the feature encoder and the
+LLM drives their learning rates); the exact formula here is ours.
+
+Components c = 1..C are sets of parameters, each living in its own optimizer param group(s)
+(build them with ``BalanceScheduler.param_groups``). Call ``scheduler.step()`` right after
+``optimizer.step()`` (before ``zero_grad``); the scheduler snapshots the parameters in an
+optimizer step pre-hook, so it knows each component's update Δ_c = θ_c,t − θ_c,t−1.
+
+Per step t:
+
+1. Statistics, one fused ``fb.gram`` call over the two "objectives" [g, Δ] with segments =
+   component id (g: the gradient in ``p.grad`` that produced the update):
+   G[c] = [[|g_c|², <g_c, Δ_c>], [<g_c, Δ_c>, |Δ_c|²]].
+2. Learning contribution of c, the first-order loss decrease its update alone causes:
+   s_c = max(0, −<g_c, Δ_c>).
+   Exact mode (``exact_every = M`` and a ``probe_fn``): every M steps s_c is replaced by
+   KL(p_{θ_{t−1} + Δ_c} ‖ p_{θ_{t−1}}), the mean KL divergence of the output distribution on a
+   fixed probe batch when only component c's update is applied.
+3. Shares σ_c = s_c / Σ_j s_j (a step with Σ_j s_j = 0 carries no information and is ignored),
+   smoothed against oscillation: σ̄_t = β σ̄_{t−1} + (1 − β) σ_t (σ̄ starts at the first σ).
+   The learning-balance coefficient of two components is κ_t = σ̄_{t,1} ∈ [0, 1]
+   (κ = s_enc / (s_enc + s_llm), smoothed); balance means σ̄_c = τ_c (targets, default 1/C).
+4. Multipliers, integral control in log space with a dead band δ:
+   e_c = τ_c − σ̄_c if |τ_c − σ̄_c| > δ else 0,
+   log m_c ← clip(log m_c + η e_c, log m_min, log m_max),
+   so the lagging component (σ̄_c < τ_c) has its learning rate raised, the leading one lowered.
+5. Learning rates: lr_g = base_lr_g · m_c for every param group g of component c. A learning rate
+   changed by someone else since the scheduler last wrote it (another LR scheduler) becomes the
+   new base, so the multipliers compose with warm-up/decay schedules run before this step.
+
+Optional auxiliary loss (``aux_weight`` λ > 0): ``auxiliary_loss(logits, mask)`` returns
+−λ · ℓ_t · H̄(softmax(logits)), with lag ℓ_t = max_c max(0, (τ_c − σ̄_c) / τ_c) ∈ [0, 1] and H̄ the
+mean entropy over the masked positions: while a component lags, it rewards keeping the output
+distribution from collapsing (a peaked softmax makes the cross-entropy gradient p − y vanish), so
+gradient keeps flowing into the lagging component; it is exactly zero once balanced.
+
+Defaults: β = 0.9, η = 0.1, δ = 0.05, m ∈ [0.25, 8].
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+import fused_balance as fb
+
+__all__ = ["BalanceScheduler"]
+
+
+def _params_of(component) -> list[torch.Tensor]:
+    if isinstance(component, torch.nn.Module):
+        return [p for p in component.parameters() if p.requires_grad]
+    return list(component)
+
+
+class BalanceScheduler:
+    def __init__(self, optimizer: torch.optim.Optimizer,
+                 components: Mapping[str, Sequence[torch.Tensor] | torch.nn.Module], *,
+                 target: Mapping[str, float] | None = None, beta: float = 0.9, eta: float = 0.1,
+                 dead_band: float = 0.05, m_min: float = 0.25, m_max: float = 8.0,
+                 exact_every: int = 0, probe_fn: Callable[[], torch.Tensor] | None = None,
+                 aux_weight: float = 0.0, backend: str | None = None):
+        if len(components) < 2:
+            raise ValueError("BalanceScheduler needs at least two components")
+        if not (0.0 <= beta < 1.0) or eta < 0 or dead_band < 0 or not (0 < m_min <= 1.0 <= m_max):
+            raise ValueError("need 0 <= beta < 1, eta >= 0, dead_band >= 0, 0 < m_min <= 1 <= m_max")
+        if exact_every and probe_fn is None:
+            raise ValueError("exact_every needs a probe_fn() returning logits on a fixed probe batch")
+        self.optimizer = optimizer
+        self.names = list(components)
+        C = len(self.names)
+        self.component_params = {n: _params_of(components[n]) for n in self.names}
+        owner: dict[int, int] = {}
+        for c, n in enumerate(self.names):
+            if not self.component_params[n]:
+                raise ValueError(f"component {n!r} has no trainable parameter")
+            for p in self.component_params[n]:
+                if id(p) in owner:
+                    raise ValueError(f"a parameter belongs to both {self.names[owner[id(p)]]!r} and {n!r}")
+                owner[id(p)] = c
+        # Param group -> component (every group's parameters must belong to a single component).
+        self.group_component: list[int | None] = []
+        in_optimizer = set()
+        for i, group in enumerate(optimizer.param_groups):
+            cs = {owner.get(id(p)) for p in group["params"]}
+            in_optimizer.update(id(p) for p in group["params"])
+            if len(cs) > 1:
+                raise ValueError(f"optimizer param group {i} mixes components {cs}; build the groups "
+                                 "with BalanceScheduler.param_groups(components, lr=...)")
+            self.group_component.append(cs.pop() if cs else None)
+        missing = [n for n in self.names if any(id(p) not in in_optimizer for p in self.component_params[n])]
+        if missing:
+            raise ValueError(f"components {missing} have parameters the optimizer does not hold")
+        tgt = dict(target) if target is not None else {n: 1.0 / C for n in self.names}
+        if set(tgt) != set(self.names) or any(v <= 0 for v in tgt.values()):
+            raise ValueError("target needs one positive share per component")
+        total = sum(tgt.values())
+        self.target = [tgt[n] / total for n in self.names]
+        self.beta, self.eta, self.dead_band = float(beta), float(eta), float(dead_band)
+        self.m_min, self.m_max = float(m_min), float(m_max)
+        self.exact_every, self.probe_fn = int(exact_every), probe_fn
+        self.aux_weight, self.backend = float(aux_weight), backend
+        self.params = [p for n in self.names for p in self.component_params[n]]
+        self.segment_ids = [c for c, n in enumerate(self.names) for _ in self.component_params[n]]
+        self.log_multipliers = [0.0] * C
+        self.shares_ema: list[float] | None = None
+        self.step_count = 0
+        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self._written = list(self.base_lrs)
+        self.history: list[dict] = []
+        self._snapshot: list[torch.Tensor] | None = None
+        self._snapshot_fresh = False
+        self._hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.snapshot())
+
+    @staticmethod
+    def param_groups(components: Mapping[str, Sequence[torch.Tensor] | torch.nn.Module],
+                     **group_options) -> list[dict]:
+        """Optimizer param groups, one per component (``group_options`` apply to all, and
+        ``{name: {...}}`` entries in it override per component)."""
+        groups = []
+        for name, comp in components.items():
+            per = group_options.get(name, {}) if isinstance(group_options.get(name), dict) else {}
+            common = {k: v for k, v in group_options.items() if k not in components}
+            groups.append({"params": _params_of(comp), "component": name, **common, **per})
+        return groups
+
+    def close(self) -> None:
+        """Detach the optimizer hook."""
+        self._hook.remove()
+
+    # -- per-step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Remember θ before the optimizer step (called by the pre-hook; call it yourself before
+        an update that does not go through ``optimizer.step()``)."""
+        if self._snapshot is None:
+            self._snapshot = [p.detach().clone() for p in self.params]
+        else:
+            for buf, p in zip(self._snapshot, self.params):
+                buf.copy_(p)
+        self._snapshot_fresh = True
+
+    @property
+    def multipliers(self) -> dict[str, float]:
+        return {n: math.exp(lm) for n, lm in zip(self.names, self.log_multipliers)}
+
+    @property
+    def kappa(self) -> float | None:
+        """Learning-balance coefficient: the smoothed share of the first component."""
+        return None if self.shares_ema is None else self.shares_ema[0]
+
+    @torch.no_grad()
+    def step(self) -> dict | None:
+        """Update the balance statistics and the learning rates after ``optimizer.step()``.
+        Returns this step's record (None when no update was observed since the last call)."""
+        if not self._snapshot_fresh:
+            self._apply_lrs()
+            return None
+        self._snapshot_fresh = False
+        deltas = self._snapshot
+        for d, p in zip(deltas, self.params):
+            torch.sub(p, d, out=d)  # the snapshot buffer now holds Δ = θ_t − θ_{t−1}
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        dtype = grads[0].dtype
+        if any(t.dtype != dtype for t in grads + deltas):
+            grads = [g.float() for g in grads]
+            deltas_in = [d.float() for d in deltas]
+        else:
+            deltas_in = deltas
+        G = fb.gram([grads, deltas_in], self.segment_ids, backend=self.backend).double().cpu()
+        scores = (-G[:, 0, 1]).clamp(min=0).tolist()
+        source = "first_order"
+        self.step_count += 1
+        if self.exact_every and self.step_count % self.exact_every == 0:
+            scores, source = self._kl_scores(deltas), "kl"
+        record = {"step": self.step_count, "scores": scores, "source": source,
+                  "grad_norms": G[:, 0, 0].clamp(min=0).sqrt().tolist(),
+                  "update_norms": G[:, 1, 1].clamp(min=0).sqrt().tolist()}
+        total = sum(scores)
+        if total > 0 and math.isfinite(total):
+            shares = [s / total for s in scores]
+            if self.shares_ema is None:
+                self.shares_ema = shares
+            else:
+                self.shares_ema = [self.beta * e + (1.0 - self.beta) * s
+                                   for e, s in zip(self.shares_ema, shares)]
+            for c, (tau, ema) in enumerate(zip(self.target, self.shares_ema)):
+                err = tau - ema
+                if abs(err) > self.dead_band:
+                    self.log_multipliers[c] = min(max(self.log_multipliers[c] + self.eta * err,
+                                                      math.log(self.m_min)), math.log(self.m_max))
+        record["shares_ema"] = None if self.shares_ema is None else list(self.shares_ema)
+        record["kappa"] = self.kappa
+        record["multipliers"] = [math.exp(lm) for lm in self.log_multipliers]
+        self._apply_lrs()
+        record["lrs"] = list(self._written)
+        self.history.append(record)
+        return record
+
+    def _apply_lrs(self) -> None:
+        for i, group in enumerate(self.optimizer.param_groups):
+            c = self.group_component[i]
+            if float(group["lr"]) != self._written[i]:  # changed elsewhere: the new base
+                self.base_lrs[i] = float(group["lr"])
+            lr = self.base_lrs[i] * (1.0 if c is None else math.exp(self.log_multipliers[c]))
+            group["lr"] = lr
+            self._written[i] = lr
+
+    def _kl_scores(self, deltas) -> list[float]:
+        """KL(p_{θ_prev + Δ_c} ‖ p_{θ_prev}) on the probe batch, per component c."""
+        current = [p.detach().clone() for p in self.params]
+        try:
+            for p, d in zip(self.params, deltas):
+                p.sub_(d)  # θ_{t-1} (to rounding)
+            ref = torch.log_softmax(self.probe_fn().float(), dim=-1)
+            scores = []
+            for c in range(len(self.names)):
+                for p, d, cid in zip(self.params, deltas, self.segment_ids):
+                    if cid == c:
+                        p.add_(d)
+                moved = torch.log_softmax(self.probe_fn().float(), dim=-1)
+                kl = (moved.exp() * (moved - ref)).sum(-1).mean()
+                scores.append(max(0.0, float(kl)))
+                for p, d, cid in zip(self.params, deltas, self.segment_ids):
+                    if cid == c:
+                        p.sub_(d)
+            return scores
+        finally:
+            for p, saved in zip(self.params, current):
+                p.copy_(saved)  # bitwise back to θ_t
+
+    # -- auxiliary loss -----------------------------------------------------------------------
+    def lag(self) -> float:
+        """How far the most lagging component is below its target share, relative, in [0, 1]."""
+        if self.shares_ema is None:
+            return 0.0
+        return max(max(0.0, (t - e) / t) for t, e in zip(self.target, self.shares_ema))
+
+    def auxiliary_loss(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """−aux_weight · lag · mean entropy of softmax(logits) over ``mask`` (see the module
+        docstring); a zero tensor when aux_weight is 0 or the components are balanced."""
+        weight = self.aux_weight * self.lag()
+        if weight == 0.0:
+            return logits.new_zeros(())
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        if mask is not None:
+            entropy = entropy[mask]
+        if entropy.numel() == 0:
+            return logits.new_zeros(())
+        return (-weight * entropy.mean()).to(logits.dtype)
+
+    # -- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"names": list(self.names), "target": list(self.target), "beta": self.beta,
+                "eta": self.eta, "dead_band": self.dead_band, "m_min": self.m_min,
+                "m_max": self.m_max, "exact_every": self.exact_every, "aux_weight": self.aux_weight,
+                "log_multipliers": list(self.log_multipliers),
+                "shares_ema": None if self.shares_ema is None else list(self.shares_ema),
+                "step": self.step_count, "base_lrs": list(self.base_lrs),
+                "written": list(self._written), "history": [dict(h) for h in self.history]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["names"] != self.names:
+            raise ValueError(f"checkpoint components {state['names']} differ from {self.names}")
+        if len(state["base_lrs"]) != len(self.optimizer.param_groups):
+            raise ValueError("checkpoint has a different number of optimizer param groups")
+        for key in ("target", "beta", "eta", "dead_band", "m_min", "m_max", "exact_every",
+                    "aux_weight"):
+            setattr(self, key, state[key])
+        self.log_multipliers = list(state["log_multipliers"])
+        self.shares_ema = None if state["shares_ema"] is None else list(state["shares_ema"])
+        self.step_count = int(state["step"])
+        self.base_lrs = list(state["base_lrs"])
+        self._written = list(state["written"])
+        self.history = [dict(h) for h in state["history"]]
+        for group, lr in zip(self.optimizer.param_groups, self._written):
+            group["lr"] = lr

@@ -1,0 +1,173 @@
+"""ParetoLoRA on a tiny PEFT Llama: .grad equals per-layer combinations computed by hand in
+float64 from per-objective autograd gradients; segments, history, NaN skips."""
+import json
+import math
+import warnings
+
+import pytest
+import torch
+
+from fused_balance.demo.data import VOCAB, make_batch
+from fused_balance.demo.model import build_lora_model, modality_losses
+from fused_balance.training import ParetoLoRA, layer_key, lora_parameters, segment_ids_for
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def tiny_model(seed=0, dtype=torch.float64):
+    model = build_lora_model(VOCAB.size, hidden=32, layers=2, heads=2, rank=4, seed=seed)
+    with torch.no_grad():  # LoRA B starts at zero: give it values so every tensor has a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(hash(name) % 1000))
+    return model.to(dtype)
+
+
+def hand_weights(G, policy, tau):
+    """Independent float64 implementation of the K=2 policies on one segment's Gram."""
+    g11, g12, g22 = float(G[0, 0]), float(G[0, 1]), float(G[1, 1])
+    n1, n2 = math.sqrt(g11), math.sqrt(g22)
+    gamma = min(max((g22 - g12) / (g11 + g22 - 2 * g12), 0.0), 1.0)
+    minnorm = (gamma, 1 - gamma)
+    if policy == "mgda":
+        return minnorm, "conflict"
+    if policy == "sum":
+        return (1.0, 1.0), "sum"
+    if g12 / (n1 * n2) < 0:
+        w1, w2 = minnorm
+        short = w1 * w1 * g11 + 2 * w1 * w2 * g12 + w2 * w2 * g22
+        factor = math.sqrt((g11 + 2 * g12 + g22) / short)  # restore the plain sum's magnitude
+        return (w1 * factor, w2 * factor), "conflict"
+    if max(n1, n2) > tau * min(n1, n2):
+        mean = (n1 + n2) / 2
+        return (mean / n1, mean / n2), "rescale"
+    return (1.0, 1.0), "sum"
+
+
+def test_layer_segments_from_peft_names():
+    model = tiny_model()
+    named = lora_parameters(model)
+    assert len(named) == 2 * 7 * 2 + 2  # A and B of 7 linears in 2 layers + embed + head copies
+    ids, names = segment_ids_for(named, "layer")
+    assert names == ["other", "model.layers.0", "model.layers.1"]
+    for (name, _), s in zip(named, ids):
+        assert (".layers.1." in name) == (s == 2) and (".layers.0." in name) == (s == 1)
+    assert layer_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight") == "model.layers.3"
+    assert layer_key("vision.encoder.layers.3.mlp.fc1.lora_B.w") != layer_key("llm.layers.3.mlp.fc1.lora_B.w")
+    assert segment_ids_for(named, "tensor")[0] == list(range(len(named)))
+    assert segment_ids_for(named, "global")[0] == [0] * len(named)
+    ids, names = segment_ids_for(named, lambda n, p: "attn" if "self_attn" in n else "rest")
+    assert set(names) == {"attn", "rest"}
+
+
+@pytest.mark.parametrize("policy,tau", [("mgda", 5.0), ("pareto_lora", 5.0), ("pareto_lora", 1.05),
+                                        ("sum", 5.0)])
+def test_grad_equals_hand_computed_per_layer_combination(policy, tau):
+    model = tiny_model()
+    named = lora_parameters(model)
+    params = [p for _, p in named]
+    batch = make_batch(6, torch.Generator().manual_seed(3))
+    losses, _ = modality_losses(model, batch)
+    per_objective = [torch.autograd.grad(losses[k], params, retain_graph=True) for k in ("text", "image")]
+    ids, names = segment_ids_for(named, "layer")
+    expected = [None] * len(params)
+    branches = []
+    for s in range(len(names)):
+        members = [i for i, sid in enumerate(ids) if sid == s]
+        G = torch.zeros(2, 2, dtype=torch.float64)
+        for i in members:
+            g = torch.stack([per_objective[0][i].reshape(-1), per_objective[1][i].reshape(-1)])
+            G += g @ g.T
+        (w1, w2), branch = hand_weights(G, policy, tau)
+        branches.append(branch)
+        for i in members:
+            expected[i] = w1 * per_objective[0][i] + w2 * per_objective[1][i]
+
+    losses, _ = modality_losses(model, batch)
+    balancer = ParetoLoRA(model, None, policy=policy, tau=tau, backend="torch",
+                          objectives=["text", "image"])
+    result = balancer.backward(losses, accumulate=False)
+    for i, (name, p) in enumerate(named):
+        torch.testing.assert_close(p.grad, expected[i], rtol=1e-9, atol=1e-12, msg=name)
+    got = [("sum", "rescale", "conflict")[int(b)] for b in result.branch]
+    assert got == branches
+    if policy == "pareto_lora" and tau == 1.05:
+        assert len(set(branches)) >= 2, branches  # the data exercise more than one branch
+
+
+def test_accumulate_adds_like_backward():
+    model = tiny_model()
+    balancer = ParetoLoRA(model, None, policy="sum", backend="torch")
+    batch = make_batch(4, torch.Generator().manual_seed(1))
+    for _ in range(2):
+        losses, _ = modality_losses(model, batch)
+        balancer.backward(losses)
+    twice = [p.grad.clone() for p in balancer.params]
+    balancer.zero_grad()
+    losses, _ = modality_losses(model, batch)
+    (2 * (losses["text"] + losses["image"])).backward()
+    for t, p in zip(twice, balancer.params):
+        torch.testing.assert_close(t, p.grad, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_nan_loss_skips_the_step_and_touches_nothing(fused, tmp_path):
+    model = tiny_model(dtype=torch.float32)
+    opt = "fused_adamw" if fused else (lambda ps: torch.optim.AdamW(ps, lr=1e-2))
+    balancer = ParetoLoRA(model, opt, backend="torch", lr=1e-2)
+    batch = make_batch(4, torch.Generator().manual_seed(1))
+    losses, _ = modality_losses(model, batch)
+    assert balancer.step(losses)
+    before = [p.detach().clone() for p in balancer.params]
+    state = [{k: v.clone() for k, v in balancer.optimizer.state[p].items()} for p in balancer.params]
+    losses, _ = modality_losses(model, batch)
+    assert not balancer.step({"text": losses["text"] * float("nan"), "image": losses["image"]})
+    assert balancer.skipped_steps == 1
+    for b, p, st in zip(before, balancer.params, state):
+        assert torch.equal(b, p)
+        for k, v in st.items():
+            assert torch.equal(v, balancer.optimizer.state[p][k])
+    losses, _ = modality_losses(model, batch)
+    assert balancer.step(losses)
+    history = balancer.history
+    assert [h["stepped"] for h in history] == [True, False, True]
+    path = tmp_path / "history.jsonl"
+    balancer.export_history(path)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(records) == 3 and records[1]["found_inf"] and not records[1]["stepped"]
+    seg = records[0]["segments"][1]
+    assert seg["segment"] == "model.layers.0" and set(seg["weights"]) == {"text", "image"}
+    assert seg["branch"] in ("sum", "rescale", "conflict") and -1 <= seg["cosine"] <= 1
+
+
+def test_fused_adamw_path_matches_torch_adamw_on_combined_gradient():
+    models = [tiny_model(seed=2), tiny_model(seed=2)]
+    balancers = [
+        ParetoLoRA(models[0], lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.1, foreach=False),
+                   backend="torch"),
+        ParetoLoRA(models[1], "fused_adamw", lr=3e-3, weight_decay=0.1, backend="torch"),
+    ]
+    rng = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        batch = make_batch(4, rng)
+        for m, b in zip(models, balancers):
+            losses, _ = modality_losses(m, batch)
+            b.step(losses)
+            b.zero_grad()
+    for p, q in zip(balancers[0].params, balancers[1].params):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)
+    h0, h1 = balancers[0].history[-1], balancers[1].history[-1]
+    torch.testing.assert_close(h0["weights"], h1["weights"])
+
+
+def test_bad_arguments():
+    model = tiny_model()
+    with pytest.raises(ValueError):
+        ParetoLoRA(model, None, policy="nope")
+    with pytest.raises(ValueError):
+        ParetoLoRA(model, None, segments="rows")
+    balancer = ParetoLoRA(model, None, objectives=["text", "image"])
+    with pytest.raises(ValueError):
+        balancer.backward({"text": torch.zeros((), requires_grad=True)})
+    with pytest.raises(RuntimeError):
+        balancer.step({"text": torch.zeros(()), "image": torch.zeros(())})
