@@ -38,9 +38,17 @@ def _restore_sum_magnitude(w: torch.Tensor, G: torch.Tensor, active: torch.Tenso
     ones = active.to(G.dtype)
     target, current = _quadratic(ones, G).clamp(min=0), _quadratic(w, G).clamp(min=0)
     ok = current > 0
-    factor = torch.where(ok, (target / torch.where(ok, current, torch.ones_like(current))).sqrt(),
+    # sqrt / sqrt, not sqrt of the ratio: the min-norm point can be ~1e30 times shorter than
+    # the sum, and target / current would overflow fp32 where the factor itself does not.
+    factor = torch.where(ok, target.sqrt() / torch.where(ok, current, torch.ones_like(current)).sqrt(),
                          torch.ones_like(current))
-    return w * factor[:, None]
+    return _saturate(w * factor[:, None])
+
+
+def _saturate(w: torch.Tensor) -> torch.Tensor:
+    """Weights beyond the dtype's range (norm ratios past ~1e38 in fp32) saturate, never inf."""
+    big = torch.finfo(w.dtype).max
+    return w.clamp(-big, big)
 
 
 def check_policy_args(policy, tau, rescale) -> str:
@@ -94,7 +102,7 @@ def policy_weights(G: torch.Tensor, policy: str = "pareto_lora", *, tau: float =
     count = active.sum(-1, keepdim=True).clamp(min=1).to(G.dtype)
     mean_norm = torch.where(active, norms, torch.zeros_like(norms)).sum(-1, keepdim=True) / count
     safe = torch.where(active, norms, torch.ones_like(norms))
-    rescaled = torch.where(active, mean_norm / safe, torch.zeros_like(norms))
+    rescaled = _saturate(torch.where(active, mean_norm / safe, torch.zeros_like(norms)))
     branch = torch.where(conflict, BRANCH_CONFLICT, torch.where(imbalanced, BRANCH_RESCALE, BRANCH_SUM))
     weights = torch.where((branch == BRANCH_CONFLICT)[:, None], minnorm,
                           torch.where((branch == BRANCH_RESCALE)[:, None], rescaled, active.to(G.dtype)))

@@ -32,12 +32,21 @@ def project_to_simplex(v: torch.Tensor, active: torch.Tensor | None = None) -> t
 
 def _two_objectives(G: torch.Tensor, active: torch.Tensor | None) -> torch.Tensor:
     g11, g22, g12 = G[:, 0, 0], G[:, 1, 1], G[:, 0, 1]
-    denom = g11 + g22 - 2.0 * g12  # = |g1 - g2|^2 >= 0
+    # w = (to_first, to_second) / denom with to_first = G22 - G12, to_second = G11 - G12 and
+    # denom = their sum = |g1 - g2|^2. Each weight and each vertex test uses its own numerator,
+    # never 1 - gamma: when the norms differ by 1e5 or more, gamma lies within an ulp of 1 and
+    # 1 - gamma would round to 0, dropping a small weight whose product with the long gradient
+    # still matters.
+    to_first, to_second = g22 - g12, g11 - g12
+    denom = to_first + to_second
     scale = (g11 + g22).clamp(min=torch.finfo(G.dtype).tiny)
     degenerate = denom <= 1e-12 * scale  # g1 == g2 (or both zero): every point is min-norm
     safe = torch.where(degenerate, torch.ones_like(denom), denom)
-    gamma = torch.where(degenerate, torch.full_like(denom, 0.5), ((g22 - g12) / safe).clamp(0.0, 1.0))
-    w = torch.stack([gamma, 1.0 - gamma], dim=-1)
+    zero, one, half = torch.zeros_like(denom), torch.ones_like(denom), torch.full_like(denom, 0.5)
+    first = torch.where(to_second <= 0, one, torch.where(to_first <= 0, zero, to_first / safe))
+    second = torch.where(to_second <= 0, zero, torch.where(to_first <= 0, one, to_second / safe))
+    w = torch.stack([torch.where(degenerate, half, first.clamp(0.0, 1.0)),
+                     torch.where(degenerate, half, second.clamp(0.0, 1.0))], dim=-1)
     if active is not None:
         only_first = active[:, 0] & ~active[:, 1]
         only_second = active[:, 1] & ~active[:, 0]

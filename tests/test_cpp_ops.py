@@ -106,7 +106,15 @@ def each_cpu_path():
 
 # ------------------------------------------------------------------------------- oracles
 def gram64(pb):
-    return reference.gram([g.double() for g in pb.flat], pb.K, pb.segments, pb.S)
+    """G[s] = X_s X_s^T in float64, X_s = [K, all elements of segment s] (one product per segment)."""
+    G = torch.zeros(pb.S, pb.K, pb.K, dtype=torch.float64)
+    for s in range(pb.S):
+        members = [p for p in range(pb.P) if pb.segments[p] == s]
+        if members:
+            X = torch.stack([torch.cat([pb.flat[k * pb.P + p].double().reshape(-1) for p in members])
+                             for k in range(pb.K)])
+            G[s] = X @ X.T
+    return G
 
 
 def gram_tolerance(G64, dtype):
@@ -291,7 +299,7 @@ def test_balanced_adamw_matches_torch_adamw(pb, noncontig_state, step, state_kin
     b1, b2, eps = 0.9, 0.999, 1e-8
     ref = fresh_state(pb, state_dtype, noncontig_state)
     reference.balanced_adamw_(pb.flat, pb.K, pb.weights, pb.segments, *ref, lrs, wds, b1, b2, eps, step, None)
-    exact = adamw64(pb, fresh_state(pb, state_dtype, False), lrs, wds, b1, b2, eps, step)
+    exact = adamw64(pb, fresh_state(pb, state_dtype, noncontig_state), lrs, wds, b1, b2, eps, step)
     check_exact = state_dtype in (torch.float32, torch.float64) and pb.dtype in (torch.float32, torch.float64)
     rtol, atol = adam_tolerance(pb.dtype, state_dtype)
     for path in each_cpu_path():

@@ -16,10 +16,11 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 def tiny_model(seed=0, dtype=torch.float64):
     model = build_lora_model(VOCAB.size, hidden=32, layers=2, heads=2, rank=4, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # LoRA B starts at zero: give it values so every tensor has a gradient
         for name, p in model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(hash(name) % 1000))
+                p.normal_(0, 0.05, generator=gen)
     return model.to(dtype)
 
 
@@ -66,7 +67,7 @@ def test_grad_equals_hand_computed_per_layer_combination(policy, tau):
     model = tiny_model()
     named = lora_parameters(model)
     params = [p for _, p in named]
-    batch = make_batch(6, torch.Generator().manual_seed(3))
+    batch = make_batch(6, torch.Generator().manual_seed(2))  # mixed cosine signs
     losses, _ = modality_losses(model, batch)
     per_objective = [torch.autograd.grad(losses[k], params, retain_graph=True) for k in ("text", "image")]
     ids, names = segment_ids_for(named, "layer")
@@ -93,6 +94,8 @@ def test_grad_equals_hand_computed_per_layer_combination(policy, tau):
     assert got == branches
     if policy == "pareto_lora" and tau == 1.05:
         assert len(set(branches)) >= 2, branches  # the data exercise more than one branch
+    if policy == "pareto_lora":
+        assert "conflict" in branches, branches
 
 
 def test_accumulate_adds_like_backward():
@@ -107,7 +110,9 @@ def test_accumulate_adds_like_backward():
     losses, _ = modality_losses(model, batch)
     (2 * (losses["text"] + losses["image"])).backward()
     for t, p in zip(twice, balancer.params):
-        torch.testing.assert_close(t, p.grad, rtol=1e-9, atol=1e-12)
+        # Llama's RMSNorm/rotary run in fp32 even in a fp64 model: one joint backward and two
+        # separate ones differ by fp32 rounding.
+        torch.testing.assert_close(t, p.grad, rtol=1e-5, atol=1e-6 * float(p.grad.abs().max()))
 
 
 @pytest.mark.parametrize("fused", [False, True])

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "round is slow (--stage-budget)")
     parser.add_argument("--stage-budget", type=float, default=None, metavar="S",
                         help="seconds of timed rounds per stage (default 3, quick 0.5)")
+    parser.add_argument("--time-budget", type=float, default=None, metavar="S",
+                        help="cases (and scaling points) that would start after S seconds are "
+                             "skipped and listed (default 420, quick 45; 0: no limit)")
     parser.add_argument("--compile-budget", type=float, default=120.0, metavar="S",
                         help="seconds the whole run may spend in torch.compile (0: skip it)")
     parser.add_argument("--backend", nargs="+", default=None, metavar="NAME",
@@ -66,7 +69,9 @@ def _options(args):
         stage_budget_s=args.stage_budget if args.stage_budget is not None else (0.5 if quick else 3.0),
         compile_budget_s=args.compile_budget, memory=not args.no_memory, plots=not args.no_plots,
         seed=args.seed, ours_backends=tuple(args.backend or ()),
-        progress=not args.no_progress, limit_large=not args.objectives)
+        progress=not args.no_progress,
+        explicit_plan=bool(args.problems or args.objectives or args.dtypes),
+        time_budget_s=args.time_budget if args.time_budget is not None else (45.0 if quick else 420.0))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -111,16 +111,18 @@ _MIXES = (1.0, -0.8, 0.5, -0.3, 0.7, -0.6, 0.4, -0.2)
 def make_gradients(problem: LoraProblem, num_objectives: int, dtype: torch.dtype = torch.float32,
                    device: str | torch.device = "cpu", seed: int = 0) -> list[list[torch.Tensor]]:
     """K lists of P gradient tensors (grads[k][p]), the same for a given seed whatever the
-    device: drawn on the CPU in fp32 tensor by tensor, then cast and moved."""
+    device: drawn on the CPU in fp32 tensor by tensor, then cast and moved. Each objective has
+    its own random stream, so the first K objectives do not depend on how many are drawn."""
     K = num_objectives
     if not 1 <= K <= len(_SCALES):
         raise ValueError(f"num_objectives must lie in [1, {len(_SCALES)}]")
-    generator = torch.Generator().manual_seed(seed)
+    shared_stream = torch.Generator().manual_seed(1000 * seed + 999)
+    streams = [torch.Generator().manual_seed(1000 * seed + k) for k in range(K)]
     grads: list[list[torch.Tensor]] = [[] for _ in range(K)]
     for shape in problem.shapes:
-        shared = torch.randn(shape, generator=generator)
+        shared = torch.randn(shape, generator=shared_stream)
         for k in range(K):
-            g = torch.randn(shape, generator=generator)
+            g = torch.randn(shape, generator=streams[k])
             g.add_(shared, alpha=_MIXES[k]).mul_(_SCALES[k] * 1e-3)
             grads[k].append(g.to(device=device, dtype=dtype))
     return grads

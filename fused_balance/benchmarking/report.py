@@ -145,11 +145,18 @@ def _problems_reasons(results: dict) -> list[str]:
                 if info.get("status") in ("skipped", "wrong", "error"):
                     key = (info["label"], info["status"], info.get("reason", ""))
                     grouped.setdefault(key, []).append(f"{case['label']} / {stage}")
+    out = []
+    skipped = results.get("skipped_cases", []) + [
+        {"case": f"scaling {p['sweep']} N={p['num_params']:.0e} P={p['num_tensors']}",
+         "reason": p["reason"]} for p in (results.get("scaling") or {}).get("skipped_points", [])]
+    if skipped:
+        out += ["## Cases not run", ""] + _table(["case", "reason"],
+                                                [[c["case"], c["reason"]] for c in skipped]) + [""]
     if not grouped:
-        return []
+        return out
     rows = [[label, status, reason, f"{len(where)}: {where[0]}" + (" ..." if len(where) > 1 else "")]
             for (label, status, reason), where in grouped.items()]
-    return ["## Skipped, failed or wrong contenders", ""] + _table(
+    return out + ["## Skipped, failed or wrong contenders", ""] + _table(
         ["contender", "status", "reason", "where (count: first)"], rows) + [""]
 
 
@@ -211,9 +218,9 @@ def markdown(results: dict) -> str:
     mem_method = next((st.get("memory_method") for c in cases for st in c["stages"].values()
                        if st.get("memory_method")), None)
     if mem_method:
-        lines.append(f"- peak extra memory: {mem_method}; measured on one extra call per "
-                     "contender (cases with K=2, or all in --quick); N = one objective's gradient "
-                     "bytes")
+        lines.append(f"- peak extra memory: {mem_method}; one extra call per contender, on the "
+                     "first case and every K=2 fp32 case; N = the bytes of one objective's "
+                     "gradients (the combined output of combine / pareto_combine is 1 N)")
     return "\n".join(lines) + "\n"
 
 

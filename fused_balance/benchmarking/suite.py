@@ -43,20 +43,22 @@ class SuiteOptions:
     seed: int = 0
     ours_backends: tuple = ()    # forced backend names (else: picked from what is available)
     progress: bool = True
-    limit_large: bool = True     # Emu2: only the smallest K
+    explicit_plan: bool = False  # problems/objectives/dtypes given: run their cross product
+    time_budget_s: float = 0.0   # > 0: cases that would start later are skipped
 
     def resolved(self) -> "SuiteOptions":
         quick = self.quick
         return SuiteOptions(
             out=Path(self.out), quick=quick, device=torch.device(self.device),
             problems=tuple(self.problems) or (QUICK_PROBLEMS if quick else FULL_PROBLEMS),
+            # (the default plan is QUICK_PLAN / FULL_PLAN; these fill an explicit plan's gaps)
             objectives=tuple(self.objectives) or ((2, 3) if quick else (2, 3, 4)),
             dtypes=tuple(self.dtypes) or (torch.float32, torch.bfloat16),
             stages=tuple(self.stages) or (C.STAGES + ("scaling",)),
             repeats=self.repeats, stage_budget_s=self.stage_budget_s,
             compile_budget_s=self.compile_budget_s, memory=self.memory, plots=self.plots,
             seed=self.seed, ours_backends=tuple(self.ours_backends), progress=self.progress,
-            limit_large=self.limit_large)
+            explicit_plan=self.explicit_plan, time_budget_s=self.time_budget_s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,18 +66,17 @@ class SuiteOptions:
 
 def tolerance(stage: str, dtype: torch.dtype, *, iterative_solver: bool = False,
               num_objectives: int = 2) -> float:
-    """Largest accepted relative error. fp32/fp64: rounding only; bf16/fp16: the result itself
-    is stored at ~3 significant digits. An iterative min-norm solver (Frank-Wolfe in the
-    classic loop, TorchJD's MGDA) stops early for K > 2: its combined gradient is accepted
-    within 5 %, which still catches any wrong formula."""
+    """Largest accepted relative error: what rounding can explain, far below what any wrong
+    formula gives (O(1)). fp32: 1e-3 (a BLAS Gram over 10^7 terms is off by ~3e-4 on the
+    cosine scale); bf16/fp16: 2e-2 (results stored at ~3 significant digits). An iterative
+    min-norm solver (Frank-Wolfe in the classic loop, TorchJD's MGDA) stops early for K > 2:
+    its combined gradient is accepted within 5 % (10 % in bf16)."""
     low_precision = dtype in (torch.bfloat16, torch.float16)
-    if stage == "gram":
-        return 2e-2 if low_precision else 1e-4
     if stage == "adamw":
         return 0.1 if low_precision else 1e-3
-    base = 2e-2 if low_precision else 1e-3
+    base = 2e-2 if low_precision else 1e-3   # Gram: fp32 BLAS over 10^7 terms reaches ~3e-4
     if iterative_solver and num_objectives > 2 and stage in ("weights", "pareto_combine"):
-        return max(base, 5e-2)
+        return 0.1 if low_precision else 5e-2
     return base
 
 
@@ -231,7 +232,7 @@ def run_stage(case: C.Case, stage: str, contenders: list, primary: str, opts: Su
     results.clear()
     if not fns:
         return entry
-    samples = interleaved_times(fns, opts.repeats, warmup=1, device=case.device,
+    samples = interleaved_times(fns, opts.repeats, device=case.device,
                                 budget_s=opts.stage_budget_s)
     base = samples.get(primary)
     for name, ts in samples.items():
@@ -287,67 +288,75 @@ def _choose_ours(opts: SuiteOptions) -> list[tuple[str, str | None]]:
     return out
 
 
+QUICK_PLAN = (("small", torch.float32, 2), ("llama2-7b-slice", torch.float32, 2),
+              ("small", torch.bfloat16, 2), ("small", torch.float32, 3))
+FULL_PLAN = (("llama2-7b", torch.float32, 2), ("llama2-7b", torch.float32, 3),
+             ("llama2-7b", torch.float32, 4), ("llama2-7b", torch.bfloat16, 2),
+             ("emu2-llm", torch.float32, 2),
+             ("small", torch.float32, 2), ("small", torch.bfloat16, 2),
+             ("small", torch.float32, 3), ("small", torch.float32, 4))
+
+
 def _plan_cases(opts: SuiteOptions) -> list[tuple[str, torch.dtype, int]]:
-    """(problem, dtype, K) in run order: the target case (Llama-2-7B, K=2, fp32) first, then
-    by problem, K and dtype. With ``limit_large`` the 122 M-parameter Emu2 model runs only the
-    smallest K (its full K sweep would not fit the time budget)."""
-    cases = []
-    for name in opts.problems:
-        for dtype in opts.dtypes:
-            for K in opts.objectives:
-                if name == "emu2-llm" and opts.limit_large and K != min(opts.objectives):
-                    continue
-                cases.append((name, dtype, K))
+    """(problem, dtype, K) in run order. With no --problems/--objectives/--dtypes: the default
+    plan (the target case Llama-2-7B K=2 fp32 first; bf16 and K > 2 on a subset, Emu2 at K=2,
+    to fit the time budget); otherwise every combination of what was asked for."""
+    if not opts.explicit_plan:
+        return list(QUICK_PLAN if opts.quick else FULL_PLAN)
+    cases = [(name, dtype, K) for name in opts.problems for dtype in opts.dtypes
+             for K in opts.objectives]
     headline = (HEADLINE[0], HEADLINE[2], HEADLINE[1])
-    dtype_rank = {d: i for i, d in enumerate(opts.dtypes)}
-    cases.sort(key=lambda c: (c != headline, opts.problems.index(c[0]), c[2], dtype_rank[c[1]]))
-    return cases
+    return sorted(cases, key=lambda c: c != headline)
 
 
 def _case_stages(opts: SuiteOptions) -> list[str]:
     return [s for s in C.STAGES if s in opts.stages]
 
 
-def run_cases(opts, contenders, primary, bandwidth, progress, log):
-    """Run every planned case; yields one record per case as soon as it is done."""
-    plan = _plan_cases(opts)
-    stages = _case_stages(opts)
-    grads_cache: dict = {}
-    for problem_name, dtype, K in plan:
-        problem = get_problem(problem_name)
-        Kmax = max(opts.objectives)
-        key = (problem_name, dtype)
-        if key not in grads_cache:
-            grads_cache.clear()  # one problem's gradients in memory at a time
-            progress.set_postfix_str(f"gradients {problem_name} {DTYPE_NAMES[dtype]}")
-            grads_cache[key] = make_gradients(problem, Kmax, dtype, opts.device, opts.seed)
-        grads = grads_cache[key][:K]
-        case = C.Case(problem, K, dtype, opts.device, grads)
-        exact = {"gram": C.exact_gram(grads)}
-        w_exact = C.exact_min_norm_weights(exact["gram"])
-        case.gram_in = exact["gram"].to(device=opts.device, dtype=torch.float32)[None]
-        case.weights_in = torch.tensor([w_exact], dtype=torch.float32, device=opts.device)
-        exact["weights_of_gram_in"] = C.exact_min_norm_weights(case.gram_in[0].double())
-        for c in contenders:   # per-contender exact weights for the pareto stage self-check
-            if c.is_ours:
-                exact[f"weights_{c.name}"] = w_exact
-        try:
-            from torchjd.aggregation import UPGradWeighting
-            exact["weights_ours_upgrad"] = UPGradWeighting()(exact["gram"]).tolist()
-        except Exception:
-            pass
-        record = {"problem": problem.summary(), "K": K, "dtype": DTYPE_NAMES[dtype],
-                  "element_size": case.element_size, "num_params": case.num_params,
-                  "num_tensors": case.num_tensors, "label": case.label,
-                  "exact_weights": w_exact, "stages": {}}
-        memory = opts.memory and (opts.quick or K == 2)
-        torch._dynamo.reset()   # fresh compile caches per case (the recompile limit is per code)
-        for stage in stages:
-            progress.set_postfix_str(f"{case.label} {stage}")
-            record["stages"][stage] = run_stage(case, stage, contenders, primary, opts,
-                                                bandwidth, exact, memory=memory, log=log)
-            progress.update(1)
-        yield record
+def run_case(opts, plan_entry, contenders, primary, bandwidth, progress, log, grads_cache,
+             k_needed) -> dict:
+    """Every stage of one (problem, dtype, K); gradients are drawn once per (problem, dtype)
+    for the largest K needed and sliced (each objective has its own random stream)."""
+    problem_name, dtype, K = plan_entry
+    problem = get_problem(problem_name)
+    key = (problem_name, dtype)
+    if key not in grads_cache:
+        grads_cache.clear()  # one problem's gradients in memory at a time
+        progress.set_postfix_str(f"gradients {problem_name} {DTYPE_NAMES[dtype]}")
+        grads_cache[key] = make_gradients(problem, k_needed[key], dtype, opts.device, opts.seed)
+    grads = grads_cache[key][:K]
+    case = C.Case(problem, K, dtype, opts.device, grads)
+    exact = {"gram": C.exact_gram(grads)}
+    w_exact = C.exact_min_norm_weights(exact["gram"])
+    case.gram_in = exact["gram"].to(device=opts.device, dtype=torch.float32)[None]
+    case.weights_in = torch.tensor([w_exact], dtype=torch.float32, device=opts.device)
+    exact["weights_of_gram_in"] = C.exact_min_norm_weights(case.gram_in[0].double())
+    for c in contenders:   # per-contender exact weights for the pareto stage self-check
+        if c.is_ours:
+            exact[f"weights_{c.name}"] = w_exact
+    try:
+        from torchjd.aggregation import UPGradWeighting
+        exact["weights_ours_upgrad"] = UPGradWeighting()(exact["gram"]).tolist()
+    except Exception:
+        pass
+    record = {"problem": problem.summary(), "K": K, "dtype": DTYPE_NAMES[dtype],
+              "element_size": case.element_size, "num_params": case.num_params,
+              "num_tensors": case.num_tensors, "label": case.label,
+              "exact_weights": w_exact, "stages": {}}
+    # peak memory on the first case (the target one) and every K=2 fp32 case
+    memory = opts.memory and (plan_entry == _plan_cases(opts)[0] or
+                              (not opts.quick and K == 2 and dtype == torch.float32))
+    torch._dynamo.reset()   # fresh compile caches per case (the recompile limit is per code)
+    start_case = time.perf_counter()
+    for stage in _case_stages(opts):
+        progress.set_postfix_str(f"{case.label} {stage}")
+        start = time.perf_counter()
+        record["stages"][stage] = run_stage(case, stage, contenders, primary, opts,
+                                            bandwidth, exact, memory=memory, log=log)
+        record["stages"][stage]["elapsed_s"] = time.perf_counter() - start
+        progress.update(1)
+    record["elapsed_s"] = time.perf_counter() - start_case
+    return record
 
 
 # ----------------------------------------------------------------------------------------------
@@ -359,12 +368,15 @@ SCALING_CONTENDERS = ("loop", "flatcat", "foreach", "torchjd_mgda")
 def scaling_plan(quick: bool) -> dict:
     if quick:
         return {"params": {"num_tensors": 56, "num_params": [1e5, 1e6]},
-                "tensors": {"num_params": 1e6, "num_tensors": [10, 100, 1000]}}
+                "tensors": {"num_params": 1e6, "num_tensors": [10, 100, 300]}}
     return {"params": {"num_tensors": 448, "num_params": [1e5, 1e6, 1e7, 1e8]},
             "tensors": {"num_params": 1e7, "num_tensors": [10, 100, 1000, 5000]}}
 
 
-def run_scaling(opts, contenders, primary, bandwidth, progress, log) -> dict:
+def run_scaling(opts, contenders, primary, bandwidth, progress, log, over_budget) -> dict:
+    """Time vs total parameters at a fixed tensor count and vs tensor count at a fixed total,
+    for the Gram and the whole pareto_combine (K=2, fp32). ``over_budget()`` returns a reason
+    to stop early (the run's time budget), or None."""
     plan = scaling_plan(opts.quick)
     chosen = [c for c in contenders if c.name == primary or c.name in SCALING_CONTENDERS]
     sweep_opts = SuiteOptions(**{**opts.__dict__, "repeats": min(opts.repeats, 7),
@@ -374,6 +386,12 @@ def run_scaling(opts, contenders, primary, bandwidth, progress, log) -> dict:
     points += [("tensors", int(plan["tensors"]["num_params"]), p)
                for p in plan["tensors"]["num_tensors"]]
     for sweep, n, p in points:
+        reason = over_budget()
+        if reason:
+            out.setdefault("skipped_points", []).append(
+                {"sweep": sweep, "num_params": n, "num_tensors": p, "reason": reason})
+            progress.update(1)
+            continue
         problem = synthetic_problem(n, p)
         progress.set_postfix_str(f"scaling N={problem.num_params:.1e} P={p}")
         grads = make_gradients(problem, 2, torch.float32, opts.device, opts.seed)
@@ -384,6 +402,7 @@ def run_scaling(opts, contenders, primary, bandwidth, progress, log) -> dict:
         case.weights_in = torch.tensor([w], dtype=torch.float32, device=opts.device)
         exact = {"gram": G, f"weights_{primary}": w}
         point = {"num_params": problem.num_params, "num_tensors": p, "stages": {}}
+        start = time.perf_counter()
         for stage in out["stages"]:
             res = run_stage(case, stage, chosen, primary, sweep_opts, bandwidth, exact,
                             memory=False, log=log)
@@ -391,6 +410,7 @@ def run_scaling(opts, contenders, primary, bandwidth, progress, log) -> dict:
                 name: {"median_s": e.get("median_s"), "status": e.get("status"),
                        "reason": e.get("reason")} for name, e in res["contenders"].items()}
             point["stages"][stage]["_roofline_s"] = res["roofline_s"]
+        point["elapsed_s"] = time.perf_counter() - start
         out["sweeps"].setdefault(sweep, []).append(point)
         del grads, case
         progress.update(1)
@@ -492,15 +512,17 @@ def run_suite(opts: SuiteOptions, log=None) -> dict:
                     "objectives": list(opts.objectives),
                     "dtypes": [DTYPE_NAMES[d] for d in opts.dtypes], "stages": list(opts.stages),
                     "repeats_max": opts.repeats, "stage_budget_s": opts.stage_budget_s,
-                    "seed": opts.seed},
+                    "time_budget_s": opts.time_budget_s, "seed": opts.seed},
         "ours": {"backends": [{"backend": b, "available": r is None, "reason": r} for b, r in ours],
                  "primary": primary},
         "contenders": {c.name: {"label": c.label, "number": c.number, "note": c.note}
                        for c in contenders},
         "method": {
             "timing": ("wall clock (time.perf_counter, device synchronised), medians of repeated "
-                       "rounds after one warm-up round; each round runs every contender once in "
-                       "an order rotated per round; ratios are medians of per-round ratios"),
+                       "rounds after a warm-up call (the checked first call); each round runs "
+                       "every contender once in an order rotated per round; the first round "
+                       "sets how many rounds fit the stage budget (at least 3); ratios are "
+                       "medians of per-round ratios"),
             "roofline": ("roofline time = minimal bytes / measured bandwidth: read-only stages at "
                          "the read bandwidth, stages that write at the triad bandwidth"),
             "check": ("every contender's first result is compared with ours (ours with a float64 "
@@ -525,14 +547,43 @@ def run_suite(opts: SuiteOptions, log=None) -> dict:
     plan = scaling_plan(opts.quick)
     n_scaling = (len(plan["params"]["num_params"]) + len(plan["tensors"]["num_tensors"])
                  if "scaling" in opts.stages else 0)
+
+    def over_budget() -> str | None:
+        spent = time.perf_counter() - started
+        if opts.time_budget_s and spent > opts.time_budget_s:
+            return f"time budget: {spent:.0f} s spent of {opts.time_budget_s:.0f} s"
+        return None
+
+    plan_cases = _plan_cases(opts)
+    k_needed: dict = {}
+    for name, dtype, K in plan_cases:
+        k_needed[(name, dtype)] = max(K, k_needed.get((name, dtype), 0))
+    grads_cache: dict = {}
+    n_stages = len(_case_stages(opts))
+    # the target case first, then the scaling sweeps, then the other cases
     with tqdm(total=n_case_steps + n_scaling, desc="bench", unit="step",
               disable=not opts.progress) as progress:
-        for record in run_cases(opts, contenders, primary, bw, progress, say):
-            results["cases"].append(record)
+        for index, entry in enumerate(plan_cases):
+            if index == 1 and n_scaling:
+                grads_cache.clear()
+                results["scaling"] = run_scaling(opts, contenders, primary, bw, progress, say,
+                                                 over_budget)
+                save()
+            reason = over_budget() if index > 0 else None
+            if reason:
+                results.setdefault("skipped_cases", []).append(
+                    {"case": f"{entry[0]} K={entry[2]} {DTYPE_NAMES[entry[1]]}", "reason": reason})
+                progress.update(n_stages)
+                continue
+            results["cases"].append(run_case(opts, entry, contenders, primary, bw, progress, say,
+                                             grads_cache, k_needed))
             save()
-        if n_scaling:
-            results["scaling"] = run_scaling(opts, contenders, primary, bw, progress, say)
+        if n_scaling and "scaling" not in results:
+            results["scaling"] = run_scaling(opts, contenders, primary, bw, progress, say,
+                                             over_budget)
+        grads_cache.clear()
     results["targets"] = evaluate_targets(results["cases"])
+    results["machine"]["load_average_end"] = machine_info(device).get("load_average")
     results["compile_seconds"] = budget.spent
     results["self_check_passed"] = _self_check_passed(results)
     from fused_balance.benchmarking import report

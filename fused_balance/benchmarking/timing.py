@@ -46,28 +46,28 @@ def plan_repeats(seconds_per_round: float, repeats: int, budget_s: float,
     return max(min(minimum, repeats), min(repeats, int(budget_s / seconds_per_round)))
 
 
-def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, *, warmup: int = 1,
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, *, warmup: int = 0,
                       device: torch.device | str = "cpu",
                       budget_s: float | None = None) -> dict[str, list[float]]:
     """Time every function ``repeats`` times, interleaved: each round runs all of them once, in
     an order rotated by one per round, so slow drifts of the machine (other processes, clock
     changes) hit every contender alike and ratios can be taken round by round.
-    With ``budget_s`` the number of rounds shrinks to fit (at least 3) after the warm-up."""
+    ``warmup`` untimed rounds come first (the suite's checked first call already warms up).
+    With ``budget_s`` the first timed round sets how many rounds fit (at least 3)."""
     names = list(fns)
     device = torch.device(device)
-    round_time = 0.0
-    for w in range(warmup):
+    for _ in range(warmup):
         for name in names:
-            t = time_call(fns[name], device)
-            if w == warmup - 1:
-                round_time += t
-    if budget_s is not None:
-        repeats = plan_repeats(round_time, repeats, budget_s)
+            time_call(fns[name], device)
     samples: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
+    r = 0
+    while r < repeats:
         shift = r % len(names) if names else 0
         for name in names[shift:] + names[:shift]:
             samples[name].append(time_call(fns[name], device))
+        if r == 0 and budget_s is not None:
+            repeats = plan_repeats(sum(s[0] for s in samples.values()), repeats, budget_s)
+        r += 1
     return samples
 
 

@@ -158,12 +158,13 @@ def make_batch(batch_size: int, rng: torch.Generator, generation_fraction: float
             "image_fg_mask": image & (next_ids != VOCAB.image_offset)}
 
 
-def make_split(num_examples: int, seed: int, batch_size: int = 64) -> list[dict]:
-    """A fixed held-out set (its own seed), as batches."""
+def make_split(num_examples: int, seed: int, batch_size: int = 64,
+               generation_fraction: float = 0.5) -> list[dict]:
+    """A fixed held-out set (its own seed), as batches; both directions equally by default."""
     rng = torch.Generator().manual_seed(seed)
     batches, left = [], num_examples
     while left > 0:
         n = min(batch_size, left)
-        batches.append(make_batch(n, rng))
+        batches.append(make_batch(n, rng, generation_fraction))
         left -= n
     return batches

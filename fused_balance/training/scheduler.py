@@ -14,17 +14,22 @@ Per step t:
    component id (g: the gradient in ``p.grad`` that produced the update):
    G[c] = [[|g_c|², <g_c, Δ_c>], [<g_c, Δ_c>, |Δ_c|²]].
 2. Learning contribution of c, the first-order loss decrease its update alone causes:
-   s_c = max(0, −<g_c, Δ_c>).
+   s_c = −<g_c, Δ_c>.
    Exact mode (``exact_every = M`` and a ``probe_fn``): every M steps s_c is replaced by
    KL(p_{θ_{t−1} + Δ_c} ‖ p_{θ_{t−1}}), the mean KL divergence of the output distribution on a
    fixed probe batch when only component c's update is applied.
-3. Shares σ_c = s_c / Σ_j s_j (a step with Σ_j s_j = 0 carries no information and is ignored),
-   smoothed against oscillation: σ̄_t = β σ̄_{t−1} + (1 − β) σ_t (σ̄ starts at the first σ).
-   The learning-balance coefficient of two components is κ_t = σ̄_{t,1} ∈ [0, 1]
-   (κ = s_enc / (s_enc + s_llm), smoothed); balance means σ̄_c = τ_c (targets, default 1/C).
-4. Multipliers, integral control in log space with a dead band δ:
+3. Smoothing against noise and oscillation: an EMA of the raw contributions,
+   ŝ_c ← β ŝ_c + (1 − β) s_c (ŝ starts at the first s), and the shares
+   σ̄_c = max(ŝ_c, 0) / Σ_j max(ŝ_j, 0) (no update while every ŝ_j <= 0). Averaging the
+   contributions before normalising means noisy steps near convergence, where every s_c is
+   tiny, barely move the shares. The learning-balance coefficient of two components is
+   κ_t = σ̄_1 = ŝ_enc / (ŝ_enc + ŝ_llm) ∈ [0, 1]; balance means σ̄_c = τ_c (targets, default 1/C).
+4. Multipliers, integral control in log space with a dead band δ, damped by a confidence
+   ρ_t = Σ_j max(ŝ_j, 0) / max_{t' <= t} Σ_j max(ŝ_j, 0) ∈ (0, 1] (how much learning is still
+   happening compared with its peak: near convergence the shares are noise and must not wind
+   the multipliers up):
    e_c = τ_c − σ̄_c if |τ_c − σ̄_c| > δ else 0,
-   log m_c ← clip(log m_c + η e_c, log m_min, log m_max),
+   log m_c ← clip(log m_c + η ρ_t e_c, log m_min, log m_max),
    so the lagging component (σ̄_c < τ_c) has its learning rate raised, the leading one lowered.
 5. Learning rates: lr_g = base_lr_g · m_c for every param group g of component c. A learning rate
    changed by someone else since the scheduler last wrote it (another LR scheduler) becomes the
@@ -106,7 +111,9 @@ class BalanceScheduler:
         self.params = [p for n in self.names for p in self.component_params[n]]
         self.segment_ids = [c for c, n in enumerate(self.names) for _ in self.component_params[n]]
         self.log_multipliers = [0.0] * C
+        self.scores_ema: list[float] | None = None
         self.shares_ema: list[float] | None = None
+        self.peak_total = 0.0
         self.step_count = 0
         self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self._written = list(self.base_lrs)
@@ -171,7 +178,7 @@ class BalanceScheduler:
         else:
             deltas_in = deltas
         G = fb.gram([grads, deltas_in], self.segment_ids, backend=self.backend).double().cpu()
-        scores = (-G[:, 0, 1]).clamp(min=0).tolist()
+        scores = (-G[:, 0, 1]).tolist()
         source = "first_order"
         self.step_count += 1
         if self.exact_every and self.step_count % self.exact_every == 0:
@@ -179,18 +186,24 @@ class BalanceScheduler:
         record = {"step": self.step_count, "scores": scores, "source": source,
                   "grad_norms": G[:, 0, 0].clamp(min=0).sqrt().tolist(),
                   "update_norms": G[:, 1, 1].clamp(min=0).sqrt().tolist()}
-        total = sum(scores)
-        if total > 0 and math.isfinite(total):
-            shares = [s / total for s in scores]
-            if self.shares_ema is None:
-                self.shares_ema = shares
+        if all(math.isfinite(x) for x in scores):
+            if self.scores_ema is None:
+                self.scores_ema = list(scores)
             else:
-                self.shares_ema = [self.beta * e + (1.0 - self.beta) * s
-                                   for e, s in zip(self.shares_ema, shares)]
+                self.scores_ema = [self.beta * e + (1.0 - self.beta) * x
+                                   for e, x in zip(self.scores_ema, scores)]
+        positive = [max(0.0, e) for e in (self.scores_ema or [])]
+        total = sum(positive)
+        if total > 0:
+            self.shares_ema = [x / total for x in positive]
+            self.peak_total = max(self.peak_total, total)
+            confidence = total / self.peak_total
+            record["confidence"] = confidence
             for c, (tau, ema) in enumerate(zip(self.target, self.shares_ema)):
                 err = tau - ema
                 if abs(err) > self.dead_band:
-                    self.log_multipliers[c] = min(max(self.log_multipliers[c] + self.eta * err,
+                    step = self.eta * confidence * err
+                    self.log_multipliers[c] = min(max(self.log_multipliers[c] + step,
                                                       math.log(self.m_min)), math.log(self.m_max))
         record["shares_ema"] = None if self.shares_ema is None else list(self.shares_ema)
         record["kappa"] = self.kappa
@@ -259,8 +272,9 @@ class BalanceScheduler:
                 "eta": self.eta, "dead_band": self.dead_band, "m_min": self.m_min,
                 "m_max": self.m_max, "exact_every": self.exact_every, "aux_weight": self.aux_weight,
                 "log_multipliers": list(self.log_multipliers),
+                "scores_ema": None if self.scores_ema is None else list(self.scores_ema),
                 "shares_ema": None if self.shares_ema is None else list(self.shares_ema),
-                "step": self.step_count, "base_lrs": list(self.base_lrs),
+                "peak_total": self.peak_total, "step": self.step_count, "base_lrs": list(self.base_lrs),
                 "written": list(self._written), "history": [dict(h) for h in self.history]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -272,7 +286,9 @@ class BalanceScheduler:
                     "aux_weight"):
             setattr(self, key, state[key])
         self.log_multipliers = list(state["log_multipliers"])
+        self.scores_ema = None if state["scores_ema"] is None else list(state["scores_ema"])
         self.shares_ema = None if state["shares_ema"] is None else list(state["shares_ema"])
+        self.peak_total = float(state["peak_total"])
         self.step_count = int(state["step"])
         self.base_lrs = list(state["base_lrs"])
         self._written = list(state["written"])

@@ -1,0 +1,108 @@
+"""BalanceScheduler: a starved component gets its learning rate raised; a balanced pair stays
+put without oscillating; exact (KL) mode, auxiliary loss, external LR changes."""
+import math
+
+import pytest
+import torch
+
+from fused_balance.training import BalanceScheduler
+
+
+def _run(starved: bool, seed: int, steps: int = 300, opt_cls=torch.optim.Adam, **kwargs):
+    """y = W_enc x1 + W_llm x2: two symmetric components (same target weights) unless the
+    encoder is starved by a 100x smaller learning rate."""
+    g = torch.Generator().manual_seed(seed)
+    w_enc = torch.zeros(1, 8, requires_grad=True)
+    w_llm = torch.zeros(1, 8, requires_grad=True)
+    target = torch.randn(1, 8, generator=g)
+    comps = {"encoder": [w_enc], "llm": [w_llm]}
+    opt = opt_cls(BalanceScheduler.param_groups(comps, lr=1e-2, encoder={"lr": 1e-4 if starved else 1e-2}))
+    sched = BalanceScheduler(opt, comps, backend="torch", **kwargs)
+    multipliers = []
+    for _ in range(steps):
+        x1, x2 = torch.randn(32, 8, generator=g), torch.randn(32, 8, generator=g)
+        y = (x1 + x2) @ target.T + 0.1 * torch.randn(32, 1, generator=g)
+        loss = ((x1 @ w_enc.T + x2 @ w_llm.T - y) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        multipliers.append(sched.multipliers["encoder"])
+    return sched, opt, multipliers
+
+
+@pytest.mark.parametrize("opt_cls", [torch.optim.Adam, torch.optim.SGD])
+def test_starved_component_gets_more_learning_rate(opt_cls):
+    sched, opt, _ = _run(True, seed=0, opt_cls=opt_cls)
+    m = sched.multipliers
+    assert m["encoder"] > 2.5 and m["llm"] < 0.5
+    assert opt.param_groups[0]["component"] == "encoder"
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-4 * m["encoder"])
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-2 * m["llm"])
+    assert sched.m_min <= m["llm"] and m["encoder"] <= sched.m_max
+    first = sched.history[0]
+    assert first["scores"][0] < 0.05 * first["scores"][1]  # the statistic saw the starvation
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_balanced_components_do_not_oscillate(seed):
+    sched, _, multipliers = _run(False, seed=seed)
+    increments = [b - a for a, b in zip([1.0] + multipliers, multipliers)]
+    signs = [math.copysign(1, d) for d in increments if d != 0]
+    sign_changes = sum(a != b for a, b in zip(signs, signs[1:]))
+    assert sign_changes <= 6, sign_changes
+    assert all(0.8 < m < 1.25 for m in multipliers), (min(multipliers), max(multipliers))
+    assert 0.3 < sched.kappa < 0.7
+
+
+def test_exact_mode_uses_kl_and_restores_parameters():
+    torch.manual_seed(0)
+    enc, head = torch.nn.Linear(4, 6), torch.nn.Linear(6, 5)
+    model = torch.nn.Sequential(enc, torch.nn.Tanh(), head)
+    probe = torch.randn(16, 4)
+    comps = {"encoder": enc, "llm": head}
+    opt = torch.optim.SGD(BalanceScheduler.param_groups(comps, lr=0.5))
+    sched = BalanceScheduler(opt, comps, exact_every=2, probe_fn=lambda: model(probe), backend="torch")
+    y = torch.randint(0, 5, (16,))
+    for step in range(4):
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(16, 4)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        after = [p.detach().clone() for p in model.parameters()]
+        record = sched.step()
+        assert all(torch.equal(a, p) for a, p in zip(after, model.parameters()))  # bitwise back
+        assert record["source"] == ("kl" if step % 2 == 1 else "first_order")
+        if record["source"] == "kl":
+            assert all(s >= 0 for s in record["scores"]) and sum(record["scores"]) > 0
+    with pytest.raises(ValueError):
+        BalanceScheduler(opt, comps, exact_every=2)
+
+
+def test_auxiliary_loss_and_external_lr_changes():
+    sched, opt, _ = _run(True, seed=1, steps=60, aux_weight=0.5)
+    logits = torch.randn(3, 7, 11, requires_grad=True)
+    mask = torch.rand(3, 7) > 0.3
+    aux = sched.auxiliary_loss(logits, mask)
+    logp = torch.log_softmax(logits, -1)
+    entropy = -(logp.exp() * logp).sum(-1)[mask].mean()
+    assert sched.lag() > 0.2
+    torch.testing.assert_close(aux, -0.5 * sched.lag() * entropy)
+    aux.backward()
+    assert logits.grad.abs().sum() > 0
+    balanced, _, _ = _run(False, seed=1, steps=60, aux_weight=0.5)
+    assert balanced.lag() < 0.3
+    # an LR set elsewhere (a warm-up schedule) becomes the new base of the multiplier
+    m = sched.multipliers["encoder"]
+    opt.param_groups[0]["lr"] = 5e-4
+    sched.step()  # no optimizer step since the last call: only re-applies the multipliers
+    assert opt.param_groups[0]["lr"] == pytest.approx(5e-4 * m)
+
+
+def test_groups_mixing_components_are_rejected():
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([a, b], lr=0.1)
+    with pytest.raises(ValueError, match="mixes components"):
+        BalanceScheduler(opt, {"encoder": [a], "llm": [b]})
+    with pytest.raises(ValueError):
+        BalanceScheduler(torch.optim.SGD([a], lr=0.1), {"encoder": [a], "llm": [b]})
