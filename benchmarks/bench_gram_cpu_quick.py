@@ -45,9 +45,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=15)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--isa", default="auto", help="CPU kernel path: auto, default, avx2, avx512")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     ext = _extension.load()
+    ext.set_cpu_isa(args.isa)
     ops = torch.ops.fused_balance
     shapes = llama2_7b_lora_shapes()
     P = len(shapes)

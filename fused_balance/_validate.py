@@ -90,9 +90,11 @@ def check_grads(grads) -> tuple[list, int, int]:
     _check_plain_tensor(first, "grads[0][0]")
     if first.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"grads[0][0] has dtype {first.dtype}; supported: {SUPPORTED_DTYPES}")
+    strided = torch.strided
     for k, lst in enumerate(lists):
         for p, t in enumerate(lst):
-            _check_plain_tensor(t, f"grads[{k}][{p}]")
+            if type(t) is not torch.Tensor or t.layout is not strided:  # cheap common case
+                _check_plain_tensor(t, f"grads[{k}][{p}]")
             if t.device != first.device:
                 raise ValueError(f"grads[{k}][{p}] is on {t.device} but grads[0][0] is on {first.device}")
             if t.dtype != first.dtype:
@@ -204,36 +206,51 @@ def check_no_overlap(written: Sequence, read: Sequence = ()) -> None:
 
     ``written`` / ``read``: (name, tensors, namer) triples, namer(i) naming tensors[i]. Reads may
     overlap each other (the same gradient twice is fine); a write that overlaps anything would
-    corrupt the in-place result (or read half-updated data), so it is refused up front. The
-    test is on byte ranges, so exotic interleaved views of one buffer are refused too."""
+    corrupt the in-place result (or read half-updated data), so it is refused up front.
+
+    Cost: one storage lookup per tensor (~1 us); byte ranges are compared only among tensors
+    that share a storage with a written tensor. The test is on byte ranges, so exotic
+    interleaved views of one buffer (x[0::2] and x[1::2]) are refused too."""
+    by_storage: dict = {}
+    for name, tensors, namer in written:
+        for i, t in enumerate(tensors):
+            by_storage.setdefault((t.device, t.untyped_storage().data_ptr()), []).append((t, True, namer, i))
+    shared = {key for key, items in by_storage.items() if len(items) > 1}
+    for name, tensors, namer in read:
+        for i, t in enumerate(tensors):
+            key = (t.device, t.untyped_storage().data_ptr())
+            items = by_storage.get(key)
+            if items is not None:
+                items.append((t, False, namer, i))
+                shared.add(key)
+    for key in shared:
+        _check_ranges(by_storage[key])
+
+
+def _check_ranges(items) -> None:
+    """Sweep the byte ranges of tensors of one storage in address order: an overlap shows as a
+    start below the largest end seen so far (kept separately for written tensors)."""
     spans = []
-    for is_write, groups in ((True, written), (False, read)):
-        for name, tensors, namer in groups:
-            for i, t in enumerate(tensors):
-                interval = _byte_interval(t)
-                if interval is not None:
-                    spans.append((t.device, interval[0], interval[1], is_write, name, i, namer))
-    # One sweep per device in address order: an overlap with a previous span shows as
-    # start < the largest end seen so far (kept separately for written spans).
-    spans.sort(key=lambda s: (str(s[0]), s[1]))
-    device = None
+    for t, is_write, namer, i in items:
+        interval = _byte_interval(t)
+        if interval is not None:
+            spans.append((interval[0], interval[1], is_write, namer, i))
+    spans.sort(key=lambda s: s[0])
     last_any = last_write = None
     for span in spans:
-        dev, start, end, is_write, name, i, namer = span
-        if dev != device:
-            device, last_any, last_write = dev, None, None
+        start, end, is_write, namer, i = span
         culprit = None
-        if last_write is not None and start < last_write[2]:
+        if last_write is not None and start < last_write[1]:
             culprit = last_write
-        elif is_write and last_any is not None and start < last_any[2]:
+        elif is_write and last_any is not None and start < last_any[1]:
             culprit = last_any
         if culprit is not None:
-            a, b = culprit[6](culprit[5]), namer(i)
+            a, b = culprit[3](culprit[4]), namer(i)
             raise ValueError(f"{b} shares memory with {a}: an in-place result must not alias "
                              "another argument (pass distinct tensors)")
-        if last_any is None or end > last_any[2]:
+        if last_any is None or end > last_any[1]:
             last_any = span
-        if is_write and (last_write is None or end > last_write[2]):
+        if is_write and (last_write is None or end > last_write[1]):
             last_write = span
 
 

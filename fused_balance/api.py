@@ -13,7 +13,7 @@ from fused_balance.policies import check_policy_args, gram_statistics, policy_we
 from fused_balance.solvers import min_norm_weights
 
 __all__ = ["gram", "combine", "pareto_combine", "pareto_weights", "balanced_adamw_step",
-           "ParetoResult", "min_norm_weights", "policy_weights", "DISTRIBUTED_MODES"]
+           "ParetoResult", "min_norm_weights", "policy_weights", "set_range_check", "DISTRIBUTED_MODES"]
 
 
 @dataclass
@@ -63,6 +63,18 @@ def gram(grads, segments=None, *, backend: str | None = None, process_group=None
 # wider type anyway (an fp32 Gram cannot hold 1e-60 and 1e30 side by side); and it needs no
 # scale bookkeeping across ranks.
 _CHUNK_BYTES = 1 << 27  # float64 copies made per rescue chunk (bounded peak memory)
+_RANGE_CHECK = {"enabled": True}
+
+
+def set_range_check(enabled: bool) -> None:
+    """Turn the range check of pareto_combine / pareto_weights on (default) or off. Off saves
+    the one device-to-host read per call on a GPU; gradients must then stay within fp32's
+    comfortable range (about 1e-19 .. 1e18 per element), else weights may be wrong or found_inf
+    may be raised by an overflow. During CUDA graph capture the check is skipped anyway (a
+    capture cannot synchronise)."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _RANGE_CHECK["enabled"] = enabled
 
 
 def _range_suspects(G: torch.Tensor) -> torch.Tensor:
@@ -174,7 +186,9 @@ def _balance(problem, impl, policy, tau, rescale, process_group, distributed) ->
     weights, branch = policy_weights(G, policy, tau=tau, rescale=rescale)
     norms, cosines = gram_statistics(G)
     bal = _Balance(G, weights, branch, norms, cosines, ~torch.isfinite(G).all())
-    if G.dtype == torch.float64:  # fp64 gradients: fp64 Gram, nothing wider to fall back to
+    if G.dtype == torch.float64 or not _RANGE_CHECK["enabled"]:  # fp64: nothing wider to use
+        return bal
+    if G.is_cuda and torch.cuda.is_current_stream_capturing():
         return bal
     # Read after the policy work is queued, so on a GPU this one small copy waits for the Gram
     # and policy kernels but nothing else stalls behind it.
@@ -250,7 +264,10 @@ def pareto_combine(grads, segments=None, *, policy: str = "mgda", tau: float = 5
     exceed fp32 (rescale factors for norm ratios beyond ~1e38) saturate at its largest value.
     Cost of the check: a few ops on the [S, K, K] Gram and one read of an [S, K] mask, free on
     a CPU and one small device-to-host copy (a synchronisation) per call on a GPU, taken after
-    the policy kernels are queued; the rescue itself adds a pass over the suspect segments.
+    the policy kernels are queued (``set_range_check(False)`` removes it; skipped under CUDA
+    graph capture). Only when it fires: an inf-norm pass over the suspect (segment, objective)
+    gradients and a second small read (an all-zero objective, e.g. a batch without images,
+    costs just that), and for real range trouble a float64 Gram of the affected segments.
     """
     problem = V.check_problem(grads, segments)
     rescale = check_policy_args(policy, tau, rescale)

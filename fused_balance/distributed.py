@@ -11,6 +11,11 @@ weights (so the ranks never diverge):
   every Gram entry is a sum over elements, so each rank computes the Gram of its shards and
   only the [S, K, K] partials are summed: one all-reduce of S·K·K·4 bytes (·8 for fp64
   gradients), independent of N. Each rank then combines its own shards with the common weights.
+  With FSDP2 (``fully_shard``) pass each parameter's ``p.grad.to_local()`` after one backward
+  per objective (FSDP's reduce-scatter has already averaged them over the data-parallel
+  ranks; uneven and empty shards are fine) and the shard group (for HSDP, the mesh's shard
+  dimension group, after FSDP's replicate all-reduce); ``out=[p.grad.to_local() ...]``
+  writes the combination straight into the DTensor gradients.
 
 The extended-range path of ``fused_balance.api`` (gradients whose squares leave fp32's range)
 adds, only when it fires, an all-reduce-max of S·K·4 bytes and an all-reduce of the rescued
@@ -80,11 +85,8 @@ def average_gradients_(flat, process_group) -> None:
         if not predivide:
             bucket.div_(world)
         if span is None:
-            offset = 0
-            for t in detached:
-                n = t.numel()
-                t.copy_(bucket[offset:offset + n].view(t.shape))
-                offset += n
+            pieces = bucket.split([t.numel() for t in detached])
+            torch._foreach_copy_(detached, [piece.view(t.shape) for piece, t in zip(pieces, detached)])
 
 
 def all_reduce_sum(tensor: torch.Tensor, process_group) -> torch.Tensor:

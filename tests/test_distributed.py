@@ -137,6 +137,22 @@ def _nonfinite(rank, world, backend, distributed):
             "weights_finite": bool(torch.isfinite(res.weights).all())}
 
 
+def _bad_arguments(rank, world):
+    """A bad argument in data mode must fail before the in-place all-reduce: each rank's
+    gradients (different per rank) stay as they were."""
+    grads = [[torch.full((4,), float(rank + 1)), torch.full((2, 2), -float(rank))] for _ in range(2)]
+    before = [[g.clone() for g in row] for row in grads]
+    errors = []
+    for kwargs in (dict(policy="nash"), dict(tau=0.5), dict(rescale="max"),
+                   dict(out=[grads[1][0], torch.zeros(2, 2)])):
+        try:
+            fb.pareto_combine(grads, process_group=dist.group.WORLD, distributed="data", **kwargs)
+        except (TypeError, ValueError) as exc:
+            errors.append(str(exc))
+    unchanged = all(torch.equal(a, b) for ra, rb in zip(before, grads) for a, b in zip(ra, rb))
+    return {"errors": errors, "unchanged": unchanged}
+
+
 def _fsdp(rank, world, backend, K, policy):
     """FSDP2: per-objective backward passes leave DTensor gradient shards (already averaged
     over the ranks by FSDP's reduce-scatter); balance their local shards, step, gather."""
@@ -180,6 +196,7 @@ def _rank_main(rank, world, port, outdir, backends):
                 results["zero", backend, policy] = _sharded(rank, world, backend, 3, policy, zero=(1, 1))
             for mode in ("data", "sharded"):
                 results["nan", backend, mode] = _nonfinite(rank, world, backend, mode)
+        results["bad"] = _bad_arguments(rank, world)
         for K, policy in ((2, "mgda"), (3, "pareto_lora")):
             try:
                 results["fsdp", K, policy] = _fsdp(rank, world, "torch", K, policy)
@@ -322,6 +339,13 @@ def test_nan_on_one_rank_skips_every_rank(world, backend, mode):
     for r in ranks:
         got = r["nan", backend, mode]
         assert got["found_inf"] and got["untouched"] and got["weights_finite"]
+
+
+def test_bad_arguments_fail_before_the_in_place_all_reduce(world):
+    size, ranks = world
+    for r in ranks:
+        assert len(r["bad"]["errors"]) == 4 and r["bad"]["unchanged"]
+        assert "shares memory" in r["bad"]["errors"][3]
 
 
 @pytest.mark.parametrize("K, policy", [(2, "mgda"), (3, "pareto_lora")])

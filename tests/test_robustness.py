@@ -183,12 +183,24 @@ def test_pareto_weights_matches_pareto_combine(backend):
         assert torch.equal(getattr(a, f), getattr(b, f)), f
 
 
+def test_range_check_can_be_switched_off():
+    grads = random_grads(2, [(50,)], seed=2, scales=(1e20, 1e20))
+    assert not bool(fb.pareto_combine(grads, backend="torch").found_inf)
+    api.set_range_check(False)
+    try:  # the plain fp32 Gram overflows: without the check that reads as found_inf
+        assert bool(fb.pareto_combine(grads, backend="torch").found_inf)
+    finally:
+        api.set_range_check(True)
+    with pytest.raises(TypeError):
+        api.set_range_check("yes")
+
+
 def test_rescue_only_when_needed():
     """The cheap check fires on zero/tiny/huge diagonals and non-finite segments only."""
     G = torch.tensor([[[1.0, 0.1], [0.1, 2.0]],
                       [[0.0, 0.0], [0.0, 2.0]],
                       [[1e-35, 0.0], [0.0, 2.0]],
-                      [[1.0, 0.0], [0.0, 1e37]],
+                      [[1.0, 0.0], [0.0, 1e38]],
                       [[float("inf"), 1.0], [1.0, 1.0]]])
     suspects = api._range_suspects(G)
     assert suspects.tolist() == [[False, False], [True, False], [True, False], [False, True], [True, True]]
@@ -474,7 +486,13 @@ def run_ops(grads, ids, backend):
     res = fb.pareto_combine(grads, ids, policy="pareto_lora", backend=backend)
     out = [torch.empty_like(t) for t in grads[0]]
     fb.pareto_combine(grads, ids, policy="mgda", out=out, backend=backend)
-    return [G, res.gram, res.weights, *d, *res.combined, *out]
+    tiny = [[t * 1e-30 for t in row] for row in grads]  # the float64 rescue path
+    rescued = fb.pareto_combine(tiny, ids, policy="mgda", backend=backend)
+    params, m, v = adamw_state([t.shape for t in grads[0]], 3)
+    fb.balanced_adamw_step(grads, res.weights, ids, params, m, v, lrs=1e-3, weight_decays=0.01,
+                           step=2, backend=backend)
+    return [G, res.gram, res.weights, *d, *res.combined, *out, rescued.gram, rescued.weights,
+            *rescued.combined, *params, *m, *v]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

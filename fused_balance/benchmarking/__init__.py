@@ -36,10 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="timed rounds per stage at most (default 15, quick 5); fewer when a "
                              "round is slow (--stage-budget)")
     parser.add_argument("--stage-budget", type=float, default=None, metavar="S",
-                        help="seconds of timed rounds per stage (default 3, quick 0.5)")
+                        help="seconds of timed rounds per stage (default 1.5, quick 0.5)")
     parser.add_argument("--time-budget", type=float, default=None, metavar="S",
                         help="cases (and scaling points) that would start after S seconds are "
-                             "skipped and listed (default 420, quick 45; 0: no limit)")
+                             "skipped and listed (default 390, quick 45; 0: no limit)")
     parser.add_argument("--compile-budget", type=float, default=120.0, metavar="S",
                         help="seconds the whole run may spend in torch.compile (0: skip it)")
     parser.add_argument("--backend", nargs="+", default=None, metavar="NAME",
@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=0, metavar="T",
+                        help="torch intra-op threads for the run (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -66,12 +68,15 @@ def _options(args):
         dtypes=tuple(DTYPES[d] for d in (args.dtypes or ())),
         stages=tuple(args.stages or ()),
         repeats=args.repeats or (5 if quick else 15),
-        stage_budget_s=args.stage_budget if args.stage_budget is not None else (0.5 if quick else 3.0),
+        stage_budget_s=(args.stage_budget if args.stage_budget is not None
+                        else (0.5 if quick else 1.5)),
         compile_budget_s=args.compile_budget, memory=not args.no_memory, plots=not args.no_plots,
         seed=args.seed, ours_backends=tuple(args.backend or ()),
         progress=not args.no_progress,
         explicit_plan=bool(args.problems or args.objectives or args.dtypes),
-        time_budget_s=args.time_budget if args.time_budget is not None else (45.0 if quick else 420.0))
+        threads=args.threads, slow_call_s=1.0 if quick else 2.0,
+        time_budget_s=(args.time_budget if args.time_budget is not None
+                       else (45.0 if quick else 390.0)))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -37,7 +37,6 @@ class Case:
     gram_in: torch.Tensor | None = None      # [1, K, K] fp32: input of the weights stage
     weights_in: torch.Tensor | None = None   # [1, K] fp32: input of combine / adamw
     param_seed: int = 1
-    extra: dict = field(default_factory=dict)
 
     @property
     def K(self) -> int:
@@ -157,10 +156,6 @@ def frank_wolfe_min_norm(G, max_iter: int = 250, tol: float = 1e-6) -> list[floa
 # ----------------------------------------------------------------------------------------------
 # Shared building blocks
 
-def _flat_sizes(case: Case) -> list[int]:
-    return [g.numel() for g in case.grads[0]]
-
-
 def stack_objectives(grads, dtype=None) -> torch.Tensor:
     """The [K, N] matrix of flattened, concatenated gradients (one copy: cat into each row)."""
     K = len(grads)
@@ -197,7 +192,8 @@ def _fresh_params(case: Case) -> list[torch.Tensor]:
     return make_params(case.problem, case.dtype, case.device, case.param_seed)
 
 
-def _torch_adamw_step(case: Case, combine_into_grads: Callable[[list], None], **optim_kw) -> _StepFn:
+def _torch_adamw_step(case: Case, combine_into_grads: Callable[[list], None],
+                      **optim_kw) -> _StepFn:
     """Separate combine (writing p.grad) + torch.optim.AdamW.step()."""
     h = ADAMW_HYPER
     params = [torch.nn.Parameter(p) for p in _fresh_params(case)]
@@ -503,7 +499,8 @@ class TorchJD(Contender):
             try:
                 import qpsolvers, quadprog  # noqa: F401,E401
             except ImportError:
-                return "TorchJD UPGrad needs qpsolvers and quadprog (pip install qpsolvers quadprog)"
+                return ("TorchJD UPGrad needs qpsolvers and quadprog "
+                        "(pip install qpsolvers quadprog)")
         return None
 
     def _weights(self, case):
@@ -515,7 +512,8 @@ class TorchJD(Contender):
     def _pareto_combine(self, case):
         from torchjd.aggregation import MGDA, UPGrad
         aggregator = MGDA() if self.which == "mgda" else UPGrad()
-        dtype = torch.float32 if (self.which == "upgrad" and case.dtype in (torch.bfloat16, torch.float16)) else None
+        low_precision = case.dtype in (torch.bfloat16, torch.float16)
+        dtype = torch.float32 if (self.which == "upgrad" and low_precision) else None
 
         def run():
             d = aggregator(stack_objectives(case.grads, dtype))
@@ -538,7 +536,8 @@ class Ours(Contender):
         self.label = f"6 ours [{backend}]"
         self._reason = reason_unavailable
         self.note = ("fused_balance public API: fb.gram, fb.min_norm_weights, fb.combine, "
-                     f"fb.pareto_combine(policy='mgda'), fb.balanced_adamw_step; backend={backend!r}")
+                     "fb.pareto_combine(policy='mgda'), fb.balanced_adamw_step; "
+                     f"backend={backend!r}")
 
     def unavailable(self, case, stage):
         return self._reason

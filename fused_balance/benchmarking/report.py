@@ -56,13 +56,19 @@ def _case_detail(results: dict, case: dict) -> list[str]:
             check = info.get("check", {})
             mem = info.get("peak_extra_bytes")
             mem_s = "-" if mem is None else f"{format_bytes(mem)} ({info['peak_extra_xN']:.2f} N)"
-            rows.append([stage, info["label"], format_seconds(info["median_s"]),
+            if check.get("accurate", True):
+                check_text = f"ok ({check.get('error', 0):.1e} vs {check.get('against', '?')})"
+            else:
+                check_text = (f"**inaccurate**: {check['error']:.1e} > {check['tolerance']:.0e} "
+                              f"vs {check.get('against', '?')}")
+            median_text = format_seconds(info["median_s"]) + (
+                " (1 call)" if info.get("single_sample") else f" (n={info.get('repeats')})")
+            rows.append([stage, info["label"], median_text,
                          "-" if info.get("GBps") is None else f"{info['GBps']:.1f}",
                          "-" if frac is None else f"{100 * frac:.0f} %",
                          "1 (ref)" if name == primary else
                          ("-" if ratio is None else f"{ratio:.2f}x"),
-                         mem_s,
-                         f"ok ({check.get('error', 0):.1e} vs {check.get('against', '?')})"])
+                         mem_s, check_text])
     return _table(["stage", "contender", "median", "GB/s", "of roofline", "time / ours",
                    "peak extra memory", "check"], rows)
 
@@ -93,8 +99,10 @@ def _stage_matrix(results: dict, stage: str) -> list[str]:
                            ("" if frac is None else f" ({100 * frac:.0f} % roof)"))
             else:
                 ratio = info.get("slowdown_vs_primary")
+                flags = ("" if info.get("check", {}).get("accurate", True) else " !") + (
+                    " 1x" if info.get("single_sample") else "")
                 row.append(format_seconds(info["median_s"]) +
-                           ("" if ratio is None else f" ({ratio:.1f}x)"))
+                           ("" if ratio is None else f" ({ratio:.1f}x)") + flags)
         rows.append(row)
     labels = [results["contenders"][n]["label"] for n in names]
     return _table(["case", "P", "N"] + labels, rows)
@@ -147,6 +155,8 @@ def _problems_reasons(results: dict) -> list[str]:
                     grouped.setdefault(key, []).append(f"{case['label']} / {stage}")
     out = []
     skipped = results.get("skipped_cases", []) + [
+        {"case": f"{c['label']} / {stage}", "reason": why}
+        for c in results.get("cases", []) for stage, why in c.get("skipped_stages", {}).items()] + [
         {"case": f"scaling {p['sweep']} N={p['num_params']:.0e} P={p['num_tensors']}",
          "reason": p["reason"]} for p in (results.get("scaling") or {}).get("skipped_points", [])]
     if skipped:
@@ -154,7 +164,8 @@ def _problems_reasons(results: dict) -> list[str]:
                                                 [[c["case"], c["reason"]] for c in skipped]) + [""]
     if not grouped:
         return out
-    rows = [[label, status, reason, f"{len(where)}: {where[0]}" + (" ..." if len(where) > 1 else "")]
+    rows = [[label, status, reason,
+             f"{len(where)}: {where[0]}" + (" ..." if len(where) > 1 else "")]
             for (label, status, reason), where in grouped.items()]
     return out + ["## Skipped, failed or wrong contenders", ""] + _table(
         ["contender", "status", "reason", "where (count: first)"], rows) + [""]
@@ -173,15 +184,26 @@ def markdown(results: dict) -> str:
              + (f"; load average at start {m['load_average'][0]:.1f}"
                 if m.get("load_average") else ""),
              f"- ours: `{ours['primary']}`; backends: " + ", ".join(
-                 f"{b['backend']} ({'available' if b['available'] else 'not available: ' + str(b['reason'])})"
+                 f"{b['backend']} ("
+                 + ("available" if b["available"] else f"not available: {b['reason']}") + ")"
                  for b in ours["backends"]),
              f"- memory bandwidth (same run): read {bw.get('read_GBps', float('nan')):.1f} GB/s "
              f"(torch.sum {bw.get('sum_GBps', float('nan')):.1f}, torch.dot "
-             f"{bw.get('dot_GBps', float('nan')):.1f}), triad {bw.get('triad_GBps', float('nan')):.1f}"
+             f"{bw.get('dot_GBps', float('nan')):.1f}), triad "
+             f"{bw.get('triad_GBps', float('nan')):.1f}"
              f" GB/s; {bw.get('method', '')}",
              f"- options: {results['options']}; total time {results.get('elapsed_s', 0):.0f} s",
              f"- ours agrees with the float64 reference everywhere: "
              f"{'yes' if results.get('self_check_passed') else 'NO'}", ""]
+    load = [x for x in (m.get("load_average"), m.get("load_average_end")) if x]
+    threads = results["options"].get("threads") or m["torch_threads"]
+    if load and max(l[0] for l in load) > 1.25 * (m.get("cpu_cores") or 1) and m["device"] == "cpu":
+        lines += [f"> **Shared machine:** the load average was "
+                  f"{' -> '.join(f'{l[0]:.1f}' for l in load)} on {m['cpu_cores']} cores during "
+                  f"this run. With {threads} OpenMP threads per process, every parallel region "
+                  "then waits for a descheduled thread, so contenders made of many small ops "
+                  "(per-tensor loops, foreach) slow down far more than one fused pass: their "
+                  "ratios here overstate what an idle machine shows (compare `--threads 1`).", ""]
     targets = results.get("targets", {})
     if targets.get("rows"):
         lines += [f"## Targets ({targets['case']}"
@@ -203,7 +225,9 @@ def markdown(results: dict) -> str:
         lines += _case_detail(results, head) + [""]
         lines += ["## All cases, by stage", "",
                   "ours: median time (fraction of roofline); others: median time (time / ours, "
-                  "median of per-round ratios).", ""]
+                  "median of per-round ratios). `!`: result inaccurate beyond the tolerance but "
+                  "not wrong (see the check column / JSON); `1x`: too slow to repeat, timed once. "
+                  "wrong / error / skipped: see the list below.", ""]
         for stage in ("gram", "weights", "combine", "pareto_combine", "adamw"):
             table = _stage_matrix(results, stage)
             if table:

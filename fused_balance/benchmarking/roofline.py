@@ -9,7 +9,8 @@ import torch
 
 from fused_balance.benchmarking.timing import median, time_call
 
-__all__ = ["StageBytes", "stage_bytes", "roofline_seconds", "measure_bandwidth", "STAGES_WITH_BYTES"]
+__all__ = ["StageBytes", "stage_bytes", "roofline_seconds", "measure_bandwidth",
+           "STAGES_WITH_BYTES"]
 
 STAGES_WITH_BYTES = ("gram", "combine", "pareto_combine", "adamw")
 
@@ -56,11 +57,6 @@ def roofline_seconds(traffic: StageBytes | None, bandwidth: dict) -> float | Non
     if traffic.written == 0:
         return traffic.read / (bandwidth["read_GBps"] * 1e9)
     return traffic.total / (bandwidth["triad_GBps"] * 1e9)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure_bandwidth(device: str | torch.device = "cpu", size_mib: int = 512,

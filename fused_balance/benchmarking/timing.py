@@ -78,7 +78,8 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
     return median([a / b for a, b in zip(numerator, denominator)])
 
 
-def peak_extra_memory(fn: Callable[[], object], device: torch.device | str = "cpu") -> tuple[int, str]:
+def peak_extra_memory(fn: Callable[[], object],
+                      device: torch.device | str = "cpu") -> tuple[int, str]:
     """Peak bytes allocated during one call of ``fn`` beyond what was allocated before it
     (outputs still alive at the peak count). Returns (bytes, method).
 

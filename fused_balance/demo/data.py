@@ -1,7 +1,9 @@
 """Synthetic interleaved text-image data for the demo, made in code.
 
-A picture is a 4x4 grid of colour codes (the discrete "image tokens" of a Chameleon-style unified
-model) holding one or two coloured 2x2 shapes in the quadrants. Its caption says what is where,
+A picture is a 4x4 grid of patches holding a coloured 2x2 shape in one quadrant (or up to
+``max_objects`` shapes in different quadrants).
+Each patch becomes one discrete image token (as a VQ tokenizer's code would be, in a
+Chameleon-style unified model); a code names the patch position and its colour, 16 x 7 codes. Its caption says what is where,
 in one of several phrasings ("a red cross in the top left", "in the top left there is a red
 cross", ...), so captions keep some entropy (a text gradient that never vanishes) while the
 picture is fully determined by the caption.
@@ -40,7 +42,7 @@ WORDS = sorted(set(FILLER) | set(COLOURS) | set(SHAPES) | {w for p in PLACES for
 
 @dataclass(frozen=True)
 class Vocab:
-    """Token ids: specials, then text words, then image codes (background = first image code)."""
+    """Token ids: specials, then text words, then image codes (patch position x colour)."""
 
     words: tuple = tuple(WORDS)
 
@@ -53,8 +55,20 @@ class Vocab:
         return len(SPECIALS) + len(self.words)
 
     @property
+    def text_size(self) -> int:
+        """Special tokens and words."""
+        return self.image_offset
+
+    @property
     def num_image_codes(self) -> int:
-        return 1 + len(COLOURS)
+        return GRID * GRID * (1 + len(COLOURS))
+
+    def image_code(self, cell: int, colour: int) -> int:
+        """Token of patch ``cell`` (row-major) with colour index ``colour`` (0 = background)."""
+        return self.image_offset + cell * (1 + len(COLOURS)) + colour
+
+    def is_background(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.is_image(ids) & ((ids - self.image_offset) % (1 + len(COLOURS)) == 0)
 
     @property
     def size(self) -> int:
@@ -78,7 +92,8 @@ class Vocab:
             elif i < self.image_offset:
                 out.append(self.words[i - self.text_offset])
             else:
-                out.append(f"[{i - self.image_offset}]")
+                cell, colour = divmod(i - self.image_offset, 1 + len(COLOURS))
+                out.append(f"[{cell}:{colour}]")
         return " ".join(out)
 
 
@@ -110,12 +125,12 @@ def _picture(objects) -> list[int]:
         for i, bit in enumerate(SHAPES[shape]):
             if bit == "1":
                 grid[r0 + i // SHAPE][c0 + i % SHAPE] = code
-    return [VOCAB.image_offset + v for row in grid for v in row]
+    return [VOCAB.image_code(cell, v) for cell, v in enumerate(c for row in grid for c in row)]
 
 
-def sample_example(rng: torch.Generator, generation: bool) -> tuple[list[int], list[int]]:
+def sample_example(rng: torch.Generator, generation: bool, max_objects: int = 1) -> tuple[list[int], list[int]]:
     """(token ids, target mask: 1 where the token is predicted from its prefix)."""
-    n_objects = 1 + int(torch.randint(2, (1,), generator=rng))
+    n_objects = 1 + int(torch.randint(max_objects, (1,), generator=rng))
     places = list(PLACES)
     order = torch.randperm(len(places), generator=rng).tolist()[:n_objects]
     objects = [(COLOURS[int(torch.randint(len(COLOURS), (1,), generator=rng))],
@@ -135,13 +150,14 @@ def sample_example(rng: torch.Generator, generation: bool) -> tuple[list[int], l
     return ids, target
 
 
-def make_batch(batch_size: int, rng: torch.Generator, generation_fraction: float = 0.5) -> dict:
+def make_batch(batch_size: int, rng: torch.Generator, generation_fraction: float = 0.5,
+               max_objects: int = 1) -> dict:
     """input_ids [B, T] (right-padded), and the masks of text and image targets at the
     *predicted* positions: text_mask[b, t] means logits[b, t] predict a text token ids[b, t+1]."""
     rows = []
     for _ in range(batch_size):
         generation = float(torch.rand((), generator=rng)) < generation_fraction
-        rows.append(sample_example(rng, generation))
+        rows.append(sample_example(rng, generation, max_objects))
     T = max(len(ids) for ids, _ in rows)
     input_ids = torch.zeros(batch_size, T, dtype=torch.long)
     target = torch.zeros(batch_size, T, dtype=torch.bool)
@@ -155,16 +171,16 @@ def make_batch(batch_size: int, rng: torch.Generator, generation_fraction: float
     image = predicted & VOCAB.is_image(next_ids)
     return {"input_ids": input_ids, "attention_mask": attention, "labels_next": next_ids,
             "text_mask": predicted & ~image, "image_mask": image,
-            "image_fg_mask": image & (next_ids != VOCAB.image_offset)}
+            "image_fg_mask": image & ~VOCAB.is_background(next_ids)}
 
 
 def make_split(num_examples: int, seed: int, batch_size: int = 64,
-               generation_fraction: float = 0.5) -> list[dict]:
+               generation_fraction: float = 0.5, max_objects: int = 1) -> list[dict]:
     """A fixed held-out set (its own seed), as batches; both directions equally by default."""
     rng = torch.Generator().manual_seed(seed)
     batches, left = [], num_examples
     while left > 0:
         n = min(batch_size, left)
-        batches.append(make_batch(n, rng, generation_fraction))
+        batches.append(make_batch(n, rng, generation_fraction, max_objects))
         left -= n
     return batches

@@ -30,7 +30,7 @@ EVAL_SEED = 10_000
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fused_balance.training import FILL_MODES
 
-    parser.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
+    parser.add_argument("--steps", type=int, default=400, help="training steps per run (default 400)")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"],
@@ -46,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generation-fraction", type=float, default=0.25,
                         help="share of caption->image examples in training batches (default 0.25: "
                              "text-heavy instruction data)")
+    parser.add_argument("--max-objects", type=int, default=1, help="shapes per picture, 1..4 (default 1)")
     parser.add_argument("--text-weight", type=float, default=1.0, help="weight of the text loss")
     parser.add_argument("--eval-examples", type=int, default=256)
     parser.add_argument("--eval-every", type=int, default=50)
@@ -53,7 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vanilla runs: per-objective gradient statistics every N steps")
     parser.add_argument("--fill", default="backward", choices=list(FILL_MODES),
                         help="how per-objective gradients are produced (default backward)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the matrices are tiny, more threads only "
+                             "add synchronisation and make timings noisy; 0 = torch's default)")
     parser.add_argument("--timing-repeats", type=int, default=20)
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -117,10 +120,11 @@ def train_run(method: str, seed: int, args, eval_batches, progress: bool) -> dic
     bar = tqdm(range(args.steps), desc=f"seed {seed} {method:7s}", disable=not progress,
                leave=False, dynamic_ncols=True, file=sys.stderr)
     for step in bar:
-        batch = make_batch(args.batch_size, rng, args.generation_fraction)
+        batch = make_batch(args.batch_size, rng, args.generation_fraction, args.max_objects)
         observe = method == "vanilla" and step % args.diag_every == 0
         t0, c0 = time.perf_counter(), time.process_time()
         losses, _ = modality_losses(model, batch, text_weight=args.text_weight)
+        balancer.step_count = step  # the history's step label
         if method == "pareto":
             balancer.step(losses)
         elif observe:
@@ -134,7 +138,7 @@ def train_run(method: str, seed: int, args, eval_batches, progress: bool) -> dic
             step_times.append(time.perf_counter() - t0)
             step_cpu.append(time.process_time() - c0)
         for k in OBJECTIVES:
-            curves[k].append(float(losses[k]))
+            curves[k].append(float(losses[k].detach()))
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
             evals.append({"step": step + 1, **evaluate(model, eval_batches)})
             bar.set_postfix(img_acc=f"{evals[-1]['image_acc']:.3f}", txt_acc=f"{evals[-1]['text_acc']:.3f}")
@@ -295,6 +299,8 @@ def _verdict(delta: dict, higher_is_better: bool = True) -> str:
 
 def write_summary(path: Path, args, agg: dict, fill: dict, optim_timings: list, backend_name: str,
                   runs: list[dict]) -> None:
+    from fused_balance.demo.data import VOCAB
+
     m, d = agg["metrics"], agg["deltas"]
     n = len({r["seed"] for r in runs})
     rows = [("text token accuracy (%)", "text_acc", True, True),
@@ -306,7 +312,7 @@ def write_summary(path: Path, args, agg: dict, fill: dict, optim_timings: list, 
     lines = [
         "# Balanced training demo: vanilla LoRA vs Pareto-LoRA", "",
         f"Tiny unified text+image model (Llama decoder, {args.layers} layers, hidden {args.hidden}, "
-        f"vocabulary of text words + 7 image codes; LoRA r={args.rank} on all linear layers, "
+        f"vocabulary of {VOCAB.text_size} text tokens + {VOCAB.num_image_codes} image codes; LoRA r={args.rank} on all linear layers, "
         f"embeddings and head trained), synthetic captions <-> 4x4 pictures, "
         f"{int(100 * args.generation_fraction)}% caption->image examples in training batches. "
         f"{args.steps} steps, batch {args.batch_size}, AdamW lr {args.lr}, {n} seed(s); "
@@ -338,11 +344,11 @@ def write_summary(path: Path, args, agg: dict, fill: dict, optim_timings: list, 
               f"- **Step time.** Median full training step (forward, backward(s), balancing, AdamW): "
               f"vanilla {agg['step_time_ms']['vanilla']:.1f} ms, Pareto-LoRA {agg['step_time_ms']['pareto']:.1f} ms "
               f"(+{100 * agg['step_time_overhead']:.0f}%; CPU time +{100 * agg['step_cpu_overhead']:.0f}%). "
-              f"Almost all of it is the second backward pass (one per objective); the balancing itself "
-              f"is in the table below.",
-              f"- **Per-objective gradients** (GradBank, demo model): K backward passes "
-              f"{1e3 * fill['backward']:.1f} ms, one batched (vmap) backward {1e3 * fill['batched']:.1f} ms, "
-              f"one backward of the summed loss {1e3 * fill['single_backward_of_sum']:.1f} ms (forward included).",
+              f"Per-objective gradients need one backward pass per objective: on the demo model, forward "
+              f"plus K = 2 backward passes into the GradBank take {1e3 * fill['backward']:.1f} ms "
+              f"(one batched vmap backward: {1e3 * fill['batched']:.1f} ms) against "
+              f"{1e3 * fill['single_backward_of_sum']:.1f} ms for forward plus one backward of the summed "
+              f"loss; the balancing passes themselves are timed in the table below.",
               "", "## Optimizer step with balancing (K = 2, gradients given)", "",
               "| parameters | AdamW(foreach) alone | pareto_combine + AdamW(foreach) | fused BalancedAdamW |",
               "|---|---|---|---|"]
@@ -371,7 +377,7 @@ def main(args) -> int:
     backend_name = resolve_backend(args.backend, torch.device("cpu")).__name__.rsplit(".", 1)[-1]
     backend_name = {"reference": "torch", "ops": "cpp", "backend": "triton"}.get(backend_name, backend_name)
     started = time.perf_counter()
-    eval_batches = make_split(args.eval_examples, EVAL_SEED)
+    eval_batches = make_split(args.eval_examples, EVAL_SEED, max_objects=args.max_objects)
     runs = []
     for seed in range(args.seeds):
         for method in ("vanilla", "pareto"):

@@ -95,6 +95,10 @@ class ParetoLoRA:
     ``params -> optimizer``; ``"fused_adamw"`` (a BalancedAdamW built from ``lr``,
     ``weight_decay``, ``betas``, ``eps``); a BalancedAdamW (fused path); or None (only
     ``backward``, for loops that step themselves, e.g. the Hugging Face Trainer).
+
+    Trainable parameters outside the balanced set (when an explicit list is given) receive the
+    plain sum of the objectives' gradients with ``fill="backward"`` and nothing with
+    ``fill="batched"``.
     """
 
     def __init__(self, model_or_params, optimizer=None, policy: str = "pareto_lora",

@@ -1,0 +1,15 @@
+"""Benchmark of the combination d_p = sum_k w_k g_k,p (reads K*N, writes N).
+
+Every contender on the same gradients, checked against ours before it is timed; results.json,
+results.md and PNG plots in --out. A thin wrapper over `fused-balance bench --stages combine`;
+every option of that command works here (--quick, --problems, --objectives, --dtypes, ...).
+
+    python benchmarks/bench_combine.py --quick --out bench_out/combine
+"""
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout too
+    from fused_balance.benchmarking import run_cli
+    sys.exit(run_cli(defaults={"stages": ["combine"], "out": "bench_out/combine"}))
