@@ -67,8 +67,13 @@ def test_grad_equals_hand_computed_per_layer_combination(policy, tau):
     model = tiny_model()
     named = lora_parameters(model)
     params = [p for _, p in named]
-    batch = make_batch(6, torch.Generator().manual_seed(2))  # mixed cosine signs
-    losses, _ = modality_losses(model, batch)
+    batch = make_batch(6, torch.Generator().manual_seed(0))
+
+    def objectives():  # partly aligned (0.3 text in the second): layers differ in cosine sign
+        losses, _ = modality_losses(model, batch)
+        return {"text": losses["text"], "image": 0.3 * losses["text"] + losses["image"]}
+
+    losses = objectives()
     per_objective = [torch.autograd.grad(losses[k], params, retain_graph=True) for k in ("text", "image")]
     ids, names = segment_ids_for(named, "layer")
     expected = [None] * len(params)
@@ -84,18 +89,16 @@ def test_grad_equals_hand_computed_per_layer_combination(policy, tau):
         for i in members:
             expected[i] = w1 * per_objective[0][i] + w2 * per_objective[1][i]
 
-    losses, _ = modality_losses(model, batch)
     balancer = ParetoLoRA(model, None, policy=policy, tau=tau, backend="torch",
                           objectives=["text", "image"])
-    result = balancer.backward(losses, accumulate=False)
+    result = balancer.backward(objectives(), accumulate=False)
     for i, (name, p) in enumerate(named):
         torch.testing.assert_close(p.grad, expected[i], rtol=1e-9, atol=1e-12, msg=name)
     got = [("sum", "rescale", "conflict")[int(b)] for b in result.branch]
     assert got == branches
-    if policy == "pareto_lora" and tau == 1.05:
-        assert len(set(branches)) >= 2, branches  # the data exercise more than one branch
-    if policy == "pareto_lora":
-        assert "conflict" in branches, branches
+    if policy == "pareto_lora":  # the data exercise the conflict branch and one other
+        assert branches.count("conflict") == 2, branches
+        assert branches[2] == ("rescale" if tau < 2 else "sum"), branches
 
 
 def test_accumulate_adds_like_backward():

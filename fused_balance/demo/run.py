@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--generation-fraction", type=float, default=0.25,
-                        help="share of caption->image examples in training batches (default 0.25: "
+    parser.add_argument("--generation-fraction", type=float, default=0.15,
+                        help="share of caption->image examples in training batches (default 0.15: "
                              "text-heavy instruction data)")
     parser.add_argument("--max-objects", type=int, default=1, help="shapes per picture, 1..4 (default 1)")
     parser.add_argument("--text-weight", type=float, default=1.0, help="weight of the text loss")

@@ -33,7 +33,9 @@ Per step t:
    so the lagging component (σ̄_c < τ_c) has its learning rate raised, the leading one lowered.
 5. Learning rates: lr_g = base_lr_g · m_c for every param group g of component c. A learning rate
    changed by someone else since the scheduler last wrote it (another LR scheduler) becomes the
-   new base, so the multipliers compose with warm-up/decay schedules run before this step.
+   new base, so the multipliers compose with schedules that recompute the rate from their own
+   base each step (LambdaLR, OneCycleLR, closed-form cosine) stepped before this one; chainable
+   schedules that scale the current rate (StepLR, ExponentialLR) would compound the multiplier.
 
 Optional auxiliary loss (``aux_weight`` λ > 0): ``auxiliary_loss(logits, mask)`` returns
 −λ · ℓ_t · H̄(softmax(logits)), with lag ℓ_t = max_c max(0, (τ_c − σ̄_c) / τ_c) ∈ [0, 1] and H̄ the
