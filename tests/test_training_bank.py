@@ -7,6 +7,15 @@ import torch
 from fused_balance.training import GradBank
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and immune to busy neighbours."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _toy(dtype=torch.float64):
     torch.manual_seed(0)
     a = torch.randn(4, 3, dtype=dtype, requires_grad=True)

@@ -13,6 +13,15 @@ transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and immune to busy neighbours."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def objectives(model, inputs, outputs):
     logits = outputs.logits[:, :-1]
     labels = inputs["input_ids"][:, 1:]

@@ -5,6 +5,15 @@ import torch
 from fused_balance.training import BalancedAdamW
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and immune to busy neighbours."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _problem(dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     shapes = [(5, 3), (7,), (4, 4), (2, 6)]

@@ -14,6 +14,15 @@ from fused_balance.training import ParetoLoRA, layer_key, lora_parameters, segme
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and immune to busy neighbours."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_model(seed=0, dtype=torch.float64):
     model = build_lora_model(VOCAB.size, hidden=32, layers=2, heads=2, rank=4, seed=seed)
     gen = torch.Generator().manual_seed(seed)

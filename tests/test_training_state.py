@@ -13,6 +13,15 @@ from fused_balance.training import BalanceScheduler, ParetoLoRA, lora_parameters
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is fastest, and immune to busy neighbours."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _build(fused: bool):
     model = build_lora_model(VOCAB.size, hidden=32, layers=2, heads=2, rank=4, seed=0)
     named = lora_parameters(model)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from fused_balance.training import FILL_MODES
 
     parser.add_argument("--steps", type=int, default=400, help="training steps per run (default 400)")
-    parser.add_argument("--seeds", type=int, default=3, help="number of seeds, 0..N-1 (default 3)")
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds, 0..N-1 (default 5)")
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "cpp", "triton"],
                         help="fused_balance backend for the balancing passes (default auto)")
@@ -323,7 +322,26 @@ def write_summary(path: Path, args, agg: dict, fill: dict, optim_timings: list, 
         lines.append(f"| {label} | {_fmt(m['vanilla'][key], pct)} | {_fmt(m['pareto'][key], pct)} | "
                      f"{_fmt(d[key], pct)} |")
     r = agg["vanilla_log10_ratio"]
-    lines += ["", "## What happened", "",
+    labels = {"image_acc": "token accuracy", "image_fg_acc": "foreground-cell accuracy",
+              "image_loss": "loss", "text_acc": "token accuracy", "text_loss": "loss"}
+
+    def clear(keys, word):
+        found = []
+        for k in keys:
+            hib = not k.endswith("loss")
+            if _verdict(d[k], hib).startswith(word):
+                scale, unit = (1.0, "") if k.endswith("loss") else (100.0, " points")
+                found.append(f"{labels[k]} {scale * d[k]['mean']:+.{3 if k.endswith('loss') else 1}f}{unit}")
+        return found
+
+    image_better, text_worse = clear(("image_loss", "image_acc", "image_fg_acc"), "better"), \
+        clear(("text_acc", "text_loss"), "worse")
+    bottom = ("**Bottom line:** Pareto-LoRA " + (f"clearly improved the image objective ({', '.join(image_better)})"
+                                                 if image_better else "did not clearly improve the image objective")
+              + (f" and cost the text objective ({', '.join(text_worse)})." if text_worse
+                 else " and did not clearly change the text objective.")
+              + " \"Clearly\": the mean change exceeds the seed-to-seed spread (see below).")
+    lines += ["", bottom, "", "## What happened", "",
               f"- **Imbalance.** Under vanilla training the text gradient is larger than the image "
               f"gradient in {100 * r['fraction_text_larger']:.0f}% of (layer, step) observations; median "
               f"log10(|g_text|/|g_image|) = {r['median']:.2f} (×{10 ** r['median']:.1f}); the ratio exceeds "
