@@ -48,8 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=int, default=0, metavar="T",
-                        help="torch intra-op threads for the run (default: all cores)")
+    parser.add_argument("--threads", type=int, default=None, metavar="T",
+                        help="torch intra-op threads for the run (default: all cores; --quick: 1, "
+                             "so that a smoke run on a busy shared machine stays near a minute)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -74,7 +75,8 @@ def _options(args):
         seed=args.seed, ours_backends=tuple(args.backend or ()),
         progress=not args.no_progress,
         explicit_plan=bool(args.problems or args.objectives or args.dtypes),
-        threads=args.threads, slow_call_s=1.0 if quick else 2.0,
+        threads=args.threads if args.threads is not None else (1 if quick else 0),
+        slow_call_s=1.0 if quick else 2.0,
         time_budget_s=(args.time_budget if args.time_budget is not None
                        else (45.0 if quick else 390.0)))
 

@@ -587,10 +587,14 @@ def _run_suite(opts: SuiteOptions, log) -> dict:
                        "sets how many rounds fit the stage budget (at least 3); ratios are "
                        "medians of per-round ratios"),
             "roofline": ("roofline time = minimal bytes / measured bandwidth: read-only stages at "
-                         "the read bandwidth, stages that write at the triad bandwidth"),
+                         "the read bandwidth, stages that write at the triad bandwidth; the "
+                         "bandwidth comes from PyTorch primitives (best of the measurements at "
+                         "the start and the end), so a kernel that streams better than "
+                         "torch.dot / torch.add shows more than 100 %"),
             "check": ("every contender's first result is compared with ours (ours with a float64 "
-                      "reference) before timing; a contender outside tolerance is reported, not "
-                      "timed"),
+                      "reference) before timing; within the rounding tolerance: ok; beyond it "
+                      "but below 5 % (15 % in bf16): the same computation with poor rounding, "
+                      "timed and flagged inaccurate; beyond that: wrong, reported, not timed"),
         },
         "cases": [],
     }
