@@ -30,6 +30,13 @@ CSRC_DIR = Path(__file__).resolve().parents[1] / "csrc"
 # -ffp-contract=off: no silent FMA contraction, so the combine / AdamW roundings are those of the
 # reference on every ISA path. -fno-math-errno lets sqrt vectorise; it is not -ffast-math.
 _CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+# at::parallel_for is inline: with torch's OpenMP backend its `#pragma omp parallel` is compiled in
+# our own translation units, which run serially unless built with -fopenmp. Linking -fopenmp adds
+# libgomp.so.1, which resolves to the copy torch has already loaded (one thread pool).
+_OPENMP = bool(getattr(torch._C, "has_openmp", False)) and os.name != "nt" and sys.platform != "darwin"
+if _OPENMP:
+    _CXX_FLAGS.append("-fopenmp")
+_LD_FLAGS = ["-fopenmp"] if _OPENMP else []
 CUDA_ARCHS = ["sm_80", "sm_90", "compute_90"]
 _NVCC_FLAGS = [
     "-O3",
@@ -120,7 +127,9 @@ def _plan(cpu_only_reason: str | None = None) -> _Plan:
         if path.is_file():
             digest.update(path.name.encode())
             digest.update(path.read_bytes())
-    digest.update(repr((cflags, cuda_cflags, cuda_home, sysconfig.get_config_var("EXT_SUFFIX"),
+    # The toolkit's real path, so /usr/local/cuda and the folder it links to share one build.
+    toolkit = os.path.realpath(cuda_home) if cuda_home else None
+    digest.update(repr((cflags, cuda_cflags, _LD_FLAGS, toolkit, sysconfig.get_config_var("EXT_SUFFIX"),
                         sys.version_info[:2])).encode())
     tag = f"torch{torch.__version__}-{'cu' + torch.version.cuda if cuda else 'cpu'}-{digest.hexdigest()[:16]}"
     tag = re.sub(r"[^A-Za-z0-9._-]", "_", tag)
@@ -169,6 +178,7 @@ def _compile(plan: _Plan, verbose: bool):
         sources=list(plan.sources),
         extra_cflags=list(plan.cflags),
         extra_cuda_cflags=list(plan.cuda_cflags),
+        extra_ldflags=list(_LD_FLAGS),
         build_directory=str(plan.build_dir),
         with_cuda=plan.cuda,
         verbose=verbose and os.environ.get("FUSED_BALANCE_VERBOSE_BUILD", "") not in ("", "0"),
