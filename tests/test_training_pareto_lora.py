@@ -188,3 +188,35 @@ def test_bad_arguments():
         balancer.backward({"text": torch.zeros((), requires_grad=True)})
     with pytest.raises(RuntimeError):
         balancer.step({"text": torch.zeros(()), "image": torch.zeros(())})
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e25], ids=["tiny", "huge"])
+def test_fused_path_gets_the_range_rescue(scale):
+    """fp32 gradients whose squares leave fp32's range (tiny: the Gram underflows to 0; huge:
+    it overflows to inf). The fused path goes through fb.pareto_weights, so, like the
+    pareto_combine path, it takes the step (found_inf only for real NaN/Inf) with the weights
+    of the float64 problem; gram + policy_weights + isfinite(G) would skip (huge) or treat
+    the objective as absent (tiny). The min-norm policy keeps the combined gradient near the
+    small objective's magnitude: pareto_lora's rescale/restore branches would make it ~1e20
+    here, whose square overflows fp32 inside torch's AdamW (but not in ours), an AdamW matter."""
+    import fused_balance as fb
+
+    models = [tiny_model(seed=4, dtype=torch.float32) for _ in range(2)]
+    balancers = [ParetoLoRA(models[0], lambda ps: torch.optim.AdamW(ps, lr=1e-3), policy="mgda",
+                            backend="torch"),
+                 ParetoLoRA(models[1], "fused_adamw", policy="mgda", lr=1e-3, backend="torch")]
+    batch = make_batch(4, torch.Generator().manual_seed(2))
+    for model, balancer in zip(models, balancers):
+        losses, _ = modality_losses(model, batch)
+        assert balancer.step({"text": losses["text"] * scale, "image": losses["image"]})
+        entry = balancer.history[-1]
+        assert not bool(entry["found_inf"]) and entry["stepped"]
+        G32 = fb.gram(balancer.bank.grads, balancer.segment_ids, backend="torch")
+        assert bool((G32[:, 0, 0] == 0).any() if scale < 1 else (~torch.isfinite(G32)).any())
+        G64 = fb.gram([[g.double() for g in row] for row in balancer.bank.grads], balancer.segment_ids,
+                      backend="torch")
+        want, _ = fb.policy_weights(G64, "mgda")
+        big = torch.finfo(torch.float32).max
+        torch.testing.assert_close(entry["weights"], want.clamp(-big, big).float(), rtol=1e-4, atol=0)
+    for p, q in zip(balancers[0].params, balancers[1].params):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

@@ -1,14 +1,16 @@
 """The thin training layer: GradBank, ParetoLoRA, BalancedAdamW, BalanceScheduler, HF Trainer.
 
 Everything here uses only the public API of fused_balance (fb.gram, fb.pareto_combine,
-fb.policy_weights, fb.balanced_adamw_step, ...); the kernels are never called directly.
+fb.pareto_weights, fb.balanced_adamw_step, ...); the kernels are never called directly.
+``checkpoint.save`` / ``checkpoint.load`` write and restore a whole run (exact resume).
 """
+from fused_balance.training import checkpoint
 from fused_balance.training.bank import FILL_MODES, GradBank
 from fused_balance.training.optim import BalancedAdamW
 from fused_balance.training.pareto_lora import ParetoLoRA, layer_key, lora_parameters, segment_ids_for
 from fused_balance.training.scheduler import BalanceScheduler
 
-__all__ = ["GradBank", "FILL_MODES", "ParetoLoRA", "BalancedAdamW", "BalanceScheduler",
+__all__ = ["checkpoint", "GradBank", "FILL_MODES", "ParetoLoRA", "BalancedAdamW", "BalanceScheduler",
            "lora_parameters", "layer_key", "segment_ids_for", "BalancedTrainer"]
 
 

@@ -21,9 +21,44 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["GradBank", "FILL_MODES"]
+__all__ = ["GradBank", "FILL_MODES", "check_params"]
 
 FILL_MODES = ("backward", "batched")
+
+
+def check_params(params, owner: str, names: Sequence[str] | None = None) -> list[torch.Tensor]:
+    """The parameters as a list, checked: leaf floating tensors that require grad, each once,
+    all on one device. ``names`` (one per parameter) label them in errors."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(f"{owner} needs a sequence of parameters, got a single Tensor; wrap it in a list")
+    try:
+        params = list(params)
+    except TypeError:
+        raise TypeError(f"{owner} needs a sequence of parameters, got {type(params).__name__}") from None
+    if not params:
+        raise ValueError(f"{owner} needs at least one parameter")
+    seen: dict[int, int] = {}
+    for i, p in enumerate(params):
+        label = f"parameter {names[i]!r}" if names is not None else f"parameter {i}"
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{label} is a {type(p).__name__}, not a tensor")
+        if not p.dtype.is_floating_point:
+            raise TypeError(f"{label} has dtype {p.dtype}; only floating point tensors are trained")
+        if not p.requires_grad:
+            raise ValueError(f"{label} does not require grad (frozen): it would never receive "
+                             "a gradient; leave it out")
+        if not p.is_leaf:
+            raise ValueError(f"{label} is not a leaf tensor: autograd gives it no .grad; pass "
+                             "the parameters themselves")
+        if id(p) in seen:
+            first = names[seen[id(p)]] if names is not None else seen[id(p)]
+            raise ValueError(f"{label} is the same tensor as parameter {first!r}: each parameter "
+                             "may appear only once")
+        seen[id(p)] = i
+        if p.device != params[0].device:
+            raise ValueError(f"{label} is on {p.device} but the first parameter is on "
+                             f"{params[0].device}: all parameters must be on one device")
+    return params
 
 
 class GradBank:
@@ -35,16 +70,15 @@ class GradBank:
 
     def __init__(self, params: Sequence[torch.Tensor], num_objectives: int, *,
                  mode: str = "backward", dtype: torch.dtype | None = None):
-        params = list(params)
-        if not params:
-            raise ValueError("GradBank needs at least one parameter")
+        params = check_params(params, "GradBank")
+        if isinstance(num_objectives, bool) or not isinstance(num_objectives, int):
+            raise TypeError(f"num_objectives must be an int, got {type(num_objectives).__name__}")
         if num_objectives < 1:
             raise ValueError(f"num_objectives must be >= 1, got {num_objectives}")
         if mode not in FILL_MODES:
             raise ValueError(f"unknown fill mode {mode!r}; choose one of {FILL_MODES}")
-        devices = {p.device for p in params}
-        if len(devices) != 1:
-            raise ValueError(f"all parameters must be on one device, got {sorted(map(str, devices))}")
+        if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
         dtypes = {p.dtype for p in params}
         if dtype is None:
             if len(dtypes) != 1:
@@ -86,25 +120,47 @@ class GradBank:
         parameter at all (a constant loss) gets a zero row. ``retain_graph`` keeps the graph
         alive after the call (it is always kept between the objectives).
         """
-        losses = list(losses)
-        if len(losses) != self.num_objectives:
-            raise ValueError(f"expected {self.num_objectives} losses, got {len(losses)}")
-        for k, loss in enumerate(losses):
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError(f"loss {k} must be a scalar tensor")
+        losses = self.check_losses(losses)
         mode = mode or self.mode
+        if mode not in FILL_MODES:
+            raise ValueError(f"unknown fill mode {mode!r}; choose one of {FILL_MODES}")
+        if mode == "backward" and any(p.dtype != self.dtype for p in self.params):
+            raise TypeError(f"the backward fill mode needs the bank dtype ({self.dtype}) to equal "
+                            "every parameter's; use mode='batched'")
         if mode == "backward":
             self._fill_backward(losses, retain_graph)
-        elif mode == "batched":
-            self._fill_batched(losses, retain_graph)
         else:
-            raise ValueError(f"unknown fill mode {mode!r}; choose one of {FILL_MODES}")
+            self._fill_batched(losses, retain_graph)
         return self
+
+    def check_losses(self, losses, names: Sequence[str] | None = None) -> list[torch.Tensor]:
+        """The K losses as a list, checked (before anything is written): floating scalar
+        tensors on the parameters' device. ``names`` label them in errors."""
+        if isinstance(losses, torch.Tensor) or isinstance(losses, (str, bytes)):
+            raise TypeError(f"losses must be a sequence of {self.num_objectives} scalar tensors, "
+                            f"got {type(losses).__name__}")
+        try:
+            losses = list(losses)
+        except TypeError:
+            raise TypeError(f"losses must be a sequence of scalar tensors, got {type(losses).__name__}") from None
+        if len(losses) != self.num_objectives:
+            raise ValueError(f"expected {self.num_objectives} losses, got {len(losses)}")
+        device = self.buffer.device
+        for k, loss in enumerate(losses):
+            label = f"loss {names[k]!r}" if names is not None else f"loss {k}"
+            if not isinstance(loss, torch.Tensor):
+                raise TypeError(f"{label} is a {type(loss).__name__}, not a tensor")
+            if loss.numel() != 1:
+                raise ValueError(f"{label} has shape {tuple(loss.shape)}: it must be a scalar "
+                                 "(reduce it first, e.g. with .mean())")
+            if not loss.dtype.is_floating_point:
+                raise TypeError(f"{label} has dtype {loss.dtype}; a loss must be floating point")
+            if loss.device != device:
+                raise ValueError(f"{label} is on {loss.device} but the parameters are on {device}")
+        return losses
 
     def _fill_backward(self, losses, retain_graph):
         self.buffer.zero_()
-        if self.dtype != self.params[0].dtype or any(p.dtype != self.dtype for p in self.params):
-            raise TypeError("the backward fill mode needs the bank dtype to equal the parameters'")
         saved = [p.grad for p in self.params]
         live = [k for k, loss in enumerate(losses) if loss.requires_grad]
         try:
@@ -142,4 +198,10 @@ class GradBank:
         return {"buffer": self.buffer.clone()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.buffer.copy_(state["buffer"])
+        buffer = state.get("buffer") if isinstance(state, dict) else None
+        if not isinstance(buffer, torch.Tensor):
+            raise TypeError("a GradBank state must be a dict with a 'buffer' tensor")
+        if buffer.shape != self.buffer.shape or buffer.dtype != self.buffer.dtype:
+            raise ValueError(f"saved buffer {tuple(buffer.shape)} {buffer.dtype} does not match this "
+                             f"bank's {tuple(self.buffer.shape)} {self.buffer.dtype}")
+        self.buffer.copy_(buffer)

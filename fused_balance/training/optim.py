@@ -9,6 +9,8 @@ State layout (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter) mirrors torch
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -18,33 +20,118 @@ import fused_balance as fb
 __all__ = ["BalancedAdamW"]
 
 
+def _real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def _check_hyper(group: dict, where: str) -> None:
+    """Validate one param group's hyper-parameters (types and ranges) before it is added."""
+    lr = _real(group["lr"], f"{where}lr")
+    if lr < 0.0:
+        raise ValueError(f"invalid learning rate {lr} ({where}lr must be >= 0)")
+    eps = _real(group["eps"], f"{where}eps")
+    if eps <= 0.0:
+        raise ValueError(f"invalid eps {eps} ({where}eps must be > 0)")
+    betas = group["betas"]
+    if isinstance(betas, (str, bytes, torch.Tensor)) or not isinstance(betas, Sequence) or len(betas) != 2:
+        raise TypeError(f"{where}betas must be a pair of floats, got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= _real(beta, f"{where}betas[{i}]") < 1.0:
+            raise ValueError(f"invalid betas {tuple(betas)} ({where}betas[{i}] must be in [0, 1))")
+    decay = _real(group["weight_decay"], f"{where}weight_decay")
+    if decay < 0.0:
+        raise ValueError(f"invalid weight_decay {decay} ({where}weight_decay must be >= 0)")
+    if group.get("amsgrad") or group.get("maximize"):
+        raise ValueError("BalancedAdamW supports neither amsgrad nor maximize")
+
+
 class BalancedAdamW(torch.optim.Optimizer):
+    """AdamW on a balanced combination of K objectives' gradients (see the module docstring).
+
+    Every parameter must require grad, appear once and live on one device with the others (the
+    fused step updates all of them in one pass with one step count). Bad input raises before
+    anything is written: parameters, moments and step counts stay as they were.
+    """
+
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, backend: str | None = None):
-        if not lr >= 0.0:
-            raise ValueError(f"invalid learning rate {lr}")
-        if not eps > 0.0:
-            raise ValueError(f"invalid eps {eps}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"invalid betas {betas}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"invalid weight_decay {weight_decay}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        _check_hyper(defaults, "")
+        defaults["betas"] = tuple(float(b) for b in betas)
+        if backend is not None and not isinstance(backend, str):
+            raise TypeError(f"backend must be a backend name or None, got {type(backend).__name__}")
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors or param-group dicts, got a single "
+                            "Tensor; wrap it in a list")
+        super().__init__(params, defaults)
         self.backend = backend
         self.skipped_steps = 0
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, after checking the group's hyper-parameters and parameters
+        (requires grad, not already held, one device for the whole optimizer)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        index = len(self.param_groups)
+        where = f"param group {index}: "
+        params = param_group.get("params")
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError(f"{where}params must be an ordered sequence, not a set")
+        try:
+            params = list(params)
+        except TypeError:
+            raise TypeError(f"{where}params must be a sequence of tensors, got "
+                            f"{type(params).__name__}") from None
+        held = {id(p): (i, j) for i, g in enumerate(self.param_groups) for j, p in enumerate(g["params"])}
+        device = self.param_groups[0]["params"][0].device if self.param_groups else None
+        seen = set()
+        for j, p in enumerate(params):
+            label = f"{where}parameter {j}"
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"{label} is a {type(p).__name__}, not a tensor")
+            if not p.dtype.is_floating_point:
+                raise TypeError(f"{label} has dtype {p.dtype}; only floating point tensors are trained")
+            if not p.requires_grad:
+                raise ValueError(f"{label} does not require grad (frozen): BalancedAdamW steps every "
+                                 "parameter it holds (weight decay included); leave it out")
+            if id(p) in seen or id(p) in held:
+                first = held.get(id(p))
+                raise ValueError(f"{label} appears twice" + (f" (already parameter {first[1]} of param "
+                                                              f"group {first[0]})" if first else ""))
+            seen.add(id(p))
+            device = device or p.device
+            if p.device != device:
+                raise ValueError(f"{label} is on {p.device} but the others are on {device}: the fused "
+                                 "step needs all parameters on one device")
+        merged = {**self.defaults, **param_group}
+        _check_hyper(merged, where)
+        super().add_param_group({**param_group, "params": params})
 
     # -- the parameter order every ``grads`` argument follows --------------------------------
     def flat_params(self) -> list[torch.Tensor]:
         """All parameters, group by group, in the order ``balanced_step``'s grads must follow."""
         return [p for group in self.param_groups for p in group["params"]]
 
-    def _state_for(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        return state
+    def _states(self, params) -> tuple[list[dict], dict]:
+        """Every parameter's state; new ones are built aside and only committed after a step
+        succeeded (a failed first step leaves the optimizer state empty)."""
+        states, fresh = [], {}
+        for p in params:
+            state = self.state.get(p)
+            if not state:
+                state = {"step": torch.tensor(0.0),
+                         "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                         "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+                fresh[p] = state
+            states.append(state)
+        return states, fresh
 
     @torch.no_grad()
     def balanced_step(self, grads: Sequence[Sequence[torch.Tensor]], weights: torch.Tensor,
@@ -52,17 +139,24 @@ class BalancedAdamW(torch.optim.Optimizer):
         """One AdamW step on sum_k weights[seg(p), k] * grads[k][p] for every parameter p
         (``flat_params()`` order). ``skip`` True (a bool, or a one-element tensor, read on the
         host here) leaves parameters, moments and step counts untouched; returns whether the
-        step was taken."""
+        step was taken. Every argument is checked before the first write."""
         params = self.flat_params()
         if skip is not None and bool(skip):
             self.skipped_steps += 1
             return False
+        if not isinstance(weights, torch.Tensor):
+            raise TypeError(f"weights must be a Tensor [S, K], got {type(weights).__name__}")
+        if isinstance(grads, torch.Tensor) or not isinstance(grads, Sequence):
+            raise TypeError(f"grads must be K sequences of {len(params)} tensors, got {type(grads).__name__}")
         for k, row in enumerate(grads):
+            if isinstance(row, torch.Tensor) or not isinstance(row, Sequence):
+                raise TypeError(f"grads[{k}] must be a sequence of {len(params)} tensors, got "
+                                f"{type(row).__name__}")
             if len(row) != len(params):
                 raise ValueError(f"grads[{k}] has {len(row)} tensors, the optimizer holds {len(params)}")
-        states = [self._state_for(p) for p in params]
-        steps = {float(s["step"]) for s in states}
-        if len(steps) != 1:
+        states, fresh = self._states(params)
+        steps = {float(s["step"]) for s in states}  # fresh states count 0
+        if len(steps) > 1:
             raise RuntimeError(f"parameters are at different step counts {sorted(steps)}; "
                                "BalancedAdamW steps all of them together")
         step = int(steps.pop()) + 1
@@ -70,43 +164,61 @@ class BalancedAdamW(torch.optim.Optimizer):
         by_hyper: dict[tuple, list[int]] = {}
         lrs, decays = [], []
         for group in self.param_groups:
-            if group.get("amsgrad") or group.get("maximize"):
-                raise ValueError("BalancedAdamW supports neither amsgrad nor maximize")
+            _check_hyper(group, "")  # a group edited since (a scheduler writing a bad lr)
             for _ in group["params"]:
                 by_hyper.setdefault((tuple(group["betas"]), group["eps"]), []).append(len(lrs))
                 lrs.append(float(group["lr"]))
                 decays.append(float(group["weight_decay"]))
+        if weights.dim() not in (1, 2):
+            raise ValueError(f"weights must be [S, K] (or [K]), got shape {tuple(weights.shape)}")
         if weights.dim() == 1:
             weights = weights.unsqueeze(0)
         seg_ids = _segment_list(segments, len(params), weights.shape[0])
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        if len(by_hyper) > 1:
+            # Several calls: check the whole problem first with a skipped call (validation only,
+            # nothing written), so an error in a later call cannot leave earlier groups stepped.
+            skip_all = torch.ones(1, dtype=torch.bool, device=params[0].device)
+            fb.balanced_adamw_step(grads, weights, seg_ids, params, exp_avgs, exp_avg_sqs,
+                                   lrs=lrs, weight_decays=decays, step=step, skip=skip_all,
+                                   backend=self.backend)
         for (betas, eps), idx in by_hyper.items():
             # The API wants segment ids 0..S'-1 without gaps: renumber this subset's segments.
             used = sorted({seg_ids[i] for i in idx})
             renumber = {s: j for j, s in enumerate(used)}
             sub_weights = weights if len(used) == weights.shape[0] else weights[used]
+            whole = len(idx) == len(params)
+            pick = (lambda seq: seq) if whole else (lambda seq: [seq[i] for i in idx])  # noqa: E731
             fb.balanced_adamw_step(
-                [[row[i] for i in idx] for row in grads], sub_weights,
-                [renumber[seg_ids[i]] for i in idx],
-                [params[i] for i in idx], [states[i]["exp_avg"] for i in idx],
-                [states[i]["exp_avg_sq"] for i in idx], lrs=[lrs[i] for i in idx],
-                weight_decays=[decays[i] for i in idx], beta1=betas[0], beta2=betas[1],
-                eps=eps, step=step, backend=self.backend)
+                [pick(row) for row in grads], sub_weights, [renumber[s] for s in pick(seg_ids)],
+                pick(params), pick(exp_avgs), pick(exp_avg_sqs), lrs=pick(lrs),
+                weight_decays=pick(decays), beta1=betas[0], beta2=betas[1], eps=eps, step=step,
+                backend=self.backend)
+        self.state.update(fresh)
         for s in states:
             s["step"] += 1
         return True
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Plain AdamW on ``p.grad`` (parameters without a gradient count as zero-gradient only
-        if some parameter has one; like torch, a step with no gradient at all does nothing)."""
+        """Plain AdamW on ``p.grad``. Like torch, a step with no gradient at all does nothing;
+        unlike torch.optim.AdamW, which skips parameters whose ``.grad`` is None, a step where
+        only some parameters have one raises (BalancedAdamW steps all of them together)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         params = self.flat_params()
-        if all(p.grad is None for p in params):
+        missing = [i for i, p in enumerate(params) if p.grad is None]
+        if len(missing) == len(params):
             return loss
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if missing:
+            raise ValueError(f"parameters {missing[:5]}{' ...' if len(missing) > 5 else ''} (flat_params() "
+                             "order) have no .grad while others have one: BalancedAdamW steps every "
+                             "parameter together (one step count, weight decay on all); give them a "
+                             "zero gradient or leave them out of the optimizer")
+        grads = [p.grad for p in params]
         dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
         self.balanced_step([grads], torch.ones(1, 1, dtype=dtype, device=params[0].device), None)
         return loss
@@ -118,8 +230,9 @@ class BalancedAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
-        self.skipped_steps = int(state_dict.pop("skipped_steps", 0))
+        skipped = int(state_dict.pop("skipped_steps", 0))
         super().load_state_dict(state_dict)
+        self.skipped_steps = skipped
 
 
 def _segment_list(segments, num_params: int, num_segments: int) -> list[int]:
@@ -127,10 +240,17 @@ def _segment_list(segments, num_params: int, num_segments: int) -> list[int]:
     if segments is None:
         return [0] * num_params
     if isinstance(segments, str):
+        if segments == "global":
+            return [0] * num_params
         if segments == "tensor":
             return list(range(num_params))
-        raise ValueError(f"segments must be None, 'tensor' or P ids, got {segments!r}")
+        raise ValueError(f"segments must be None, 'global', 'tensor' or P ids, got {segments!r}")
     ids = segments.tolist() if isinstance(segments, torch.Tensor) else list(segments)
     if len(ids) != num_params:
         raise ValueError(f"segments has {len(ids)} ids for {num_params} parameters")
+    for p, s in enumerate(ids):
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"segments[{p}] = {s!r} is not an int")
+        if not 0 <= s < num_segments:
+            raise ValueError(f"segments[{p}] = {s} is out of range: weights has {num_segments} rows")
     return [int(i) for i in ids]

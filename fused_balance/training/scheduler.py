@@ -43,11 +43,14 @@ mean entropy over the masked positions: while a component lags, it rewards keepi
 distribution from collapsing (a peaked softmax makes the cross-entropy gradient p − y vanish), so
 gradient keeps flowing into the lagging component; it is exactly zero once balanced.
 
-Defaults: β = 0.9, η = 0.1, δ = 0.05, m ∈ [0.25, 8].
+Defaults: β = 0.9, η = 0.1, δ = 0.05, m ∈ [0.25, 8]. ``history`` keeps the last
+``history_limit`` (default 10 000) step records.
 """
 from __future__ import annotations
 
 import math
+import numbers
+from collections import deque
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -57,10 +60,23 @@ import fused_balance as fb
 __all__ = ["BalanceScheduler"]
 
 
-def _params_of(component) -> list[torch.Tensor]:
+def _params_of(component, name: str = "component") -> list[torch.Tensor]:
     if isinstance(component, torch.nn.Module):
         return [p for p in component.parameters() if p.requires_grad]
-    return list(component)
+    if isinstance(component, (torch.Tensor, str, bytes, Mapping)):
+        raise TypeError(f"component {name!r} must be an nn.Module or a sequence of parameters, got "
+                        f"{type(component).__name__}")
+    try:
+        return list(component)
+    except TypeError:
+        raise TypeError(f"component {name!r} must be an nn.Module or a sequence of parameters, got "
+                        f"{type(component).__name__}") from None
+
+
+def _real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{name} must be a finite real number, got {value!r}")
+    return float(value)
 
 
 class BalanceScheduler:
@@ -69,25 +85,58 @@ class BalanceScheduler:
                  target: Mapping[str, float] | None = None, beta: float = 0.9, eta: float = 0.1,
                  dead_band: float = 0.05, m_min: float = 0.25, m_max: float = 8.0,
                  exact_every: int = 0, probe_fn: Callable[[], torch.Tensor] | None = None,
-                 aux_weight: float = 0.0, backend: str | None = None):
+                 aux_weight: float = 0.0, backend: str | None = None,
+                 history_limit: int | None = 10_000):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(components, Mapping):
+            raise TypeError("components must be a dict {name: module or parameters}, got "
+                            f"{type(components).__name__}")
         if len(components) < 2:
             raise ValueError("BalanceScheduler needs at least two components")
+        beta, eta, dead_band = _real(beta, "beta"), _real(eta, "eta"), _real(dead_band, "dead_band")
+        m_min, m_max = _real(m_min, "m_min"), _real(m_max, "m_max")
+        aux_weight = _real(aux_weight, "aux_weight")
         if not (0.0 <= beta < 1.0) or eta < 0 or dead_band < 0 or not (0 < m_min <= 1.0 <= m_max):
             raise ValueError("need 0 <= beta < 1, eta >= 0, dead_band >= 0, 0 < m_min <= 1 <= m_max")
+        if aux_weight < 0:
+            raise ValueError(f"aux_weight must be >= 0, got {aux_weight}")
+        if isinstance(exact_every, bool) or not isinstance(exact_every, int) or exact_every < 0:
+            raise TypeError(f"exact_every must be an int >= 0, got {exact_every!r}")
         if exact_every and probe_fn is None:
             raise ValueError("exact_every needs a probe_fn() returning logits on a fixed probe batch")
+        if probe_fn is not None and not callable(probe_fn):
+            raise TypeError(f"probe_fn must be callable, got {type(probe_fn).__name__}")
+        if history_limit is not None and (isinstance(history_limit, bool) or not isinstance(history_limit, int)
+                                          or history_limit < 1):
+            raise ValueError(f"history_limit must be None (unbounded) or an int >= 1, got {history_limit!r}")
         self.optimizer = optimizer
         self.names = list(components)
+        if any(not isinstance(n, str) for n in self.names):
+            raise TypeError(f"component names must be str, got {self.names!r}")
         C = len(self.names)
-        self.component_params = {n: _params_of(components[n]) for n in self.names}
+        self.component_params = {n: _params_of(components[n], n) for n in self.names}
         owner: dict[int, int] = {}
+        device = None
         for c, n in enumerate(self.names):
             if not self.component_params[n]:
                 raise ValueError(f"component {n!r} has no trainable parameter")
-            for p in self.component_params[n]:
+            for j, p in enumerate(self.component_params[n]):
+                label = f"component {n!r} parameter {j}"
+                if not isinstance(p, torch.Tensor):
+                    raise TypeError(f"{label} is a {type(p).__name__}, not a tensor")
+                if not p.requires_grad:
+                    raise ValueError(f"{label} does not require grad (frozen): it is never updated, "
+                                     "leave it out of the component")
                 if id(p) in owner:
-                    raise ValueError(f"a parameter belongs to both {self.names[owner[id(p)]]!r} and {n!r}")
+                    other = self.names[owner[id(p)]]
+                    raise ValueError(f"{label} appears twice" if other == n else
+                                     f"a parameter belongs to both {other!r} and {n!r}")
                 owner[id(p)] = c
+                device = device or p.device
+                if p.device != device:
+                    raise ValueError(f"{label} is on {p.device} but the others are on {device}: the "
+                                     "fused statistics need every component on one device")
         # Param group -> component (every group's parameters must belong to a single component).
         self.group_component: list[int | None] = []
         in_optimizer = set()
@@ -102,8 +151,14 @@ class BalanceScheduler:
         if missing:
             raise ValueError(f"components {missing} have parameters the optimizer does not hold")
         tgt = dict(target) if target is not None else {n: 1.0 / C for n in self.names}
-        if set(tgt) != set(self.names) or any(v <= 0 for v in tgt.values()):
-            raise ValueError("target needs one positive share per component")
+        absent = [n for n in self.names if n not in tgt]
+        unknown = [n for n in tgt if n not in self.names]
+        if absent or unknown:
+            raise ValueError(f"target needs one share per component {self.names}: "
+                             f"missing {absent}, unknown {unknown}")
+        for n, v in tgt.items():
+            if _real(v, f"target[{n!r}]") <= 0:
+                raise ValueError(f"target[{n!r}] = {v} must be > 0")
         total = sum(tgt.values())
         self.target = [tgt[n] / total for n in self.names]
         self.beta, self.eta, self.dead_band = float(beta), float(eta), float(dead_band)
@@ -119,7 +174,8 @@ class BalanceScheduler:
         self.step_count = 0
         self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
         self._written = list(self.base_lrs)
-        self.history: list[dict] = []
+        self.history_limit = history_limit
+        self.history: deque = deque(maxlen=history_limit)  # one record per step, the last history_limit
         self._snapshot: list[torch.Tensor] | None = None
         self._snapshot_fresh = False
         self._hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.snapshot())
@@ -257,6 +313,14 @@ class BalanceScheduler:
     def auxiliary_loss(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """−aux_weight · lag · mean entropy of softmax(logits) over ``mask`` (see the module
         docstring); a zero tensor when aux_weight is 0 or the components are balanced."""
+        if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point or logits.dim() < 1:
+            raise TypeError("logits must be a floating tensor [..., vocab]")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+                raise TypeError("mask must be a bool tensor of logits.shape[:-1]")
+            if mask.shape != logits.shape[:-1] or mask.device != logits.device:
+                raise ValueError(f"mask has shape {tuple(mask.shape)} on {mask.device}, expected "
+                                 f"{tuple(logits.shape[:-1])} on {logits.device}")
         weight = self.aux_weight * self.lag()
         if weight == 0.0:
             return logits.new_zeros(())
@@ -279,11 +343,28 @@ class BalanceScheduler:
                 "peak_total": self.peak_total, "step": self.step_count, "base_lrs": list(self.base_lrs),
                 "written": list(self._written), "history": [dict(h) for h in self.history]}
 
+    _STATE_KEYS = ("names", "target", "beta", "eta", "dead_band", "m_min", "m_max", "exact_every",
+                   "aux_weight", "log_multipliers", "scores_ema", "shares_ema", "peak_total", "step",
+                   "base_lrs", "written", "history")
+
     def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict; everything is checked first, so a mismatch changes nothing."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"a BalanceScheduler state must be a dict, got {type(state).__name__}")
+        absent = [k for k in self._STATE_KEYS if k not in state]
+        if absent:
+            raise ValueError(f"not a BalanceScheduler state: missing {absent}")
         if state["names"] != self.names:
             raise ValueError(f"checkpoint components {state['names']} differ from {self.names}")
-        if len(state["base_lrs"]) != len(self.optimizer.param_groups):
+        if len(state["base_lrs"]) != len(self.optimizer.param_groups) or \
+                len(state["written"]) != len(self.optimizer.param_groups):
             raise ValueError("checkpoint has a different number of optimizer param groups")
+        C = len(self.names)
+        for key in ("target", "log_multipliers"):
+            if len(state[key]) != C:
+                raise ValueError(f"checkpoint {key} has {len(state[key])} entries for {C} components")
+        if state["exact_every"] and self.probe_fn is None:
+            raise ValueError("checkpoint uses exact_every but this scheduler has no probe_fn")
         for key in ("target", "beta", "eta", "dead_band", "m_min", "m_max", "exact_every",
                     "aux_weight"):
             setattr(self, key, state[key])
@@ -294,6 +375,6 @@ class BalanceScheduler:
         self.step_count = int(state["step"])
         self.base_lrs = list(state["base_lrs"])
         self._written = list(state["written"])
-        self.history = [dict(h) for h in state["history"]]
+        self.history = deque((dict(h) for h in state["history"]), maxlen=self.history_limit)
         for group, lr in zip(self.optimizer.param_groups, self._written):
             group["lr"] = lr

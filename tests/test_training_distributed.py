@@ -1,0 +1,202 @@
+"""ParetoLoRA with a process group, real processes (gloo on 127.0.0.1, 2 ranks, forkserver as
+in tests/test_distributed.py), every available backend, torch AdamW and the fused path:
+
+- ``distributed="data"``: each rank trains on its own micro-batch; the bank's [K, N] buffer is
+  averaged in one all-reduce. After 3 steps the parameters equal one process trained on the
+  concatenated batch (to fp32 tolerance), and are bitwise identical on every rank.
+- ``distributed="sharded"``: a tensor-parallel MLP (column-parallel first layer, row-parallel
+  second layer, the output bias held by rank 0 only, an empty shard elsewhere); only the Gram
+  partials travel. After 3 steps the gathered shards equal the unsharded model's parameters.
+"""
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import fused_balance as fb
+from fused_balance.training import ParetoLoRA
+from test_distributed import _free_port  # the shared spawning helpers live there
+
+WORLD = 2
+STEPS = 3
+BATCH = 8  # global batch, split over the ranks in data mode
+D_IN, HIDDEN, D_OUT = 6, 8, 3
+LR = 1e-2
+TIMEOUT_S = 120
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+# ----------------------------------------------------------------------------- shared problem
+class Net(torch.nn.Module):
+    """Two layers under ``layers.<i>`` so that segments="layer" gives one segment per layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1234)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(D_IN, HIDDEN), torch.nn.Linear(HIDDEN, D_OUT)])
+
+    def forward(self, x):
+        return self.layers[1](torch.tanh(self.layers[0](x)))
+
+
+def batch(step):
+    gen = torch.Generator().manual_seed(100 + step)
+    x = torch.randn(BATCH, D_IN, generator=gen)
+    t = torch.randn(BATCH, 2, generator=gen)
+    mix = torch.tensor([[1.0, 0.5, 0.0], [-0.3, 0.2, 1.0]])  # objective k reads y @ mix[k]
+    return x, t, mix
+
+
+def objectives(y, t, mix, scale=1.0):
+    return {name: scale * ((y @ mix[k] - t[:, k]) ** 2).mean() for k, name in enumerate(("text", "image"))}
+
+
+def make_optimizer(fused):
+    return "fused_adamw" if fused else (lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.01))
+
+
+def train_single(fused, backend):
+    """One process, the whole batch: the reference for both modes."""
+    model = Net()
+    balancer = ParetoLoRA(model, make_optimizer(fused), backend=backend, lr=LR, weight_decay=0.01)
+    for step in range(STEPS):
+        x, t, mix = batch(step)
+        balancer.step(objectives(model(x), t, mix))
+        balancer.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, balancer.history
+
+
+# ----------------------------------------------------------------------------- rank scenarios
+def _data_parallel(rank, fused, backend):
+    model = Net()
+    balancer = ParetoLoRA(model, make_optimizer(fused), backend=backend, lr=LR, weight_decay=0.01,
+                          process_group=dist.group.WORLD, distributed="data")
+    for step in range(STEPS):
+        x, t, mix = batch(step)
+        xs, ts = x.chunk(WORLD)[rank], t.chunk(WORLD)[rank]
+        balancer.step(objectives(model(xs), ts, mix))
+        balancer.zero_grad()
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "weights": [h["weights"] for h in balancer.history], "segments": balancer.segment_names}
+
+
+def _tensor_parallel(rank, fused, backend):
+    """Megatron-style MLP: rank r holds rows r of W1/b1 and columns r of W2; the output bias
+    lives on rank 0 (an empty shard elsewhere). The loss is divided by the world size because
+    the backward of the differentiable all-reduce sums the (identical) output gradients."""
+    from torch.distributed.nn.functional import all_reduce
+
+    full = Net()
+    rows = lambda t: t.detach().tensor_split(WORLD, dim=0)[rank].clone()  # noqa: E731
+    w1 = torch.nn.Parameter(rows(full.layers[0].weight))
+    b1 = torch.nn.Parameter(rows(full.layers[0].bias))
+    w2 = torch.nn.Parameter(full.layers[1].weight.detach().tensor_split(WORLD, dim=1)[rank].clone())
+    b2 = torch.nn.Parameter(full.layers[1].bias.detach().clone() if rank == 0 else torch.zeros(0))
+    named = [("layers.0.weight", w1), ("layers.0.bias", b1), ("layers.1.weight", w2), ("layers.1.bias", b2)]
+    balancer = ParetoLoRA(named, make_optimizer(fused), backend=backend, lr=LR, weight_decay=0.01,
+                          process_group=dist.group.WORLD, distributed="sharded")
+    for step in range(STEPS):
+        x, t, mix = batch(step)
+        partial = torch.tanh(x @ w1.T + b1) @ w2.T
+        if rank == 0:
+            partial = partial + b2
+        y = all_reduce(partial, group=dist.group.WORLD)
+        balancer.step(objectives(y, t, mix, scale=1.0 / WORLD))
+        balancer.zero_grad()
+    return {"params": {n: p.detach().clone() for n, p in named},
+            "weights": [h["weights"] for h in balancer.history]}
+
+
+def _rank_main(rank, world, port, outdir, backends):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        results = {}
+        for backend in backends:
+            for fused in (False, True):
+                results["data", backend, fused] = _data_parallel(rank, fused, backend)
+                results["sharded", backend, fused] = _tensor_parallel(rank, fused, backend)
+        dist.barrier()
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- spawning
+BACKENDS = fb.available_backends("cpu")
+_RESULTS: dict = {}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """Start WORLD ranks once (forkserver, like tests/test_distributed.py) and load their results."""
+    if "ranks" not in _RESULTS:
+        for backend in BACKENDS:  # build/load every backend here first, not in each rank
+            fb.gram([[torch.ones(2)], [torch.ones(2)]], backend=backend)
+        outdir = tmp_path_factory.mktemp("pareto_ranks")
+        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+        if method == "forkserver":
+            mp.get_context("forkserver").set_forkserver_preload(["torch", "fused_balance", __name__])
+        started = time.monotonic()
+        context = mp.start_processes(_rank_main, args=(WORLD, _free_port(), str(outdir), BACKENDS),
+                                     nprocs=WORLD, join=False, start_method=method)
+        deadline = started + TIMEOUT_S
+        try:
+            while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{WORLD} ranks did not finish within {TIMEOUT_S} s (hang?)")
+        finally:
+            for process in context.processes:  # only the processes this test started
+                if process.is_alive():
+                    process.kill()
+        _RESULTS["ranks"] = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
+                             for r in range(WORLD)]
+        _RESULTS["seconds"] = time.monotonic() - started
+    return _RESULTS["ranks"]
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- checks
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-adamw", "fused"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_data_parallel_pareto_lora_equals_one_process_on_the_whole_batch(ranks, backend, fused):
+    want, history = train_single(fused, backend)
+    got = [r["data", backend, fused] for r in ranks]
+    assert got[0]["segments"] == ["layers.0", "layers.1"]  # per-layer segments
+    moved = False
+    for g in got:
+        for name, value in want.items():
+            close(g["params"][name], value)
+        for w_got, h in zip(g["weights"], history):
+            close(w_got, h["weights"])
+        moved |= any(not torch.equal(g["params"][n], v) for n, v in Net().named_parameters())
+    assert moved
+    for name in want:  # the ranks never diverge: the same bits everywhere
+        assert torch.equal(got[0]["params"][name], got[1]["params"][name]), name
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-adamw", "fused"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharded_pareto_lora_equals_the_unsharded_model(ranks, backend, fused):
+    want, history = train_single(fused, backend)
+    got = [r["sharded", backend, fused] for r in ranks]
+    assert got[1]["params"]["layers.1.bias"].numel() == 0  # an empty shard took part
+    close(torch.cat([g["params"]["layers.0.weight"] for g in got]), want["layers.0.weight"])
+    close(torch.cat([g["params"]["layers.0.bias"] for g in got]), want["layers.0.bias"])
+    close(torch.cat([g["params"]["layers.1.weight"] for g in got], dim=1), want["layers.1.weight"])
+    close(got[0]["params"]["layers.1.bias"], want["layers.1.bias"])
+    for g in got:
+        for w_got, h in zip(g["weights"], history):
+            close(w_got, h["weights"])
+        assert all(torch.equal(a, b) for a, b in zip(g["weights"], got[0]["weights"]))
