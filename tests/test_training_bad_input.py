@@ -525,3 +525,12 @@ def test_scheduler_load_state_dict_mismatch_changes_nothing():
         with pytest.raises(ValueError, match=match):
             sched.load_state_dict(state)
         assert same(before, view(sched))
+
+
+def test_unknown_or_unavailable_backend_fails_at_construction():
+    model = Tiny()
+    with pytest.raises(ValueError, match="backend 'cuda-magic' cannot run on cpu"):
+        ParetoLoRA(model, None, backend="cuda-magic")
+    with pytest.raises(ValueError, match="backend 'cuda-magic' cannot run on cpu"):
+        BalancedAdamW(model.parameters(), backend="cuda-magic")
+    assert all(p.grad is None for p in model.parameters())

@@ -78,13 +78,25 @@ def _data_parallel(rank, fused, backend):
     model = Net()
     balancer = ParetoLoRA(model, make_optimizer(fused), backend=backend, lr=LR, weight_decay=0.01,
                           process_group=dist.group.WORLD, distributed="data")
-    for step in range(STEPS):
-        x, t, mix = batch(step)
-        xs, ts = x.chunk(WORLD)[rank], t.chunk(WORLD)[rank]
-        balancer.step(objectives(model(xs), ts, mix))
-        balancer.zero_grad()
+    reduced = []  # numel of every all-reduce the steps issue
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        reduced.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        for step in range(STEPS):
+            x, t, mix = batch(step)
+            xs, ts = x.chunk(WORLD)[rank], t.chunk(WORLD)[rank]
+            balancer.step(objectives(model(xs), ts, mix))
+            balancer.zero_grad()
+    finally:
+        dist.all_reduce = original
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-            "weights": [h["weights"] for h in balancer.history], "segments": balancer.segment_names}
+            "weights": [h["weights"] for h in balancer.history], "segments": balancer.segment_names,
+            "reduced": reduced, "bank_numel": balancer.bank.buffer.numel()}
 
 
 def _tensor_parallel(rank, fused, backend):
@@ -174,6 +186,9 @@ def test_data_parallel_pareto_lora_equals_one_process_on_the_whole_batch(ranks, 
     want, history = train_single(fused, backend)
     got = [r["data", backend, fused] for r in ranks]
     assert got[0]["segments"] == ["layers.0", "layers.1"]  # per-layer segments
+    for g in got:  # one collective per step: the whole [K, N] bank
+        assert g["reduced"] == [g["bank_numel"]] * STEPS
+        assert g["bank_numel"] == 2 * sum(p.numel() for p in Net().parameters())
     moved = False
     for g in got:
         for name, value in want.items():

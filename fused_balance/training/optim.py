@@ -69,6 +69,10 @@ class BalancedAdamW(torch.optim.Optimizer):
             raise TypeError("params must be an iterable of tensors or param-group dicts, got a single "
                             "Tensor; wrap it in a list")
         super().__init__(params, defaults)
+        device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else None
+        if backend not in (None, "auto") and device is not None and backend not in fb.available_backends(device):
+            raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors here; available: "
+                             f"{fb.available_backends(device)} (or None / 'auto')")
         self.backend = backend
         self.skipped_steps = 0
 

@@ -98,6 +98,13 @@ def _named(model_or_params) -> list[tuple[str, torch.Tensor]]:
     return named
 
 
+def _check_backend(backend, device) -> None:
+    """Fail at construction, not halfway through the first step."""
+    if backend not in (None, "auto") and backend not in fb.available_backends(device):
+        raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors here; available: "
+                         f"{fb.available_backends(device)} (or None / 'auto')")
+
+
 def _history_limit(value) -> int | None:
     if value is None:
         return None
@@ -117,6 +124,9 @@ class ParetoLoRA:
     Trainable parameters outside the balanced set (when an explicit list is given) receive the
     plain sum of the objectives' gradients with ``fill="backward"`` and nothing with
     ``fill="batched"``.
+
+    ``process_group`` / ``distributed``: balance across ranks (see the module docstring); the
+    optimizer then sees the same balanced gradient on every rank, so the ranks stay identical.
 
     ``history_limit``: the history keeps the last that many recorded steps (a ring buffer; None:
     all of them). Each entry holds a few [S, K] tensors on the training device until
@@ -149,6 +159,7 @@ class ParetoLoRA:
         self.process_group, self.distributed = process_group, distributed
         self.named_params = _named(model_or_params)
         self.params = [p for _, p in self.named_params]
+        _check_backend(backend, self.params[0].device)
         self.segment_ids, self.segment_names = segment_ids_for(self.named_params, segments)
         self.segments_rule = segments if isinstance(segments, str) else "callable"
         self.policy, self.tau, self.rescale = policy, float(tau), rescale
