@@ -186,7 +186,7 @@ def time_optimizers(shapes, segment_ids, backend: str, repeats: int, policy: str
     """Per-step optimizer cost with K = 2 objectives' gradients already computed:
     (a) torch.optim.AdamW(foreach) on one precomputed gradient (vanilla's optimizer step);
     (b) fb.pareto_combine into .grad + torch.optim.AdamW(foreach);
-    (c) BalancedAdamW: fb.gram -> fb.policy_weights -> fused fb.balanced_adamw_step."""
+    (c) BalancedAdamW: fb.pareto_weights -> fused fb.balanced_adamw_step."""
     import fused_balance as fb
     from fused_balance.training import BalancedAdamW, GradBank
 
@@ -211,9 +211,8 @@ def time_optimizers(shapes, segment_ids, backend: str, repeats: int, policy: str
     fused_grads = [[g for g in row] for row in bank.grads]
 
     def fused_step():
-        G = fb.gram(fused_grads, segment_ids, backend=backend)
-        weights, _ = fb.policy_weights(G, policy, tau=tau)
-        fused_opt.balanced_step(fused_grads, weights, segment_ids)
+        res = fb.pareto_weights(fused_grads, segment_ids, policy=policy, tau=tau, backend=backend)
+        fused_opt.balanced_step(fused_grads, res.weights, segment_ids, skip=res.found_inf)
 
     result["fused_balanced_adamw_ms"] = 1e3 * _median_time(fused_step, repeats)
     return result
