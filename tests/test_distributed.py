@@ -214,7 +214,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_world(world, outdir):
+def run_ranks(rank_main, world, outdir, caller_module, timeout_s):
+    """Start ``world`` ranks of ``rank_main(rank, world, port, outdir, BACKENDS)``, wait at most
+    ``timeout_s`` (a hang fails the test), and load each rank's ``rank{r}.pt``. Shared by the
+    distributed test files."""
     # Build/load every backend here first, so the ranks only load cached kernels.
     for backend in BACKENDS:
         fb.gram([[torch.ones(2)], [torch.ones(2)]], backend=backend)
@@ -223,19 +226,23 @@ def _run_world(world, outdir):
     # plain fork, the server never ran an OpenMP region, so forking it is safe.
     start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     if start_method == "forkserver":
-        mp.get_context("forkserver").set_forkserver_preload(["torch", "fused_balance", __name__])
-    context = mp.start_processes(_rank_main, args=(world, _free_port(), str(outdir), BACKENDS),
+        mp.get_context("forkserver").set_forkserver_preload(["torch", "fused_balance", caller_module])
+    context = mp.start_processes(rank_main, args=(world, _free_port(), str(outdir), BACKENDS),
                                  nprocs=world, join=False, start_method=start_method)
-    deadline = time.monotonic() + WORLD_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     try:
         while not context.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
-                pytest.fail(f"{world} ranks did not finish within {WORLD_TIMEOUT_S} s (hang?)")
+                pytest.fail(f"{world} ranks did not finish within {timeout_s} s (hang?)")
     finally:
         for process in context.processes:  # only the processes this test started
             if process.is_alive():
                 process.kill()
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def _run_world(world, outdir):
+    return run_ranks(_rank_main, world, outdir, __name__, WORLD_TIMEOUT_S)
 
 
 _RESULTS: dict = {}

@@ -17,11 +17,10 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import fused_balance as fb
 from fused_balance.training import ParetoLoRA
-from test_distributed import _free_port  # the shared spawning helpers live there
+from test_distributed import run_ranks  # the shared spawning helper lives there
 
 WORLD = 2
 STEPS = 3
@@ -151,26 +150,9 @@ _RESULTS: dict = {}
 def ranks(tmp_path_factory):
     """Start WORLD ranks once (forkserver, like tests/test_distributed.py) and load their results."""
     if "ranks" not in _RESULTS:
-        for backend in BACKENDS:  # build/load every backend here first, not in each rank
-            fb.gram([[torch.ones(2)], [torch.ones(2)]], backend=backend)
         outdir = tmp_path_factory.mktemp("pareto_ranks")
-        method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
-        if method == "forkserver":
-            mp.get_context("forkserver").set_forkserver_preload(["torch", "fused_balance", __name__])
         started = time.monotonic()
-        context = mp.start_processes(_rank_main, args=(WORLD, _free_port(), str(outdir), BACKENDS),
-                                     nprocs=WORLD, join=False, start_method=method)
-        deadline = started + TIMEOUT_S
-        try:
-            while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-                if time.monotonic() > deadline:
-                    pytest.fail(f"{WORLD} ranks did not finish within {TIMEOUT_S} s (hang?)")
-        finally:
-            for process in context.processes:  # only the processes this test started
-                if process.is_alive():
-                    process.kill()
-        _RESULTS["ranks"] = [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
-                             for r in range(WORLD)]
+        _RESULTS["ranks"] = run_ranks(_rank_main, WORLD, outdir, __name__, TIMEOUT_S)
         _RESULTS["seconds"] = time.monotonic() - started
     return _RESULTS["ranks"]
 
