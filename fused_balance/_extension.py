@@ -1,5 +1,9 @@
 """Build (JIT, with ninja) and load the C++/CUDA extension that registers torch.ops.fused_balance.*.
 
+The sources are the package's ``csrc/`` folder in an installed wheel (the build ships them as
+package data) or the checkout's top-level ``csrc/`` in an editable install; every ``*.cpp`` (and,
+when CUDA builds, every ``*.cu``) in it is compiled, so a new source file needs no registration here.
+
 The build lands in a cache folder keyed on the torch version, CUDA-or-not and a hash of the sources
 and flags, so a stale build is never loaded: ``$FUSED_BALANCE_BUILD_DIR`` if set, else
 ``~/.cache/fused_balance/``. CUDA kernels are compiled when torch has CUDA and a CUDA toolkit is
@@ -25,7 +29,19 @@ import torch
 __all__ = ["build", "load", "is_built", "build_info", "EXTENSION_NAME", "CSRC_DIR"]
 
 EXTENSION_NAME = "fused_balance_C"
-CSRC_DIR = Path(__file__).resolve().parents[1] / "csrc"
+# What the wheel ships from csrc/ (pyproject.toml's package-data lists the same patterns) and
+# what the build hash covers: the checkout and an installed wheel share one cached build.
+SOURCE_PATTERNS = ("*.cpp", "*.cu", "*.h", "*.cuh")
+
+
+def _find_sources() -> Path:
+    """The installed package's csrc/ first, else the checkout's (editable install)."""
+    package = Path(__file__).resolve().parent
+    candidates = (package / "csrc", package.parent / "csrc")
+    return next((c for c in candidates if any(c.glob("*.cpp"))), candidates[-1])
+
+
+CSRC_DIR = _find_sources()
 
 # -ffp-contract=off: no silent FMA contraction, so the combine / AdamW roundings are those of the
 # reference on every ISA path. -fno-math-errno lets sqrt vectorise; it is not -ffast-math.
@@ -118,15 +134,17 @@ def _plan(cpu_only_reason: str | None = None) -> _Plan:
     cuda_home, reason = _find_cuda() if cpu_only_reason is None else (None, cpu_only_reason)
     cuda = cuda_home is not None
     sources = sorted(str(p) for p in CSRC_DIR.glob("*.cpp"))
+    if not sources:
+        raise FileNotFoundError(f"no C++ sources (*.cpp) in {CSRC_DIR}: the package is installed "
+                                "without its csrc/ folder")
     if cuda:
         sources += sorted(str(p) for p in CSRC_DIR.glob("*.cu"))
     cflags = list(_CXX_FLAGS) + (["-DFUSED_BALANCE_WITH_CUDA=1"] if cuda else [])
     cuda_cflags = list(_NVCC_FLAGS) if cuda else []
     digest = hashlib.sha256()
-    for path in sorted(CSRC_DIR.iterdir()):  # headers too
-        if path.is_file():
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+    for path in sorted({p for pattern in SOURCE_PATTERNS for p in CSRC_DIR.glob(pattern)}):  # headers too
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     # The toolkit's real path, so /usr/local/cuda and the folder it links to share one build.
     toolkit = os.path.realpath(cuda_home) if cuda_home else None
     digest.update(repr((cflags, cuda_cflags, _LD_FLAGS, toolkit, sysconfig.get_config_var("EXT_SUFFIX"),
@@ -164,7 +182,26 @@ def _import_cpp_extension():
     return cpp_extension
 
 
+def _import_built(library: Path):
+    """Import a finished build directly. The build folder is keyed on the sources' content, not
+    their location, so the checkout and an installed wheel share it; going through ninja instead
+    would rebuild whenever the sources' path differs from the one recorded in build.ninja."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(EXTENSION_NAME, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _compile(plan: _Plan, verbose: bool):
+    library = _library_path(plan)
+    # torch holds build_dir/lock while it builds: then wait for that build through load() below.
+    if library.exists() and not (plan.build_dir / "lock").exists():
+        try:
+            return _import_built(library)
+        except ImportError:
+            pass  # a damaged file: let ninja rebuild it
     cpp_extension = _import_cpp_extension()
 
     if plan.cuda:

@@ -29,7 +29,6 @@ Methods (all of them required):
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
 
 import torch
 
@@ -48,13 +47,7 @@ _MODULES = {
 _default = {"name": "auto"}
 
 
-@dataclass(frozen=True)
-class _Entry:
-    name: str
-    module: object
-
-
-_cache: dict[str, _Entry | Exception] = {}
+_cache: dict[str, object] = {}  # name -> the imported module, or the exception importing it raised
 
 
 def get_backend(name: str):
@@ -64,21 +57,25 @@ def get_backend(name: str):
         raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} or 'auto'")
     if name not in _cache:
         try:
-            _cache[name] = _Entry(name, importlib.import_module(_MODULES[name]))
+            _cache[name] = importlib.import_module(_MODULES[name])
         except Exception as exc:  # a missing compiler or Triton must not break the others
             _cache[name] = exc
     entry = _cache[name]
     if isinstance(entry, Exception):
         raise RuntimeError(f"backend {name!r} cannot be loaded: {entry}") from entry
-    return entry.module
+    return entry
 
 
 def availability(name: str, device: torch.device | str = "cpu") -> tuple[bool, str]:
+    """(can backend ``name`` run on ``device`` here, why). Never raises for a broken backend."""
     try:
         module = get_backend(name)
     except RuntimeError as exc:
         return False, str(exc)
-    return module.availability(torch.device(device))
+    try:
+        return module.availability(torch.device(device))
+    except Exception as exc:  # e.g. the C++ sources missing from an install: report, don't break the others
+        return False, f"backend {name!r} cannot check its availability: {type(exc).__name__}: {exc}"
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:

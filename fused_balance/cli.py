@@ -18,7 +18,12 @@ def _info(args) -> int:
           f"(CUDA build: {torch.version.cuda or 'no'}), GPU present: {torch.cuda.is_available()}")
     print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch CPU capability: {torch.backends.cpu.get_cpu_capability()}")
-    if _extension.is_built():
+    try:
+        built = _extension.is_built()
+    except FileNotFoundError as exc:  # an install without its C++ sources: say so, report the rest
+        built = None
+        print(f"C++ extension: cannot be built ({exc})")
+    if built:
         info = _extension.build_info()
         print("C++ extension: built in", info.get("build_dir"))
         print(f"  CPU kernel path: {info.get('cpu_isa')}")
@@ -26,7 +31,7 @@ def _info(args) -> int:
             print(f"  CUDA kernels: compiled for {', '.join(info.get('cuda_archs', []))}")
         else:
             print(f"  CUDA kernels: not compiled ({info.get('cuda_reason')})")
-    else:
+    elif built is not None:
         print("C++ extension: not built yet (run `fused-balance build`; it also builds at first use)")
     try:
         from fused_balance.kernels import backend as triton_backend
