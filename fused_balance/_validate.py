@@ -332,8 +332,3 @@ def check_active(active, G: torch.Tensor) -> torch.Tensor | None:
     if tuple(active.shape) != (S, K):
         raise ValueError(f"active has shape {tuple(active.shape)}, expected [S={S}, K={K}]")
     return active
-
-
-def check_sequence_len(seq: Sequence, n: int, name: str) -> None:
-    if len(seq) != n:
-        raise ValueError(f"{name} has {len(seq)} entries, expected {n}")

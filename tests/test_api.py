@@ -7,25 +7,9 @@ from hypothesis import given, strategies as st
 
 import fused_balance as fb
 from fused_balance import reference
+from shared import TOLERANCE, random_grads
 
 BACKENDS = fb.available_backends("cpu")
-TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (1e-4, 1e-5),
-       torch.bfloat16: (2e-2, 2e-2), torch.float16: (2e-3, 2e-3)}
-
-
-def make_grads(K, sizes, dtype, seed, noncontiguous=False):
-    gen = torch.Generator().manual_seed(seed)
-    grads = []
-    for _ in range(K):
-        row = []
-        for n in sizes:
-            if noncontiguous:  # every other element of a twice-longer buffer
-                t = torch.randn(2 * n, generator=gen, dtype=torch.float64)[::2]
-            else:
-                t = torch.randn(n, generator=gen, dtype=torch.float64)
-            row.append(t.to(dtype))
-        grads.append(row)
-    return grads
 
 
 def reference_gram64(grads, ids, S):
@@ -54,17 +38,18 @@ sizes_st = st.lists(st.sampled_from([1, 2, 3, 7, 8, 15, 16, 17, 31, 64, 127, 300
        dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
        mode=st.sampled_from(["global", "tensor", "ids"]), noncontig=st.booleans(), seed=st.integers(0, 2**16))
 def test_gram_and_combine_match_float64_reference(backend, K, sizes, dtype, mode, noncontig, seed):
-    grads = make_grads(K, sizes, dtype, seed, noncontig)
+    grads = random_grads(K, sizes, dtype, seed, noncontiguous=noncontig)
     segments, ids, S = segment_ids(mode, len(sizes), seed)
     G = fb.gram(grads, segments, backend=backend)
     assert G.shape == (S, K, K)
     assert G.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     want = reference_gram64(grads, ids, S)
-    rtol, atol = TOL[dtype]
+    rtol, atol = TOLERANCE[dtype]["gram"]
     scale = want.abs().amax().item() + 1.0
     torch.testing.assert_close(G.double(), want, rtol=rtol, atol=atol * scale)
 
     w = torch.rand(S, K, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) - 0.3
+    rtol, atol = TOLERANCE[dtype]["output"]
     out = fb.combine(grads, w, segments, backend=backend)
     for p, o in enumerate(out):
         assert o.dtype == dtype and o.shape == grads[0][p].shape
@@ -80,7 +65,7 @@ def test_gram_and_combine_match_float64_reference(backend, K, sizes, dtype, mode
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("policy", ["sum", "mgda", "pareto_lora"])
 def test_pareto_combine_is_gram_weights_combine(backend, policy):
-    grads = make_grads(2, [33, 5, 70, 1, 9], torch.float32, 11)
+    grads = random_grads(2, [33, 5, 70, 1, 9], torch.float32, 11)
     grads[1] = [-0.5 * g + 0.01 * torch.randn_like(g) for g in grads[1]]  # conflict in some segments
     ids = [0, 0, 1, 1, 2]
     res = fb.pareto_combine(grads, ids, policy=policy, backend=backend)
@@ -100,7 +85,7 @@ def test_pareto_combine_is_gram_weights_combine(backend, policy):
 
 def test_mgda_combination_does_not_conflict_with_any_objective():
     # The min-norm direction d satisfies <d, g_k> >= |d|^2 >= 0 for every k (non-conflicting).
-    grads = make_grads(3, [50, 20], torch.float64, 5)
+    grads = random_grads(3, [50, 20], torch.float64, 5)
     res = fb.pareto_combine(grads, policy="mgda", backend="torch")
     d = torch.cat([t.reshape(-1) for t in res.combined])
     for k in range(3):
@@ -136,7 +121,7 @@ def test_zero_objective_is_left_out_by_policies():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nonfinite_gradient_flags_and_leaves_out_untouched(backend):
-    grads = make_grads(2, [8, 3], torch.float32, 0)
+    grads = random_grads(2, [8, 3], torch.float32, 0)
     grads[1][0][2] = float("nan")
     out = [torch.full((8,), 3.0), torch.full((3,), 3.0)]
     res = fb.pareto_combine(grads, policy="pareto_lora", out=out, backend=backend)

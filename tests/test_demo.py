@@ -7,13 +7,7 @@ import torch
 from fused_balance.demo.data import VOCAB, make_batch
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to busy neighbours."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.mark.parametrize("max_objects", [1, 2])
@@ -31,8 +25,7 @@ def test_data_is_consistent(max_objects):
     assert fg_rows.min() >= 2 and fg_rows.max() <= 4 * max_objects
 
 
-@pytest.mark.parametrize("via_cli", [True])
-def test_train_command_writes_report(tmp_path, via_cli):
+def test_train_command_writes_report(tmp_path):
     out = tmp_path / "demo"
     argv = ["train", "--steps", "5", "--seeds", "1", "--out", str(out), "--timing-repeats", "3",
             "--no-progress"]

@@ -15,6 +15,7 @@ import torch
 
 import fused_balance as fb
 from fused_balance import api, reference
+from shared import random_grads
 
 BACKENDS = fb.available_backends("cpu")
 F32_MAX = torch.finfo(torch.float32).max
@@ -29,15 +30,6 @@ def assert_unchanged(before, *groups):
         for a, b in zip(old, new):
             assert torch.equal(a, b) or (torch.isnan(a).any() and torch.equal(a.isnan(), b.isnan())
                                          and torch.equal(a.nan_to_num(), b.nan_to_num()))
-
-
-def random_grads(K, shapes, seed, dtype=torch.float32, scales=None):
-    gen = torch.Generator().manual_seed(seed)
-    grads = []
-    for k in range(K):
-        scale = 1.0 if scales is None else scales[k]
-        grads.append([(torch.randn(s, generator=gen, dtype=torch.float64) * scale).to(dtype) for s in shapes])
-    return grads
 
 
 def adamw_state(shapes, seed, dtype=torch.float32):

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 import fused_balance as fb
 from fused_balance.training import ParetoLoRA
-from test_distributed import run_ranks  # the shared spawning helper lives there
+from shared import run_ranks
 
 WORLD = 2
 STEPS = 3
@@ -152,7 +152,7 @@ def ranks(tmp_path_factory):
     if "ranks" not in _RESULTS:
         outdir = tmp_path_factory.mktemp("pareto_ranks")
         started = time.monotonic()
-        _RESULTS["ranks"] = run_ranks(_rank_main, WORLD, outdir, __name__, TIMEOUT_S)
+        _RESULTS["ranks"] = run_ranks(_rank_main, WORLD, outdir, __name__, TIMEOUT_S, BACKENDS)
         _RESULTS["seconds"] = time.monotonic() - started
     return _RESULTS["ranks"]
 

@@ -8,13 +8,7 @@ import torch
 from fused_balance.training import BalanceScheduler
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread is fastest, and immune to busy neighbours."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _run(starved: bool, seed: int, steps: int = 300, opt_cls=torch.optim.Adam, **kwargs):

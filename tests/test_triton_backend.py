@@ -22,26 +22,20 @@ pytest.importorskip("triton")
 from fused_balance import reference  # noqa: E402
 from fused_balance.kernels import backend as tb  # noqa: E402
 from fused_balance.kernels import common, pointer_table  # noqa: E402
+from shared import TOLERANCE, random_grads  # noqa: E402
 
 DEVICE = "cpu" if common.INTERPRETED else "cuda"
 _ok, _why = tb.availability(torch.device(DEVICE))
 pytestmark = pytest.mark.skipif(not _ok, reason=f"triton backend unavailable: {_why}")
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-# (rtol, atol) on values of order one. Gram: both sides accumulate in fp32/fp64, only the order
-# of the sum differs. Combine/AdamW outputs are rounded to the dtype, so one ulp may differ.
-GRAM_TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (2e-5, 1e-5),
-            torch.bfloat16: (2e-5, 1e-5), torch.float16: (2e-5, 1e-5)}
-OUT_TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-6),
-           torch.bfloat16: (1e-2, 1e-2), torch.float16: (2e-3, 2e-3)}
 # Odd sizes: single elements, a ragged block, a tensor spanning two chunks (CHUNK = 16384).
 SHAPES = [(1,), (3,), (127,), (10, 100), (3, 7, 5), (16400,)]
 
 
 def make_grads(K, shapes, dtype, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen, dtype=torch.float64).to(dtype).to(DEVICE)
-            for _ in range(K) for s in shapes]
+    """The shared generator's gradients, objective-major in one flat list (the backend's input)."""
+    return [t for row in random_grads(K, shapes, dtype, seed, device=DEVICE) for t in row]
 
 
 def segments_for(mode, P, seed=0):
@@ -55,7 +49,7 @@ def segments_for(mode, P, seed=0):
 
 
 def assert_gram_close(G, G_ref, dtype):
-    rtol, atol = GRAM_TOL[dtype]
+    rtol, atol = TOLERANCE[dtype]["gram"]
     assert G.dtype == G_ref.dtype and G.shape == G_ref.shape
     # Entries are sums of n products: scale the tolerance by sqrt(G_kk G_ll).
     d = torch.diagonal(G_ref, dim1=1, dim2=2).abs()
@@ -64,7 +58,7 @@ def assert_gram_close(G, G_ref, dtype):
 
 
 def assert_outputs_close(outs, refs, dtype):
-    rtol, atol = OUT_TOL[dtype]
+    rtol, atol = TOLERANCE[dtype]["output"]
     assert len(outs) == len(refs)
     for o, r in zip(outs, refs):
         assert o.dtype == r.dtype and o.shape == r.shape

@@ -1,5 +1,5 @@
 """The memory roofline: the machine's bandwidth, measured in the same run, and the minimal bytes
-each stage must move (DESIGN.md). Every stage here is memory bound (O(K*N) streaming, a K x K
+each stage must move (docs/design.md). Every stage here is memory bound (O(K*N) streaming, a K x K
 problem on the side), so its roofline time is bytes / bandwidth."""
 from __future__ import annotations
 

@@ -1,0 +1,85 @@
+"""Helpers shared by the test modules (plain functions; the fixtures live in conftest.py).
+
+- ``random_grads``: the one generator of per-objective gradients for the op tests.
+- ``TOLERANCE``: the one (rtol, atol) table for comparing an op with a float64 reference.
+- ``run_ranks``: starts a gloo process group of real processes for the distributed tests.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+# (rtol, atol) per input dtype, on values of order one, against a float64 reference computed
+# from the same (already rounded) inputs.
+# - "gram": accumulated in fp32 (fp64 for fp64 inputs) whatever the input dtype, so only the
+#   summation order differs; scale atol by sqrt(G_kk G_ll) for entries that are long sums.
+# - "output": combine / AdamW results rounded to the input dtype: about one ulp of that dtype.
+TOLERANCE = {
+    torch.float64: {"gram": (1e-12, 1e-12), "output": (1e-12, 1e-12)},
+    torch.float32: {"gram": (2e-5, 1e-5), "output": (1e-5, 1e-6)},
+    torch.bfloat16: {"gram": (2e-5, 1e-5), "output": (1e-2, 1e-2)},
+    torch.float16: {"gram": (2e-5, 1e-5), "output": (2e-3, 2e-3)},
+}
+
+
+def random_grads(K, shapes, dtype=torch.float32, seed=0, *, noncontiguous=False, scales=None, device="cpu"):
+    """K objectives' gradients, one tensor per shape (an int is a 1-D length): ``grads[k][p]``.
+    Drawn in float64 and rounded to ``dtype`` (so a float64 reference sees the same values);
+    ``scales[k]`` multiplies objective k; non-contiguous tensors are every other element of a
+    twice-longer buffer."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = []
+    for k in range(K):
+        scale = 1.0 if scales is None else scales[k]
+        row = []
+        for shape in shapes:
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            if noncontiguous:
+                numel = 1
+                for d in shape:
+                    numel *= d
+                t = torch.randn(2 * numel, generator=gen, dtype=torch.float64)[::2].reshape(shape)
+            else:
+                t = torch.randn(shape, generator=gen, dtype=torch.float64)
+            row.append((t * scale).to(dtype).to(device))
+        grads.append(row)
+    return grads
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(rank_main, world, outdir, caller_module, timeout_s, backends):
+    """Start ``world`` ranks of ``rank_main(rank, world, port, outdir, backends)``, wait at most
+    ``timeout_s`` (a hang fails the test), and load each rank's ``rank{r}.pt``."""
+    import fused_balance as fb
+
+    # Build/load every backend here first, so the ranks only load cached kernels.
+    for backend in backends:
+        fb.gram([[torch.ones(2)], [torch.ones(2)]], backend=backend)
+    # forkserver: the ranks fork from one server that imported torch and fused_balance once
+    # (a fresh interpreter per rank costs seconds each on a loaded 2-core machine); unlike a
+    # plain fork, the server never ran an OpenMP region, so forking it is safe.
+    start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    if start_method == "forkserver":
+        mp.get_context("forkserver").set_forkserver_preload(["torch", "fused_balance", caller_module])
+    context = mp.start_processes(rank_main, args=(world, _free_port(), str(outdir), backends),
+                                 nprocs=world, join=False, start_method=start_method)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"{world} ranks did not finish within {timeout_s} s (hang?)")
+    finally:
+        for process in context.processes:  # only the processes this test started
+            if process.is_alive():
+                process.kill()
+    return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
