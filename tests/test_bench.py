@@ -16,8 +16,9 @@ from fused_balance.benchmarking import contenders as C
 from fused_balance.benchmarking.problems import (get_problem, make_gradients, make_params,
                                                  synthetic_problem)
 from fused_balance.benchmarking.roofline import StageBytes, roofline_seconds, stage_bytes
-from fused_balance.benchmarking.suite import (SuiteOptions, _choose_ours, build_case, run_stage,
-                                              tolerance)
+from fused_balance.benchmarking.planning import SuiteOptions, choose_ours
+from fused_balance.benchmarking.results import tolerance
+from fused_balance.benchmarking.running import build_case, run_stage
 from fused_balance.benchmarking.timing import (interleaved_times, median, paired_ratio,
                                                peak_extra_memory, plan_repeats)
 
@@ -111,7 +112,7 @@ BANDWIDTH = {"read_GBps": 10.0, "triad_GBps": 10.0}
                                      (4, torch.bfloat16)])
 def test_every_contender_agrees_with_ours(tmp_path, K, dtype):
     opts = _opts(tmp_path)
-    ours = _choose_ours(opts)
+    ours = choose_ours(opts)
     contenders = C.make_contenders(ours, C.CompileBudget(0.0))
     primary = C.ours_name(ours[0][0])
     case, exact = _small_case(K, dtype, contenders)
@@ -139,7 +140,7 @@ class _WrongGram(C.Foreach):
 
 def test_a_wrong_contender_is_reported_not_timed(tmp_path):
     opts = _opts(tmp_path)
-    ours = _choose_ours(opts)
+    ours = choose_ours(opts)
     contenders = C.make_contenders(ours, C.CompileBudget(0.0)) + [_WrongGram()]
     primary = C.ours_name(ours[0][0])
     case, exact = _small_case(2, torch.float32, contenders)

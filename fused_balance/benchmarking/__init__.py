@@ -2,15 +2,15 @@
 against the ways people compute them today (per-tensor loops, flatten+concatenate, foreach,
 torch.compile, TorchJD), on LoRA adapter shapes of real models.
 
-The CLI calls ``add_arguments(parser)`` and ``main(args)``; scripts in benchmarks/ call
-``run_cli(argv)``.
+The CLI calls ``add_arguments(parser)`` and ``main(args)``. Modules: planning (what runs),
+running (runs it), results (checks, roofline, targets), report and plots (formatting).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-__all__ = ["add_arguments", "main", "run_cli"]
+__all__ = ["add_arguments", "main"]
 
 _STAGE_CHOICES = ("gram", "weights", "combine", "pareto_combine", "adamw", "scaling")
 _DTYPE_CHOICES = ("fp32", "bf16", "fp16", "fp64")
@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _options(args):
     import torch
 
-    from fused_balance.benchmarking.suite import DTYPES, SuiteOptions
+    from fused_balance.benchmarking.planning import DTYPES, SuiteOptions
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda, but torch sees no GPU here")
@@ -92,14 +92,7 @@ def main(args: argparse.Namespace) -> int:
     if any(k < 2 for k in opts.objectives):
         print("bench: --objectives must be >= 2", file=sys.stderr)
         return 2
-    from fused_balance.benchmarking.suite import run_suite
+    from fused_balance.benchmarking.running import run_suite
     results = run_suite(opts)
     return 0 if results.get("self_check_passed") else 1
 
-
-def run_cli(argv=None, defaults: dict | None = None) -> int:
-    """For the scripts in benchmarks/: parse argv (with per-script defaults) and run."""
-    parser = add_arguments(argparse.ArgumentParser(prog="fused-balance bench"))
-    if defaults:
-        parser.set_defaults(**defaults)
-    return main(parser.parse_args(sys.argv[1:] if argv is None else argv))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fused_balance.benchmarking.results import headline_case
+
 __all__ = ["write_plots"]
 
 
@@ -130,7 +132,6 @@ def _scaling(plt, results, sweep, path):
 
 def write_plots(results: dict, out_dir: str | Path) -> list[str]:
     """Write the PNGs; returns their file names."""
-    from fused_balance.benchmarking.suite import headline_case
     plt = _pyplot()
     out_dir = Path(out_dir)
     written = []
