@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import socket
 import time
+from datetime import timedelta
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 # (rtol, atol) per input dtype, on values of order one, against a float64 reference computed
@@ -57,9 +59,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(rank_main, world, outdir, caller_module, timeout_s, backends):
-    """Start ``world`` ranks of ``rank_main(rank, world, port, outdir, backends)``, wait at most
-    ``timeout_s`` (a hang fails the test), and load each rank's ``rank{r}.pt``."""
+def _rank_entry(rank, scenarios, world, port, outdir, backends):
+    """One rank: join the gloo group, run ``scenarios(rank, world, backends) -> dict``, save it."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        results = scenarios(rank, world, backends)
+        dist.barrier()
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(scenarios, world, outdir, caller_module, timeout_s, backends):
+    """Start ``world`` ranks that each run ``scenarios(rank, world, backends)`` (a module-level
+    function of ``caller_module``) and return a dict of results; wait at most ``timeout_s`` (a
+    hang fails the test); return each rank's dict."""
     import fused_balance as fb
 
     # Build/load every backend here first, so the ranks only load cached kernels.
@@ -71,7 +87,7 @@ def run_ranks(rank_main, world, outdir, caller_module, timeout_s, backends):
     start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     if start_method == "forkserver":
         mp.get_context("forkserver").set_forkserver_preload(["torch", "fused_balance", caller_module])
-    context = mp.start_processes(rank_main, args=(world, _free_port(), str(outdir), backends),
+    context = mp.start_processes(_rank_entry, args=(scenarios, world, _free_port(), str(outdir), backends),
                                  nprocs=world, join=False, start_method=start_method)
     deadline = time.monotonic() + timeout_s
     try:

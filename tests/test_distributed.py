@@ -9,9 +9,7 @@ empty shards), the range rescue and zero objectives under sharding, NaN on one r
 """
 from __future__ import annotations
 
-import os
 import traceback
-from datetime import timedelta
 
 import pytest
 import torch
@@ -189,40 +187,33 @@ def _fsdp(rank, world, backend, K, policy):
             "params": [p.full_tensor().detach().clone() for p in params]}
 
 
-def _rank_main(rank, world, port, outdir, backends):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        results = {}
-        for backend in backends:
-            for K in (2, 3):
-                for policy in POLICIES:
-                    results["data", backend, K, policy] = _data_parallel(
-                        rank, world, backend, K, policy, LAYOUT[K])
-                    results["sharded", backend, K, policy] = _sharded(rank, world, backend, K, policy)
+def _scenarios(rank, world, backends) -> dict:
+    results = {}
+    for backend in backends:
+        for K in (2, 3):
             for policy in POLICIES:
-                results["tiny", backend, policy] = _sharded(rank, world, backend, 2, policy,
-                                                            scale=(1e-30, 1e3))
-                results["zero", backend, policy] = _sharded(rank, world, backend, 3, policy, zero=(1, 1))
-            for mode in ("data", "sharded"):
-                results["nan", backend, mode] = _nonfinite(rank, world, backend, mode)
-        results["bad"] = _bad_arguments(rank, world)
-        for K, policy in ((2, "mgda"), (3, "pareto_lora")):
-            if _FSDP2_MISSING:
-                continue
-            try:
-                results["fsdp", K, policy] = _fsdp(rank, world, "torch", K, policy)
-            except Exception:  # recorded so the other tests still run; the FSDP test fails with it
-                results["fsdp", K, policy] = traceback.format_exc()
-        dist.barrier()
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+                results["data", backend, K, policy] = _data_parallel(
+                    rank, world, backend, K, policy, LAYOUT[K])
+                results["sharded", backend, K, policy] = _sharded(rank, world, backend, K, policy)
+        for policy in POLICIES:
+            results["tiny", backend, policy] = _sharded(rank, world, backend, 2, policy,
+                                                        scale=(1e-30, 1e3))
+            results["zero", backend, policy] = _sharded(rank, world, backend, 3, policy, zero=(1, 1))
+        for mode in ("data", "sharded"):
+            results["nan", backend, mode] = _nonfinite(rank, world, backend, mode)
+    results["bad"] = _bad_arguments(rank, world)
+    for K, policy in ((2, "mgda"), (3, "pareto_lora")):
+        if _FSDP2_MISSING:
+            continue
+        try:
+            results["fsdp", K, policy] = _fsdp(rank, world, "torch", K, policy)
+        except Exception:  # recorded so the other tests still run; the FSDP test fails with it
+            results["fsdp", K, policy] = traceback.format_exc()
+    return results
 
 
 def _run_world(world, outdir):
-    return run_ranks(_rank_main, world, outdir, __name__, WORLD_TIMEOUT_S, BACKENDS)
+    return run_ranks(_scenarios, world, outdir, __name__, WORLD_TIMEOUT_S, BACKENDS)
 
 
 _RESULTS: dict = {}

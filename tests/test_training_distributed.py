@@ -10,9 +10,7 @@ in tests/test_distributed.py), every available backend, torch AdamW and the fuse
 """
 from __future__ import annotations
 
-import os
 import time
-from datetime import timedelta
 
 import pytest
 import torch
@@ -125,20 +123,13 @@ def _tensor_parallel(rank, fused, backend):
             "weights": [h["weights"] for h in balancer.history]}
 
 
-def _rank_main(rank, world, port, outdir, backends):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
-    try:
-        results = {}
-        for backend in backends:
-            for fused in (False, True):
-                results["data", backend, fused] = _data_parallel(rank, fused, backend)
-                results["sharded", backend, fused] = _tensor_parallel(rank, fused, backend)
-        dist.barrier()
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def _scenarios(rank, world, backends) -> dict:
+    results = {}
+    for backend in backends:
+        for fused in (False, True):
+            results["data", backend, fused] = _data_parallel(rank, fused, backend)
+            results["sharded", backend, fused] = _tensor_parallel(rank, fused, backend)
+    return results
 
 
 # ----------------------------------------------------------------------------- spawning
@@ -152,7 +143,7 @@ def ranks(tmp_path_factory):
     if "ranks" not in _RESULTS:
         outdir = tmp_path_factory.mktemp("pareto_ranks")
         started = time.monotonic()
-        _RESULTS["ranks"] = run_ranks(_rank_main, WORLD, outdir, __name__, TIMEOUT_S, BACKENDS)
+        _RESULTS["ranks"] = run_ranks(_scenarios, WORLD, outdir, __name__, TIMEOUT_S, BACKENDS)
         _RESULTS["seconds"] = time.monotonic() - started
     return _RESULTS["ranks"]
 
