@@ -139,22 +139,40 @@ class BalancePlan:
         return [int(g) for g in groups]
 
     def _build_table(self, device) -> None:
-        """The chunk table, segment by segment (parameters in order inside a segment), and the
-        segment -> chunk offsets; built on the host once, copied to the device once."""
-        rows, seg_offsets = [], [0]
+        """Two tables, built on the host once and copied to the device once, segment by segment
+        (so a segment's partial sums are reduced in table order):
+
+        - ranges (Gram, combine): each run of parameters of one segment lying end to end in the
+          bank, cut into chunks of at most PLAN_CHUNK_ELEMS; a chunk may span many small
+          parameters, so the work per call grows with the segments and the elements, not P.
+        - chunks (AdamW): per parameter, with the parameter's index, offset and group.
+        """
         by_segment: list[list[int]] = [[] for _ in range(self.num_segments)]
         for p, s in enumerate(self.segment_ids):
             by_segment[s].append(p)
+        ranges, range_offsets, chunks = [], [0], []
         for s, members in enumerate(by_segment):
+            run_start = run_end = None
+            for p in members + [None]:
+                if p is not None and self.numels[p] == 0:
+                    continue
+                if p is not None and run_end == self.offsets[p]:
+                    run_end = self.offsets[p + 1]
+                    continue
+                if run_start is not None:
+                    for start in range(run_start, run_end, PLAN_CHUNK_ELEMS):
+                        ranges.append((start, min(PLAN_CHUNK_ELEMS, run_end - start), s, 0, 0, 0))
+                if p is not None:
+                    run_start, run_end = self.offsets[p], self.offsets[p + 1]
+            range_offsets.append(len(ranges))
             for p in members:
                 n, base = self.numels[p], self.offsets[p]
                 for start in range(0, n, PLAN_CHUNK_ELEMS):
-                    rows.append((base + start, min(PLAN_CHUNK_ELEMS, n - start), s, p, start, self.groups[p]))
-            seg_offsets.append(len(rows))
-        table = torch.tensor(rows, dtype=torch.long).reshape(-1, _COLUMNS)
+                    chunks.append((base + start, min(PLAN_CHUNK_ELEMS, n - start), s, p, start, self.groups[p]))
         self.num_groups = max(self.groups) + 1
-        self._chunks = table.to(device)
-        self._seg_offsets = torch.tensor(seg_offsets, dtype=torch.long).to(device)
+        self._ranges = torch.tensor(ranges, dtype=torch.long).reshape(-1, _COLUMNS).to(device)
+        self._seg_offsets = torch.tensor(range_offsets, dtype=torch.long).to(device)
+        self._chunks = torch.tensor(chunks, dtype=torch.long).reshape(-1, _COLUMNS).to(device)
 
     def set_groups(self, groups) -> None:
         """Hyper-parameter group of every parameter (AdamW); rebuilds the table (once)."""
@@ -188,6 +206,7 @@ class BalancePlan:
             raise RuntimeError("the gradient bank's rows are no longer contiguous: build a new BalancePlan")
         if new[4] != old[4]:  # moved to another device: the table follows (once)
             self._chunks = self._chunks.to(new[4])
+            self._ranges = self._ranges.to(new[4])
             self._seg_offsets = self._seg_offsets.to(new[4])
             self._grad_flat = self._grad_views = None
             self._param_ptrs = self._param_stamp = None
@@ -206,7 +225,7 @@ class BalancePlan:
     # -- the passes --------------------------------------------------------------------------
     def gram(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(G [S, K, K] float64, found_inf 0-dim bool), one op, no host read."""
-        return self._op["gram"](self.buffer, self._chunks, self._seg_offsets, self.num_segments)
+        return self._op["gram"](self.buffer, self._ranges, self._seg_offsets, self.num_segments)
 
     def weights(self) -> PlanResult:
         """Gram -> the policy's weights, all on the device."""
@@ -217,7 +236,7 @@ class BalancePlan:
     def combine_into(self, out: torch.Tensor, weights: torch.Tensor, skip: torch.Tensor | None = None) -> None:
         """out[start:end] = sum_k weights[seg, k] * bank[k, start:end] for every chunk; ``out``
         is a flat buffer laid out like a bank row. Nothing is written when ``skip`` holds True."""
-        self._op["combine_into"](self.buffer, weights, self._chunks, out, skip)
+        self._op["combine_into"](self.buffer, weights, self._ranges, out, skip)
 
     # -- .grad as views of one flat buffer ---------------------------------------------------
     def attach_grads(self) -> torch.Tensor:

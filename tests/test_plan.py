@@ -209,10 +209,10 @@ def test_opcheck_plan_ops():
     params, bank = make_bank(2, shapes=[(3, 4), (5,), (1,)])
     plan = fb.BalancePlan(bank, [0, 1, 1])
     ns = torch.ops.fused_balance
-    torch.library.opcheck(ns.bank_gram.default, (bank.buffer, plan._chunks, plan._seg_offsets, 2))
+    torch.library.opcheck(ns.bank_gram.default, (bank.buffer, plan._ranges, plan._seg_offsets, 2))
     weights = torch.rand(2, 2, dtype=torch.float64)
     out = torch.zeros(bank.numel)
-    torch.library.opcheck(ns.bank_combine_into.default, (bank.buffer, weights, plan._chunks, out, None))
+    torch.library.opcheck(ns.bank_combine_into.default, (bank.buffer, weights, plan._ranges, out, None))
     m, v, step = plan.new_adamw_state()
     # params are written through the pointer table: give opcheck throwaway copies' addresses
     copies = [p.detach().clone() for p in params]
@@ -225,7 +225,7 @@ def test_opcheck_plan_ops():
 def test_bad_tables_raise_clear_errors():
     params, bank = make_bank(2, shapes=[(3, 4), (5,)])
     plan = fb.BalancePlan(bank)
-    bad = plan._chunks.clone()
+    bad = plan._ranges.clone()
     bad[0, 1] = 10 ** 6
     with pytest.raises(ValueError, match="out of range"):
         torch.ops.fused_balance.bank_gram(bank.buffer, bad, plan._seg_offsets, 1)

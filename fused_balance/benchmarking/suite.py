@@ -57,7 +57,7 @@ class SuiteOptions:
             # (the default plan is QUICK_PLAN / FULL_PLAN; these fill an explicit plan's gaps)
             objectives=tuple(self.objectives) or ((2, 3) if quick else (2, 3, 4)),
             dtypes=tuple(self.dtypes) or (torch.float32, torch.bfloat16),
-            stages=tuple(self.stages) or (C.STAGES + ("scaling",)),
+            stages=tuple(self.stages) or (C.STAGES + ("scaling", "overhead")),
             repeats=self.repeats, stage_budget_s=self.stage_budget_s,
             slow_call_s=self.slow_call_s,
             compile_budget_s=self.compile_budget_s, memory=self.memory, plots=self.plots,
@@ -651,6 +651,11 @@ def _run_suite(opts: SuiteOptions, log) -> dict:
             results["scaling"] = run_scaling(opts, contenders, primary, bw, progress, say,
                                              scaling_budget)
         grads_cache.clear()
+    if "overhead" in opts.stages:  # tiny tensors: the host work per call against P
+        from fused_balance.benchmarking.overhead import run_overhead
+        results["overhead"] = run_overhead(device, counts=(28, 448) if opts.quick else (28, 448, 5000),
+                                           rounds=3 if opts.quick else 5, progress=say)
+        save()
     # The roofline is what the machine can do: load from other processes only lowers a
     # measurement, so take the best of the measurements at the start and at the end.
     say("bench: measuring memory bandwidth again")
