@@ -30,6 +30,7 @@ CONTENDERS = {
     "list_adamw": "ours, list API: pareto_weights + fb.balanced_adamw_step",
     "plan_step": "ours, plan: Gram -> weights -> combine into .grad",
     "plan_adamw": "ours, plan: Gram -> weights -> fused AdamW",
+    "plan_ops": "ours, plan ops alone: Gram + combine (weights given, no policy)",
     "per_tensor_loop": "per-tensor loop (torch reference pareto_combine)",
     "foreach_norm": "foreach: torch._foreach_norm of the K·P gradients",
     "torch_fused_adamw": "torch._fused_adamw_ (P tensors)",
@@ -71,6 +72,13 @@ def _contenders(P: int, device: torch.device) -> dict:
         res = plan.weights()
         plan.adamw_step(res.weights, m, v, hyper, step, res.found_inf)
     fns["plan_adamw"] = plan_adamw
+    fixed = plan.weights().weights
+    grad_flat = plan.attach_grads()
+
+    def plan_ops():
+        G, found_inf = plan.gram()
+        plan.combine_into(grad_flat, fixed, found_inf)
+    fns["plan_ops"] = plan_ops
     ref_outs = [torch.zeros_like(p) for p in params]
     fns["per_tensor_loop"] = lambda: fb.pareto_combine(bank.grads, segments, policy="pareto_lora",
                                                        out=ref_outs, backend="torch")
