@@ -223,7 +223,12 @@ __global__ void __launch_bounds__(kThreads) combine_chunks(const T* __restrict__
     const T* g = bank + start;
     for (int64_t i = threadIdx.x; i < len; i += kThreads) {
       A d = mul_rn(ws[0], to_acc<A>(g[i]));
-      for (int k = 1; k < K; ++k) d = add_rn(d, mul_rn(ws[k], to_acc<A>(g[int64_t(k) * ld + i])));
+      const T* gk = g + i;
+#pragma unroll 1
+      for (int k = 1; k < K; ++k) {
+        gk += ld;
+        d = add_rn(d, mul_rn(ws[k], to_acc<A>(*gk)));
+      }
       out[start + i] = from_acc<T>(d);
     }
   }
@@ -285,7 +290,12 @@ __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ b
     const T* g = bank + start;
     for (int64_t i = threadIdx.x; i < len; i += kThreads) {
       GA d = mul_rn(ws[0], to_acc<GA>(g[i]));
-      for (int k = 1; k < K; ++k) d = add_rn(d, mul_rn(ws[k], to_acc<GA>(g[int64_t(k) * ld + i])));
+      const T* gk = g + i;
+#pragma unroll 1
+      for (int k = 1; k < K; ++k) {
+        gk += ld;
+        d = add_rn(d, mul_rn(ws[k], to_acc<GA>(*gk)));
+      }
       d = round_through<T>(d);
       A pa = to_acc<A>(p[i]), ma = to_acc<A>(m[start + i]), va = to_acc<A>(v[start + i]);
       adamw_update(pa, ma, va, A(d), consts);

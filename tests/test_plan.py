@@ -49,6 +49,19 @@ def test_gram_is_the_float64_gram(K, dtype):
     torch.testing.assert_close(G, float64_gram(bank, segments), rtol=1e-13, atol=1e-9)
 
 
+@pytest.mark.parametrize("K", [9, 32])
+def test_many_objectives_gram_and_combine(K):
+    params, bank = make_bank(K, shapes=[(300,), (0,), (77,)])
+    plan = fb.BalancePlan(bank, [0, 0, 1])
+    G, found_inf = plan.gram()
+    torch.testing.assert_close(G, float64_gram(bank, [0, 0, 1]), rtol=1e-13, atol=1e-9)
+    weights = torch.rand(2, K, dtype=torch.float64, generator=torch.Generator().manual_seed(K))
+    plan.combine_into_grads(fb.PlanResult(G, weights, torch.zeros(2, dtype=torch.long), found_inf))
+    expected = fb.combine(bank.grads, weights.float(), [0, 0, 1], backend="cpp")
+    for p, e in zip(params, expected):
+        assert torch.equal(p.grad, e)
+
+
 @pytest.mark.parametrize("scale", [1e-30, 1e-20, 1e18, 1e20])
 @pytest.mark.parametrize("policy", ["mgda", "pareto_lora", "sum"])
 def test_extreme_ranges_give_the_float64_weights(scale, policy):
