@@ -8,7 +8,9 @@ ops trace under torch.compile, and autograd formulas written with the ops themse
 - combine: dL/dg_k,p = w[s,k] dout_p                              -> a combine with K = 1
            dL/dw[s,k] = sum_{p in s} <dout_p, g_k,p>               -> row 0 of a gram over [dout, g]
 
-Argument conventions of the backend functions: see fused_balance.backends.
+Argument conventions of the backend functions: see fused_balance.backends. The plan ops
+(bank_gram, bank_combine_into, bank_adamw_: one [K, N] bank and a chunk table built once) are
+used by fused_balance.plan.BalancePlan; they have fake kernels here and no autograd.
 """
 from __future__ import annotations
 

@@ -305,6 +305,10 @@ class BalancePlan:
         skipped. All read on the device, so a captured step replays with the current values.
         The parameters are written through the pointer table (not visible to torch.compile)."""
         ptrs = self.param_pointers()
+        if not torch.compiler.is_compiling() and self.params[0].dtype != exp_avg.dtype:
+            # the kernel writes the parameters as the moments' dtype: refuse, never corrupt
+            raise TypeError(f"the parameters are {self.params[0].dtype} but the moments {exp_avg.dtype} "
+                            "(parameters converted since the state was made?)")
         self._op["adamw_"](self.buffer, weights, self._chunks, ptrs, exp_avg, exp_avg_sq, hyper, step, skip)
 
     def new_adamw_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -205,6 +205,17 @@ def test_moved_parameters_get_a_new_pointer_table():
             assert torch.equal(o, s)               # the old one was not
 
 
+def test_parameters_converted_to_another_dtype_raise():
+    params, bank = make_bank(2)
+    plan = fb.BalancePlan(bank)
+    m, v, step = plan.new_adamw_state()
+    for p in params:
+        p.data = p.data.double()
+    with pytest.raises(TypeError, match="moments"):
+        plan.adamw_step(torch.ones(1, 2, dtype=torch.float64), m, v,
+                        plan.hyper_table([(1e-3, 0.0, 0.9, 0.999, 1e-8)], "cpu"), step)
+
+
 def test_zero_grad_set_to_none_reattaches_the_views():
     params, bank = make_bank(2)
     plan = fb.BalancePlan(bank, policy="sum")
