@@ -274,6 +274,30 @@ def test_torch_compile_fullgraph_planned_step():
     assert torch.equal(G_c, G_e) and torch.equal(w_c, w_e) and torch.equal(out_c, out_e)
 
 
+def test_torch_compile_fullgraph_planned_fused_adamw_step():
+    runs = []
+    for compiled in (False, True):
+        params, bank = make_bank(2, shapes=[(8, 3), (40,), (1,)])
+        plan = fb.BalancePlan(bank, [0, 1, 1], policy="pareto_lora")
+        m, v, step = plan.new_adamw_state()
+        hyper = plan.hyper_table([(1e-2, 0.1, 0.9, 0.999, 1e-8)], "cpu")
+        plan.param_pointers()
+
+        def fused_step():
+            res = plan.weights()
+            plan.adamw_step(res.weights, m, v, hyper, step, res.found_inf)
+
+        fn = torch.compile(fused_step, fullgraph=True, backend="aot_eager") if compiled else fused_step
+        for _ in range(2):
+            fn()
+        runs.append((params, m, v, step))
+    (p_e, m_e, v_e, s_e), (p_c, m_c, v_c, s_c) = runs
+    assert float(s_e) == float(s_c) == 2
+    assert torch.equal(m_c, m_e) and torch.equal(v_c, v_e)
+    for a, b in zip(p_c, p_e):
+        assert torch.equal(a.detach(), b.detach())
+
+
 # ----------------------------------------------------------------------- training layer
 def test_balanced_adamw_planned_step_equals_balanced_step():
     """Two param groups with different lr; moments adopted from a list-API step first."""
@@ -347,8 +371,10 @@ def test_cuda_plan_equals_cpu_plan(dtype):
 
 
 @cuda
-def test_cuda_planned_step_has_no_host_sync():
-    params, bank = make_bank(2, device="cuda")
+@pytest.mark.parametrize("K", [2, 3, 32])
+def test_cuda_planned_step_has_no_host_sync(K):
+    """The whole planned step (Gram, policy, combine, fused AdamW) for any K: no host sync."""
+    params, bank = make_bank(K, device="cuda")
     plan = fb.BalancePlan(bank, [0, 1, 1, 0, 1])
     m, v, step = plan.new_adamw_state()
     hyper = plan.hyper_table([(1e-3, 0.0, 0.9, 0.999, 1e-8)], "cuda")
