@@ -343,8 +343,12 @@ class ParetoLoRA:
         elif took and not self.fused:
             self.optimizer.step()
         if self.record_history and self.step_count % self.history_every == 0:
-            norms, cosines = res.statistics()
-            self._record(loss_list, norms, cosines, res.weights, res.branch, res.found_inf, took)
+            # the plan solves in float64; the history keeps the list API's dtype on every path
+            acc = torch.float64 if self.bank.dtype == torch.float64 else torch.float32
+            big = torch.finfo(acc).max
+            norms, cosines = (t.to(acc) for t in res.statistics())
+            self._record(loss_list, norms, cosines, res.weights.clamp(-big, big).to(acc), res.branch,
+                         res.found_inf, took)
         self.step_count += 1
         return took
 
