@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fused_balance.ops import plan_ops
 from fused_balance._dtypes import SUPPORTED_DTYPES
 from fused_balance.policies import check_policy_args, gram_statistics, policy_weights
 
@@ -118,7 +117,8 @@ class BalancePlan:
                     raise ValueError(f"parameter {i} does not have the {n} elements of its bank range")
         self.params = params
         self.groups = self._check_groups(groups, P)
-        self._op = plan_ops()  # builds the extension on first use
+        from fused_balance.ops import plan_ops  # the C++ extension: built on first use
+        self._op = plan_ops()
         self._buffer = buffer
         self._build_table(buffer.device)
         self._stamp = self._buffer_stamp(buffer)
