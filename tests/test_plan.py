@@ -422,3 +422,23 @@ def test_cuda_graph_capture_replays_the_planned_step():
     for p, t in zip(params, twins):
         torch.testing.assert_close(p.detach(), t, rtol=0, atol=0)
     torch.testing.assert_close(m, m2, rtol=0, atol=0)
+
+
+def test_pareto_lora_rebuilds_its_plan_when_the_policy_changes():
+    from fused_balance.training.pareto_lora import ParetoLoRA
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    trainer = ParetoLoRA(model, lambda ps: torch.optim.SGD(ps, lr=0.1), policy="sum", segments="global")
+    x = torch.randn(8, 4)
+
+    def losses():
+        out = model(x)
+        return {"a": out[:, 0].pow(2).mean(), "b": (out[:, 1] - 1).pow(2).mean()}
+
+    trainer.step(losses())
+    state = trainer.state_dict()
+    state["settings"]["policy"] = "mgda"
+    trainer.load_state_dict(state)
+    trainer.step(losses())
+    assert trainer._plan.policy == "mgda"
+    assert trainer.history[-1]["branch"].tolist() == [2]  # min-norm, not the sum

@@ -322,10 +322,11 @@ class ParetoLoRA:
         return self._plan_ok
 
     def _balance_plan(self) -> "fb.BalancePlan":
-        if self._plan is None or self._plan_bank is not self.bank:  # built once per bank
+        key = (self.bank, self.policy, self.tau, self.rescale)  # load_state_dict may change the policy
+        if self._plan is None or self._plan_bank != key:  # built once per bank and policy
             self._plan = fb.BalancePlan(self.bank, self.segment_ids, policy=self.policy, tau=self.tau,
                                         rescale=self.rescale)
-            self._plan_bank = self.bank
+            self._plan_bank = key
         return self._plan
 
     def _planned_step(self, losses) -> bool:
