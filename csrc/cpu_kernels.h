@@ -36,6 +36,8 @@ struct KernelTable {
   // the same memory as one of the inputs (each element is read before it is written).
   void (*combine_chunk)(const void* const* g, int K, int dtype, int64_t n, const double* w, void* out);
   void (*adamw_chunk)(const AdamWChunk* task);
+  // As gram_chunk, every product and sum in double (the plan's range-safe Gram).
+  void (*gram64_chunk)(const void* const* g, int K, int dtype, int64_t n, double* pairs);
 };
 
 // Null when the ISA was not compiled in (non-x86 builds).

@@ -26,7 +26,8 @@ namespace fused_balance {
 namespace cpu {
 const KernelTable* kernels_avx2() {
   static const KernelTable table{"avx2", isa_avx2::gram_chunk, isa_avx2::combine_chunk,
-                                 isa_avx2::adamw_chunk};
+                                 isa_avx2::adamw_chunk,
+                                 isa_avx2::gram64_chunk};
   return &table;
 }
 }  // namespace cpu

@@ -32,7 +32,8 @@ namespace fused_balance {
 namespace cpu {
 const KernelTable* kernels_avx512() {
   static const KernelTable table{"avx512", isa_avx512::gram_chunk, isa_avx512::combine_chunk,
-                                 isa_avx512::adamw_chunk};
+                                 isa_avx512::adamw_chunk,
+                                 isa_avx512::gram64_chunk};
   return &table;
 }
 }  // namespace cpu

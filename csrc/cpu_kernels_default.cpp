@@ -10,7 +10,8 @@ namespace cpu {
 
 const KernelTable* kernels_default() {
   static const KernelTable table{"default", isa_default::gram_chunk, isa_default::combine_chunk,
-                                 isa_default::adamw_chunk};
+                                 isa_default::adamw_chunk,
+                                 isa_default::gram64_chunk};
   return &table;
 }
 

@@ -70,6 +70,7 @@ struct VD {
   static VD zero() { return {_mm256_setzero_pd()}; }
   static VD set1(double x) { return {_mm256_set1_pd(x)}; }
   static VD load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  static VD load(const float* p) { return {_mm256_cvtps_pd(_mm_loadu_ps(p))}; }  // exact widening
   void store(double* p) const { _mm256_storeu_pd(p, v); }
   double hsum() const {
     const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
@@ -122,6 +123,7 @@ struct VD {
   static VD zero() { return {_mm512_setzero_pd()}; }
   static VD set1(double x) { return {_mm512_set1_pd(x)}; }
   static VD load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  static VD load(const float* p) { return {_mm512_cvtps_pd(_mm256_loadu_ps(p))}; }  // exact widening
   void store(double* p) const { _mm512_storeu_pd(p, v); }
   double hsum() const { return _mm512_reduce_add_pd(v); }
 };
@@ -326,6 +328,14 @@ void store_any(const A* src, void* base, int dtype, int64_t off, int64_t n) {
   }
 }
 
+// x[i] = float(T(x[i])): the stored-dtype rounding of a tile (SIMD stores/loads round alike).
+template <typename T>
+void round_tile_through(float* x, int64_t n) {
+  alignas(64) T tmp[kAdamTile];
+  store_tile(x, tmp, n);
+  load_tile(tmp, x, n);
+}
+
 // The element update of multi_tensor.h over a tile; a plain loop the compiler vectorises for the
 // TU's ISA (sqrt and division included: the build uses -fno-math-errno, not -ffast-math).
 template <typename A>
@@ -346,6 +356,9 @@ void adamw_typed(const AdamWChunk& t, const AdamWConsts<A>& c) {
     const int64_t len = t.n - off < kAdamTile ? t.n - off : kAdamTile;
     const Offsets<T> g(t.grads, t.K, off);
     combine_range<GA>(g.ptr, t.K, len, wa.ptr, dbuf);
+    // One rounding rule in every backend: a 16-bit combined gradient is rounded to the gradient
+    // dtype before the moments see it (as combining into a bf16 .grad, then torch AdamW).
+    if constexpr (sizeof(T) == 2) round_tile_through<T>(dbuf, len);
     const A* d = dconv;
     if constexpr (sizeof(A) == sizeof(GA)) {
       d = dbuf;
@@ -379,6 +392,108 @@ void adamw_for_math(const AdamWChunk& t, const AdamWConsts<A>& c) {
 void adamw_chunk(const AdamWChunk* t) {
   if (t->param_dtype == kFloat64) adamw_for_math<double>(*t, t->consts_f64);
   else adamw_for_math<float>(*t, t->consts_f32);
+}
+
+
+// ------------------------------------------------------------------------- float64 Gram
+// The plan's Gram: every product and sum in double. A product of two fp32 (bf16, fp16) values
+// is exact in double and the sums cannot overflow, so the Gram of any finite fp32 gradients is
+// finite and correct to double rounding (1e-30 .. 1e20 gradients alike); only a real NaN/Inf
+// makes it non-finite. S streams of float or double (16-bit inputs are widened to float first).
+template <int KC, typename S>
+void gram64_tile_fused(const S* const* g, int64_t len, double* pairs) {
+  constexpr int NP = KC * (KC + 1) / 2;
+  int64_t i = 0;
+#if FB_SIMD
+  constexpr int U = KC <= 2 ? 2 : 1;
+  VD acc[NP][U];
+  for (int q = 0; q < NP; ++q)
+    for (int u = 0; u < U; ++u) acc[q][u] = VD::zero();
+  for (; i + U * VD::W <= len; i += U * VD::W) {
+    for (int u = 0; u < U; ++u) {
+      VD x[KC];
+      for (int k = 0; k < KC; ++k) x[k] = VD::load(g[k] + i + u * VD::W);
+      int q = 0;
+      for (int k = 0; k < KC; ++k)
+        for (int l = k; l < KC; ++l, ++q) acc[q][u] = fmadd(x[k], x[l], acc[q][u]);
+    }
+  }
+  for (int q = 0; q < NP; ++q) {
+    VD s = acc[q][0];
+    for (int u = 1; u < U; ++u) s = add(s, acc[q][u]);
+    pairs[q] += s.hsum();
+  }
+#endif
+  accumulate_products<double>(g, KC, i, len, pairs);
+}
+
+template <typename S>
+void gram64_tile_pairwise(const S* const* g, int K, int64_t len, double* pairs) {
+  int q = 0;
+  for (int k = 0; k < K; ++k) {
+    for (int l = k; l < K; ++l, ++q) {
+      int64_t i = 0;
+#if FB_SIMD
+      VD s0 = VD::zero(), s1 = VD::zero();
+      for (; i + 2 * VD::W <= len; i += 2 * VD::W) {
+        s0 = fmadd(VD::load(g[k] + i), VD::load(g[l] + i), s0);
+        s1 = fmadd(VD::load(g[k] + i + VD::W), VD::load(g[l] + i + VD::W), s1);
+      }
+      pairs[q] += add(s0, s1).hsum();
+#endif
+      pairs[q] += dot_range<double>(g[k], g[l], i, len);
+    }
+  }
+}
+
+template <typename S>
+void gram64_streams(const S* const* g, int K, int64_t len, double* pairs) {
+  switch (K) {
+    case 1: gram64_tile_fused<1>(g, len, pairs); break;
+    case 2: gram64_tile_fused<2>(g, len, pairs); break;
+    case 3: gram64_tile_fused<3>(g, len, pairs); break;
+    case 4: gram64_tile_fused<4>(g, len, pairs); break;
+    default: gram64_tile_pairwise(g, K, len, pairs); break;
+  }
+}
+
+// 16-bit gradients: widened to float through an L1 tile of kWiden elements per stream.
+constexpr int64_t kWiden = 256;
+
+template <typename T>
+void gram64_half(const void* const* g_raw, int K, int64_t n, double* pairs) {
+  float small[8][kWiden];
+  float* heap = K > 8 ? new float[size_t(K) * kWiden] : nullptr;
+  const float* rows_small[kStackObjectives];
+  const float** rows = K <= kStackObjectives ? rows_small : new const float*[K];
+  for (int k = 0; k < K; ++k) rows[k] = heap ? heap + k * kWiden : small[k];
+  for (int64_t off = 0; off < n; off += kWiden) {
+    const int64_t len = n - off < kWiden ? n - off : kWiden;
+    for (int k = 0; k < K; ++k)
+      load_tile(reinterpret_cast<const T*>(g_raw[k]) + off, const_cast<float*>(rows[k]), len);
+    gram64_streams(rows, K, len, pairs);
+  }
+  if (rows != rows_small) delete[] rows;
+  delete[] heap;
+}
+
+// Tiles of kTile elements, so that the pairwise path re-reads each tile from L1.
+template <typename T>
+void gram64_tiled(const void* const* g, int K, int64_t n, double* pairs) {
+  for (int64_t off = 0; off < n; off += kTile) {
+    const Offsets<T> rows(g, K, off);
+    gram64_streams(rows.ptr, K, n - off < kTile ? n - off : kTile, pairs);
+  }
+}
+
+void gram64_chunk(const void* const* g, int K, int dtype, int64_t n, double* pairs) {
+  for (int q = 0; q < pair_count(K); ++q) pairs[q] = 0.0;
+  switch (dtype) {
+    case kFloat32: gram64_tiled<float>(g, K, n, pairs); break;
+    case kFloat64: gram64_tiled<double>(g, K, n, pairs); break;
+    case kBFloat16: gram64_half<bf16_t>(g, K, n, pairs); break;
+    case kFloat16: gram64_half<f16_t>(g, K, n, pairs); break;
+  }
 }
 
 }  // namespace

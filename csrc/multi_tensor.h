@@ -302,4 +302,35 @@ FB_INLINE void adamw_update(A& p, A& m, A& v, A d, const AdamWConsts<A>& c) {
   p = p - div_rn(mul_rn(c.step_size, m), denom);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Plan tables (BalancePlan): the K gradients live in one [K, ld] bank, so a chunk is just a range
+// of a row, identical for every objective. One int64 row per chunk, chunks grouped by segment in
+// row order (the fixed reduction order of the Gram). Built once, on the host, by the plan.
+// ---------------------------------------------------------------------------------------------
+enum PlanColumn : int {
+  kColStart = 0,      // first element of the chunk in a bank row (and in the flat buffers)
+  kColLength = 1,     // elements, 1 .. kChunkElems
+  kColSegment = 2,    // segment id
+  kColParam = 3,      // parameter index (AdamW: the params pointer table)
+  kColParamOffset = 4,// first element of the chunk inside its parameter
+  kColGroup = 5,      // hyper-parameter group (AdamW: the [G, 5] hyper table)
+  kPlanColumns = 6
+};
+// Hyper-parameter table of the planned AdamW, one float64 row per group.
+enum HyperColumn : int { kHyLr = 0, kHyWeightDecay = 1, kHyBeta1 = 2, kHyBeta2 = 3, kHyEps = 4, kHyperColumns = 5 };
+
+// A weight in the math type A; weights beyond float's range (rescale factors for norm ratios past
+// ~1e38, solved in double) saturate at its largest value, never inf (as the list API's clamp).
+template <typename A> FB_INLINE A weight_as(double w) { return A(w); }
+template <> FB_INLINE float weight_as<float>(double w) {
+  const double big = 3.4028234663852886e38;
+  return float(w > big ? big : (w < -big ? -big : w));
+}
+
+// The stored-dtype rounding of a combined gradient: a 16-bit gradient's combination is rounded
+// to that dtype before the AdamW moments see it (one rule in every backend).
+template <typename T, typename A> FB_INLINE A round_through(A d) { return d; }
+template <> FB_INLINE float round_through<bf16_t, float>(float d) { return bf16_to_float(float_to_bf16(d)); }
+template <> FB_INLINE float round_through<f16_t, float>(float d) { return f16_to_float(float_to_f16(d)); }
+
 }  // namespace fused_balance

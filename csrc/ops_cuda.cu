@@ -426,7 +426,8 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(Meta meta, int64_t num_
     void* exp_avg_sq = reinterpret_cast<void*>(meta.exp_avg_sq_ptrs[p]);
     for (int64_t i = threadIdx.x; i < len; i += kThreads) {
       const int64_t e = start + i;
-      const A d = A(combine_element<GA>(g, K, w, i));
+      // A 16-bit combination is rounded to the gradient dtype first (the rule of every backend).
+      const A d = A(round_through<T>(combine_element<GA>(g, K, w, i)));
       A pv = load_as<A>(param, p_code, e);
       A mv = load_as<A>(exp_avg, m_code, e);
       A vv = load_as<A>(exp_avg_sq, v_code, e);

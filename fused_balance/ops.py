@@ -8,7 +8,9 @@ ops trace under torch.compile, and autograd formulas written with the ops themse
 - combine: dL/dg_k,p = w[s,k] dout_p                              -> a combine with K = 1
            dL/dw[s,k] = sum_{p in s} <dout_p, g_k,p>               -> row 0 of a gram over [dout, g]
 
-Argument conventions of the backend functions: see fused_balance.backends.
+Argument conventions of the backend functions: see fused_balance.backends. The plan ops
+(bank_gram, bank_combine_into, bank_adamw_: one [K, N] bank and a chunk table built once) are
+used by fused_balance.plan.BalancePlan; they have fake kernels here and no autograd.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ import torch
 from fused_balance import _extension
 from fused_balance._dtypes import accumulate_dtype
 
-__all__ = ["availability", "gram", "combine", "combine_into", "balanced_adamw_", "cpu_isa", "set_cpu_isa"]
+__all__ = ["availability", "gram", "combine", "combine_into", "balanced_adamw_", "plan_ops", "cpu_isa",
+           "set_cpu_isa"]
 
 _NAMESPACE = "fused_balance"
 _lock = threading.Lock()
@@ -54,6 +57,19 @@ def _combine_into_fake(grads, weights, segment_ids, out, skip):
 
 def _adamw_fake(grads, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1, beta2,
                 eps, step, skip):
+    return None
+
+
+def _bank_gram_fake(bank, chunks, seg_offsets, num_segments):
+    K = bank.shape[0]
+    return (bank.new_empty((num_segments, K, K), dtype=torch.float64), bank.new_empty((), dtype=torch.bool))
+
+
+def _bank_combine_into_fake(bank, weights, chunks, out, skip):
+    return None
+
+
+def _bank_adamw_fake(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip):
     return None
 
 
@@ -109,6 +125,9 @@ def _register_python_parts() -> None:
         torch.library.register_fake(ns + "combine")(_combine_fake)
         torch.library.register_fake(ns + "combine_into")(_combine_into_fake)
         torch.library.register_fake(ns + "balanced_adamw_")(_adamw_fake)
+        torch.library.register_fake(ns + "bank_gram")(_bank_gram_fake)
+        torch.library.register_fake(ns + "bank_combine_into")(_bank_combine_into_fake)
+        torch.library.register_fake(ns + "bank_adamw_")(_bank_adamw_fake)
         torch.library.register_autograd(ns + "gram", _gram_backward, setup_context=_gram_setup_context)
         torch.library.register_autograd(ns + "combine", _combine_backward, setup_context=_combine_setup_context)
         _registered = True
@@ -191,6 +210,15 @@ def balanced_adamw_(flat, num_objectives, weights, segment_ids, params, exp_avgs
     _ops().balanced_adamw_(list(flat), weights, [int(s) for s in segment_ids], list(params), list(exp_avgs),
                            list(exp_avg_sqs), [float(x) for x in lrs], [float(x) for x in weight_decays],
                            float(beta1), float(beta2), float(eps), int(step), skip)
+
+
+# ------------------------------------------------------------------------------- plan ops
+# BalancePlan's ops (fused_balance.plan): the [K, N] bank and a chunk table built once. Called
+# as OpOverloads resolved once, so a planned step pays no lookup and traces under torch.compile.
+def plan_ops() -> dict:
+    ops = _ops()
+    return {"gram": ops.bank_gram.default, "combine_into": ops.bank_combine_into.default,
+            "adamw_": ops.bank_adamw_.default}
 
 
 # ------------------------------------------------------------------------- CPU kernel path

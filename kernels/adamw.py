@@ -29,7 +29,7 @@ from fused_balance._dtypes import accumulate_dtype
 
 from . import common
 from .common import cast_for_store
-from .pointer_table import chunk_plan, pointer_table
+from .pointer_table import chunk_plan, hyper_table, pointer_table
 
 
 @triton.jit
@@ -135,7 +135,7 @@ def _run_group(flat, K, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs
     pairs = zip(lrs, weight_decays) if per_tensor else [(lrs[0], weight_decays[0])]
     for lr, wd in pairs:
         hyper += [1.0 - lr * wd, lr / bc1]
-    hyper_d = torch.tensor(hyper, dtype=acc).to(device)
+    hyper_d = hyper_table(hyper, acc, device)  # pinned, non-blocking: no sync per step
 
     state = [t if t.is_contiguous() else t.contiguous()
              for t in list(params) + list(exp_avgs) + list(exp_avg_sqs)]

@@ -75,6 +75,15 @@ POINTER_TABLES = LRUCache()
 CHUNK_PLANS = LRUCache()
 
 
+def in_use_on_current_stream(table: torch.Tensor) -> torch.Tensor:
+    """Tell the caching allocator that the current stream reads a cached device table: an
+    eviction (the LRU drops its reference) must not hand the memory to another allocation while
+    a kernel on this stream, possibly not the one that built the table, still reads it."""
+    if table.is_cuda:
+        table.record_stream(torch.cuda.current_stream(table.device))
+    return table
+
+
 @dataclass(frozen=True)
 class PointerTable:
     addresses: torch.Tensor  # int64 [len(tensors)] on the device
@@ -100,7 +109,9 @@ def pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> Poin
         table = torch.tensor(addresses, dtype=torch.int64).to(device)
         return PointerTable(table, all(a % ALIGN_BYTES == 0 for a in addresses))
 
-    return POINTER_TABLES.get_or_build(key, build)
+    table = POINTER_TABLES.get_or_build(key, build)
+    in_use_on_current_stream(table.addresses)
+    return table
 
 
 # Tensors inside a flat output buffer start on multiples of this many elements, so that every
@@ -164,10 +175,24 @@ def build_chunk_plan(sizes: Sequence[int], segment_ids: Sequence[int], num_segme
 def chunk_plan(sizes: Sequence[int], segment_ids: Sequence[int], num_segments: int,
                device: torch.device, chunk: int = CHUNK) -> ChunkPlan:
     key = (device, tuple(sizes), tuple(segment_ids), num_segments, chunk)
-    return CHUNK_PLANS.get_or_build(
+    plan = CHUNK_PLANS.get_or_build(
         key, lambda: build_chunk_plan(sizes, segment_ids, num_segments, device, chunk))
+    in_use_on_current_stream(plan.sizes_d)  # the views share one packed storage
+    return plan
+
+
+def hyper_table(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small per-call table (AdamW hyper-parameters and bias corrections, which change every
+    step) on the device, copied from pinned memory without blocking: no host synchronisation
+    (a pageable copy waits for the stream). The caching host allocator keeps the pinned block
+    until the copy has run."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def clear_caches() -> None:
     POINTER_TABLES.clear()
     CHUNK_PLANS.clear()
+

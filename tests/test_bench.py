@@ -51,6 +51,16 @@ def test_quick_run_writes_results(quick_run):
     assert "## Targets" in md and "| stage | contender |" in md
 
 
+def test_quick_run_has_the_host_overhead_stage(quick_run):
+    out, _, _ = quick_run
+    overhead = json.loads((out / "results.json").read_text())["overhead"]
+    assert overhead["counts"] == [28, 448]
+    for name in ("list_pareto_combine", "plan_step", "plan_adamw", "per_tensor_loop", "torch_fused_adamw"):
+        assert all(overhead["seconds"][name][str(P)] > 0 for P in (28, 448)), name
+    assert "## Host overhead" in (out / "results.md").read_text()
+    assert (out / "overhead.png").is_file()
+
+
 def test_quick_run_json_has_stages_contenders_roofline(quick_run):
     out, _ = quick_run
     results = json.loads((out / "results.json").read_text())

@@ -12,7 +12,7 @@ import sys
 
 __all__ = ["add_arguments", "main"]
 
-_STAGE_CHOICES = ("gram", "weights", "combine", "pareto_combine", "adamw", "scaling")
+_STAGE_CHOICES = ("gram", "weights", "combine", "pareto_combine", "adamw", "scaling", "overhead")
 _DTYPE_CHOICES = ("fp32", "bf16", "fp16", "fp64")
 
 

@@ -46,7 +46,7 @@ class SuiteOptions:
             # (the default plan is QUICK_PLAN / FULL_PLAN; these fill an explicit plan's gaps)
             objectives=tuple(self.objectives) or ((2, 3) if quick else (2, 3, 4)),
             dtypes=tuple(self.dtypes) or (torch.float32, torch.bfloat16),
-            stages=tuple(self.stages) or (C.STAGES + ("scaling",)),
+            stages=tuple(self.stages) or (C.STAGES + ("scaling", "overhead")),
             repeats=self.repeats, stage_budget_s=self.stage_budget_s,
             slow_call_s=self.slow_call_s,
             compile_budget_s=self.compile_budget_s, memory=self.memory, plots=self.plots,

@@ -148,4 +148,8 @@ def write_plots(results: dict, out_dir: str | Path) -> list[str]:
             name = f"scaling_{sweep}.png"
             if _scaling(plt, results, sweep, out_dir / name):
                 written.append(name)
+    if results.get("overhead"):
+        from fused_balance.benchmarking.overhead import plot as overhead_plot
+        if overhead_plot(results["overhead"], out_dir / "overhead.png"):
+            written.append("overhead.png")
     return written

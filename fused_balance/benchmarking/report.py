@@ -238,6 +238,9 @@ def markdown(results: dict) -> str:
             if table:
                 lines += [f"### {STAGE_TITLES[stage]}", ""] + table + [""]
     lines += _scaling_tables(results)
+    if results.get("overhead"):
+        from fused_balance.benchmarking.overhead import markdown as overhead_markdown
+        lines += overhead_markdown(results["overhead"])
     lines += _problems_reasons(results)
     lines += ["## Contenders", ""]
     lines += _table(["contender", "what is timed"],

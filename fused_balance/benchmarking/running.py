@@ -345,6 +345,11 @@ def _run_suite(opts: SuiteOptions, log) -> dict:
             results["scaling"] = run_scaling(opts, contenders, primary, bw, progress, say,
                                              scaling_budget)
         grads_cache.clear()
+    if "overhead" in opts.stages and "overhead" not in results:  # tiny tensors: host work vs P
+        from fused_balance.benchmarking.overhead import run_overhead
+        results["overhead"] = run_overhead(device, counts=(28, 448) if opts.quick else (28, 448, 5000),
+                                           rounds=3 if opts.quick else 5, progress=say)
+        save()
     # The roofline is what the machine can do: load from other processes only lowers a
     # measurement, so take the best of the measurements at the start and at the end.
     say("bench: measuring memory bandwidth again")

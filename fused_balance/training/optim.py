@@ -200,9 +200,29 @@ class BalancedAdamW(torch.optim.Optimizer):
                 weight_decays=pick(decays), beta1=betas[0], beta2=betas[1], eps=eps, step=step,
                 backend=self.backend)
         self.state.update(fresh)
-        for s in states:
-            s["step"] += 1
+        for count in {id(s["step"]): s["step"] for s in states}.values():  # shared after a planned step
+            count += 1
         return True
+
+    # -- planned path (fused_balance.BalancePlan): O(1) host work per step --------------------
+    @torch.no_grad()
+    def planned_step(self, plan, weights: torch.Tensor, skip: torch.Tensor | None = None) -> None:
+        """One AdamW step on the combination ``plan`` forms from its bank with ``weights``
+        ([S, K], on the device), in one op with no host read: ``skip`` (a one-element bool
+        tensor, e.g. found_inf) is decided on the device and leaves everything untouched.
+
+        The moments live in two flat buffers laid out like the plan's bank rows (each
+        parameter's ``exp_avg`` / ``exp_avg_sq`` state is a view of them) and the step count in
+        one device tensor shared by every parameter's state; they are adopted from the current
+        state on first use and again whenever the state was replaced (``load_state_dict``).
+        Hyper-parameters are read from a device table refreshed when a group changes (O(groups)).
+        ``skipped_steps`` is not counted here (that would need a host read): callers that read
+        ``skip`` count it."""
+        flat = getattr(self, "_flat", None)
+        if flat is None or flat.plan is not plan or not flat.intact(self.state):
+            flat = self._flat = _FlatState.adopt(self, plan)
+        plan.adamw_step(weights, flat.exp_avg, flat.exp_avg_sq, flat.hyper_for(self.param_groups),
+                        flat.step, skip)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -237,6 +257,65 @@ class BalancedAdamW(torch.optim.Optimizer):
         skipped = int(state_dict.pop("skipped_steps", 0))
         super().load_state_dict(state_dict)
         self.skipped_steps = skipped
+
+
+class _FlatState:
+    """BalancedAdamW's state in the plan's layout: flat moments, one step tensor, a hyper table."""
+
+    def __init__(self, plan, exp_avg, exp_avg_sq, step, m_views, v_views):
+        self.plan, self.exp_avg, self.exp_avg_sq, self.step = plan, exp_avg, exp_avg_sq, step
+        self.m_views, self.v_views = m_views, v_views
+        self._hyper_key = None
+        self._hyper = None
+
+    @classmethod
+    def adopt(cls, optimizer: "BalancedAdamW", plan) -> "_FlatState":
+        """O(P), once: the optimizer's state copied into flat buffers it then views."""
+        params = optimizer.flat_params()
+        if plan.params is None or {id(p) for p in plan.params} != {id(p) for p in params} \
+                or len(plan.params) != len(params):
+            raise ValueError("the plan's parameters are not the optimizer's parameters")
+        group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
+        plan.set_groups([group_of[id(p)] for p in plan.params])
+        states = [optimizer.state.get(p) for p in plan.params]
+        steps = {float(s["step"]) for s in states if s}
+        if len(steps) > 1 or (steps and any(not s for s in states)):
+            raise RuntimeError(f"parameters are at different step counts {sorted(steps)}; "
+                               "BalancedAdamW steps all of them together")
+        exp_avg, exp_avg_sq, step = plan.new_adamw_state()
+        m_views, v_views = plan.views(exp_avg), plan.views(exp_avg_sq)
+        for p, st, m, v in zip(plan.params, states, m_views, v_views):
+            if st:
+                m.copy_(st["exp_avg"])
+                v.copy_(st["exp_avg_sq"])
+        if steps:
+            step.fill_(steps.pop())
+        for p, st, m, v in zip(plan.params, states, m_views, v_views):
+            optimizer.state[p] = {**(st or {}), "step": step, "exp_avg": m, "exp_avg_sq": v}
+        return cls(plan, exp_avg, exp_avg_sq, step, m_views, v_views)
+
+    def intact(self, state) -> bool:
+        """O(1): the first and last parameter's state still are this layout's tensors."""
+        for i in (0, -1):
+            st = state.get(self.plan.params[i])
+            if not st or st.get("exp_avg") is not self.m_views[i] or st.get("exp_avg_sq") is not self.v_views[i] \
+                    or st.get("step") is not self.step:
+                return False
+        return True
+
+    def hyper_for(self, groups) -> torch.Tensor:
+        """The [G, 5] device table, rewritten in place only when a group's values changed."""
+        key = tuple((g["lr"], g["weight_decay"], *g["betas"], g["eps"]) for g in groups)
+        if key != self._hyper_key:
+            for g in groups:
+                _check_hyper(g, "")
+            table = self.plan.hyper_table(key, self.exp_avg.device)
+            if self._hyper is None or self._hyper.shape != table.shape:
+                self._hyper = table
+            else:
+                self._hyper.copy_(table)  # in place: a captured step reads the new values
+            self._hyper_key = key
+        return self._hyper
 
 
 def _segment_list(segments, num_params: int, num_segments: int) -> list[int]:

@@ -196,6 +196,7 @@ class ParetoLoRA:
         self._history: deque = deque(maxlen=self.history_limit)
         self._history_on_device = 0  # trailing entries whose tensors still live on the device
         self._scratch: list[torch.Tensor] | None = None
+        self._plan = self._plan_bank = self._plan_ok = None
 
     def _check_optimizer_holds_params(self, optimizer) -> None:
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -283,7 +284,9 @@ class ParetoLoRA:
         """One balanced optimizer step; returns False when it was skipped (NaN/Inf gradient)."""
         if self.optimizer is None:
             raise RuntimeError("ParetoLoRA was built without an optimizer: call backward() and step yourself")
-        if self.fused:
+        if self.process_group is None and self._plan_usable():
+            took = self._planned_step(losses)
+        elif self.fused:
             loss_list = self._loss_list(losses)
             self.bank.fill(loss_list)
             # pareto_weights, not gram + policy_weights: it keeps the range rescue (tiny or huge
@@ -305,6 +308,49 @@ class ParetoLoRA:
                 entry["stepped"] = took
         if not took:
             self.skipped_steps += 1
+        return took
+
+    # -- planned step (fb.BalancePlan): validated once, O(1) host work per step ----------------
+    def _plan_usable(self) -> bool:
+        """The plan path needs the cpp kernels on the parameters' device and, to combine into
+        ``.grad``, parameters in the bank's dtype; otherwise the list API runs (same numbers
+        up to the plan's float64 Gram)."""
+        if self._plan_ok is None:
+            device, dtype = self.params[0].device, self.params[0].dtype
+            cpp = self.backend in (None, "auto", "cpp") and "cpp" in fb.available_backends(device)
+            self._plan_ok = cpp and all(p.dtype == dtype and p.is_contiguous() for p in self.params)
+        return self._plan_ok
+
+    def _balance_plan(self) -> "fb.BalancePlan":
+        key = (self.bank, self.policy, self.tau, self.rescale)  # load_state_dict may change the policy
+        if self._plan is None or self._plan_bank != key:  # built once per bank and policy
+            self._plan = fb.BalancePlan(self.bank, self.segment_ids, policy=self.policy, tau=self.tau,
+                                        rescale=self.rescale)
+            self._plan_bank = key
+        return self._plan
+
+    def _planned_step(self, losses) -> bool:
+        loss_list = self._loss_list(losses)
+        self.bank.fill(loss_list)
+        plan = self._balance_plan()
+        res = plan.weights()
+        if self.fused:
+            self.optimizer.planned_step(plan, res.weights, skip=res.found_inf)
+        else:
+            plan.combine_into_grads(res)
+        took = not bool(res.found_inf)  # the one host read: step() reports whether it stepped
+        if not took and self.fused:
+            self.optimizer.skipped_steps += 1
+        elif took and not self.fused:
+            self.optimizer.step()
+        if self.record_history and self.step_count % self.history_every == 0:
+            # the plan solves in float64; the history keeps the list API's dtype on every path
+            acc = torch.float64 if self.bank.dtype == torch.float64 else torch.float32
+            big = torch.finfo(acc).max
+            norms, cosines = (t.to(acc) for t in res.statistics())
+            self._record(loss_list, norms, cosines, res.weights.clamp(-big, big).to(acc), res.branch,
+                         res.found_inf, took)
+        self.step_count += 1
         return took
 
     def free_buffers(self) -> None:

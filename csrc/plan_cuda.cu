@@ -1,0 +1,354 @@
+// CUDA implementations of the plan ops (schemas in ops_cpu.cpp's TORCH_LIBRARY block).
+//
+// The gradients live in one [K, ld] bank and the chunk table (multi_tensor.h, PlanColumn) was
+// copied to the device once by fused_balance.BalancePlan, so a call uploads nothing: no host
+// table, no pinned copy, no host synchronisation, and every per-step scalar (weights, skip, the
+// AdamW step count and hyper-parameters) is read from device memory. A planned step can
+// therefore be captured in a CUDA graph and replayed.
+//   bank_gram:         stage 1, one float64 partial per (chunk, pair) (products of fp32 values are
+//                      exact in double); stage 2, per (segment, pair) the partials in table order
+//                      (the CPU's order) and found_inf, decided on the device.
+//   bank_combine_into: one launch; bank_adamw_: one launch (+ a one-thread step increment).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include "plan_common.h"
+
+namespace fused_balance {
+namespace plan_cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kBlocksPerSm = 32;
+constexpr int kMaxObjectives = 64;  // weights of a chunk's segment held in shared memory
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+template <typename T> using acc_t = typename Acc<T>::type;
+
+int grid_for(int64_t work_items) {
+  static int sms[64] = {0};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int& n = sms[device & 63];
+  if (n == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  const int64_t cap = int64_t(n > 0 ? n : 1) * kBlocksPerSm;
+  return int(work_items < cap ? (work_items > 0 ? work_items : 1) : cap);
+}
+
+// Calls f(T{}) with T the C++ type of an ElemType code.
+template <typename F>
+void with_type(int32_t code, F&& f) {
+  switch (code) {
+    case kFloat64: f(double{}); break;
+    case kBFloat16: f(bf16_t{}); break;
+    case kFloat16: f(f16_t{}); break;
+    default: f(float{}); break;
+  }
+}
+
+// --------------------------------------------------------------------------------- Gram
+// Stage 1, K <= KMAX: all pairs in registers, each bank element loaded once. Block sums in a
+// fixed order (warp shuffles, then warps in index order).
+template <typename T, int KMAX>
+__global__ void __launch_bounds__(kThreads) gram_partials(const T* __restrict__ bank, int64_t ld, int K,
+                                                          const int64_t* __restrict__ chunks, int64_t C,
+                                                          double* __restrict__ partials) {
+  constexpr int NPMAX = KMAX * (KMAX + 1) / 2;
+  __shared__ double scratch[kWarps][NPMAX];
+  const int npairs = pair_count(K);
+  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
+    const int64_t start = chunks[c * kPlanColumns + kColStart];
+    const int64_t len = chunks[c * kPlanColumns + kColLength];
+    const T* g[KMAX];
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) g[k] = bank + int64_t(k < K ? k : 0) * ld + start;
+    double acc[NPMAX];
+#pragma unroll
+    for (int q = 0; q < NPMAX; ++q) acc[q] = 0.0;
+    for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+      double x[KMAX];
+#pragma unroll
+      for (int k = 0; k < KMAX; ++k) x[k] = k < K ? to_acc<double>(g[k][i]) : 0.0;
+      int q = 0;
+#pragma unroll
+      for (int k = 0; k < KMAX; ++k) {
+#pragma unroll
+        for (int l = k; l < KMAX; ++l, ++q) acc[q] = __fma_rn(x[k], x[l], acc[q]);
+      }
+    }
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+    for (int q = 0; q < NPMAX; ++q) {
+      double v = acc[q];
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+      if (lane == 0) scratch[warp][q] = v;
+    }
+    __syncthreads();
+    if (threadIdx.x < npairs) {
+      int k, l;
+      pair_of_index(threadIdx.x, K, &k, &l);
+      const int qmax = pair_index(k, l, KMAX);
+      double total = 0.0;
+      for (int w = 0; w < kWarps; ++w) total += scratch[w][qmax];
+      partials[c * npairs + threadIdx.x] = total;
+    }
+    __syncthreads();
+  }
+}
+
+// Stage 1 for K > 8: one pair at a time over the chunk (the chunk's K rows come from L2).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gram_partials_pairwise(const T* __restrict__ bank, int64_t ld, int K,
+                                                                   const int64_t* __restrict__ chunks, int64_t C,
+                                                                   double* __restrict__ partials) {
+  __shared__ double scratch[kWarps];
+  const int npairs = pair_count(K);
+  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
+    const int64_t start = chunks[c * kPlanColumns + kColStart];
+    const int64_t len = chunks[c * kPlanColumns + kColLength];
+    for (int q = 0; q < npairs; ++q) {
+      int k, l;
+      pair_of_index(q, K, &k, &l);
+      const T* a = bank + int64_t(k) * ld + start;
+      const T* b = bank + int64_t(l) * ld + start;
+      double v = 0.0;
+      for (int64_t i = threadIdx.x; i < len; i += kThreads) v = __fma_rn(to_acc<double>(a[i]), to_acc<double>(b[i]), v);
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+      const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+      if (lane == 0) scratch[warp] = v;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        double total = 0.0;
+        for (int w = 0; w < kWarps; ++w) total += scratch[w];
+        partials[c * npairs + q] = total;
+      }
+      __syncthreads();
+    }
+  }
+}
+
+// Stage 2: every (segment, pair) sums its chunks' partials in table order (as the CPU does),
+// writes both triangles, and any non-finite total raises found_inf. One block.
+__global__ void __launch_bounds__(kThreads) gram_reduce(const double* __restrict__ partials,
+                                                        const int64_t* __restrict__ seg_offsets, int64_t S, int K,
+                                                        double* __restrict__ out, bool* __restrict__ found_inf) {
+  __shared__ int nonfinite;
+  if (threadIdx.x == 0) nonfinite = 0;
+  __syncthreads();
+  const int npairs = pair_count(K);
+  int bad = 0;
+  for (int64_t item = threadIdx.x; item < S * npairs; item += kThreads) {
+    const int64_t s = item / npairs;
+    const int q = int(item % npairs);
+    double total = 0.0;
+    for (int64_t c = seg_offsets[s]; c < seg_offsets[s + 1]; ++c) total += partials[c * npairs + q];
+    int k, l;
+    pair_of_index(q, K, &k, &l);
+    out[(s * K + k) * K + l] = total;
+    out[(s * K + l) * K + k] = total;
+    bad |= !isfinite(total);
+  }
+  if (bad) atomicOr(&nonfinite, 1);
+  __syncthreads();
+  if (threadIdx.x == 0) *found_inf = nonfinite != 0;
+}
+
+std::tuple<at::Tensor, at::Tensor> bank_gram_cuda(const at::Tensor& bank, const at::Tensor& chunks,
+                                                  const at::Tensor& seg_offsets, int64_t num_segments) {
+  const char* op = "bank_gram";
+  const BankView b = check_bank(op, bank);
+  TORCH_CHECK_VALUE(b.device.is_cuda(), "fused_balance::", op, ": CUDA kernel called with a bank on ", b.device);
+  TORCH_CHECK_VALUE(num_segments >= 1, "fused_balance::", op, ": num_segments must be >= 1");
+  const int64_t C = check_chunks(op, chunks, b);
+  TORCH_CHECK_VALUE(seg_offsets.scalar_type() == at::kLong && seg_offsets.numel() == num_segments + 1 &&
+                        seg_offsets.is_contiguous() && seg_offsets.device() == b.device,
+                    "fused_balance::", op, ": seg_offsets must be a contiguous int64 [S + 1] tensor on ", b.device);
+  const c10::cuda::CUDAGuard guard(b.device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(b.device.index()).stream();
+  const int K = int(b.K);
+  const int npairs = pair_count(K);
+  at::Tensor partials = at::empty({std::max<int64_t>(C, 1) * npairs}, bank.options().dtype(at::kDouble));
+  at::Tensor G = at::empty({num_segments, b.K, b.K}, bank.options().dtype(at::kDouble));
+  at::Tensor found_inf = at::empty({}, bank.options().dtype(at::kBool));
+  if (C > 0) {
+    with_type(b.code, [&](auto tag) {
+      using T = decltype(tag);
+      const T* base = static_cast<const T*>(bank.data_ptr());
+      const int grid = grid_for(C);
+      const int64_t* tab = chunks.data_ptr<int64_t>();
+      double* part = partials.data_ptr<double>();
+      if (K <= 2) gram_partials<T, 2><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part);
+      else if (K <= 4) gram_partials<T, 4><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part);
+      else if (K <= 8) gram_partials<T, 8><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part);
+      else gram_partials_pairwise<T><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  gram_reduce<<<1, kThreads, 0, stream>>>(partials.data_ptr<double>(), seg_offsets.data_ptr<int64_t>(),
+                                          num_segments, K, G.data_ptr<double>(), found_inf.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {G, found_inf};
+}
+
+// ------------------------------------------------------------------------------ combine
+// The K weights of the chunk's segment, rounded once to A (saturating), in shared memory.
+template <typename A>
+__device__ __forceinline__ void load_segment_weights(const double* weights, int64_t segment, int K, A* ws) {
+  __syncthreads();  // the previous chunk's readers are done
+  for (int k = threadIdx.x; k < K; k += kThreads) ws[k] = weight_as<A>(weights[segment * K + k]);
+  __syncthreads();
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) combine_chunks(const T* __restrict__ bank, int64_t ld, int K,
+                                                           const int64_t* __restrict__ chunks, int64_t C,
+                                                           const double* __restrict__ weights, T* __restrict__ out,
+                                                           const bool* skip) {
+  using A = acc_t<T>;
+  if (skip != nullptr && *skip) return;
+  __shared__ A ws[kMaxObjectives];
+  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
+    const int64_t* r = chunks + c * kPlanColumns;
+    const int64_t start = r[kColStart], len = r[kColLength];
+    load_segment_weights<A>(weights, r[kColSegment], K, ws);
+    const T* g = bank + start;
+    for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+      A d = mul_rn(ws[0], to_acc<A>(g[i]));
+      const T* gk = g + i;
+#pragma unroll 1
+      for (int k = 1; k < K; ++k) {
+        gk += ld;
+        d = add_rn(d, mul_rn(ws[k], to_acc<A>(*gk)));
+      }
+      out[start + i] = from_acc<T>(d);
+    }
+  }
+}
+
+const bool* skip_pointer(const std::optional<at::Tensor>& skip) {
+  return (skip.has_value() && skip->defined()) ? skip->data_ptr<bool>() : nullptr;
+}
+
+void bank_combine_into_cuda(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
+                            const at::Tensor& out, const std::optional<at::Tensor>& skip) {
+  const char* op = "bank_combine_into";
+  const BankView b = check_bank(op, bank);
+  TORCH_CHECK_VALUE(b.device.is_cuda(), "fused_balance::", op, ": CUDA kernel called with a bank on ", b.device);
+  const int64_t C = check_chunks(op, chunks, b);
+  check_plan_weights(op, weights, b);
+  check_plan_skip(op, skip, b);
+  check_flat(op, "out", out, b);
+  TORCH_CHECK_TYPE(out.scalar_type() == b.dtype, "fused_balance::", op, ": out has dtype ", out.scalar_type(),
+                   ", the bank ", b.dtype);
+  TORCH_CHECK_VALUE(b.K <= kMaxObjectives, "fused_balance::", op, ": at most ", kMaxObjectives, " objectives");
+  if (C == 0) return;
+  const c10::cuda::CUDAGuard guard(b.device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(b.device.index()).stream();
+  const at::Tensor w = weights.to(at::kDouble).contiguous();  // no-op for the plan's fp64 weights
+  with_type(b.code, [&](auto tag) {
+    using T = decltype(tag);
+    combine_chunks<T><<<grid_for(C), kThreads, 0, stream>>>(
+        static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C,
+        w.data_ptr<double>(), static_cast<T*>(out.data_ptr()), skip_pointer(skip));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// -------------------------------------------------------------------------------- AdamW
+// T: gradient dtype, PT: parameter / moment dtype. Per chunk, the segment's weights and the
+// group's constants (from the step count and the hyper table in device memory) are set up once;
+// the element loop reads only the data.
+template <typename T, typename PT>
+__global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ bank, int64_t ld, int K,
+                                                         const int64_t* __restrict__ chunks, int64_t C,
+                                                         const double* __restrict__ weights,
+                                                         const int64_t* __restrict__ param_ptrs, PT* __restrict__ m,
+                                                         PT* __restrict__ v, const double* __restrict__ hyper,
+                                                         const float* __restrict__ step, const bool* skip) {
+  using GA = acc_t<T>;
+  using A = acc_t<PT>;
+  if (skip != nullptr && *skip) return;
+  __shared__ GA ws[kMaxObjectives];
+  const int64_t t = int64_t(*step) + 1;  // the step being taken
+  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
+    const int64_t* r = chunks + c * kPlanColumns;
+    const int64_t start = r[kColStart], len = r[kColLength];
+    load_segment_weights<GA>(weights, r[kColSegment], K, ws);
+    const double* h = hyper + r[kColGroup] * kHyperColumns;
+    const AdamWConsts<A> consts = make_adamw_consts<A>(h[kHyLr], h[kHyWeightDecay], h[kHyBeta1], h[kHyBeta2],
+                                                       h[kHyEps], t);
+    PT* p = reinterpret_cast<PT*>(param_ptrs[r[kColParam]]) + r[kColParamOffset];
+    const T* g = bank + start;
+    for (int64_t i = threadIdx.x; i < len; i += kThreads) {
+      GA d = mul_rn(ws[0], to_acc<GA>(g[i]));
+      const T* gk = g + i;
+#pragma unroll 1
+      for (int k = 1; k < K; ++k) {
+        gk += ld;
+        d = add_rn(d, mul_rn(ws[k], to_acc<GA>(*gk)));
+      }
+      d = round_through<T>(d);
+      A pa = to_acc<A>(p[i]), ma = to_acc<A>(m[start + i]), va = to_acc<A>(v[start + i]);
+      adamw_update(pa, ma, va, A(d), consts);
+      p[i] = from_acc<PT>(pa);
+      m[start + i] = from_acc<PT>(ma);
+      v[start + i] = from_acc<PT>(va);
+    }
+  }
+}
+
+__global__ void count_step(float* step, const bool* skip) {
+  if (skip == nullptr || !*skip) *step += 1.0f;
+}
+
+void bank_adamw_cuda(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
+                     const at::Tensor& param_ptrs, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
+                     const at::Tensor& hyper, const at::Tensor& step, const std::optional<at::Tensor>& skip) {
+  const char* op = "bank_adamw_";
+  const BankView b = check_bank(op, bank);
+  TORCH_CHECK_VALUE(b.device.is_cuda(), "fused_balance::", op, ": CUDA kernel called with a bank on ", b.device);
+  const int64_t C = check_chunks(op, chunks, b);
+  check_plan_weights(op, weights, b);
+  check_plan_skip(op, skip, b);
+  check_plan_adamw(op, param_ptrs, exp_avg, exp_avg_sq, hyper, step, exp_avg.scalar_type(), b);
+  TORCH_CHECK_VALUE(b.K <= kMaxObjectives, "fused_balance::", op, ": at most ", kMaxObjectives, " objectives");
+  const int32_t pcode = elem_type_of(exp_avg.scalar_type(), op);
+  const c10::cuda::CUDAGuard guard(b.device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(b.device.index()).stream();
+  const at::Tensor w = weights.to(at::kDouble).contiguous();
+  const bool* skip_ptr = skip_pointer(skip);
+  if (C > 0) {
+    with_type(b.code, [&](auto gtag) {
+      using T = decltype(gtag);
+      with_type(pcode, [&](auto ptag) {
+        using PT = decltype(ptag);
+        adamw_chunks<T, PT><<<grid_for(C), kThreads, 0, stream>>>(
+            static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C,
+            w.data_ptr<double>(), param_ptrs.data_ptr<int64_t>(), static_cast<PT*>(exp_avg.data_ptr()),
+            static_cast<PT*>(exp_avg_sq.data_ptr()), hyper.data_ptr<double>(), step.data_ptr<float>(), skip_ptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+  }
+  count_step<<<1, 1, 0, stream>>>(step.data_ptr<float>(), skip_ptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace plan_cuda
+}  // namespace fused_balance
+
+TORCH_LIBRARY_IMPL(fused_balance, CUDA, m) {
+  m.impl("bank_gram", &fused_balance::plan_cuda::bank_gram_cuda);
+  m.impl("bank_combine_into", &fused_balance::plan_cuda::bank_combine_into_cuda);
+  m.impl("bank_adamw_", &fused_balance::plan_cuda::bank_adamw_cuda);
+}

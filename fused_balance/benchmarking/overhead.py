@@ -1,0 +1,200 @@
+"""Host-overhead stage: tiny tensors (4 elements each), so the data work is ~0 and what is timed
+is the per-call host work and launches, at P = 28, 448 and 5,000 tensors (K = 2, fp32, one
+segment per 14 tensors, as Llama's layers). Flat in P is the goal.
+
+Contenders: ours through the list API (``fb.pareto_combine(..., out=)``, ``fb.balanced_adamw_step``),
+ours through a BalancePlan (Gram -> pareto_lora weights -> combine into ``.grad``; the same with
+the fused AdamW), the per-tensor loop (the torch reference backend's pareto_combine), foreach
+(``torch._foreach_norm`` of the K·P gradients: one foreach op, a lower bound of a foreach-built
+Gram) and ``torch._fused_adamw_`` on the same P tensors.
+
+    python -m fused_balance.benchmarking.overhead [--device cpu|cuda] [--threads 1]
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import fused_balance as fb
+
+__all__ = ["OVERHEAD_COUNTS", "run_overhead", "markdown", "plot"]
+
+OVERHEAD_COUNTS = (28, 448, 5000)
+ELEMS = 4
+K = 2
+TENSORS_PER_SEGMENT = 14  # one Llama decoder layer's LoRA tensors
+CONTENDERS = {
+    "list_pareto_combine": "ours, list API: fb.pareto_combine(out=)",
+    "list_adamw": "ours, list API: pareto_weights + fb.balanced_adamw_step",
+    "plan_step": "ours, plan: Gram -> weights -> combine into .grad",
+    "plan_adamw": "ours, plan: Gram -> weights -> fused AdamW",
+    "plan_ops": "ours, plan ops alone: Gram + combine (weights given, no policy)",
+    "per_tensor_loop": "per-tensor loop (torch reference pareto_combine)",
+    "foreach_norm": "foreach: torch._foreach_norm of the K·P gradients",
+    "torch_fused_adamw": "torch._fused_adamw_ (P tensors)",
+}
+
+
+def _setup(P: int, device: torch.device):
+    from fused_balance.training.bank import GradBank
+    gen = torch.Generator().manual_seed(P)
+    params = [torch.nn.Parameter(torch.randn(ELEMS, generator=gen).to(device)) for _ in range(P)]
+    bank = GradBank(params, K)
+    with torch.no_grad():
+        bank.buffer.copy_(torch.randn(bank.buffer.shape, generator=gen))
+    segments = [p // TENSORS_PER_SEGMENT for p in range(P)]
+    return params, bank, segments
+
+
+def _contenders(P: int, device: torch.device) -> dict:
+    params, bank, segments = _setup(P, device)
+    outs = [torch.zeros_like(p) for p in params]
+    fns = {}
+    fns["list_pareto_combine"] = lambda: fb.pareto_combine(bank.grads, segments, policy="pareto_lora",
+                                                           out=outs, backend="cpp")
+    list_m = [torch.zeros_like(p) for p in params]
+    list_v = [torch.zeros_like(p) for p in params]
+    list_p = [p.detach().clone() for p in params]
+
+    def list_adamw():
+        res = fb.pareto_weights(bank.grads, segments, policy="pareto_lora", backend="cpp")
+        fb.balanced_adamw_step(bank.grads, res.weights, segments, list_p, list_m, list_v, lrs=1e-6,
+                               weight_decays=0.0, step=1, skip=res.found_inf, backend="cpp")
+    fns["list_adamw"] = list_adamw
+    plan = fb.BalancePlan(bank, segments, policy="pareto_lora")
+    fns["plan_step"] = plan.combine_into_grads
+    m, v, step = plan.new_adamw_state()
+    hyper = plan.hyper_table([(1e-6, 0.0, 0.9, 0.999, 1e-8)], device)
+
+    def plan_adamw():
+        res = plan.weights()
+        plan.adamw_step(res.weights, m, v, hyper, step, res.found_inf)
+    fns["plan_adamw"] = plan_adamw
+    fixed = plan.weights().weights
+    grad_flat = plan.attach_grads()
+
+    def plan_ops():
+        G, found_inf = plan.gram()
+        plan.combine_into(grad_flat, fixed, found_inf)
+    fns["plan_ops"] = plan_ops
+    ref_outs = [torch.zeros_like(p) for p in params]
+    fns["per_tensor_loop"] = lambda: fb.pareto_combine(bank.grads, segments, policy="pareto_lora",
+                                                       out=ref_outs, backend="torch")
+    flat = [g for row in bank.grads for g in row]
+    fns["foreach_norm"] = lambda: torch._foreach_norm(flat)
+    t_params = [p.detach().clone() for p in params]
+    t_grads = [g.clone() for g in bank.grads[0]]
+    t_m = [torch.zeros_like(p) for p in t_params]
+    t_v = [torch.zeros_like(p) for p in t_params]
+    t_steps = [torch.zeros((), device=device) for _ in t_params]
+    fns["torch_fused_adamw"] = lambda: torch._fused_adamw_(
+        t_params, t_grads, t_m, t_v, [], t_steps, lr=1e-6, beta1=0.9, beta2=0.999, weight_decay=0.0,
+        eps=1e-8, amsgrad=False, maximize=False)
+    return fns
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_per_call(fn, device: torch.device, round_s: float) -> float:
+    """Seconds per call: calls looped for ~round_s, the device drained at the end."""
+    _sync(device)
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        if calls >= 3 and time.perf_counter() - start >= round_s:
+            break
+    _sync(device)
+    return (time.perf_counter() - start) / calls
+
+
+def run_overhead(device="cpu", counts=OVERHEAD_COUNTS, rounds: int = 5, round_s: float = 0.05,
+                 progress=None) -> dict:
+    """Median seconds per call of every contender at every P (interleaved rounds)."""
+    device = torch.device(device)
+    table: dict = {name: {} for name in CONTENDERS}
+    for P in counts:
+        fns = _contenders(P, device)
+        for fn in fns.values():  # warm-up: builds, caches, first launches
+            fn()
+            fn()
+        samples = {name: [] for name in fns}
+        for r in range(rounds):
+            names = list(fns)
+            names = names[r % len(names):] + names[:r % len(names)]
+            for name in names:
+                samples[name].append(_time_per_call(fns[name], device, round_s))
+        for name, xs in samples.items():
+            xs.sort()
+            table[name][P] = xs[len(xs) // 2]
+        if progress:
+            progress(f"overhead P={P}: plan step {table['plan_step'][P] * 1e6:.0f} us, "
+                     f"list pareto_combine {table['list_pareto_combine'][P] * 1e6:.0f} us")
+    return {"device": str(device), "threads": torch.get_num_threads(), "counts": list(counts),
+            "elements_per_tensor": ELEMS, "objectives": K, "seconds": table,
+            "labels": dict(CONTENDERS)}
+
+
+def markdown(result: dict) -> list[str]:
+    counts = result["counts"]
+    lines = ["## Host overhead (tiny tensors)", "",
+             f"{result['elements_per_tensor']} elements per tensor, K = {result['objectives']}, fp32, "
+             f"pareto_lora, one segment per {TENSORS_PER_SEGMENT} tensors; {result['device']}, "
+             f"{result['threads']} thread(s); median µs per call. Flat in P is the goal.", "",
+             "| contender | " + " | ".join(f"P = {P}" for P in counts) + " | 5000 / 28 |",
+             "| --- | " + " | ".join("---:" for _ in counts) + " | ---: |"]
+    for name, label in result["labels"].items():
+        row = result["seconds"].get(name, {})
+        cells = [f"{row[P] * 1e6:.0f}" if P in row else "–" for P in counts]
+        growth = (f"{row[counts[-1]] / row[counts[0]]:.2f}×" if counts[0] in row and counts[-1] in row else "–")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {growth} |")
+    return lines + [""]
+
+
+def plot(result: dict, path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, label in result["labels"].items():
+        row = result["seconds"].get(name, {})
+        xs = [P for P in result["counts"] if P in row]
+        ax.plot(xs, [row[P] * 1e6 for P in xs], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("tensors P (4 elements each)")
+    ax.set_ylabel("µs per call (median)")
+    ax.set_title(f"host overhead, K={result['objectives']}, {result['device']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fused_balance.benchmarking.overhead")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--plot", default=None, help="write the plot to this PNG")
+    args = parser.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    result = run_overhead(args.device, rounds=args.rounds, progress=print)
+    print("\n".join(markdown(result)))
+    if args.plot:
+        plot(result, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,331 @@
+"""BalancePlan: a balanced step whose per-call host work does not grow with the tensor count.
+
+The list API (``fb.gram``, ``fb.pareto_combine``, ...) takes K x P tensors per call and checks
+them every time. A plan is built ONCE from the ``[K, N]`` gradient bank (a GradBank's buffer:
+row k holds objective k's gradients of all P parameters, end to end) and the segments; it
+validates once and keeps a chunk table on the device (rows of (start, length, segment, param,
+offset in the param, group): the kernels address a chunk by its offset into the bank, the same
+for every objective, so no pointer table is passed or rebuilt). Per call:
+
+- ``gram()``: one op -> the float64 ``[S, K, K]`` Gram and ``found_inf``, both on the device.
+  Every product of two fp32/bf16/fp16 values is exact in float64 and the sums cannot overflow,
+  so the Gram of 1e-30 .. 1e20 gradients is right to float64 rounding and ``found_inf`` (decided
+  on the device, no host read) is raised only by a real NaN/Inf. (fp64 gradients: accumulated in
+  fp64, so an overflow beyond ~1e154 reads as non-finite.)
+- ``weights()``: Gram -> ``fb.policy_weights`` (float64, on the device).
+- ``combine_into(out)`` / ``combine_into_grads()``: one op writing sum_k w[seg, k] g_k into a
+  flat buffer laid out like a bank row (the parameters' ``.grad`` are views of it); weights are
+  rounded once to the math type (beyond fp32's range they saturate, as in the list API).
+- ``adamw_step(...)``: one op, AdamW on the combination (flat moments, a parameter pointer
+  table built once, per-step scalars read from device memory: the step count and the
+  ``[G, 5]`` (lr, weight_decay, beta1, beta2, eps) table).
+
+Nothing here reads the device, so a planned step can be captured in a CUDA graph and compiled
+with ``torch.compile(fullgraph=True)``. Storage changes are noticed cheaply per call (the bank's
+address, shape, dtype and device; the first and last parameter's address): a moved bank is
+re-addressed (the table holds offsets only; a new device gets the table copied once), a changed
+shape raises. ``check_all()`` compares every parameter (O(P)); run it after changing parameters
+one by one (``p.data = ...`` on a middle parameter is not seen by the per-call check).
+"""
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from fused_balance._dtypes import SUPPORTED_DTYPES
+from fused_balance.policies import check_policy_args, gram_statistics, policy_weights
+
+__all__ = ["BalancePlan", "PlanResult", "PLAN_CHUNK_ELEMS"]
+
+# multi_tensor.h: kChunkElems (a chunk never spans two parameters; partial sums per chunk are
+# reduced in table order, so results do not depend on the thread or SM count).
+PLAN_CHUNK_ELEMS = 1 << 15
+_COLUMNS = 6  # multi_tensor.h: PlanColumn
+
+
+@dataclass
+class PlanResult:
+    """One planned balancing pass; every field is a tensor on the bank's device."""
+
+    gram: torch.Tensor       # [S, K, K] float64
+    weights: torch.Tensor    # [S, K] float64 (the kernels round them once to the math type)
+    branch: torch.Tensor     # [S] long
+    found_inf: torch.Tensor  # 0-dim bool: a gradient held NaN/Inf (nothing was written)
+
+    def statistics(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norms [S, K], cosines [S, K, K]) from the Gram (a few small ops, no sync)."""
+        return gram_statistics(self.gram)
+
+
+def _segment_list(segments, P: int) -> tuple[list[int], int]:
+    from fused_balance._validate import check_segments
+    return check_segments(segments, P)
+
+
+class BalancePlan:
+    """A reusable balanced step over a ``[K, N]`` gradient bank (see the module docstring).
+
+    bank: a GradBank (``.buffer`` [K, N], ``.numels``, ``.params``) or a ``[K, N]`` tensor with
+    ``numels`` (P ints, the parameters' sizes laid end to end in each row). ``params``: the P
+    parameters (needed by ``combine_into_grads`` and ``adamw_step``; a GradBank brings its own).
+    segments: None, "tensor" or P segment ids. groups: P hyper-parameter group ids (AdamW).
+    """
+
+    def __init__(self, bank, segments=None, *, numels=None, params=None, policy: str = "pareto_lora",
+                 tau: float = 5.0, rescale: str | None = None, groups=None):
+        if isinstance(bank, torch.Tensor):
+            if numels is None:
+                raise TypeError("a bank tensor needs numels= (the P parameter sizes of a row)")
+            self._source = None
+            buffer = bank
+        else:
+            buffer = getattr(bank, "buffer", None)
+            if not isinstance(buffer, torch.Tensor):
+                raise TypeError(f"bank must be a GradBank or a [K, N] tensor, got {type(bank).__name__}")
+            self._source = bank
+            numels = bank.numels if numels is None else numels
+            params = bank.params if params is None else params
+        if buffer.dim() != 2 or buffer.shape[0] < 1:
+            raise ValueError(f"the bank must be [K, N] with K >= 1, got shape {tuple(buffer.shape)}")
+        if buffer.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"the bank has dtype {buffer.dtype}; supported: {SUPPORTED_DTYPES}")
+        if buffer.stride(1) != 1:
+            raise ValueError("the bank's rows must be contiguous")
+        numels = [int(n) for n in numels]
+        if not numels or any(n < 0 for n in numels):
+            raise ValueError("numels must list at least one non-negative parameter size")
+        self.offsets = [0]
+        for n in numels:
+            self.offsets.append(self.offsets[-1] + n)
+        if self.offsets[-1] > buffer.shape[1]:
+            raise ValueError(f"the parameters need {self.offsets[-1]} elements per row, the bank has "
+                             f"{buffer.shape[1]}")
+        self.numels = numels
+        self.num_objectives = int(buffer.shape[0])
+        P = len(numels)
+        self.segment_ids, self.num_segments = _segment_list(segments, P)
+        self.rescale = check_policy_args(policy, tau, rescale)
+        self.policy, self.tau = policy, float(tau)
+        if params is not None:
+            params = list(params)
+            if len(params) != P:
+                raise ValueError(f"{len(params)} parameters for {P} sizes")
+            for i, (p, n) in enumerate(zip(params, numels)):
+                if not isinstance(p, torch.Tensor) or p.numel() != n:
+                    raise ValueError(f"parameter {i} does not have the {n} elements of its bank range")
+        self.params = params
+        self.groups = self._check_groups(groups, P)
+        from fused_balance.ops import plan_ops  # the C++ extension: built on first use
+        self._op = plan_ops()
+        self._buffer = buffer
+        self._build_table(buffer.device)
+        self._stamp = self._buffer_stamp(buffer)
+        self._grad_flat: torch.Tensor | None = None
+        self._grad_views: list | None = None
+        self._param_ptrs: torch.Tensor | None = None
+        self._param_stamp = None
+
+    # -- construction -----------------------------------------------------------------------
+    @staticmethod
+    def _check_groups(groups, P: int) -> list[int]:
+        if groups is None:
+            return [0] * P
+        groups = list(groups)
+        if len(groups) != P or any(isinstance(g, bool) or not isinstance(g, numbers.Integral) or g < 0
+                                   for g in groups):
+            raise ValueError(f"groups must be {P} non-negative ints (one per parameter)")
+        return [int(g) for g in groups]
+
+    def _build_table(self, device) -> None:
+        """Two tables, built on the host once and copied to the device once, segment by segment
+        (so a segment's partial sums are reduced in table order):
+
+        - ranges (Gram, combine): each run of parameters of one segment lying end to end in the
+          bank, cut into chunks of at most PLAN_CHUNK_ELEMS; a chunk may span many small
+          parameters, so the work per call grows with the segments and the elements, not P.
+        - chunks (AdamW): per parameter, with the parameter's index, offset and group.
+        """
+        by_segment: list[list[int]] = [[] for _ in range(self.num_segments)]
+        for p, s in enumerate(self.segment_ids):
+            by_segment[s].append(p)
+        ranges, range_offsets, chunks = [], [0], []
+        for s, members in enumerate(by_segment):
+            run_start = run_end = None
+            for p in members + [None]:
+                if p is not None and self.numels[p] == 0:
+                    continue
+                if p is not None and run_end == self.offsets[p]:
+                    run_end = self.offsets[p + 1]
+                    continue
+                if run_start is not None:
+                    for start in range(run_start, run_end, PLAN_CHUNK_ELEMS):
+                        ranges.append((start, min(PLAN_CHUNK_ELEMS, run_end - start), s, 0, 0, 0))
+                if p is not None:
+                    run_start, run_end = self.offsets[p], self.offsets[p + 1]
+            range_offsets.append(len(ranges))
+            for p in members:
+                n, base = self.numels[p], self.offsets[p]
+                for start in range(0, n, PLAN_CHUNK_ELEMS):
+                    chunks.append((base + start, min(PLAN_CHUNK_ELEMS, n - start), s, p, start, self.groups[p]))
+        self.num_groups = max(self.groups) + 1
+        self._ranges = torch.tensor(ranges, dtype=torch.long).reshape(-1, _COLUMNS).to(device)
+        self._seg_offsets = torch.tensor(range_offsets, dtype=torch.long).to(device)
+        self._chunks = torch.tensor(chunks, dtype=torch.long).reshape(-1, _COLUMNS).to(device)
+
+    def set_groups(self, groups) -> None:
+        """Hyper-parameter group of every parameter (AdamW); rebuilds the table (once)."""
+        groups = self._check_groups(groups, len(self.numels))
+        if groups != self.groups:
+            self.groups = groups
+            self._build_table(self._buffer.device)
+
+    @staticmethod
+    def _buffer_stamp(buffer: torch.Tensor) -> tuple:
+        return (buffer.data_ptr(), tuple(buffer.shape), buffer.stride(0), buffer.dtype, buffer.device)
+
+    # -- storage checks (O(1) per call) -----------------------------------------------------
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The bank, re-read from the GradBank (which may have reallocated it) and checked."""
+        buffer = self._source.buffer if self._source is not None else self._buffer
+        if torch.compiler.is_compiling():  # traced once; the guards of the compiled graph hold
+            return buffer
+        if buffer is not self._buffer or buffer.data_ptr() != self._stamp[0]:
+            self._rebind(buffer)
+        return buffer
+
+    def _rebind(self, buffer: torch.Tensor) -> None:
+        old = self._stamp
+        new = self._buffer_stamp(buffer)
+        if new[1] != old[1] or new[3] != old[3]:
+            raise RuntimeError(f"the gradient bank changed shape or dtype (from {old[1]} {old[3]} to "
+                               f"{new[1]} {new[3]}): build a new BalancePlan")
+        if buffer.stride(1) != 1:
+            raise RuntimeError("the gradient bank's rows are no longer contiguous: build a new BalancePlan")
+        if new[4] != old[4]:  # moved to another device: the table follows (once)
+            self._chunks = self._chunks.to(new[4])
+            self._ranges = self._ranges.to(new[4])
+            self._seg_offsets = self._seg_offsets.to(new[4])
+            self._grad_flat = self._grad_views = None
+            self._param_ptrs = self._param_stamp = None
+        self._buffer, self._stamp = buffer, new
+
+    def check_all(self) -> None:
+        """O(P) check of everything the per-call check samples: re-reads every parameter's
+        address into the pointer table and re-attaches every ``.grad`` view."""
+        self.buffer  # noqa: B018 (the property checks)
+        if self._param_ptrs is not None:
+            self._param_ptrs = None
+            self.param_pointers()
+        if self._grad_views is not None:
+            self.attach_grads()
+
+    # -- the passes --------------------------------------------------------------------------
+    def gram(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G [S, K, K] float64, found_inf 0-dim bool), one op, no host read."""
+        return self._op["gram"](self.buffer, self._ranges, self._seg_offsets, self.num_segments)
+
+    def weights(self) -> PlanResult:
+        """Gram -> the policy's weights, all on the device."""
+        G, found_inf = self.gram()
+        w, branch = policy_weights(G, self.policy, tau=self.tau, rescale=self.rescale)
+        return PlanResult(G, w, branch, found_inf)
+
+    def combine_into(self, out: torch.Tensor, weights: torch.Tensor, skip: torch.Tensor | None = None) -> None:
+        """out[start:end] = sum_k weights[seg, k] * bank[k, start:end] for every chunk; ``out``
+        is a flat buffer laid out like a bank row. Nothing is written when ``skip`` holds True."""
+        self._op["combine_into"](self.buffer, weights, self._ranges, out, skip)
+
+    # -- .grad as views of one flat buffer ---------------------------------------------------
+    def attach_grads(self) -> torch.Tensor:
+        """Point every parameter's ``.grad`` at its view of one flat buffer (laid out like a
+        bank row), allocated once; returns the buffer."""
+        if self.params is None:
+            raise RuntimeError("this plan was built without params: combine_into_grads needs them")
+        buffer = self.buffer
+        for p in self.params:
+            if p.dtype != buffer.dtype or p.device != buffer.device:
+                raise TypeError(f"combine_into_grads needs the parameters in the bank's dtype and device "
+                                f"({buffer.dtype}, {buffer.device}), got {p.dtype} on {p.device}")
+        if self._grad_flat is None:
+            self._grad_flat = torch.zeros(self.offsets[-1], dtype=buffer.dtype, device=buffer.device)
+            self._grad_views = [self._grad_flat[a:b].view(p.shape)
+                                for a, b, p in zip(self.offsets, self.offsets[1:], self.params)]
+        with torch.no_grad():
+            for p, view in zip(self.params, self._grad_views):
+                if p.grad is not view:
+                    p.grad = view
+        return self._grad_flat
+
+    def _grads_attached(self) -> bool:
+        if self._grad_views is None:
+            return False
+        return all(self.params[i].grad is self._grad_views[i] for i in (0, -1))
+
+    def combine_into_grads(self, result: PlanResult | None = None) -> PlanResult:
+        """Gram -> weights -> the combination written into the parameters' ``.grad`` (views of
+        one flat buffer, attached on first use and whenever the first or last parameter's
+        ``.grad`` is no longer its view, e.g. after ``zero_grad(set_to_none=True)``). Nothing
+        is written when a gradient holds NaN/Inf (``found_inf``)."""
+        if result is None:
+            result = self.weights()
+        if torch.compiler.is_compiling() or not self._grads_attached():
+            self.attach_grads()
+        self.combine_into(self._grad_flat, result.weights, result.found_inf)
+        return result
+
+    # -- fused AdamW -------------------------------------------------------------------------
+    def param_pointers(self) -> torch.Tensor:
+        """[P] int64 addresses of the parameters on the device, rebuilt only when the first or
+        last parameter moved (``module.to()``, ``.cuda()``, a dtype change)."""
+        if self.params is None:
+            raise RuntimeError("this plan was built without params: adamw_step needs them")
+        if torch.compiler.is_compiling():
+            return self._param_ptrs
+        stamp = (self.params[0].data_ptr(), self.params[-1].data_ptr())
+        if self._param_ptrs is None or stamp != self._param_stamp:
+            device, dtype = self._buffer.device, self.params[0].dtype
+            for i, p in enumerate(self.params):
+                if p.device != device or p.dtype != dtype or not p.is_contiguous():
+                    raise TypeError(f"adamw_step needs contiguous parameters of one dtype on the bank's "
+                                    f"device; parameter {i} is {p.dtype} on {p.device}")
+            ptrs = torch.tensor([p.data_ptr() for p in self.params], dtype=torch.long)
+            self._param_ptrs = ptrs.to(device)
+            self._param_stamp = stamp
+        return self._param_ptrs
+
+    def adamw_step(self, weights: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                   hyper: torch.Tensor, step: torch.Tensor, skip: torch.Tensor | None = None) -> None:
+        """AdamW (torch.optim.AdamW semantics) on the combination, in one op: ``exp_avg`` /
+        ``exp_avg_sq`` are flat buffers laid out like a bank row (parameters' dtype), ``hyper``
+        a float64 ``[G, 5]`` table (lr, weight_decay, beta1, beta2, eps per group), ``step`` a
+        float32 one-element tensor: the steps taken so far, incremented by the op unless
+        skipped. All read on the device, so a captured step replays with the current values.
+        The parameters are written through the pointer table (not visible to torch.compile)."""
+        ptrs = self.param_pointers()
+        if not torch.compiler.is_compiling() and self.params[0].dtype != exp_avg.dtype:
+            # the kernel writes the parameters as the moments' dtype: refuse, never corrupt
+            raise TypeError(f"the parameters are {self.params[0].dtype} but the moments {exp_avg.dtype} "
+                            "(parameters converted since the state was made?)")
+        self._op["adamw_"](self.buffer, weights, self._chunks, ptrs, exp_avg, exp_avg_sq, hyper, step, skip)
+
+    def new_adamw_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Zeroed flat (exp_avg, exp_avg_sq) in the parameters' dtype and a zero step count."""
+        if self.params is None:
+            raise RuntimeError("this plan was built without params")
+        device, dtype = self._buffer.device, self.params[0].dtype
+        n = self.offsets[-1]
+        return (torch.zeros(n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device),
+                torch.zeros(1, dtype=torch.float32, device=device))
+
+    @staticmethod
+    def hyper_table(rows, device) -> torch.Tensor:
+        """The ``[G, 5]`` float64 table from (lr, weight_decay, beta1, beta2, eps) rows."""
+        return torch.tensor([[float(x) for x in r] for r in rows], dtype=torch.float64).to(device)
+
+    def views(self, flat: torch.Tensor) -> list:
+        """Per-parameter views (parameter shapes) of a flat buffer laid out like a bank row."""
+        shapes = [p.shape for p in self.params] if self.params is not None else [(n,) for n in self.numels]
+        return [flat[a:b].view(s) for a, b, s in zip(self.offsets, self.offsets[1:], shapes)]
