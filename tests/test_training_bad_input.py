@@ -7,6 +7,8 @@ real tensor on another device as far as every check is concerned.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -415,13 +417,34 @@ def test_adamw_failed_first_step_leaves_no_state():
     assert all(float(opt.state[p]["step"]) == 1 for p in ps)
 
 
-def test_adamw_step_with_some_gradients_missing_raises():
+def test_adamw_step_skips_parameters_without_gradient_like_torch():
+    """A parameter whose .grad is None (no objective reached it) keeps its value, moments and
+    step count; the others step exactly as torch.optim.AdamW steps them."""
     ps, opt = stepped_adam()
-    ps[0].grad, ps[2].grad = torch.ones_like(ps[0]), torch.ones_like(ps[2])
+    reference = [p.detach().clone().requires_grad_() for p in ps]
+    torch_opt = torch.optim.AdamW(reference, lr=1e-2, weight_decay=1e-2)
+    torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()) |  # a copy: load shares the tensors
+                              {"param_groups": torch_opt.state_dict()["param_groups"]})
+    for p, r in zip(ps, reference):
+        p.grad = None if p is ps[1] else torch.ones_like(p)
+        r.grad = None if p is ps[1] else torch.ones_like(p)
     before = snapshot_adam(opt)
-    with pytest.raises(ValueError, match=r"parameters \[1\] .* have no .grad while others have one"):
-        opt.step()
-    assert_adam_unchanged(opt, before)
+    opt.step()
+    torch_opt.step()
+    for p, r in zip(ps, reference):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(ps[1].detach(), before[0][1])
+    assert float(opt.state[ps[1]]["step"]) == 1 and float(opt.state[ps[0]]["step"]) == 2
+    opt.step()  # different step counts: one call per count, still like torch
+    torch_opt.step()
+    for p, r in zip(ps, reference):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+    ps[1].grad, reference[1].grad = torch.ones_like(ps[1]), torch.ones_like(ps[1])
+    opt.step()
+    torch_opt.step()
+    for p, r in zip(ps, reference):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+    before = snapshot_adam(opt)
     for p in ps:  # no gradient at all: nothing to do, like torch
         p.grad = None
     opt.step()

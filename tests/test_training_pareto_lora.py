@@ -59,9 +59,11 @@ def test_layer_segments_from_peft_names():
     named = lora_parameters(model)
     assert len(named) == 2 * 7 * 2 + 2  # A and B of 7 linears in 2 layers + embed + head copies
     ids, names = segment_ids_for(named, "layer")
-    assert names == ["other", "model.layers.0", "model.layers.1"]
+    # Tensors outside a layer by their module, never one catch-all segment.
+    assert names == ["model.embed_tokens", "model.layers.0", "model.layers.1", "lm_head"]
     for (name, _), s in zip(named, ids):
         assert (".layers.1." in name) == (s == 2) and (".layers.0." in name) == (s == 1)
+        assert ("embed_tokens" in name) == (s == 0) and ("lm_head" in name) == (s == 3)
     assert layer_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight") == "model.layers.3"
     assert layer_key("vision.encoder.layers.3.mlp.fc1.lora_B.w") != layer_key("llm.layers.3.mlp.fc1.lora_B.w")
     assert segment_ids_for(named, "tensor")[0] == list(range(len(named)))
