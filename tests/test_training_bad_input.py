@@ -465,7 +465,7 @@ def scheduler_setup():
     torch.manual_seed(0)
     enc, llm = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
     comps = {"encoder": enc, "llm": llm}
-    opt = torch.optim.SGD(BalanceScheduler.param_groups(comps, lr=0.1))
+    opt = torch.optim.SGD(BalanceScheduler.param_groups(comps, model=torch.nn.Sequential(enc, llm), lr=0.1))
     return enc, llm, comps, opt
 
 
@@ -496,7 +496,8 @@ def test_scheduler_frozen_duplicate_and_device_parameters():
     with pytest.raises(ValueError, match="belongs to both 'encoder' and 'llm'"):
         BalanceScheduler(opt, {"encoder": enc, "llm": [llm.weight, enc.bias]})
     meta = torch.nn.Linear(4, 2, device="meta")
-    opt = torch.optim.SGD(BalanceScheduler.param_groups({"encoder": enc, "llm": meta}, lr=0.1))
+    opt = torch.optim.SGD(BalanceScheduler.param_groups({"encoder": enc, "llm": meta},
+                                                        model=torch.nn.Sequential(enc, meta), lr=0.1))
     with pytest.raises(ValueError, match="component 'llm' parameter 0 is on meta"):
         BalanceScheduler(opt, {"encoder": enc, "llm": meta})
 
