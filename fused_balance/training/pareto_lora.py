@@ -69,6 +69,14 @@ class ParetoLoRA:
     ``process_group`` / ``distributed``: balance across ranks (see the module docstring); the
     optimizer then sees the same balanced gradient on every rank, so the ranks stay identical.
 
+    Tensors no objective has reached (``dead_tensors``, e.g. LoRA on a VQ model that token losses
+    never run through) keep ``.grad`` as it was (None after ``zero_grad``) and are not stepped,
+    like after a plain backward; a tensor reached once counts as reached from then on. Under a
+    process group every tensor counts as reached (the ranks must step the same tensors).
+
+    A NaN/Inf loss skips the step like a NaN/Inf gradient: nothing is written, the step is
+    counted in ``skipped_steps``, the history names the objectives, a warning the first time.
+
     ``history_limit``: the history keeps the last that many recorded steps (a ring buffer; None:
     all of them). Each entry holds a few [S, K] tensors on the training device until
     ``history`` is read, so an unbounded history grows with the run.
@@ -202,7 +210,9 @@ class ParetoLoRA:
         bank = self.bank
         key = (id(bank), bank.reached_version)
         if self._reach_cache is None or self._reach_cache[0] != key:
-            live = list(bank.reached)
+            # Ranks may reach different tensors but must step the same ones: under a process
+            # group every tensor counts as reached (zero gradients where none arrived).
+            live = list(bank.reached) if self.process_group is None else [True] * len(self.params)
             live_segments = [False] * self.num_segments
             for alive, s in zip(live, self.segment_ids):
                 live_segments[s] = live_segments[s] or alive
@@ -219,7 +229,7 @@ class ParetoLoRA:
         left as it was (None after ``zero_grad``) and no optimizer step touches them."""
         if self.bank is None:
             return []
-        return [name for (name, _), alive in zip(self.named_params, self.bank.reached) if not alive]
+        return [name for (name, _), alive in zip(self.named_params, self._reach()[0]) if not alive]
 
     @property
     def live_segments(self) -> list[bool]:
@@ -447,5 +457,6 @@ class ParetoLoRA:
         self.history_every = int(saved.get("history_every", self.history_every))
         self.step_count = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
+        self._window, self._window_losses, self._dead_reported = 0, None, None
         self._history = history
         self._history_on_device = len(history)
