@@ -148,6 +148,7 @@ class ParetoLoRA:
         self._window = 0  # micro-batches accumulated in the bank since the last balance
         self._window_losses: torch.Tensor | None = None  # their losses, summed, on the device
         self._reach_cache: tuple | None = None  # what depends on bank.reached (see _reach)
+        self._sink_key, self._sink_list = None, []
         self._dead_reported: list[str] | None = None
         self._warned_nonfinite = False
 
@@ -341,7 +342,7 @@ class ParetoLoRA:
         """Throw-away outputs for the tensors no objective reached: the balance still runs over
         every tensor (the same problem, and the same collectives, on every rank), but their
         ``.grad`` is left alone."""
-        if getattr(self, "_sink_key", None) != self._reach_cache[0]:
+        if self._sink_key != self._reach_cache[0]:
             self._sink_list = [None if alive else torch.empty_like(p) for p, alive in zip(self.params, live)]
             self._sink_key = self._reach_cache[0]
         return self._sink_list
