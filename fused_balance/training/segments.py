@@ -12,9 +12,10 @@ Rules (``segments=``): ``"layer"`` (the default), ``"tensor"`` (one per tensor),
 - any other tensor belongs to the module that holds its layer: the parent of the LoRA-wrapped
   module (``model.aligner.fc1`` -> ``model.aligner``, ``model.multi_modal_projector.linear_1`` ->
   ``model.multi_modal_projector``), or the module itself when its parent is the model's top
-  level or a bare wrapper (``lm_head``, ``model.embed_tokens``). A numbered leaf
-  (``model.aligner.hidden_layers.0``, ``model.visual.merger.mlp.0``) counts as its container's
-  owner (``model.aligner``, ``model.visual.merger``). There is no catch-all segment.
+  level or a bare wrapper (``lm_head``, ``model.embed_tokens``). A numbered leaf is a layer of
+  its own in a layer stack (``layers.0`` of ``layers = ModuleList([Linear, ...])``) and else
+  counts as its container's owner (``model.aligner.hidden_layers.0`` -> ``model.aligner``,
+  ``model.visual.merger.mlp.0`` -> ``model.visual.merger``). There is no catch-all segment.
 
 PEFT's wrapper names (``base_model.model.``, ``.lora_A.default``, ``.base_layer``,
 ``.modules_to_save.default``, ...) are not part of a key. ``describe_segments(model)`` prints the
@@ -38,6 +39,7 @@ _PEFT_PREFIX = "base_model.model."
 _PEFT_PARTS = re.compile(r"\.(?:(?:lora_[A-Za-z_]+|modules_to_save|original_module)(?:\.[^.]+)?|base_layer)(?=\.|$)")
 _LEAF_ATTRIBUTES = ("weight", "bias")
 _WRAPPERS = {"", "model", "transformer", "base_model"}
+_LAYER_LISTS = {"layers", "layer", "h", "blocks", "block"}
 
 
 def lora_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
@@ -67,9 +69,10 @@ def layer_key(name: str) -> str:
     for i in range(len(parts) - 1):
         if parts[i].isdigit():
             return ".".join(parts[:i + 1])
-    if len(parts) >= 2 and parts[-1].isdigit():  # a numbered leaf: its container's owner
-        parts = parts[:-2] or parts[:-1]
-        return ".".join(parts)
+    if len(parts) >= 2 and parts[-1].isdigit():
+        if parts[-2] in _LAYER_LISTS:  # a stack of single-module layers: ``layers.0``
+            return ".".join(parts)
+        return ".".join(parts[:-2] or parts[:-1])  # a numbered part of a module: its owner
     parent = ".".join(parts[:-1])
     return ".".join(parts) if parent in _WRAPPERS else parent
 
