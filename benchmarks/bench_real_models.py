@@ -3,7 +3,7 @@
 For each family of tests/real_models.py (Chameleon, Emu3, Janus, LLaVA, Qwen2-VL with LoRA):
 a plain step (sum of the objectives, one backward, torch.optim.AdamW) against a balanced step
 (ParetoLoRA: per-objective backward into the bank, pareto_combine, the same AdamW; and the fused
-BalancedAdamW). Both include the forward pass. Median of --steps steps after --warmup, one
+BalancedAdamW). Both include the forward pass. Fastest of --steps steps (the three kinds in turn) after --warmup, one
 thread by default. Tiny models make the fixed costs (Python, launches) look large; on a real
 model the backward dominates and the balancing cost is the extra backward pass per objective
 for single-forward families (Chameleon, Emu3).
@@ -11,7 +11,6 @@ for single-forward families (Chameleon, Emu3).
     python benchmarks/bench_real_models.py [--steps 30] [--threads 1]
 """
 import argparse
-import statistics
 import sys
 import time
 import warnings
@@ -24,15 +23,19 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def median_ms(step, steps, warmup):
+def fastest_ms(steps, count, warmup):
+    """The fastest of ``count`` runs of each step, run in turn (plain, balanced, ...) so that
+    load from other processes hits them alike; the fastest is the least disturbed."""
     for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+        for step in steps:
+            step()
+    best = [float("inf")] * len(steps)
+    for _ in range(count):
+        for i, step in enumerate(steps):
+            start = time.perf_counter()
+            step()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return [1e3 * t for t in best]
 
 
 def main():
@@ -71,9 +74,7 @@ def main():
         def fused_step():
             fused.step(family.losses(model, batch))
 
-        t_plain = median_ms(plain, args.steps, args.warmup)
-        t_bal = median_ms(balanced, args.steps, args.warmup)
-        t_fused = median_ms(fused_step, args.steps, args.warmup)
+        t_plain, t_bal, t_fused = fastest_ms([plain, balanced, fused_step], args.steps, args.warmup)
         print(f"{family.name:<10} {t_plain:9.2f} {t_bal:12.2f} {100 * (t_bal / t_plain - 1):8.0f}% "
               f"{t_fused:9.2f} {100 * (t_fused / t_plain - 1):8.0f}%")
 
