@@ -149,7 +149,8 @@ class ParetoLoRA:
         self._window_losses: torch.Tensor | None = None  # their losses, summed, on the device
         self._reach_cache: tuple | None = None  # what depends on bank.reached (see _reach)
         self._sink_key, self._sink_list = None, []
-        self._dead_reported: list[str] | None = None
+        self._dead_reported = None  # the _reach_cache key last looked at by _record
+        self._dead_names: list[str] = []  # the dead tensors last named in the history
         self._warned_nonfinite = False
 
     def _check_optimizer_holds_params(self, optimizer) -> None:
@@ -196,10 +197,11 @@ class ParetoLoRA:
         entry = {"step": self.step_count, "losses": losses,
                  "norms": norms.detach(), "cosines": cosines.detach(), "weights": weights.detach(),
                  "branch": branch.detach(), "found_inf": found_inf.detach(), "stepped": took_step}
-        dead = self.dead_tensors
-        if dead != self._dead_reported:  # said once, and again only if the set changes
-            entry["dead"] = dead
-            self._dead_reported = dead
+        key, dead = self._reach_cache[0], self._reach_cache[4]
+        if key != self._dead_reported and dead != self._dead_names:  # once, again on a change
+            entry["dead"] = list(dead)
+            self._dead_names = dead
+        self._dead_reported = key
         self._history.append(entry)  # the ring buffer drops the oldest beyond history_limit
         self._history_on_device += 1
         return entry
@@ -221,16 +223,15 @@ class ParetoLoRA:
             if self.fused:
                 fused = ([[row[i] for i in self._fused_order] for row in bank.grads],
                          [live[i] for i in self._fused_order])
-            self._reach_cache = (key, live, live_segments, fused)
+            dead = [name for (name, _), alive in zip(self.named_params, live) if not alive]
+            self._reach_cache = (key, live, live_segments, fused, dead)
         return self._reach_cache[1:]
 
     @property
     def dead_tensors(self) -> list[str]:
         """Names of the balanced tensors no objective has reached (so far): their ``.grad`` is
         left as it was (None after ``zero_grad``) and no optimizer step touches them."""
-        if self.bank is None:
-            return []
-        return [name for (name, _), alive in zip(self.named_params, self._reach()[0]) if not alive]
+        return [] if self.bank is None else list(self._reach()[3])
 
     @property
     def live_segments(self) -> list[bool]:
@@ -458,6 +459,6 @@ class ParetoLoRA:
         self.history_every = int(saved.get("history_every", self.history_every))
         self.step_count = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
-        self._window, self._window_losses, self._dead_reported = 0, None, None
+        self._window, self._window_losses, self._dead_reported, self._dead_names = 0, None, None, []
         self._history = history
         self._history_on_device = len(history)
