@@ -259,7 +259,7 @@ class BalancePlan:
                     p.grad = view
         return self._grad_flat
 
-    def _grads_attached(self) -> bool:
+    def grads_attached(self) -> bool:
         if self._grad_views is None:
             return False
         return all(self.params[i].grad is self._grad_views[i] for i in (0, -1))
@@ -271,7 +271,7 @@ class BalancePlan:
         is written when a gradient holds NaN/Inf (``found_inf``)."""
         if result is None:
             result = self.weights()
-        if torch.compiler.is_compiling() or not self._grads_attached():
+        if torch.compiler.is_compiling() or not self.grads_attached():
             self.attach_grads()
         self.combine_into(self._grad_flat, result.weights, result.found_inf)
         return result

@@ -7,6 +7,8 @@ real tensor on another device as far as every check is concerned.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -409,13 +411,34 @@ def test_adamw_failed_first_step_leaves_no_state():
     assert all(float(opt.state[p]["step"]) == 1 for p in ps)
 
 
-def test_adamw_step_with_some_gradients_missing_raises():
+def test_adamw_step_skips_parameters_without_gradient_like_torch():
+    """A parameter whose .grad is None (no objective reached it) keeps its value, moments and
+    step count; the others step exactly as torch.optim.AdamW steps them."""
     ps, opt = stepped_adam()
-    ps[0].grad, ps[2].grad = torch.ones_like(ps[0]), torch.ones_like(ps[2])
+    reference = [p.detach().clone().requires_grad_() for p in ps]
+    torch_opt = torch.optim.AdamW(reference, lr=1e-2, weight_decay=1e-2)
+    torch_opt.load_state_dict(copy.deepcopy(opt.state_dict()) |  # a copy: load shares the tensors
+                              {"param_groups": torch_opt.state_dict()["param_groups"]})
+    for p, r in zip(ps, reference):
+        p.grad = None if p is ps[1] else torch.ones_like(p)
+        r.grad = None if p is ps[1] else torch.ones_like(p)
     before = snapshot_adam(opt)
-    with pytest.raises(ValueError, match=r"parameters \[1\] .* have no .grad while others have one"):
-        opt.step()
-    assert_adam_unchanged(opt, before)
+    opt.step()
+    torch_opt.step()
+    for p, r in zip(ps, reference):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+    assert torch.equal(ps[1].detach(), before[0][1])
+    assert float(opt.state[ps[1]]["step"]) == 1 and float(opt.state[ps[0]]["step"]) == 2
+    opt.step()  # different step counts: one call per count, still like torch
+    torch_opt.step()
+    for p, r in zip(ps, reference):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+    ps[1].grad, reference[1].grad = torch.ones_like(ps[1]), torch.ones_like(ps[1])
+    opt.step()
+    torch_opt.step()
+    for p, r in zip(ps, reference):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-6, atol=1e-7)
+    before = snapshot_adam(opt)
     for p in ps:  # no gradient at all: nothing to do, like torch
         p.grad = None
     opt.step()
@@ -436,7 +459,7 @@ def scheduler_setup():
     torch.manual_seed(0)
     enc, llm = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
     comps = {"encoder": enc, "llm": llm}
-    opt = torch.optim.SGD(BalanceScheduler.param_groups(comps, lr=0.1))
+    opt = torch.optim.SGD(BalanceScheduler.param_groups(comps, model=torch.nn.Sequential(enc, llm), lr=0.1))
     return enc, llm, comps, opt
 
 
@@ -467,7 +490,8 @@ def test_scheduler_frozen_duplicate_and_device_parameters():
     with pytest.raises(ValueError, match="belongs to both 'encoder' and 'llm'"):
         BalanceScheduler(opt, {"encoder": enc, "llm": [llm.weight, enc.bias]})
     meta = torch.nn.Linear(4, 2, device="meta")
-    opt = torch.optim.SGD(BalanceScheduler.param_groups({"encoder": enc, "llm": meta}, lr=0.1))
+    opt = torch.optim.SGD(BalanceScheduler.param_groups({"encoder": enc, "llm": meta},
+                                                        model=torch.nn.Sequential(enc, meta), lr=0.1))
     with pytest.raises(ValueError, match="component 'llm' parameter 0 is on meta"):
         BalanceScheduler(opt, {"encoder": enc, "llm": meta})
 

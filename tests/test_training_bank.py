@@ -68,3 +68,32 @@ def test_constant_loss_gives_zero_row_and_bad_input_raises():
         GradBank([], 2)
     with pytest.raises(TypeError):
         GradBank([torch.zeros(2, requires_grad=True), torch.zeros(2, dtype=torch.float64, requires_grad=True)], 2)
+
+
+@pytest.mark.parametrize("mode", ["backward", "batched"])
+def test_accumulate_sums_micro_batches_and_tracks_reached_tensors(mode):
+    """fill(accumulate=True) adds to the bank; ``reached`` says which tensors an objective
+    reached (the unused one never); a tensor first reached in a later micro-batch is added,
+    not overwritten; flag_nonfinite marks the row of a non-finite loss only."""
+    params, first = _toy()
+    a, b = params[:2]
+    second = [(a ** 2).sum() + b.sum(), (a.sum(0) * b).cos().sum()]  # another micro-batch
+    expected = [[sum(torch.autograd.grad(l, params[:2], retain_graph=True)[i] for l in (a, b))
+                 for i in range(2)] for a, b in zip(first[:2], second[:2])]
+    bank = GradBank(params, 2, mode=mode)
+    assert bank.reached == [False, False, False]
+    bank.fill(first[:2], retain_graph=True)
+    bank.fill(second[:2], accumulate=True)
+    assert bank.reached == [True, True, False]
+    for k in range(2):
+        for i in range(2):
+            torch.testing.assert_close(bank.grads[k][i], expected[k][i], rtol=1e-12, atol=0)
+        assert torch.equal(bank.grads[k][2], torch.zeros(2, dtype=torch.float64))
+    # a tensor reached for the first time in a later micro-batch (here: ``unused``)
+    params[2].grad = None
+    late = (params[2] ** 2).sum()
+    bank.fill([late, late * 0 + params[0].sum()], accumulate=True)
+    assert bank.reached == [True, True, True] and params[2].grad is None
+    torch.testing.assert_close(bank.grads[0][2], 2 * params[2].detach(), rtol=1e-12, atol=0)
+    bank.flag_nonfinite([torch.tensor(1.0, dtype=torch.float64), torch.tensor(float("inf"), dtype=torch.float64)])
+    assert torch.isfinite(bank.buffer[0]).all() and torch.isnan(bank.buffer[1, 0])

@@ -53,11 +53,27 @@ def test_layer_segments_from_peft_names():
     named = lora_parameters(model)
     assert len(named) == 2 * 7 * 2 + 2  # A and B of 7 linears in 2 layers + embed + head copies
     ids, names = segment_ids_for(named, "layer")
-    assert names == ["other", "model.layers.0", "model.layers.1"]
+    # Tensors outside a layer by their module, never one catch-all segment.
+    assert names == ["model.embed_tokens", "model.layers.0", "model.layers.1", "lm_head"]
     for (name, _), s in zip(named, ids):
         assert (".layers.1." in name) == (s == 2) and (".layers.0." in name) == (s == 1)
+        assert ("embed_tokens" in name) == (s == 0) and ("lm_head" in name) == (s == 3)
     assert layer_key("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight") == "model.layers.3"
     assert layer_key("vision.encoder.layers.3.mlp.fc1.lora_B.w") != layer_key("llm.layers.3.mlp.fc1.lora_B.w")
+    for name, key in [  # the module structure, never one catch-all
+            ("base_model.model.model.aligner.fc1.lora_A.default.weight", "model.aligner"),
+            ("base_model.model.model.aligner.hidden_layers.0.lora_B.default.weight", "model.aligner"),
+            ("base_model.model.model.generation_aligner.fc1.lora_A.default.weight", "model.generation_aligner"),
+            ("base_model.model.model.multi_modal_projector.linear_2.lora_B.default.weight",
+             "model.multi_modal_projector"),
+            ("base_model.model.model.visual.merger.mlp.0.lora_A.default.weight", "model.visual.merger"),
+            ("base_model.model.lm_head.modules_to_save.default.weight", "lm_head"),
+            ("base_model.model.model.embed_tokens.lora_embedding_A.default", "model.embed_tokens"),
+            ("base_model.model.model.vqmodel.encoder.down_block.down.1.attn.0.q_proj.lora_A.default.weight",
+             "model.vqmodel.encoder.down_block.down.1"),
+            ("model.vision_tower.embeddings.class_embedding", "model.vision_tower.embeddings"),
+            ("layers.0.weight", "layers.0"), ("h.2.attn.c_attn.weight", "h.2")]:
+        assert layer_key(name) == key, name
     assert segment_ids_for(named, "tensor")[0] == list(range(len(named)))
     assert segment_ids_for(named, "global")[0] == [0] * len(named)
     ids, names = segment_ids_for(named, lambda n, p: "attn" if "self_attn" in n else "rest")

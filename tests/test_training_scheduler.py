@@ -64,8 +64,9 @@ def test_exact_mode_uses_kl_and_restores_parameters():
     model = torch.nn.Sequential(enc, torch.nn.Tanh(), head)
     probe = torch.randn(16, 4)
     comps = {"encoder": enc, "llm": head}
-    opt = torch.optim.SGD(BalanceScheduler.param_groups(comps, lr=0.5))
-    sched = BalanceScheduler(opt, comps, exact_every=2, probe_fn=lambda: model(probe), backend="torch")
+    opt = torch.optim.SGD(BalanceScheduler.param_groups(comps, model=model, lr=0.5))
+    sched = BalanceScheduler(opt, comps, exact_every=2, probe_fn=lambda: model(probe), backend="torch",
+                             model=model)
     y = torch.randint(0, 5, (16,))
     for step in range(4):
         loss = torch.nn.functional.cross_entropy(model(torch.randn(16, 4)), y)
@@ -109,3 +110,62 @@ def test_groups_mixing_components_are_rejected():
         BalanceScheduler(opt, {"encoder": [a], "llm": [b]})
     with pytest.raises(ValueError):
         BalanceScheduler(torch.optim.SGD([a], lr=0.1), {"encoder": [a], "llm": [b]})
+
+
+def test_kl_step_ranking_opposite_to_first_order_moves_kappa():
+    """The encoder learns fast by the first-order measure, but the probe output depends on the
+    llm only, so KL ranks the llm first. At a KL step κ must move toward the KL ranking with
+    weight (1 − β), on the first-order scale (raw KL values, ~1e-5, would leave κ unmoved)."""
+    torch.manual_seed(0)
+    enc, llm = torch.nn.Linear(4, 1, bias=False), torch.nn.Linear(4, 1, bias=False)
+    model = torch.nn.ModuleDict({"enc": enc, "llm": llm})
+    probe = torch.randn(16, 4)
+    comps = {"encoder": enc, "llm": llm}
+    opt = torch.optim.SGD(BalanceScheduler.param_groups(comps, model=model, lr=0.05,
+                                                        llm={"lr": 0.005}))
+    probe_logits = lambda: torch.cat([llm(probe), torch.zeros(16, 1)], dim=-1)  # noqa: E731
+    sched = BalanceScheduler(opt, comps, model=model, exact_every=4, probe_fn=probe_logits,
+                             backend="torch", eta=0.0)
+    target = torch.randn(2, 4)
+    for step in range(4):
+        x1, x2 = torch.randn(32, 4), torch.randn(32, 4)
+        loss = ((enc(x1) + llm(x2) - (x1 @ target[0] + x2 @ target[1])[:, None]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        emas_before, kappa_before = sched.scores_ema, sched.kappa
+        record = sched.step()
+    assert record["source"] == "kl"
+    first_order = record["first_order_scores"]
+    assert first_order[0] > first_order[1] > 0 and kappa_before > 0.6  # first order: encoder leads
+    total = sum(max(0.0, x) for x in first_order)
+    assert record["scores"][0] == 0.0  # the probe does not see the encoder
+    assert record["scores"][1] == pytest.approx(total, rel=1e-9)
+    expected = [0.9 * e + 0.1 * s for e, s in zip(emas_before, [0.0, total])]
+    assert sched.kappa == pytest.approx(expected[0] / sum(expected), rel=1e-9)
+    assert sched.kappa < kappa_before - 0.05
+
+
+def test_components_as_modules_must_cover_the_model():
+    """LLaVA-like: components vision_tower and language_model leave the projector out; building
+    the groups (or the scheduler) says so, naming it; rest= trains it outside the balance."""
+    model = torch.nn.ModuleDict({"vision_tower": torch.nn.Linear(4, 4), "projector": torch.nn.Linear(4, 4),
+                                 "language_model": torch.nn.Linear(4, 4)})
+    comps = {"vision": model["vision_tower"], "llm": model["language_model"]}
+    with pytest.raises(ValueError, match="pass model="):
+        BalanceScheduler.param_groups(comps, lr=0.1)
+    with pytest.raises(ValueError, match=r"outside every component: projector.weight, projector.bias"):
+        BalanceScheduler.param_groups(comps, model=model, lr=0.1)
+    groups = BalanceScheduler.param_groups(comps, model=model, rest=model["projector"], lr=0.1)
+    assert [g["component"] for g in groups] == ["vision", "llm", None]
+    opt = torch.optim.SGD(groups)
+    sched = BalanceScheduler(opt, comps, model=model, rest=model["projector"], backend="torch")
+    assert sched.group_component == [0, 1, None]
+    everything = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="outside every component: param group 1 parameter 0, param group 1 parameter 1"):
+        BalanceScheduler(torch.optim.SGD([{"params": list(model["vision_tower"].parameters())},
+                                          {"params": list(model["projector"].parameters())},
+                                          {"params": list(model["language_model"].parameters())}], lr=0.1),
+                         comps)
+    with pytest.raises(ValueError, match="mixes components"):
+        BalanceScheduler(everything, comps, rest=model["projector"])

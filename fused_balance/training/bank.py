@@ -99,6 +99,8 @@ class GradBank:
             [self.buffer[k, self.offsets[i]:self.offsets[i + 1]].view(p.shape)
              for i, p in enumerate(params)]
             for k in range(num_objectives)]
+        self.reached = [False] * len(params)  # per parameter: has any objective reached it?
+        self.reached_version = 0  # counts changes of ``reached`` (to cache what depends on it)
 
     @property
     def num_params(self) -> int:
@@ -113,12 +115,14 @@ class GradBank:
         return self
 
     def fill(self, losses: Sequence[torch.Tensor], *, mode: str | None = None,
-             retain_graph: bool = False) -> "GradBank":
-        """Overwrite the bank with d loss_k / d params for every objective k.
+             retain_graph: bool = False, accumulate: bool = False) -> "GradBank":
+        """Overwrite the bank with d loss_k / d params for every objective k (``accumulate``:
+        add to what the bank holds, e.g. over the micro-batches of one optimizer step).
 
         A parameter an objective does not reach gets zeros; an objective that reaches no
-        parameter at all (a constant loss) gets a zero row. ``retain_graph`` keeps the graph
-        alive after the call (it is always kept between the objectives).
+        parameter at all (a constant loss) gets a zero row. ``reached[i]`` tells whether any
+        objective has reached parameter i since the bank was built. ``retain_graph`` keeps the
+        graph alive after the call (it is always kept between the objectives).
         """
         losses = self.check_losses(losses)
         mode = mode or self.mode
@@ -127,11 +131,25 @@ class GradBank:
         if mode == "backward" and any(p.dtype != self.dtype for p in self.params):
             raise TypeError(f"the backward fill mode needs the bank dtype ({self.dtype}) to equal "
                             "every parameter's; use mode='batched'")
+        if not accumulate:
+            self.buffer.zero_()
         if mode == "backward":
             self._fill_backward(losses, retain_graph)
         else:
             self._fill_batched(losses, retain_graph)
         return self
+
+    def flag_nonfinite(self, losses: Sequence[torch.Tensor]) -> None:
+        """Turn one element of objective k's row into NaN when loss k is NaN/Inf (decided on the
+        device, no host read), so the Gram reports ``found_inf`` and nothing is stepped, exactly
+        as for a non-finite gradient. A loss can be infinite while its gradient is finite (a
+        cross-entropy whose target logit was masked to the dtype's minimum). The flag travels
+        with the gradients: averaged or all-reduced across ranks, it makes every rank skip."""
+        if self.numel == 0:
+            return
+        finite = torch.isfinite(torch.stack([loss.detach().reshape(()) for loss in losses]))
+        poison = torch.where(finite, 0.0, float("nan")).to(self.buffer.dtype)
+        self.buffer[:, 0].add_(poison)
 
     def check_losses(self, losses, names: Sequence[str] | None = None) -> list[torch.Tensor]:
         """The K losses as a list, checked (before anything is written): floating scalar
@@ -160,24 +178,35 @@ class GradBank:
         return losses
 
     def _fill_backward(self, losses, retain_graph):
-        self.buffer.zero_()
+        # Reachability costs no extra per-tensor work: a tensor not reached so far gets
+        # ``.grad = None`` instead of its view (the same one assignment per tensor), and the
+        # check that follows each backward (already there for hooks that replace ``.grad``)
+        # sees autograd's fresh gradient for a tensor reached the first time, copies it into the
+        # bank and marks it reached. Reached tensors get their gradients in place. A tensor
+        # that objectives reached once stays reached (telling "reached in this step" apart for
+        # those would need a Python hook per tensor and backward).
         saved = [p.grad for p in self.params]
         live = [k for k, loss in enumerate(losses) if loss.requires_grad]
+        reached = self.reached
         try:
             for j, k in enumerate(live):
-                for p, view in zip(self.params, self.grads[k]):
-                    p.grad = view  # autograd adds into an existing .grad in place
+                for p, view, seen in zip(self.params, self.grads[k], reached):
+                    p.grad = view if seen else None  # autograd adds into an existing .grad in place
                 losses[k].reshape(()).backward(retain_graph=retain_graph or j < len(live) - 1)
-                for p, view in zip(self.params, self.grads[k]):
+                for i, (p, view) in enumerate(zip(self.params, self.grads[k])):
                     # A hook or a sparse gradient may have replaced .grad: copy it back in.
                     if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
-                        view.copy_(p.grad)
+                        if reached[i]:  # the replacement includes what the view held
+                            view.copy_(p.grad)
+                        else:  # the first gradient of this tensor: the view holds no gradient yet
+                            view.add_(p.grad)
+                            reached[i] = True
+                            self.reached_version += 1
         finally:
             for p, g in zip(self.params, saved):
                 p.grad = g
 
     def _fill_batched(self, losses, retain_graph):
-        self.buffer.zero_()
         live = [k for k, loss in enumerate(losses) if loss.requires_grad]
         if not live:
             return
@@ -191,8 +220,11 @@ class GradBank:
             for i, g in zip(wanted, grads):
                 if g is None:
                     continue
+                if not self.reached[i]:
+                    self.reached[i] = True
+                    self.reached_version += 1
                 for row, k in enumerate(live):
-                    self.grads[k][i].copy_(g[row])
+                    self.grads[k][i].add_(g[row])
 
     def state_dict(self) -> dict:
         return {"buffer": self.buffer.clone()}

@@ -4,15 +4,21 @@
                               train_dataset=ds, objectives_fn=my_objectives)
 
 ``objectives_fn(model, inputs, outputs) -> {"text": loss, "image": loss}`` splits the batch loss
-into objectives. ``training_step`` runs the forward pass, computes the objectives, and lets a
-ParetoLoRA (no optimizer of its own) write the balanced gradient into ``p.grad``; the Trainer's
-own optimizer, clipping, LR schedule and gradient accumulation then work unchanged. The gradient
-is produced with plain autograd, so fp16 loss scaling (GradScaler) is not applied: train in fp32
-or bf16. Per-layer norms, cosines and weights are kept in ``trainer.balancer.history`` and the
-mean weight per objective is added to the Trainer's logs.
+into objectives. ``training_step`` runs the forward pass, computes the objectives and adds their
+per-objective gradients to a ParetoLoRA's bank (no optimizer of its own); on the last
+micro-batch of an optimizer step (gradient accumulation) the sum is balanced once and written
+into ``p.grad``, so the Trainer's own optimizer, clipping and LR schedule work unchanged.
+Tensors no objective reached keep ``.grad = None`` (the optimizer skips them); a NaN/Inf loss
+or gradient leaves ``.grad`` untouched (the optimizer step does nothing). The gradient is
+produced with plain autograd, so fp16 loss scaling (GradScaler) is not applied: train in fp32 or
+bf16. Per-layer norms, cosines and weights are kept in ``trainer.balancer.history``; the mean
+weight per objective and the conflict fraction over the segments some objective reached go to
+the Trainer's logs. The balancer's state (history, step and skip counts) is saved in every
+Trainer checkpoint (``fused_balance_state.pt``) and restored on resume.
 """
 from __future__ import annotations
 
+import os
 from typing import Callable, Mapping
 
 import torch
@@ -20,7 +26,9 @@ from transformers import Trainer
 
 from fused_balance.training.pareto_lora import ParetoLoRA
 
-__all__ = ["BalancedTrainer"]
+__all__ = ["BalancedTrainer", "BALANCER_STATE_NAME"]
+
+BALANCER_STATE_NAME = "fused_balance_state.pt"
 
 
 class BalancedTrainer(Trainer):
@@ -43,16 +51,36 @@ class BalancedTrainer(Trainer):
             objectives = dict(self.objectives_fn(model, inputs, outputs))
         accumulation = (getattr(self, "current_gradient_accumulation_steps", None)
                         or self.args.gradient_accumulation_steps)
-        if accumulation > 1:  # the Trainer sums micro-batch gradients: average them
+        if accumulation > 1:  # the Trainer's step is the mean over its micro-batches
             objectives = {k: v / accumulation for k, v in objectives.items()}
-        self.balancer.backward(objectives, accumulate=True)
+        self.balancer.accumulate(objectives)
+        if self.accelerator.sync_gradients:  # the last micro-batch: balance once, before clipping
+            self.balancer.balance(accumulate=True)
         return sum(v.detach() for v in objectives.values())
 
     def log(self, logs: dict, *args, **kwargs):
         history = self.balancer.history
         if history and "loss" in logs:  # training logs only
             last = history[-1]
-            for k, name in enumerate(self.balancer.objectives or []):
-                logs[f"balance/weight_{name}"] = float(last["weights"][:, k].mean())
-            logs["balance/conflict_fraction"] = float((last["branch"] == 2).float().mean())
+            live = torch.tensor(self.balancer.live_segments)  # dead segments would dilute the means
+            if live.any():
+                for k, name in enumerate(self.balancer.objectives or []):
+                    logs[f"balance/weight_{name}"] = float(last["weights"][live, k].mean())
+                logs["balance/conflict_fraction"] = float((last["branch"][live] == 2).float().mean())
         return super().log(logs, *args, **kwargs)
+
+    # -- the balancer's state travels with the Trainer's checkpoints ----------------------------
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            torch.save(self.balancer.state_dict(), os.path.join(output_dir, BALANCER_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, BALANCER_STATE_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by a "
+                                    "BalancedTrainer, so the balancer's history cannot be resumed")
+        self.balancer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

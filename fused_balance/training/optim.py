@@ -139,11 +139,15 @@ class BalancedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def balanced_step(self, grads: Sequence[Sequence[torch.Tensor]], weights: torch.Tensor,
-                      segments=None, *, skip: torch.Tensor | bool | None = None) -> bool:
+                      segments=None, *, skip: torch.Tensor | bool | None = None,
+                      active: Sequence[bool] | None = None) -> bool:
         """One AdamW step on sum_k weights[seg(p), k] * grads[k][p] for every parameter p
         (``flat_params()`` order). ``skip`` True (a bool, or a one-element tensor, read on the
         host here) leaves parameters, moments and step counts untouched; returns whether the
-        step was taken. Every argument is checked before the first write."""
+        step was taken. ``active`` (one bool per parameter): only those are stepped, the others
+        keep their values, moments and step counts, like torch.optim.AdamW's parameters whose
+        ``.grad`` is None (a parameter no objective reached). Every argument is checked before
+        the first write."""
         params = self.flat_params()
         if skip is not None and bool(skip):
             self.skipped_steps += 1
@@ -158,47 +162,54 @@ class BalancedAdamW(torch.optim.Optimizer):
                                 f"{type(row).__name__}")
             if len(row) != len(params):
                 raise ValueError(f"grads[{k}] has {len(row)} tensors, the optimizer holds {len(params)}")
-        states, fresh = self._states(params)
-        steps = {float(s["step"]) for s in states}  # fresh states count 0
-        if len(steps) > 1:
-            raise RuntimeError(f"parameters are at different step counts {sorted(steps)}; "
-                               "BalancedAdamW steps all of them together")
-        step = int(steps.pop()) + 1
-        # Group by (betas, eps): the fused call takes one of each, lr/decay are per tensor.
+        if active is not None and len(active) != len(params):
+            raise ValueError(f"active has {len(active)} entries, the optimizer holds {len(params)}")
+        stepped = range(len(params)) if active is None else [i for i, a in enumerate(active) if a]
+        if not stepped:
+            return True
+        states, fresh = self._states([params[i] for i in stepped])
+        state_of = dict(zip(stepped, states))
+        # Group by (betas, eps, step count): the fused call takes one of each, lr/decay are per
+        # tensor. Step counts differ only when a parameter was inactive in some steps.
         by_hyper: dict[tuple, list[int]] = {}
-        lrs, decays = [], []
+        lrs, decays = [0.0] * len(params), [0.0] * len(params)
+        i = 0
         for group in self.param_groups:
             _check_hyper(group, "")  # a group edited since (a scheduler writing a bad lr)
             for _ in group["params"]:
-                by_hyper.setdefault((tuple(group["betas"]), group["eps"]), []).append(len(lrs))
-                lrs.append(float(group["lr"]))
-                decays.append(float(group["weight_decay"]))
+                if i in state_of:
+                    key = (tuple(group["betas"]), group["eps"], int(state_of[i]["step"]) + 1)
+                    by_hyper.setdefault(key, []).append(i)
+                lrs[i], decays[i] = float(group["lr"]), float(group["weight_decay"])
+                i += 1
         if weights.dim() not in (1, 2):
             raise ValueError(f"weights must be [S, K] (or [K]), got shape {tuple(weights.shape)}")
         if weights.dim() == 1:
             weights = weights.unsqueeze(0)
         seg_ids = _segment_list(segments, len(params), weights.shape[0])
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        if len(by_hyper) > 1:
-            # Several calls: check the whole problem first with a skipped call (validation only,
-            # nothing written), so an error in a later call cannot leave earlier groups stepped.
-            skip_all = torch.ones(1, dtype=torch.bool, device=params[0].device)
-            fb.balanced_adamw_step(grads, weights, seg_ids, params, exp_avgs, exp_avg_sqs,
-                                   lrs=lrs, weight_decays=decays, step=step, skip=skip_all,
-                                   backend=self.backend)
-        for (betas, eps), idx in by_hyper.items():
+        exp_avgs = [state_of[i]["exp_avg"] if i in state_of else None for i in range(len(params))]
+        exp_avg_sqs = [state_of[i]["exp_avg_sq"] if i in state_of else None for i in range(len(params))]
+        calls = []
+        for (betas, eps, step), idx in by_hyper.items():
             # The API wants segment ids 0..S'-1 without gaps: renumber this subset's segments.
             used = sorted({seg_ids[i] for i in idx})
             renumber = {s: j for j, s in enumerate(used)}
             sub_weights = weights if len(used) == weights.shape[0] else weights[used]
             whole = len(idx) == len(params)
-            pick = (lambda seq: seq) if whole else (lambda seq: [seq[i] for i in idx])  # noqa: E731
-            fb.balanced_adamw_step(
-                [pick(row) for row in grads], sub_weights, [renumber[s] for s in pick(seg_ids)],
-                pick(params), pick(exp_avgs), pick(exp_avg_sqs), lrs=pick(lrs),
-                weight_decays=pick(decays), beta1=betas[0], beta2=betas[1], eps=eps, step=step,
-                backend=self.backend)
+            pick = (lambda seq: seq) if whole else (lambda seq, idx=idx: [seq[i] for i in idx])  # noqa: E731
+            calls.append(dict(grads=[pick(row) for row in grads], weights=sub_weights,
+                              segments=[renumber[s] for s in pick(seg_ids)], params=pick(params),
+                              exp_avgs=pick(exp_avgs), exp_avg_sqs=pick(exp_avg_sqs), lrs=pick(lrs),
+                              weight_decays=pick(decays), beta1=betas[0], beta2=betas[1], eps=eps,
+                              step=step))
+        if len(calls) > 1:
+            # Several calls: check every one first with a skipped call (validation only, nothing
+            # written), so an error in a later call cannot leave earlier groups stepped.
+            skip_all = torch.ones(1, dtype=torch.bool, device=params[0].device)
+            for call in calls:
+                fb.balanced_adamw_step(**call, skip=skip_all, backend=self.backend)
+        for call in calls:
+            fb.balanced_adamw_step(**call, backend=self.backend)
         self.state.update(fresh)
         for count in {id(s["step"]): s["step"] for s in states}.values():  # shared after a planned step
             count += 1
@@ -226,25 +237,20 @@ class BalancedAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """Plain AdamW on ``p.grad``. Like torch, a step with no gradient at all does nothing;
-        unlike torch.optim.AdamW, which skips parameters whose ``.grad`` is None, a step where
-        only some parameters have one raises (BalancedAdamW steps all of them together)."""
+        """Plain AdamW on ``p.grad``; like torch.optim.AdamW, parameters whose ``.grad`` is None
+        are left alone (values, moments, step counts)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         params = self.flat_params()
-        missing = [i for i, p in enumerate(params) if p.grad is None]
-        if len(missing) == len(params):
+        active = [p.grad is not None for p in params]
+        if not any(active):
             return loss
-        if missing:
-            raise ValueError(f"parameters {missing[:5]}{' ...' if len(missing) > 5 else ''} (flat_params() "
-                             "order) have no .grad while others have one: BalancedAdamW steps every "
-                             "parameter together (one step count, weight decay on all); give them a "
-                             "zero gradient or leave them out of the optimizer")
-        grads = [p.grad for p in params]
+        grads = [p.grad if p.grad is not None else p for p in params]  # inactive: never read
         dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
-        self.balanced_step([grads], torch.ones(1, 1, dtype=dtype, device=params[0].device), None)
+        self.balanced_step([grads], torch.ones(1, 1, dtype=dtype, device=params[0].device), None,
+                           active=None if all(active) else active)
         return loss
 
     def state_dict(self):

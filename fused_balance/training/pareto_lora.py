@@ -12,14 +12,15 @@ balances identically) or ``"sharded"`` (each rank holds a shard of every paramet
 parallel or FSDP local shards: only the ``[S, K, K]`` Gram partials are all-reduced). Every rank
 must call ``step``/``backward`` together, with the same objectives.
 
-Segments (sets of tensors sharing one set of weights): ``"layer"`` (LoRA tensors grouped by the
-transformer layer parsed from their names, everything outside a layer in one ``"other"``
-segment), ``"tensor"``, ``"global"`` or a callable ``(name, param) -> hashable key``.
+Segments (sets of tensors sharing one set of weights): ``"layer"`` (by sub-model and layer index,
+tensors outside a numbered layer by their module; see ``fused_balance.training.segments``),
+``"tensor"``, ``"global"`` or a callable ``(name, param) -> hashable key``.
 """
 from __future__ import annotations
 
 import json
-import re
+import math
+import warnings
 from collections import deque
 from typing import Callable, Iterable, Mapping, Sequence
 
@@ -28,74 +29,14 @@ import torch
 import fused_balance as fb
 from fused_balance.distributed import check_group
 from fused_balance.policies import check_policy_args
-from fused_balance.training.bank import GradBank, check_params
+from fused_balance.training.bank import GradBank
 from fused_balance.training.optim import BalancedAdamW
+from fused_balance.training.segments import layer_key, lora_parameters, named_parameters_of, segment_ids_for
 
 __all__ = ["ParetoLoRA", "lora_parameters", "layer_key", "segment_ids_for"]
 
-_LAYER = re.compile(r"(.*?(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+)(?:\.|$)")
-_PEFT_PREFIX = "base_model.model."
-OTHER = "other"
-
-
-def lora_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
-    """The trainable LoRA tensors (``lora_A``/``lora_B``/``lora_embedding_*``/DoRA magnitudes)
-    and ``modules_to_save`` copies of a PEFT model, as (name, parameter) in model order."""
-    return [(name, p) for name, p in model.named_parameters()
-            if p.requires_grad and ("lora_" in name or "modules_to_save" in name)]
-
-
-def layer_key(name: str) -> str:
-    """``...model.layers.3.self_attn.q_proj.lora_A.default.weight`` -> ``model.layers.3``
-    (the name up to the layer index, so an encoder's layer 3 and the LLM's layer 3 differ);
-    names outside a numbered layer -> ``"other"``."""
-    match = _LAYER.match(name)
-    if match is None:
-        return OTHER
-    key = match.group(1)
-    return key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
-
-
-def segment_ids_for(named_params: Sequence[tuple[str, torch.Tensor]],
-                    segments: str | Callable = "layer") -> tuple[list[int], list[str]]:
-    """(P segment ids, S segment names) for a segmentation rule; ids follow first appearance."""
-    if segments == "global" or segments is None:
-        return [0] * len(named_params), ["global"]
-    if segments == "tensor":
-        return list(range(len(named_params))), [n for n, _ in named_params]
-    if segments == "layer":
-        keyfn = lambda name, p: layer_key(name)  # noqa: E731
-    elif callable(segments):
-        keyfn = segments
-    else:
-        raise ValueError(f"segments must be 'layer', 'tensor', 'global' or a callable, got {segments!r}")
-    ids, index = [], {}
-    for name, p in named_params:
-        key = keyfn(name, p)
-        ids.append(index.setdefault(key, len(index)))
-    return ids, [str(k) for k in index]
-
-
 def _named(model_or_params) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(model_or_params, torch.nn.Module):
-        named = lora_parameters(model_or_params)
-        if not named:  # not a PEFT model: every trainable parameter
-            named = [(n, p) for n, p in model_or_params.named_parameters() if p.requires_grad]
-        if not named:
-            raise ValueError("the model has no trainable parameter (all have requires_grad=False)")
-    elif isinstance(model_or_params, (torch.Tensor, str, bytes, Mapping)) or model_or_params is None:
-        raise TypeError("ParetoLoRA needs an nn.Module or a sequence of parameters / (name, "
-                        f"parameter) pairs, got {type(model_or_params).__name__}")
-    else:
-        try:
-            items = list(model_or_params)
-        except TypeError:
-            raise TypeError("ParetoLoRA needs an nn.Module or a sequence of parameters, got "
-                            f"{type(model_or_params).__name__}") from None
-        named = [(str(x[0]), x[1]) if isinstance(x, tuple) and len(x) == 2 else (f"param.{i}", x)
-                 for i, x in enumerate(items)]
-    check_params([p for _, p in named], "ParetoLoRA", names=[n for n, _ in named])
-    return named
+    return named_parameters_of(model_or_params, "ParetoLoRA")
 
 
 def _check_backend(backend, device) -> None:
@@ -127,6 +68,14 @@ class ParetoLoRA:
 
     ``process_group`` / ``distributed``: balance across ranks (see the module docstring); the
     optimizer then sees the same balanced gradient on every rank, so the ranks stay identical.
+
+    Tensors no objective has reached (``dead_tensors``, e.g. LoRA on a VQ model that token losses
+    never run through) keep ``.grad`` as it was (None after ``zero_grad``) and are not stepped,
+    like after a plain backward; a tensor reached once counts as reached from then on. Under a
+    process group every tensor counts as reached (the ranks must step the same tensors).
+
+    A NaN/Inf loss skips the step like a NaN/Inf gradient: nothing is written, the step is
+    counted in ``skipped_steps``, the history names the objectives, a warning the first time.
 
     ``history_limit``: the history keeps the last that many recorded steps (a ring buffer; None:
     all of them). Each entry holds a few [S, K] tensors on the training device until
@@ -196,7 +145,14 @@ class ParetoLoRA:
         self._history: deque = deque(maxlen=self.history_limit)
         self._history_on_device = 0  # trailing entries whose tensors still live on the device
         self._scratch: list[torch.Tensor] | None = None
-        self._plan = self._plan_bank = self._plan_ok = None
+        self._window = 0  # micro-batches accumulated in the bank since the last balance
+        self._window_losses: torch.Tensor | None = None  # their losses, summed, on the device
+        self._reach_cache: tuple | None = None  # what depends on bank.reached (see _reach)
+        self._sink_key, self._sink_list = None, []
+        self._dead_reported = None  # the _reach_cache key last looked at by _record
+        self._dead_names: list[str] = []  # the dead tensors last named in the history
+        self._warned_nonfinite = False
+        self._plan = self._plan_key = self._plan_ok = None
 
     def _check_optimizer_holds_params(self, optimizer) -> None:
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -239,125 +195,233 @@ class ParetoLoRA:
         """Append this step's entry (every ``history_every`` steps); returns it, or None."""
         if not self.record_history or self.step_count % self.history_every:
             return None
-        entry = {"step": self.step_count,
-                 "losses": torch.stack([l.detach().reshape(()).float() for l in losses]),
+        entry = {"step": self.step_count, "losses": losses,
                  "norms": norms.detach(), "cosines": cosines.detach(), "weights": weights.detach(),
                  "branch": branch.detach(), "found_inf": found_inf.detach(), "stepped": took_step}
+        key, dead = self._reach_cache[0], self._reach_cache[4]
+        if key != self._dead_reported and dead != self._dead_names:  # once, again on a change
+            entry["dead"] = list(dead)
+            self._dead_names = dead
+        self._dead_reported = key
         self._history.append(entry)  # the ring buffer drops the oldest beyond history_limit
         self._history_on_device += 1
         return entry
 
+    # -- tensors no objective reached ----------------------------------------------------------
+    def _reach(self):
+        """(live mask, live segment mask, fused-path inputs), rebuilt only when the bank's
+        reached set changes (rarely: the first steps), so a step costs no per-tensor work."""
+        bank = self.bank
+        key = (id(bank), bank.reached_version)
+        if self._reach_cache is None or self._reach_cache[0] != key:
+            # Ranks may reach different tensors but must step the same ones: under a process
+            # group every tensor counts as reached (zero gradients where none arrived).
+            live = list(bank.reached) if self.process_group is None else [True] * len(self.params)
+            live_segments = [False] * self.num_segments
+            for alive, s in zip(live, self.segment_ids):
+                live_segments[s] = live_segments[s] or alive
+            fused = None
+            if self.fused:
+                fused = ([[row[i] for i in self._fused_order] for row in bank.grads],
+                         [live[i] for i in self._fused_order])
+            dead = [name for (name, _), alive in zip(self.named_params, live) if not alive]
+            self._reach_cache = (key, live, live_segments, fused, dead)
+        return self._reach_cache[1:]
+
+    @property
+    def dead_tensors(self) -> list[str]:
+        """Names of the balanced tensors no objective has reached (so far): their ``.grad`` is
+        left as it was (None after ``zero_grad``) and no optimizer step touches them."""
+        return [] if self.bank is None else list(self._reach()[3])
+
+    @property
+    def live_segments(self) -> list[bool]:
+        """Per segment: does it hold a tensor some objective reached? (All True before a step.)"""
+        return [True] * self.num_segments if self.bank is None else list(self._reach()[1])
+
     # -- the step -----------------------------------------------------------------------------
-    def backward(self, losses: Mapping[str, torch.Tensor], *, accumulate: bool = True):
-        """Per-objective gradients -> balanced combination in ``p.grad``. With ``accumulate``
-        the combination is added to existing gradients (like ``loss.backward()``), otherwise it
-        overwrites them. Returns the fb.ParetoResult (``found_inf``: nothing was written)."""
-        return self._backward(losses, accumulate)[0]
-
-    def _backward(self, losses, accumulate: bool):
+    def accumulate(self, losses: Mapping[str, torch.Tensor]) -> None:
+        """Add every objective's gradient of ``losses`` to the bank (one micro-batch); the next
+        ``balance()`` / ``step()`` balances the sum, once. A NaN/Inf loss marks the bank so that
+        the step is skipped (see GradBank.flag_nonfinite)."""
         loss_list = self._loss_list(losses)
-        self.bank.fill(loss_list)
-        if accumulate and any(p.grad is not None for p in self.params):
-            if self._scratch is None:
-                self._scratch = [torch.zeros_like(p) for p in self.params]
-            out = self._scratch
-        else:
-            for p in self.params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            out = [p.grad for p in self.params]
-        res = fb.pareto_combine(self.bank.grads, self.segment_ids, policy=self.policy, tau=self.tau,
-                                rescale=self.rescale, out=out, backend=self.backend,
-                                process_group=self.process_group, distributed=self.distributed)
-        if out is self._scratch:
-            ok = (~res.found_inf).to(out[0].dtype)  # on the device: no sync
-            for p, d in zip(self.params, out):
-                if p.grad is None:
-                    p.grad = d * ok
-                else:
-                    p.grad.add_(d * ok)
-        entry = self._record(loss_list, res.norms, res.cosines, res.weights, res.branch, res.found_inf, None)
-        self.step_count += 1
-        return res, entry
+        self.bank.fill(loss_list, accumulate=self._window > 0)
+        self.bank.flag_nonfinite(loss_list)
+        values = torch.stack([loss.detach().reshape(()).float() for loss in loss_list])
+        self._window_losses = values if self._window == 0 else self._window_losses + values
+        self._window += 1
 
-    def step(self, losses: Mapping[str, torch.Tensor]) -> bool:
-        """One balanced optimizer step; returns False when it was skipped (NaN/Inf gradient)."""
+    def balance(self, *, accumulate: bool = True):
+        """Balance the gradients gathered by ``accumulate`` and write the combination into
+        ``p.grad`` (added to existing gradients with ``accumulate``, like ``loss.backward()``).
+        Returns the fb.ParetoResult; with ``found_inf`` nothing was written (``.grad`` stays as
+        it was; this costs one host read of the flag when a ``.grad`` had to be created)."""
+        self._require_window()
+        res, fresh = self._write_balanced(accumulate)
+        took = None
+        if fresh and bool(res.found_inf):  # undo the .grad tensors created for this write
+            for p in fresh:
+                p.grad = None
+            took = False
+        self._finish(res, None, took)
+        return res
+
+    def backward(self, losses: Mapping[str, torch.Tensor], *, accumulate: bool = True):
+        """``accumulate(losses)`` then ``balance(accumulate=accumulate)``: per-objective
+        gradients -> balanced combination in ``p.grad``. Returns the fb.ParetoResult."""
+        self.accumulate(losses)
+        return self.balance(accumulate=accumulate)
+
+    def step(self, losses: Mapping[str, torch.Tensor] | None = None) -> bool:
+        """One balanced optimizer step on ``losses`` (plus whatever ``accumulate`` gathered
+        before; ``step()`` without losses balances just that). Returns False when it was
+        skipped (a NaN/Inf gradient or loss): parameters, ``.grad`` and optimizer state are
+        then untouched. Tensors no objective reached are not stepped."""
         if self.optimizer is None:
             raise RuntimeError("ParetoLoRA was built without an optimizer: call backward() and step yourself")
+        if losses is not None:
+            self.accumulate(losses)
+        self._require_window()
         if self.process_group is None and self._plan_usable():
-            took = self._planned_step(losses)
+            res, took = self._planned_step()
         elif self.fused:
-            loss_list = self._loss_list(losses)
-            self.bank.fill(loss_list)
             # pareto_weights, not gram + policy_weights: it keeps the range rescue (tiny or huge
             # gradients) and raises found_inf only for a real NaN/Inf (then nothing is stepped).
             res = fb.pareto_weights(self.bank.grads, self.segment_ids, policy=self.policy,
                                     tau=self.tau, rescale=self.rescale, backend=self.backend,
                                     process_group=self.process_group, distributed=self.distributed)
-            grads = [[row[i] for i in self._fused_order] for row in self.bank.grads]
+            grads, active = self._reach()[2]
             took = self.optimizer.balanced_step(grads, res.weights, self._fused_segments,
-                                                skip=res.found_inf)
-            self._record(loss_list, res.norms, res.cosines, res.weights, res.branch, res.found_inf, took)
-            self.step_count += 1
+                                                skip=res.found_inf, active=active)
         else:
-            res, entry = self._backward(losses, accumulate=False)
+            res, fresh = self._write_balanced(accumulate=False)
             took = not bool(res.found_inf)
             if took:
                 self.optimizer.step()
-            if entry is not None:
-                entry["stepped"] = took
-        if not took:
-            self.skipped_steps += 1
+            else:
+                for p in fresh:
+                    p.grad = None
+        self._finish(res, took, took)
         return took
 
     # -- planned step (fb.BalancePlan): validated once, O(1) host work per step ----------------
     def _plan_usable(self) -> bool:
-        """The plan path needs the cpp kernels on the parameters' device and, to combine into
-        ``.grad``, parameters in the bank's dtype; otherwise the list API runs (same numbers
-        up to the plan's float64 Gram)."""
+        """The plan path needs the cpp kernels on the parameters' device, parameters in the
+        bank's dtype, and every tensor reached (the plan writes and steps all of them; tensors no
+        objective reached must keep ``.grad`` None, so they take the list path). Otherwise the
+        list API runs (same numbers up to the plan's float64 Gram)."""
         if self._plan_ok is None:
             device, dtype = self.params[0].device, self.params[0].dtype
             cpp = self.backend in (None, "auto", "cpp") and "cpp" in fb.available_backends(device)
             self._plan_ok = cpp and all(p.dtype == dtype and p.is_contiguous() for p in self.params)
-        return self._plan_ok
+        return self._plan_ok and not self._reach()[3]
 
     def _balance_plan(self) -> "fb.BalancePlan":
         key = (self.bank, self.policy, self.tau, self.rescale)  # load_state_dict may change the policy
-        if self._plan is None or self._plan_bank != key:  # built once per bank and policy
+        if self._plan is None or self._plan_key != key:  # built once per bank and policy
             self._plan = fb.BalancePlan(self.bank, self.segment_ids, policy=self.policy, tau=self.tau,
                                         rescale=self.rescale)
-            self._plan_bank = key
+            self._plan_key = key
         return self._plan
 
-    def _planned_step(self, losses) -> bool:
-        loss_list = self._loss_list(losses)
-        self.bank.fill(loss_list)
+    def _planned_step(self):
+        """Gram -> weights -> combine into ``.grad`` (or the fused AdamW) through the plan.
+        Returns the result (statistics in the list API's dtype, for the history) and whether
+        it stepped."""
         plan = self._balance_plan()
         res = plan.weights()
+        saved = None
         if self.fused:
             self.optimizer.planned_step(plan, res.weights, skip=res.found_inf)
         else:
+            if not plan.grads_attached():  # attaching replaces .grad: restore it on a skip
+                saved = [p.grad for p in self.params]
             plan.combine_into_grads(res)
         took = not bool(res.found_inf)  # the one host read: step() reports whether it stepped
         if not took and self.fused:
             self.optimizer.skipped_steps += 1
         elif took and not self.fused:
             self.optimizer.step()
-        if self.record_history and self.step_count % self.history_every == 0:
-            # the plan solves in float64; the history keeps the list API's dtype on every path
-            acc = torch.float64 if self.bank.dtype == torch.float64 else torch.float32
-            big = torch.finfo(acc).max
-            norms, cosines = (t.to(acc) for t in res.statistics())
-            self._record(loss_list, norms, cosines, res.weights.clamp(-big, big).to(acc), res.branch,
-                         res.found_inf, took)
+        elif saved is not None:
+            for p, g in zip(self.params, saved):
+                p.grad = g
+        # the plan solves in float64; the history keeps the list API's dtype on every path
+        acc = torch.float64 if self.bank.dtype == torch.float64 else torch.float32
+        big = torch.finfo(acc).max
+        norms, cosines = (t.to(acc) for t in res.statistics())
+        return fb.ParetoResult(None, res.gram.to(acc), res.weights.clamp(-big, big).to(acc),
+                               norms, cosines, res.found_inf, res.branch), took
+
+    def _require_window(self) -> None:
+        if self._window == 0:
+            raise RuntimeError("nothing to balance: call accumulate(losses) (or step(losses) / "
+                               "backward(losses)) first")
+
+    def _write_balanced(self, accumulate: bool):
+        """pareto_combine of the bank into ``p.grad`` of every reached tensor. Returns the
+        result and the tensors whose ``.grad`` was created here (to undo on a skip)."""
+        live = self._reach()[0]
+        fresh = []
+        if accumulate and any(p.grad is not None for p in self.params):
+            if self._scratch is None:
+                self._scratch = [torch.zeros_like(p) for p in self.params]
+            out = self._scratch
+        else:
+            out = []
+            for p, alive, sink in zip(self.params, live, self._sinks(live)):
+                if alive:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                        fresh.append(p)
+                    out.append(p.grad)
+                else:
+                    out.append(sink)
+        res = fb.pareto_combine(self.bank.grads, self.segment_ids, policy=self.policy, tau=self.tau,
+                                rescale=self.rescale, out=out, backend=self.backend,
+                                process_group=self.process_group, distributed=self.distributed)
+        if out is self._scratch:
+            ok = (~res.found_inf).to(out[0].dtype)  # on the device: no sync
+            for p, d, alive in zip(self.params, out, live):
+                if not alive:
+                    continue
+                if p.grad is None:
+                    p.grad = d * ok
+                else:
+                    p.grad.add_(d * ok)
+        return res, fresh
+
+    def _sinks(self, live) -> list:
+        """Throw-away outputs for the tensors no objective reached: the balance still runs over
+        every tensor (the same problem, and the same collectives, on every rank), but their
+        ``.grad`` is left alone."""
+        if self._sink_key != self._reach_cache[0]:
+            self._sink_list = [None if alive else torch.empty_like(p) for p, alive in zip(self.params, live)]
+            self._sink_key = self._reach_cache[0]
+        return self._sink_list
+
+    def _finish(self, res, stepped, took) -> None:
+        """History entry, counters and the non-finite-loss report; closes the bank's window."""
+        losses, self._window_losses, self._window = self._window_losses, None, 0
+        entry = self._record(losses, res.norms, res.cosines, res.weights, res.branch, res.found_inf,
+                             stepped)
+        if took is False:  # a skip the host already knows about: name the non-finite losses
+            self.skipped_steps += 1
+            bad = [name for name, ok in zip(self.objectives, torch.isfinite(losses).tolist()) if not ok]
+            if entry is not None:
+                entry["nonfinite_losses"] = bad
+            if bad and not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(f"step {self.step_count} skipped: non-finite loss(es) {bad} (values "
+                              f"{losses.tolist()}); such steps are skipped and counted in skipped_steps, "
+                              "see the history", RuntimeWarning, stacklevel=3)
         self.step_count += 1
-        return took
 
     def free_buffers(self) -> None:
         """Drop the [K, N] gradient bank and scratch space (allocated again by the next step),
         e.g. to give the memory back during evaluation."""
         self.bank = None
         self._scratch = None
+        self._window, self._window_losses = 0, None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -369,8 +433,10 @@ class ParetoLoRA:
     # -- history ------------------------------------------------------------------------------
     @property
     def history(self) -> list[dict]:
-        """Per recorded step: step, losses [K], norms [S,K], cosines [S,K,K], weights [S,K],
-        branch [S], found_inf, stepped (None after a bare ``backward``); the last
+        """Per recorded step: step, losses [K] (summed over the accumulated micro-batches),
+        norms [S,K], cosines [S,K,K], weights [S,K], branch [S], found_inf, stepped (None after
+        a bare ``backward``/``balance``), ``nonfinite_losses`` (names, on a skip ``step`` saw),
+        and ``dead`` (names of the tensors no objective reached) when that set changed; the last
         ``history_limit`` of them. Tensors are moved to the CPU here, not during training."""
         pending = min(self._history_on_device, len(self._history))
         for i in range(len(self._history) - pending, len(self._history)):
@@ -396,8 +462,13 @@ class ParetoLoRA:
                 else:
                     rec["cosines"] = e["cosines"][s].tolist()
                 segs.append(rec)
-            yield {"step": e["step"], "losses": dict(zip(names, e["losses"].tolist())),
-                   "found_inf": bool(e["found_inf"]), "stepped": e["stepped"], "segments": segs}
+            losses = e["losses"].tolist()
+            record = {"step": e["step"], "losses": dict(zip(names, losses)),
+                      "nonfinite_losses": [n for n, v in zip(names, losses) if not math.isfinite(v)],
+                      "found_inf": bool(e["found_inf"]), "stepped": e["stepped"], "segments": segs}
+            if "dead" in e:
+                record["dead_tensors"] = list(e["dead"])
+            yield record
 
     def export_history(self, path) -> None:
         with open(path, "w") as f:
@@ -439,5 +510,6 @@ class ParetoLoRA:
         self.history_every = int(saved.get("history_every", self.history_every))
         self.step_count = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
+        self._window, self._window_losses, self._dead_reported, self._dead_names = 0, None, None, []
         self._history = history
         self._history_on_device = len(history)

@@ -4,7 +4,10 @@ After CoMMIT (Wu et al., 2024: a learning-balance coefficient between the featur
 LLM drives their learning rates); the exact formula here is ours.
 
 Components c = 1..C are sets of parameters, each living in its own optimizer param group(s)
-(build them with ``BalanceScheduler.param_groups``). Call ``scheduler.step()`` right after
+(build them with ``BalanceScheduler.param_groups``). Components given as modules need
+``model=``: every trainable parameter of the model must be in a component or in ``rest=``
+(parameters trained at the base learning rate, outside the balance, e.g. a projector), else
+ValueError naming those left out. Call ``scheduler.step()`` right after
 ``optimizer.step()`` (before ``zero_grad``); the scheduler snapshots the parameters in an
 optimizer step pre-hook, so it knows each component's update Δ_c = θ_c,t − θ_c,t−1.
 
@@ -16,8 +19,11 @@ Per step t:
 2. Learning contribution of c, the first-order loss decrease its update alone causes:
    s_c = −<g_c, Δ_c>.
    Exact mode (``exact_every = M`` and a ``probe_fn``): every M steps s_c is replaced by
-   KL(p_{θ_{t−1} + Δ_c} ‖ p_{θ_{t−1}}), the mean KL divergence of the output distribution on a
-   fixed probe batch when only component c's update is applied.
+   KL_c = KL(p_{θ_{t−1} + Δ_c} ‖ p_{θ_{t−1}}), the mean KL divergence of the output distribution
+   on a fixed probe batch when only component c's update is applied, brought to the
+   first-order scale: s_c = KL_c · Σ_j max(s_j, 0) / Σ_j KL_j (s_j: this step's first-order
+   scores; the running average's total when that is <= 0). The KL ranking then moves κ with
+   the same weight (1 − β) as any step, instead of being lost in the units.
 3. Smoothing against noise and oscillation: an EMA of the raw contributions,
    ŝ_c ← β ŝ_c + (1 − β) s_c (ŝ starts at the first s), and the shares
    σ̄_c = max(ŝ_c, 0) / Σ_j max(ŝ_j, 0) (no update while every ŝ_j <= 0). Averaging the
@@ -73,6 +79,38 @@ def _params_of(component, name: str = "component") -> list[torch.Tensor]:
                         f"{type(component).__name__}") from None
 
 
+def _check_coverage(components, component_params, model, rest, optimizer=None) -> list[torch.Tensor]:
+    """The ``rest`` parameters, after checking that components given as modules leave no
+    trainable parameter behind: of ``model`` when given; else (constructor) of ``optimizer``;
+    building groups from modules without ``model`` raises (the left-outs would be in no group
+    and never trained, without a word)."""
+    rest_params = [] if rest is None else _params_of(rest, "rest")
+    covered = {id(p) for ps in component_params.values() for p in ps}
+    if any(id(p) in covered for p in rest_params):
+        raise ValueError("a parameter of rest= also belongs to a component")
+    covered |= {id(p) for p in rest_params}
+    modules = [n for n, c in components.items() if isinstance(c, torch.nn.Module)]
+    if model is not None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        left = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+    elif not modules:
+        return rest_params
+    elif optimizer is None:
+        raise ValueError(f"components {modules} are given as modules: pass model= (the whole "
+                         "model) so that every trainable parameter is checked to be in a "
+                         "component or in rest=; or give the components as parameter lists")
+    else:
+        left = [f"param group {i} parameter {j}" for i, group in enumerate(optimizer.param_groups)
+                for j, p in enumerate(group["params"]) if p.requires_grad and id(p) not in covered]
+    if left:
+        shown = ", ".join(left[:5]) + (f", ... ({len(left)} in all)" if len(left) > 5 else "")
+        raise ValueError(f"trainable parameters outside every component: {shown}. Add them to a "
+                         "component, or pass rest=[...] to train them at the base learning "
+                         "rate outside the balance")
+    return rest_params
+
+
 def _real(value, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise TypeError(f"{name} must be a finite real number, got {value!r}")
@@ -86,7 +124,8 @@ class BalanceScheduler:
                  dead_band: float = 0.05, m_min: float = 0.25, m_max: float = 8.0,
                  exact_every: int = 0, probe_fn: Callable[[], torch.Tensor] | None = None,
                  aux_weight: float = 0.0, backend: str | None = None,
-                 history_limit: int | None = 10_000):
+                 history_limit: int | None = 10_000, model: torch.nn.Module | None = None,
+                 rest: Sequence[torch.Tensor] | torch.nn.Module | None = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(components, Mapping):
@@ -137,17 +176,22 @@ class BalanceScheduler:
                 if p.device != device:
                     raise ValueError(f"{label} is on {p.device} but the others are on {device}: the "
                                      "fused statistics need every component on one device")
+        rest_params = _check_coverage(components, self.component_params, model, rest, optimizer)
+        for p in rest_params:
+            owner.setdefault(id(p), None)
         # Param group -> component (every group's parameters must belong to a single component).
         self.group_component: list[int | None] = []
         in_optimizer = set()
         for i, group in enumerate(optimizer.param_groups):
-            cs = {owner.get(id(p)) for p in group["params"]}
+            cs = {owner.get(id(p)) for p in group["params"]}  # None: rest, not balanced
             in_optimizer.update(id(p) for p in group["params"])
             if len(cs) > 1:
                 raise ValueError(f"optimizer param group {i} mixes components {cs}; build the groups "
                                  "with BalanceScheduler.param_groups(components, lr=...)")
             self.group_component.append(cs.pop() if cs else None)
         missing = [n for n in self.names if any(id(p) not in in_optimizer for p in self.component_params[n])]
+        if any(id(p) not in in_optimizer for p in rest_params):
+            missing.append("rest")
         if missing:
             raise ValueError(f"components {missing} have parameters the optimizer does not hold")
         tgt = dict(target) if target is not None else {n: 1.0 / C for n in self.names}
@@ -181,15 +225,25 @@ class BalanceScheduler:
         self._hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.snapshot())
 
     @staticmethod
-    def param_groups(components: Mapping[str, Sequence[torch.Tensor] | torch.nn.Module],
+    def param_groups(components: Mapping[str, Sequence[torch.Tensor] | torch.nn.Module], *,
+                     model: torch.nn.Module | None = None,
+                     rest: Sequence[torch.Tensor] | torch.nn.Module | None = None,
                      **group_options) -> list[dict]:
         """Optimizer param groups, one per component (``group_options`` apply to all, and
-        ``{name: {...}}`` entries in it override per component)."""
+        ``{name: {...}}`` entries in it override per component), plus one group (``component``
+        None) for ``rest``: parameters trained at the base learning rate, outside the balance.
+        With components given as modules, ``model`` is required and every trainable parameter
+        of it must be in a component or in ``rest`` (else ValueError naming those left out:
+        a parameter outside every group would never be trained)."""
+        rest_params = _check_coverage(components, {n: _params_of(c, n) for n, c in components.items()},
+                                      model, rest)
         groups = []
+        common = {k: v for k, v in group_options.items() if k not in components}
         for name, comp in components.items():
             per = group_options.get(name, {}) if isinstance(group_options.get(name), dict) else {}
-            common = {k: v for k, v in group_options.items() if k not in components}
             groups.append({"params": _params_of(comp), "component": name, **common, **per})
+        if rest_params:
+            groups.append({"params": rest_params, "component": None, **common})
         return groups
 
     def close(self) -> None:
@@ -239,9 +293,11 @@ class BalanceScheduler:
         scores = (-G[:, 0, 1]).tolist()
         source = "first_order"
         self.step_count += 1
+        first_order = scores
         if self.exact_every and self.step_count % self.exact_every == 0:
-            scores, source = self._kl_scores(deltas), "kl"
+            scores, source = self._kl_on_first_order_scale(self._kl_scores(deltas), scores), "kl"
         record = {"step": self.step_count, "scores": scores, "source": source,
+                  "first_order_scores": first_order,
                   "grad_norms": G[:, 0, 0].clamp(min=0).sqrt().tolist(),
                   "update_norms": G[:, 1, 1].clamp(min=0).sqrt().tolist()}
         if all(math.isfinite(x) for x in scores):
@@ -279,6 +335,17 @@ class BalanceScheduler:
             lr = self.base_lrs[i] * (1.0 if c is None else math.exp(self.log_multipliers[c]))
             group["lr"] = lr
             self._written[i] = lr
+
+    def _kl_on_first_order_scale(self, kl: list[float], first_order: list[float]) -> list[float]:
+        """KL scores rescaled to this step's first-order total (or, when that is <= 0, the
+        running average's): the KL ranking and shares, in the units of the running average.
+        KL divergences (~1e-6..1e-4) and loss decreases (~1e-3..1e-2) are different units;
+        averaged raw, a KL step would only shrink every average alike and leave κ unmoved."""
+        total_kl = sum(kl)
+        scale = sum(max(0.0, x) for x in first_order) or sum(max(0.0, e) for e in (self.scores_ema or []))
+        if total_kl <= 0 or not math.isfinite(total_kl) or scale <= 0:
+            return kl
+        return [x * scale / total_kl for x in kl]
 
     def _kl_scores(self, deltas) -> list[float]:
         """KL(p_{θ_prev + Δ_c} ‖ p_{θ_prev}) on the probe batch, per component c."""
