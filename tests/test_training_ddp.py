@@ -3,7 +3,8 @@ shared ``run_ranks`` helper of tests/test_distributed.py):
 
 - torchrun + ``DistributedDataParallel`` (2 and 4 ranks): ``ParetoLoRA(ddp_model, ...)`` without
   a process group, torch AdamW and the fused AdamW, ``mgda`` and ``pareto_lora``, per-layer
-  segments; names without DDP's ``module.``; an armed DDP reducer is refused before any write.
+  segments; names without DDP's ``module.``; an armed DDP reducer and set-ups that cannot be
+  made correct (unbalanced trainable parameters, "sharded" mode, static_graph) are refused.
 - ``accelerate`` (``Accelerator(cpu=True)``, MULTI_CPU): ``ParetoLoRA(accelerator.prepare(model))``.
 - ``BalancedTrainer`` with the Trainer's own DDP (the env vars torchrun sets, ``use_cpu=True``,
   ``ddp_backend="gloo"``) on the tiny PEFT demo model.
@@ -140,6 +141,27 @@ def _armed_reducer(rank, world):
     return {"error": error, "unchanged": unchanged and untouched, "then_took": took}
 
 
+def _ddp_refusals(rank, world):
+    """Set-ups ParetoLoRA cannot make correct raise ValueError and leave DDP's sync as it was."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    net = Net()
+    model = DDP(net)
+    layer0 = [(n, p) for n, p in net.named_parameters() if n.startswith("layers.0")]
+    attempts = {
+        "unbalanced": lambda: ParetoLoRA(layer0, make_optimizer(False)).attach(model),
+        "sharded": lambda: ParetoLoRA(model, make_optimizer(False), distributed="sharded"),
+        "static_graph": lambda: ParetoLoRA(DDP(Net(), static_graph=True), make_optimizer(False)),
+    }
+    errors = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            errors[name] = None
+        except ValueError as exc:
+            errors[name] = str(exc)
+    return {"errors": errors, "sync_untouched": model.require_backward_grad_sync}
+
+
 def _accelerate(rank, world):
     from accelerate import Accelerator
     accelerator = Accelerator(cpu=True)
@@ -194,6 +216,7 @@ def _rank_main(rank, world, port, outdir, backends):
                 results["ddp", policy, fused] = _ddp(rank, world, policy, fused)
         if world == 2:
             results["armed"] = _armed_reducer(rank, world)
+            results["refusals"] = _ddp_refusals(rank, world)
             results["fsdp2"] = _fsdp2(rank, world)
             if HAVE_ACCELERATE:
                 results["accelerate"] = _accelerate(rank, world)
@@ -329,6 +352,15 @@ def test_ddp_reducer_armed_before_pareto_lora_is_refused_before_any_write(ranks2
     for r in ranks2:
         assert r["armed"]["error"] is not None and "before the forward" in r["armed"]["error"]
         assert r["armed"]["unchanged"] and r["armed"]["then_took"]
+
+
+def test_ddp_setups_that_cannot_be_correct_are_refused(ranks2):
+    for r in ranks2:
+        errors = r["refusals"]["errors"]
+        assert "would differ between ranks" in errors["unbalanced"]
+        assert "distributed='data'" in errors["sharded"]
+        assert "static_graph" in errors["static_graph"]
+        assert r["refusals"]["sync_untouched"]
 
 
 def test_fsdp2_is_refused_at_construction_naming_the_recipe(ranks2):
