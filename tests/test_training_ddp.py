@@ -19,7 +19,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import time
 from datetime import timedelta
 
 import pytest

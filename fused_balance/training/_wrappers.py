@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["unwrap", "canonical_names", "check_not_fsdp", "adopt_ddp", "check_ddp_quiet",
            "FSDP_RECIPE"]
@@ -36,17 +37,13 @@ FSDP_RECIPE = (
     "For replicated models use DistributedDataParallel, which ParetoLoRA supports directly.")
 
 
-def _ddp_class():
-    return torch.nn.parallel.DistributedDataParallel
-
-
 def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:
     """(innermost model, the outermost DistributedDataParallel wrapper or None), looking through
     DDP and torch.compile; FSDP raises (``check_not_fsdp``)."""
     ddp = None
     while True:
         check_not_fsdp(model)
-        if isinstance(model, _ddp_class()):
+        if isinstance(model, DistributedDataParallel):
             ddp = ddp if ddp is not None else model
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile
