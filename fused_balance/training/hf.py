@@ -15,6 +15,11 @@ bf16. Per-layer norms, cosines and weights are kept in ``trainer.balancer.histor
 weight per objective and the conflict fraction over the segments some objective reached go to
 the Trainer's logs. The balancer's state (history, step and skip counts) is saved in every
 Trainer checkpoint (``fused_balance_state.pt``) and restored on resume.
+
+Multi-process (torchrun / accelerate launch): the Trainer's DDP wrapper is handed to the balancer
+at the first training step; DDP's own reduction is switched off and each step averages the K
+objectives' gradients in one all-reduce over the world group, so every rank balances the same
+averaged gradients and logs the same (global) statistics.
 """
 from __future__ import annotations
 
@@ -40,11 +45,27 @@ class BalancedTrainer(Trainer):
         self.objectives_fn = objectives_fn
         self.balancer = ParetoLoRA(self.model, optimizer=None, policy=policy, segments=segments,
                                    tau=tau, rescale=rescale, backend=balance_backend, fill=fill)
+        self._balanced_wrapper = None
+
+    def _attach_wrapper(self, model) -> None:
+        """The Trainer wraps the model (DDP under torchrun / accelerate launch) when training
+        starts: hand the wrapper to the balancer before its first forward, so DDP's own
+        reduction is off and the bank is averaged once over the world group. Several processes
+        without DDP (FSDP, DeepSpeed, ...) are refused rather than trained per rank."""
+        if model is self._balanced_wrapper:
+            return
+        self.balancer.attach(model)  # FSDP raises here, naming the supported recipe
+        if self.args.world_size > 1 and self.balancer.process_group is None:
+            raise RuntimeError(f"BalancedTrainer runs on {self.args.world_size} processes but the "
+                               f"Trainer's model is a {type(model).__name__}, not a "
+                               "DistributedDataParallel: only DDP data parallelism is supported")
+        self._balanced_wrapper = model
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
+        self._attach_wrapper(model)
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
             outputs = model(**inputs)

@@ -11,6 +11,9 @@ bank's ``[K, N]`` buffer is averaged over the ranks in ONE all-reduce, in place,
 balances identically) or ``"sharded"`` (each rank holds a shard of every parameter, e.g. tensor
 parallel or FSDP local shards: only the ``[S, K, K]`` Gram partials are all-reduced). Every rank
 must call ``step``/``backward`` together, with the same objectives.
+A DistributedDataParallel model (torchrun + DDP, ``accelerator.prepare``, the Hugging Face
+Trainer) needs no argument: its group is used and DDP's own reduction is switched off, so the
+traffic is the one all-reduce of K·N elements per step (``fused_balance.training._wrappers``).
 
 Segments (sets of tensors sharing one set of weights): ``"layer"`` (by sub-model and layer index,
 tensors outside a numbered layer by their module; see ``fused_balance.training.segments``),
@@ -29,6 +32,7 @@ import torch
 import fused_balance as fb
 from fused_balance.distributed import check_group
 from fused_balance.policies import check_policy_args
+from fused_balance.training import _wrappers
 from fused_balance.training.bank import GradBank
 from fused_balance.training.optim import BalancedAdamW
 from fused_balance.training.segments import layer_key, lora_parameters, named_parameters_of, segment_ids_for
@@ -36,7 +40,11 @@ from fused_balance.training.segments import layer_key, lora_parameters, named_pa
 __all__ = ["ParetoLoRA", "lora_parameters", "layer_key", "segment_ids_for"]
 
 def _named(model_or_params) -> list[tuple[str, torch.Tensor]]:
-    return named_parameters_of(model_or_params, "ParetoLoRA")
+    if isinstance(model_or_params, torch.nn.Module):
+        model_or_params, _ = _wrappers.unwrap(model_or_params)  # names without DDP's "module."
+    named = named_parameters_of(model_or_params, "ParetoLoRA")
+    _wrappers.check_not_fsdp(named)
+    return list(zip(_wrappers.canonical_names([n for n, _ in named]), [p for _, p in named]))
 
 
 def _check_backend(backend, device) -> None:
@@ -68,6 +76,10 @@ class ParetoLoRA:
 
     ``process_group`` / ``distributed``: balance across ranks (see the module docstring); the
     optimizer then sees the same balanced gradient on every rank, so the ranks stay identical.
+    A DistributedDataParallel model (also accelerate's / the Trainer's wrapper) is detected:
+    its process group is used, DDP's own gradient averaging is switched off and the bank is
+    averaged once per step instead (see ``attach``). FSDP-sharded (DTensor) parameters raise
+    NotImplementedError naming the supported recipe.
 
     Tensors no objective has reached (``dead_tensors``, e.g. LoRA on a VQ model that token losses
     never run through) keep ``.grad`` as it was (None after ``zero_grad``) and are not stepped,
@@ -153,6 +165,24 @@ class ParetoLoRA:
         self._dead_names: list[str] = []  # the dead tensors last named in the history
         self._warned_nonfinite = False
         self._plan = self._plan_key = self._plan_ok = None
+        self._ddp = None
+        if isinstance(model_or_params, torch.nn.Module):
+            self.attach(model_or_params)  # last: every other check has passed
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Train through ``model``, a DistributedDataParallel wrapper of the balanced parameters
+        (what ``accelerator.prepare`` or the Hugging Face Trainer return), also when it was
+        wrapped after this ParetoLoRA was built. Call it before the forward pass. DDP's own
+        gradient averaging is switched off (it would average only the first of the K backward
+        passes); every step averages the bank's [K, N] buffer once over DDP's process group
+        instead. A model without such a wrapper changes nothing. Building ParetoLoRA on the
+        unwrapped model and then training through a DDP wrapper it was never given cannot be
+        detected: pass the wrapper (here or to the constructor)."""
+        _, ddp = _wrappers.unwrap(model)
+        if ddp is None or ddp is self._ddp:
+            return
+        self.process_group = _wrappers.adopt_ddp(ddp, self.params, self.process_group, self.distributed)
+        self._ddp = ddp
 
     def _check_optimizer_holds_params(self, optimizer) -> None:
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -174,6 +204,8 @@ class ParetoLoRA:
                             f"{type(losses).__name__}")
         if not losses:
             raise ValueError("losses is empty: expected {objective name: scalar loss tensor}")
+        if self._ddp is not None:
+            _wrappers.check_ddp_quiet(self._ddp)
         expected = self.objectives if self.objectives is not None else list(losses)
         if any(not isinstance(name, str) for name in losses):
             raise TypeError(f"objective names must be str, got {list(losses)!r}")
@@ -496,6 +528,8 @@ class ParetoLoRA:
                              "skipped_steps and history")
         saved = state["settings"]
         mine = self._settings()
+        if isinstance(saved.get("param_names"), list):  # states saved with a wrapper's prefix
+            saved = {**saved, "param_names": _wrappers.canonical_names(saved["param_names"])}
         for key in ("segment_names", "param_names", "fused"):
             if saved.get(key) != mine[key]:
                 raise ValueError(f"checkpoint {key} {saved.get(key)!r} differ from this ParetoLoRA's {mine[key]!r}")

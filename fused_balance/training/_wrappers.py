@@ -1,0 +1,133 @@
+"""Models wrapped for multi-process training, as ParetoLoRA meets them.
+
+- ``DistributedDataParallel`` (also what ``accelerate.Accelerator.prepare`` and the Hugging Face
+  Trainer return for multi-process CPU/GPU training): DDP's reducer averages ``.grad`` during
+  the first backward after a forward only, so with K backward passes per step it would average
+  the first objective and leave the others per rank. ParetoLoRA therefore switches DDP's own
+  reduction off (``require_backward_grad_sync = False``, what ``ddp.no_sync()`` does, read by
+  DDP at forward time) and averages the bank's ``[K, N]`` buffer itself in one all-reduce over
+  DDP's process group (``distributed="data"``): K·N·esize bytes per step, once.
+- ``torch.compile`` (``_orig_mod``): looked through.
+- FSDP (``fully_shard`` / ``FullyShardedDataParallel``): not driven by ParetoLoRA; a clear error
+  names the supported hand-written recipe (``FSDP_RECIPE``).
+
+Names: parameter names are taken relative to the innermost model and a prefix shared by every
+name (``module.``, ``_orig_mod.``, PEFT's ``base_model.model.``) is dropped, so segment and
+state names do not depend on the wrapper and states move between wrapped and unwrapped models.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+__all__ = ["unwrap", "canonical_names", "check_not_fsdp", "adopt_ddp", "check_ddp_quiet",
+           "FSDP_RECIPE"]
+
+_SHARED_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
+
+FSDP_RECIPE = (
+    "ParetoLoRA does not drive FSDP-sharded (DTensor) parameters. Supported recipe: one "
+    "backward per objective (FSDP reduce-scatters it into p.grad), copy "
+    "[p.grad.to_local() for p in params] out per objective, then "
+    "fb.pareto_combine(local_grads, segment_ids, process_group=<the shard group>, "
+    "distributed='sharded', out=[p.grad.to_local() for p in params]) and step the optimizer "
+    "(see fused_balance.distributed and the README's 'Multi-GPU / multi-node' section). "
+    "For replicated models use DistributedDataParallel, which ParetoLoRA supports directly.")
+
+
+def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:
+    """(innermost model, the outermost DistributedDataParallel wrapper or None), looking through
+    DDP and torch.compile; FSDP raises (``check_not_fsdp``)."""
+    ddp = None
+    while True:
+        check_not_fsdp(model)
+        if isinstance(model, DistributedDataParallel):
+            ddp = ddp if ddp is not None else model
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model, ddp
+
+
+def check_not_fsdp(model_or_params) -> None:
+    """Raise (naming the supported recipe) for an FSDP-wrapped module or sharded parameters."""
+    if isinstance(model_or_params, torch.nn.Module):
+        from torch.distributed import fsdp
+        kinds = tuple(getattr(fsdp, name) for name in ("FSDPModule", "FullyShardedDataParallel")
+                      if hasattr(fsdp, name))
+        if isinstance(model_or_params, kinds):
+            raise NotImplementedError(f"{type(model_or_params).__name__}: {FSDP_RECIPE}")
+        return
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor: nothing can be sharded
+        return
+    for name, p in model_or_params:
+        if isinstance(p, DTensor):
+            raise NotImplementedError(f"parameter {name!r} is a DTensor (FSDP2 fully_shard or "
+                                      f"tensor parallel): {FSDP_RECIPE}")
+
+
+def canonical_names(names: Sequence[str]) -> list[str]:
+    """Drop wrapper prefixes shared by every name (``module.`` of DDP, ``_orig_mod.`` of
+    torch.compile, ``base_model.model.`` of PEFT), repeatedly. Only a prefix on every name is a
+    wrapper's, so names stay unique."""
+    names = list(names)
+    while names:
+        prefix = next((pre for pre in _SHARED_PREFIXES if all(n.startswith(pre) for n in names)), None)
+        if prefix is None:
+            break
+        names = [n[len(prefix):] for n in names]
+    return names
+
+
+def adopt_ddp(ddp, params: Sequence[torch.Tensor], process_group, distributed: str):
+    """Take over gradient averaging from ``ddp``; returns the process group to balance over.
+    Checked first (nothing changes on an error): data mode, one group, every trainable parameter
+    of the replicated model balanced (DDP no longer averages any gradient), no static graph."""
+    if distributed != "data":
+        raise ValueError(f"distributed={distributed!r} with DistributedDataParallel: DDP replicates "
+                         "whole parameters, so gradients are averaged (distributed='data')")
+    group = ddp.process_group
+    if process_group is not None and process_group is not group:
+        raise ValueError("process_group differs from the DistributedDataParallel module's own "
+                         "process group: leave process_group=None to use DDP's")
+    if getattr(ddp, "static_graph", False):
+        raise ValueError("DistributedDataParallel(static_graph=True) schedules its own all-reduce "
+                         "in the first backward regardless of no_sync: build DDP without "
+                         "static_graph for ParetoLoRA")
+    balanced = {id(p) for p in params}
+    replicated = {id(p) for p in ddp.module.parameters()}
+    outside = sum(1 for p in params if id(p) not in replicated)
+    if outside:
+        raise ValueError(f"{outside} balanced parameter(s) are not parameters of the "
+                         "DistributedDataParallel module: pass the model DDP wraps")
+    loose = [name for name, p in ddp.module.named_parameters()
+             if p.requires_grad and id(p) not in balanced]
+    if loose:
+        shown = ", ".join(repr(n) for n in loose[:3]) + (" ..." if len(loose) > 3 else "")
+        raise ValueError(f"{len(loose)} trainable parameter(s) of the DDP model are not balanced "
+                         f"({shown}): ParetoLoRA switches DDP's gradient averaging off, so they "
+                         "would differ between ranks; freeze them or balance them too")
+    ddp.require_backward_grad_sync = False  # what ddp.no_sync() sets; read at each forward
+    return group
+
+
+def check_ddp_quiet(ddp) -> None:
+    """Raise before anything is written if DDP's reducer may average the next backward: its
+    gradient sync was switched back on, or the last forward through it armed the reducer
+    (it ran before ParetoLoRA took over, with sync on). O(1): two attribute reads."""
+    if ddp.require_backward_grad_sync:
+        raise RuntimeError("DistributedDataParallel gradient sync was switched back on "
+                           "(require_backward_grad_sync=True, e.g. accelerator."
+                           "trigger_sync_in_backward): ParetoLoRA averages the gradients itself; "
+                           "leave DDP's sync off")
+    if ddp.require_forward_param_sync and getattr(ddp, "_lazy_init_ran", True):
+        raise RuntimeError("the last forward pass through the DistributedDataParallel model ran "
+                           "with DDP's gradient sync on (before ParetoLoRA took over), or the "
+                           "losses come from a forward that bypassed the DDP wrapper: build "
+                           "ParetoLoRA (or call attach) before the forward pass, and run the "
+                           "forward through the DDP model")

@@ -1,0 +1,399 @@
+"""ParetoLoRA under the engines users launch it with, real processes (gloo on 127.0.0.1, the
+shared ``run_ranks`` helper of tests/test_distributed.py):
+
+- torchrun + ``DistributedDataParallel`` (2 and 4 ranks): ``ParetoLoRA(ddp_model, ...)`` without
+  a process group, torch AdamW and the fused AdamW, ``mgda`` and ``pareto_lora``, per-layer
+  segments; names without DDP's ``module.``; an armed DDP reducer and set-ups that cannot be
+  made correct (unbalanced trainable parameters, "sharded" mode, static_graph) are refused.
+- ``accelerate`` (``Accelerator(cpu=True)``, MULTI_CPU): ``ParetoLoRA(accelerator.prepare(model))``.
+- ``BalancedTrainer`` with the Trainer's own DDP (the env vars torchrun sets, ``use_cpu=True``,
+  ``ddp_backend="gloo"``) on the tiny PEFT demo model.
+- FSDP2 (``fully_shard``): a clear NotImplementedError at construction naming the recipe.
+
+After 5 steps every rank holds the same bits, equal to one process on the whole (concatenated)
+batch within rtol 1e-5; the collectives (counted with the profiler's ``gloo:*`` events, which see
+DDP's C++ reducer too) are one all-reduce of the K·N bank per step and nothing else.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from fused_balance.training import ParetoLoRA
+from test_distributed import run_ranks  # the shared spawning helper lives there
+
+STEPS = 5
+BATCH = 8  # global batch, split over the ranks
+D_IN, HIDDEN, D_OUT = 6, 8, 3
+LR = 1e-2
+POLICIES = ("mgda", "pareto_lora")
+TIMEOUT_S = 240
+TRAINER_BATCH = 4  # global batch of the Trainer runs
+HAVE_ACCELERATE = importlib.util.find_spec("accelerate") is not None
+HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+# ----------------------------------------------------------------------------- shared problem
+class Net(torch.nn.Module):
+    """Two layers under ``layers.<i>``: segments="layer" gives one segment per layer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(1234)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(D_IN, HIDDEN), torch.nn.Linear(HIDDEN, D_OUT)])
+
+    def forward(self, x):
+        return self.layers[1](torch.tanh(self.layers[0](x)))
+
+
+def batch(step):
+    gen = torch.Generator().manual_seed(200 + step)
+    x = torch.randn(BATCH, D_IN, generator=gen)
+    t = torch.randn(BATCH, 2, generator=gen)
+    return x, t
+
+
+MIX = torch.tensor([[1.0, 0.5, 0.0], [-0.3, 0.2, 1.0]])  # objective k reads y @ MIX[k]
+
+
+def objectives(y, t):
+    return {name: ((y @ MIX[k] - t[:, k]) ** 2).mean() for k, name in enumerate(("text", "image"))}
+
+
+def make_optimizer(fused):
+    return "fused_adamw" if fused else (lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.01))
+
+
+def train_single(policy, fused):
+    """One process on the whole batch: the reference."""
+    model = Net()
+    balancer = ParetoLoRA(model, make_optimizer(fused), policy=policy, lr=LR, weight_decay=0.01)
+    for step in range(STEPS):
+        x, t = batch(step)
+        balancer.step(objectives(model(x), t))
+        balancer.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def collectives(run):
+    """Run ``run()`` under the profiler; the gloo collectives it issued as (name, numel) —
+    DDP's reducer calls the process group from C++, so patching dist.all_reduce would miss it."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        run()
+    return [(e.name, sum(math.prod(s) for s in e.input_shapes if s))
+            for e in prof.events() if e.name.startswith("gloo:")]
+
+
+def params_of(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- rank scenarios
+def _ddp(rank, world, policy, fused):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    net = Net()
+    model = DDP(net)
+    balancer = ParetoLoRA(model, make_optimizer(fused), policy=policy, segments="layer",
+                          lr=LR, weight_decay=0.01)
+    traffic = []
+    for step in range(STEPS):
+        x, t = batch(step)
+        xs, ts = x.chunk(world)[rank], t.chunk(world)[rank]
+
+        def one_step():
+            balancer.step(objectives(model(xs), ts))
+            balancer.zero_grad()
+        traffic.append(collectives(one_step))
+    return {"params": params_of(net), "traffic": traffic, "bank_numel": balancer.bank.buffer.numel(),
+            "segments": balancer.segment_names, "state": balancer.state_dict(),
+            "weights": [h["weights"] for h in balancer.history]}
+
+
+def _armed_reducer(rank, world):
+    """A forward with DDP's sync on before ParetoLoRA took over arms the reducer: refused before
+    anything is written; the next forward (sync now off) trains."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    net = Net()
+    model = DDP(net)
+    x, t = batch(0)
+    xs, ts = x.chunk(world)[rank], t.chunk(world)[rank]
+    armed = objectives(model(xs), ts)
+    balancer = ParetoLoRA(model, make_optimizer(False))
+    before = params_of(net)
+    try:
+        balancer.step(armed)
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    unchanged = all(torch.equal(before[n], p) for n, p in net.named_parameters())
+    untouched = all(p.grad is None for p in net.parameters()) and balancer.step_count == 0
+    took = balancer.step(objectives(model(xs), ts))
+    return {"error": error, "unchanged": unchanged and untouched, "then_took": took}
+
+
+def _ddp_refusals(rank, world):
+    """Set-ups ParetoLoRA cannot make correct raise ValueError and leave DDP's sync as it was."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    net = Net()
+    model = DDP(net)
+    layer0 = [(n, p) for n, p in net.named_parameters() if n.startswith("layers.0")]
+    attempts = {
+        "unbalanced": lambda: ParetoLoRA(layer0, make_optimizer(False)).attach(model),
+        "sharded": lambda: ParetoLoRA(model, make_optimizer(False), distributed="sharded"),
+        "static_graph": lambda: ParetoLoRA(DDP(Net(), static_graph=True), make_optimizer(False)),
+    }
+    errors = {}
+    for name, attempt in attempts.items():
+        try:
+            attempt()
+            errors[name] = None
+        except ValueError as exc:
+            errors[name] = str(exc)
+    return {"errors": errors, "sync_untouched": model.require_backward_grad_sync}
+
+
+def _accelerate(rank, world):
+    from accelerate import Accelerator
+    accelerator = Accelerator(cpu=True)
+    net = Net()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=LR, weight_decay=0.01)
+    model, optimizer = accelerator.prepare(net, optimizer)
+    balancer = ParetoLoRA(model, optimizer, policy="pareto_lora", segments="layer")
+    traffic = []
+    for step in range(STEPS):
+        x, t = batch(step)
+        xs, ts = x.chunk(world)[rank], t.chunk(world)[rank]
+
+        def one_step():
+            with accelerator.accumulate(model):
+                balancer.step(objectives(model(xs), ts))
+                optimizer.zero_grad()
+        traffic.append(collectives(one_step))
+    return {"params": params_of(net), "traffic": traffic, "bank_numel": balancer.bank.buffer.numel(),
+            "distributed_type": str(accelerator.distributed_type), "wrapper": type(model).__name__}
+
+
+def _trainer(rank, world, outdir):
+    return run_trainer(world, TRAINER_BATCH // world, os.path.join(outdir, f"trainer{rank}"))
+
+
+def _fsdp2(rank, world):
+    """fully_shard turns parameters into DTensors: ParetoLoRA refuses at construction, naming
+    the hand-written recipe (tests/test_distributed.py checks that recipe)."""
+    from torch.distributed.fsdp import fully_shard
+    net = Net()
+    fully_shard(net)
+    errors = []
+    for target in (net, list(net.named_parameters())):
+        try:
+            ParetoLoRA(target, make_optimizer(False))
+            errors.append(None)
+        except NotImplementedError as exc:
+            errors.append(str(exc))
+    return {"errors": errors}
+
+
+def _rank_main(rank, world, port, outdir, backends):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
+    try:
+        results = {}
+        for policy in POLICIES:
+            for fused in (False, True):
+                results["ddp", policy, fused] = _ddp(rank, world, policy, fused)
+        if world == 2:
+            results["armed"] = _armed_reducer(rank, world)
+            results["refusals"] = _ddp_refusals(rank, world)
+            results["fsdp2"] = _fsdp2(rank, world)
+            if HAVE_ACCELERATE:
+                results["accelerate"] = _accelerate(rank, world)
+            if HAVE_TRANSFORMERS:
+                results["trainer"] = _trainer(rank, world, outdir)
+        dist.barrier()
+        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- the Trainer
+def trainer_objectives(model, inputs, outputs):
+    """Token sums over a constant count (every row has the same length): the mean of the
+    ranks' losses is the loss of the whole batch."""
+    from fused_balance.demo.data import VOCAB
+    logits = outputs.logits[:, :-1]
+    labels = inputs["input_ids"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                            reduction="none").view_as(labels)
+    valid = inputs["attention_mask"][:, 1:].bool()
+    is_image = labels >= VOCAB.image_offset
+    count = labels.numel()
+    return {"text": (nll * (valid & ~is_image)).sum() / count,
+            "image": (nll * (valid & is_image)).sum() / count}
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n):
+        from fused_balance.demo.data import make_batch
+        rows = make_batch(n, torch.Generator().manual_seed(0), 0.5)
+        self.rows = [{"input_ids": rows["input_ids"][i], "attention_mask": rows["attention_mask"][i]}
+                     for i in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def run_trainer(world, per_device_batch, output_dir):
+    """BalancedTrainer for STEPS steps in order (sequential sampler): ranks see consecutive
+    slices of each global batch, like one process on the whole batch."""
+    import transformers
+    from fused_balance.demo.data import VOCAB
+    from fused_balance.demo.model import build_lora_model
+    from fused_balance.training.hf import BalancedTrainer
+
+    model = build_lora_model(VOCAB.size, hidden=16, layers=2, heads=2, rank=2, seed=0)
+    args = transformers.TrainingArguments(
+        output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=per_device_batch,
+        learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
+        train_sampling_strategy="sequential", ddp_backend="gloo" if world > 1 else None)
+    trainer = BalancedTrainer(model=model, args=args, train_dataset=Rows(STEPS * TRAINER_BATCH),
+                              objectives_fn=trainer_objectives, policy="pareto_lora", segments="layer")
+    traffic = collectives(trainer.train)
+    logged = [{k: v for k, v in e.items() if k.startswith("balance/")}
+              for e in trainer.state.log_history if "balance/weight_text" in e]
+    return {"params": {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad},
+            "traffic": traffic, "bank_numel": trainer.balancer.bank.buffer.numel(),
+            "logged": logged, "weights": [h["weights"] for h in trainer.balancer.history],
+            "segments": trainer.balancer.segment_names, "world_size": args.world_size}
+
+
+# ----------------------------------------------------------------------------- spawning
+_RESULTS: dict = {}
+
+
+def ranks_of(size, tmp_path_factory):
+    """Start ``size`` ranks once per module run and load their results."""
+    if size not in _RESULTS:
+        _RESULTS[size] = run_ranks(_rank_main, size, tmp_path_factory.mktemp(f"ddp{size}"), __name__,
+                                   TIMEOUT_S)
+    return _RESULTS[size]
+
+
+@pytest.fixture(scope="module")
+def ranks2(tmp_path_factory):
+    return ranks_of(2, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def ranks4(tmp_path_factory):
+    return ranks_of(4, tmp_path_factory)
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def check_equal_ranks_and_single(got, want):
+    for name, value in want.items():
+        for g in got:
+            close(g["params"][name], value)
+        for g in got[1:]:  # the ranks never diverge: the same bits everywhere
+            assert torch.equal(g["params"][name], got[0]["params"][name]), name
+    assert any(not torch.equal(want[n], p) for n, p in Net().named_parameters() if n in want)
+
+
+def check_one_bank_all_reduce_per_step(traffic, bank_numel):
+    """Per step: exactly one collective, an all-reduce of the whole [K, N] bank (K·N·esize
+    bytes) — DDP's reducer moves nothing."""
+    for step in traffic:
+        assert step == [("gloo:all_reduce", bank_numel)], step
+
+
+# ----------------------------------------------------------------------------- checks
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-adamw", "fused"])
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("size", [2, 4], ids=["world2", "world4"])
+def test_ddp_wrapped_pareto_lora_equals_one_process_on_the_whole_batch(request, size, policy, fused):
+    ranks = request.getfixturevalue(f"ranks{size}")
+    got = [r["ddp", policy, fused] for r in ranks]
+    check_equal_ranks_and_single(got, train_single(policy, fused))
+    assert got[0]["segments"] == ["layers.0", "layers.1"]  # per-layer, no "module." prefix
+    assert got[0]["bank_numel"] == 2 * sum(p.numel() for p in Net().parameters())
+    for g in got:
+        check_one_bank_all_reduce_per_step(g["traffic"], g["bank_numel"])
+        assert all(torch.equal(a, b) for a, b in zip(g["weights"], got[0]["weights"]))
+
+
+def test_ddp_state_loads_into_the_unwrapped_model(ranks2):
+    state = ranks2[0]["ddp", "pareto_lora", False]["state"]
+    assert state["settings"]["param_names"] == [n for n, _ in Net().named_parameters()]
+    balancer = ParetoLoRA(Net(), make_optimizer(False))
+    balancer.load_state_dict(state)
+    assert balancer.step_count == STEPS
+
+
+def test_ddp_reducer_armed_before_pareto_lora_is_refused_before_any_write(ranks2):
+    for r in ranks2:
+        assert r["armed"]["error"] is not None and "before the forward" in r["armed"]["error"]
+        assert r["armed"]["unchanged"] and r["armed"]["then_took"]
+
+
+def test_ddp_setups_that_cannot_be_correct_are_refused(ranks2):
+    for r in ranks2:
+        errors = r["refusals"]["errors"]
+        assert "would differ between ranks" in errors["unbalanced"]
+        assert "distributed='data'" in errors["sharded"]
+        assert "static_graph" in errors["static_graph"]
+        assert r["refusals"]["sync_untouched"]
+
+
+def test_fsdp2_is_refused_at_construction_naming_the_recipe(ranks2):
+    for r in ranks2:
+        for error in r["fsdp2"]["errors"]:
+            assert error is not None and "fb.pareto_combine" in error and "sharded" in error
+
+
+@pytest.mark.skipif(not HAVE_ACCELERATE, reason="accelerate is not installed")
+def test_accelerate_prepared_model_equals_one_process(ranks2):
+    got = [r["accelerate"] for r in ranks2]
+    assert got[0]["wrapper"] == "DistributedDataParallel" and "MULTI_CPU" in got[0]["distributed_type"]
+    check_equal_ranks_and_single(got, train_single("pareto_lora", False))
+    for g in got:
+        check_one_bank_all_reduce_per_step(g["traffic"], g["bank_numel"])
+
+
+@pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed")
+def test_balanced_trainer_under_ddp_equals_one_process(ranks2, tmp_path):
+    got = [r["trainer"] for r in ranks2]
+    want = run_trainer(1, TRAINER_BATCH, str(tmp_path))
+    assert got[0]["world_size"] == 2 and want["world_size"] == 1
+    assert got[0]["segments"] == want["segments"]
+    for name, value in want["params"].items():
+        for g in got:
+            close(g["params"][name], value)
+        assert torch.equal(got[0]["params"][name], got[1]["params"][name]), name
+    for g in got:  # balance statistics are global: every rank logs the same
+        assert g["logged"] == got[0]["logged"] and len(g["logged"]) == STEPS
+        for w_got, w_want in zip(g["weights"], want["weights"]):
+            close(w_got, w_want)
+        bank_reduces = [t for t in g["traffic"] if t == ("gloo:all_reduce", g["bank_numel"])]
+        assert len(bank_reduces) == STEPS
+        # the other all-reduces are the Trainer's loss bookkeeping (scalars), no gradient;
+        # (broadcasts: DDP's one-time parameter sync when the Trainer wraps the model)
+        others = [n for name, n in g["traffic"] if name == "gloo:all_reduce" and n != g["bank_numel"]]
+        assert sum(others) <= 4 * STEPS, others
