@@ -113,7 +113,7 @@ def reference_step(model, family, batch, lr, weight_decay):
     for c, d in zip(copies, combined):
         c.grad = None if d is None else d.to(c.dtype)
     torch.optim.AdamW(copies, lr=lr, weight_decay=weight_decay).step()
-    dead = [name for (name, _), d in zip(named, combined) if d is None]
+    dead = [i for i, d in enumerate(combined) if d is None]  # indices: names depend on wrappers
     return [c.detach() for c in copies], combined, dead
 
 
@@ -137,6 +137,7 @@ def test_one_balanced_step_equals_float64_reference(family, optimizer):
             assert not state, name
         elif optimizer == "torch":  # every reached tensor holds its balanced gradient
             torch.testing.assert_close(p.grad, d, rtol=1e-9, atol=1e-14, msg=name)
+    dead = [balancer.named_params[i][0] for i in dead]  # the balancer's (wrapper-free) names
     assert balancer.dead_tensors == dead
     entry = balancer.history[0]
     assert entry.get("dead", []) == dead
@@ -179,7 +180,8 @@ def test_bf16_adapters(family):
         assert all(math.isfinite(float(v.detach())) for v in losses.values())
         assert balancer.step(losses)
         dead = set(balancer.dead_tensors)
-        for (name, p), b in zip(named, before):
+        assert [p for _, p in balancer.named_params] == [p for _, p in named]
+        for (name, _), p, b in zip(balancer.named_params, (p for _, p in named), before):
             assert p.dtype == torch.bfloat16 and torch.isfinite(p).all()
             assert torch.equal(p.detach(), b) == (name in dead), name
         balancer.zero_grad()
