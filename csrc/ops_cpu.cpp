@@ -279,6 +279,7 @@ TORCH_LIBRARY(fused_balance, m) {
       "balanced_adamw_(Tensor[] grads, Tensor weights, int[] segment_ids, Tensor(a!)[] params, "
       "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float[] lrs, float[] weight_decays, float beta1, "
       "float beta2, float eps, int step, Tensor? skip) -> ()");
+  m.def("policy_weights(Tensor gram, int policy, float tau, bool rescale_to_sum, float rounding, Tensor? active) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fused_balance, CPU, m) {
