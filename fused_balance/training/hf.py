@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 import torch
 from transformers import Trainer
 
+from fused_balance.policies import BRANCH_CONFLICT
 from fused_balance.training.pareto_lora import ParetoLoRA
 
 __all__ = ["BalancedTrainer"]
@@ -54,5 +55,5 @@ class BalancedTrainer(Trainer):
             last = history[-1]
             for k, name in enumerate(self.balancer.objectives or []):
                 logs[f"balance/weight_{name}"] = float(last["weights"][:, k].mean())
-            logs["balance/conflict_fraction"] = float((last["branch"] == 2).float().mean())
+            logs["balance/conflict_fraction"] = float((last["branch"] == BRANCH_CONFLICT).float().mean())
         return super().log(logs, *args, **kwargs)
