@@ -289,8 +289,8 @@ def policy_weights(G: torch.Tensor, policy="pareto_lora", *, tau: float = 5.0,
     fn = resolve_policy(policy, tau=tau, rescale=rescale, rounding=rounding_of(G.dtype))
     out_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
     if isinstance(fn, BuiltinPolicy) and _native_available(G):
-        weights, branch = _native_solve(G, fn, None)  # cleans, decides `active` and casts inside
-        return weights, branch
+        # The op cleans the Gram, decides `active` and casts the weights itself.
+        return _native_solve(G if G.dtype in (torch.float32, torch.float64) else G.float(), fn, None)
     G = clean_gram(G)
     active = torch.diagonal(G, dim1=-2, dim2=-1) > 0
     S, K, _ = G.shape
