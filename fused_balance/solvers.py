@@ -30,20 +30,23 @@ def _two_objectives(G: torch.Tensor, active: torch.Tensor | None, rounding: floa
     zero, one, half = torch.zeros_like(g11), torch.ones_like(g11), torch.full_like(g11, 0.5)
     first = torch.where(to_second <= 0, one, torch.where(to_first <= 0, zero, to_first / safe))
     second = torch.where(to_second <= 0, zero, torch.where(to_first <= 0, one, to_second / safe))
-    w = torch.stack([torch.where(identical, half, first.clamp(0.0, 1.0)),
-                     torch.where(identical, half, second.clamp(0.0, 1.0))], dim=-1)
-    if active is not None:
+    first = torch.where(identical, half, first.clamp(0.0, 1.0))
+    second = torch.where(identical, half, second.clamp(0.0, 1.0))
+    if active is not None:  # scalars in torch.where, not new tensors: no host-to-device copies
         only_first = active[:, 0] & ~active[:, 1]
         only_second = active[:, 1] & ~active[:, 0]
-        w = torch.where(only_first[:, None], w.new_tensor([1.0, 0.0]), w)
-        w = torch.where(only_second[:, None], w.new_tensor([0.0, 1.0]), w)
-    return w
+        first = torch.where(only_first, 1.0, torch.where(only_second, 0.0, first))
+        second = torch.where(only_first, 0.0, torch.where(only_second, 1.0, second))
+    return torch.stack([first, second], dim=-1)
 
 
 def active_set_budget(K: int) -> int:
-    """Iterations of the active-set loop that always suffice in practice: K adds plus the drops
-    between them (each drop undoes an add) plus the final check. Finite termination is Wolfe's
-    theorem; this bound is checked by the tests' convergence certificate on adversarial Grams."""
+    """Iterations of the masked active-set loop. Each iteration adds or drops one objective (a
+    drop undoes an add), so a support of m objectives reached without drops takes m + 1.
+    Finite termination is Wolfe's theorem, but no polynomial bound is known; measured on random
+    and adversarial Grams up to K=32 the loop needs at most ~2K, so 4K + 4 leaves a 2x margin,
+    and the tests check convergence (the KKT certificate) on every Gram they try. A segment that
+    ran out of iterations still holds a point of the simplex with a lower objective than it began."""
     return 4 * K + 4
 
 

@@ -268,3 +268,18 @@ def test_cuda_policy_solve_matches_cpu_and_never_syncs(K):
         torch.testing.assert_close(w_gpu.cpu(), w_cpu, rtol=1e-6, atol=1e-9)
         torch.testing.assert_close(w_ref.float().cpu(), w_cpu, rtol=1e-5, atol=1e-9)
         assert torch.equal(b_gpu.cpu(), b_cpu)
+
+
+def test_pareto_lora_trainer_takes_a_callable_policy_and_records_its_branch():
+    from fused_balance.demo.data import VOCAB, make_batch
+    from fused_balance.demo.model import build_lora_model, modality_losses
+    from fused_balance.training import ParetoLoRA
+
+    model = build_lora_model(VOCAB.size, hidden=32, layers=1, heads=2, rank=4, seed=0).to(torch.float64)
+    balancer = ParetoLoRA(model, None, policy=equal_weights_policy, backend="torch",
+                          objectives=["text", "image"])
+    losses, _ = modality_losses(model, make_batch(2, torch.Generator().manual_seed(0)))
+    result = balancer.backward(losses, accumulate=False)
+    active = result.norms > 0
+    torch.testing.assert_close(result.weights, active.to(result.weights.dtype) / active.sum(-1, keepdim=True))
+    assert {r["branch"] for step in balancer.history_records() for r in step["segments"]} == {"sum"}
