@@ -10,7 +10,7 @@ produces NaN.
 ``policy=`` in policy_weights, pareto_combine, pareto_weights and ParetoLoRA takes a registered
 name (POLICIES, or one added with register_policy) or such a callable. The built-in policies also
 have a native solve (torch.ops.fused_balance.policy_weights: one C++ / CUDA op for the whole
-batch), used when the extension is loaded; the torch code here is its reference and fallback.
+batch), used whenever the extension is built; the torch code here is its reference and fallback.
 """
 from __future__ import annotations
 
@@ -242,19 +242,27 @@ def _check_policy_output(out, S: int, K: int, policy, G: torch.Tensor):
 
 # ----------------------------------------------------------------------------- native solve
 _NATIVE_READY: dict[str, bool] = {}
+_LOAD_TRIED = [False]
 
 
 def _native_available(G: torch.Tensor) -> bool:
-    """Whether the C++ extension is loaded with a policy kernel for G's device. Never builds:
-    whoever uses the cpp backend loads it; until then the torch reference runs."""
+    """Whether the C++ extension is loaded with a policy kernel for G's device. Never compiles:
+    an extension already built for these sources is loaded on first use (once per process);
+    otherwise the torch reference runs until the cpp backend builds and loads it."""
     if G.requires_grad and torch.is_grad_enabled():
         return False  # the native op has no derivative; the torch reference does
     device = G.device.type
-    ready = _NATIVE_READY.get(device)
-    if ready:
+    if _NATIVE_READY.get(device):
         return True
-    from fused_balance import ops  # late: ops imports the extension machinery
+    from fused_balance import _extension, ops  # late: the extension machinery is heavy to import
 
+    if not _LOAD_TRIED[0]:
+        _LOAD_TRIED[0] = True
+        try:
+            if _extension.is_built():
+                ops._ops()
+        except Exception:  # a broken cached build must not break the policies: use the reference
+            pass
     ready = ops.policy_op_available(device)
     if ready:
         _NATIVE_READY[device] = True  # a loaded library stays loaded; "not yet" is asked again

@@ -185,8 +185,9 @@ SETTINGS = [("sum", None), ("mgda", "none"), ("mgda", "sum"), ("pareto_lora", "s
 
 
 @pytest.mark.parametrize("name, rescale", SETTINGS)
-@pytest.mark.parametrize("K", [1, 2, 3, 5, 8, 16, 32])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("K, dtype", [(K, dtype) for K in (1, 2, 3, 5, 8, 16, 32)
+                                      for dtype in (torch.float64, torch.float32)
+                                      if K < 32 or dtype == torch.float64])  # K=32: the slow reference once
 def test_native_solve_matches_the_torch_reference(native, name, rescale, K, dtype):
     g = gradients(12, K, 3 * K, 400 + K)
     g[1, 0] = 0  # a zero objective
