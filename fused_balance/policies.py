@@ -251,7 +251,11 @@ def _native_available(G: torch.Tensor) -> bool:
     otherwise the torch reference runs until the cpp backend builds and loads it."""
     if G.requires_grad and torch.is_grad_enabled():
         return False  # the native op has no derivative; the torch reference does
-    device = G.device.type
+    return _native_ready(G.device.type)
+
+
+@torch.compiler.assume_constant_result  # torch.compile reads it once while tracing
+def _native_ready(device: str) -> bool:
     if _NATIVE_READY.get(device):
         return True
     from fused_balance import _extension, ops  # late: the extension machinery is heavy to import

@@ -243,9 +243,9 @@ def test_policy_weights_uses_the_native_solve_once_loaded(native):
 
 def test_native_op_traces_under_torch_compile(native):
     G = gram_of(gradients(4, 2, 5, 11)).float()
-    compiled = torch.compile(lambda G: fb.policy_weights(G, "mgda"), fullgraph=True, backend="eager")
+    compiled = torch.compile(lambda G: fb.policy_weights(G, "mmpareto"), fullgraph=True, backend="eager")
     w, _ = compiled(G)
-    torch.testing.assert_close(w, fb.policy_weights(G, "mgda")[0])
+    torch.testing.assert_close(w, fb.policy_weights(G, "mmpareto")[0])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -284,3 +284,11 @@ def test_pareto_lora_trainer_takes_a_callable_policy_and_records_its_branch():
     active = result.norms > 0
     torch.testing.assert_close(result.weights, active.to(result.weights.dtype) / active.sum(-1, keepdim=True))
     assert {r["branch"] for step in balancer.history_records() for r in step["segments"]} == {"sum"}
+
+
+@pytest.mark.parametrize("K", [2, 5])
+def test_policy_op_passes_opcheck(native, K):
+    G = gram_of(gradients(3, K, 2 * K, 12 + K)).float()
+    active = torch.ones(3, K, dtype=torch.bool)
+    torch.library.opcheck(native.default, (G, 2, 5.0, True, rounding_of(G.dtype), None))
+    torch.library.opcheck(native.default, (G.double(), 3, 5.0, False, rounding_of(torch.float64), active))
