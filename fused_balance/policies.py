@@ -241,6 +241,7 @@ def _check_policy_output(out, S: int, K: int, policy, G: torch.Tensor):
 
 
 # ----------------------------------------------------------------------------- native solve
+NATIVE_MAX_OBJECTIVES = 32  # policy::kMaxObjectives in csrc/policy.h; beyond it the reference runs
 _NATIVE_READY: dict[str, bool] = {}
 _LOAD_TRIED = [False]
 
@@ -251,6 +252,8 @@ def _native_available(G: torch.Tensor) -> bool:
     otherwise the torch reference runs until the cpp backend builds and loads it."""
     if G.requires_grad and torch.is_grad_enabled():
         return False  # the native op has no derivative; the torch reference does
+    if G.shape[-1] > NATIVE_MAX_OBJECTIVES:
+        return False
     return _native_ready(G.device.type)
 
 

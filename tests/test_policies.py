@@ -292,3 +292,11 @@ def test_policy_op_passes_opcheck(native, K):
     active = torch.ones(3, K, dtype=torch.bool)
     torch.library.opcheck(native.default, (G, 2, 5.0, True, rounding_of(G.dtype), None))
     torch.library.opcheck(native.default, (G.double(), 3, 5.0, False, rounding_of(torch.float64), active))
+
+
+def test_more_objectives_than_the_native_solve_takes_use_the_reference(native):
+    K = P.NATIVE_MAX_OBJECTIVES + 1
+    g = gradients(1, K, 2 * K, 13, spread=0.5)
+    w, branch = fb.policy_weights(gram_of(g), "mgda")
+    assert w.shape == (1, K) and branch.tolist() == [fb.BRANCH_CONFLICT]
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, dtype=torch.float64))
