@@ -10,10 +10,13 @@ from fused_balance.api import (ParetoResult, balanced_adamw_step, combine, gram,
                                pareto_combine, pareto_weights, policy_weights, set_range_check)
 from fused_balance.plan import BalancePlan, PlanResult
 from fused_balance.backends import available_backends, current_backend, use_backend
-from fused_balance.policies import BRANCH_NAMES, POLICIES, gram_statistics
+from fused_balance.policies import (BRANCH_CONFLICT, BRANCH_NAMES, BRANCH_RESCALE, BRANCH_SUM, POLICIES,
+                                    gram_statistics, register_policy, registered_policies)
 
 __version__ = "0.1.0"
 
 __all__ = ["gram", "min_norm_weights", "combine", "pareto_combine", "policy_weights",
-           "balanced_adamw_step", "ParetoResult", "BalancePlan", "PlanResult", "pareto_weights", "set_range_check", "available_backends", "use_backend",
-           "current_backend", "gram_statistics", "POLICIES", "BRANCH_NAMES", "__version__"]
+           "balanced_adamw_step", "ParetoResult", "BalancePlan", "PlanResult", "pareto_weights",
+           "set_range_check", "available_backends", "use_backend", "current_backend", "gram_statistics",
+           "POLICIES", "BRANCH_NAMES", "BRANCH_SUM", "BRANCH_RESCALE", "BRANCH_CONFLICT",
+           "register_policy", "registered_policies", "__version__"]

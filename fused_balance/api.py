@@ -27,7 +27,7 @@ class ParetoResult:
     norms: torch.Tensor     # [S, K]
     cosines: torch.Tensor   # [S, K, K]
     found_inf: torch.Tensor  # 0-dim bool: a gradient held NaN/Inf; ``out`` was left untouched
-    branch: torch.Tensor    # [S] long: 0 sum, 1 rescale, 2 conflict (min-norm)
+    branch: torch.Tensor    # [S] long: BRANCH_SUM 0, BRANCH_RESCALE 1, BRANCH_CONFLICT 2 (min-norm)
 
 
 # ----------------------------------------------------------------------------- Gram
@@ -221,7 +221,7 @@ def _checked_out(out, problem) -> list:
     return outs
 
 
-def pareto_weights(grads, segments=None, *, policy: str = "mgda", tau: float = 5.0,
+def pareto_weights(grads, segments=None, *, policy="mgda", tau: float = 5.0,
                    rescale: str | None = None, backend: str | None = None,
                    process_group=None, distributed: str = "data") -> ParetoResult:
     """The first half of pareto_combine: Gram -> range check -> weights, statistics and
@@ -236,10 +236,11 @@ def pareto_weights(grads, segments=None, *, policy: str = "mgda", tau: float = 5
     return ParetoResult(None, bal.gram, bal.weights, bal.norms, bal.cosines, bal.found_inf, bal.branch)
 
 
-def pareto_combine(grads, segments=None, *, policy: str = "mgda", tau: float = 5.0,
+def pareto_combine(grads, segments=None, *, policy="mgda", tau: float = 5.0,
                    rescale: str | None = None, out=None, backend: str | None = None,
                    process_group=None, distributed: str = "data") -> ParetoResult:
-    """Gram -> weights (``policy``: "sum", "mgda", "pareto_lora"; see policy_weights) -> combine.
+    """Gram -> weights (``policy``: a registered name, "sum", "mgda", "pareto_lora", "mmpareto", or
+    a callable (G, active) -> (weights, branch); see policy_weights) -> combine.
 
     With ``out`` the combination is written there, unless a gradient is non-finite
     (``found_inf``), in which case ``out`` is left untouched (decided on the device).

@@ -23,7 +23,7 @@ import torch
 from fused_balance import _extension
 from fused_balance._dtypes import accumulate_dtype
 
-__all__ = ["availability", "gram", "combine", "combine_into", "balanced_adamw_", "plan_ops", "cpu_isa",
+__all__ = ["availability", "gram", "combine", "combine_into", "balanced_adamw_", "plan_ops", "policy_op_available", "cpu_isa",
            "set_cpu_isa"]
 
 _NAMESPACE = "fused_balance"
@@ -71,6 +71,11 @@ def _bank_combine_into_fake(bank, weights, chunks, out, skip):
 
 def _bank_adamw_fake(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip):
     return None
+
+
+def _policy_weights_fake(gram, policy, tau, rescale_to_sum, rounding, active):
+    S, K = gram.shape[0], gram.shape[1]
+    return gram.new_empty((S, K)), gram.new_empty((S,), dtype=torch.long)
 
 
 def _gram_setup_context(ctx, inputs, output):
@@ -128,6 +133,7 @@ def _register_python_parts() -> None:
         torch.library.register_fake(ns + "bank_gram")(_bank_gram_fake)
         torch.library.register_fake(ns + "bank_combine_into")(_bank_combine_into_fake)
         torch.library.register_fake(ns + "bank_adamw_")(_bank_adamw_fake)
+        torch.library.register_fake(ns + "policy_weights")(_policy_weights_fake)
         torch.library.register_autograd(ns + "gram", _gram_backward, setup_context=_gram_setup_context)
         torch.library.register_autograd(ns + "combine", _combine_backward, setup_context=_combine_setup_context)
         _registered = True
@@ -144,6 +150,18 @@ def _ops():
 # _extension.load() alone), importing this module completes the registration.
 if _ops_defined():
     _register_python_parts()
+
+
+def policy_op_available(device_type: str) -> bool:
+    """Whether the policy solve op is loaded (never builds) with a kernel for ``device_type``."""
+    if not _ops_defined():
+        return False
+    _register_python_parts()
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("fused_balance::policy_weights",
+                                                              device_type.upper())
+    except RuntimeError:  # no such op or dispatch key
+        return False
 
 
 # ----------------------------------------------------------------------------------- backend

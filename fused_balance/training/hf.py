@@ -29,6 +29,7 @@ from typing import Callable, Mapping
 import torch
 from transformers import Trainer
 
+from fused_balance.policies import BRANCH_CONFLICT
 from fused_balance.training.pareto_lora import ParetoLoRA
 
 __all__ = ["BalancedTrainer", "BALANCER_STATE_NAME"]
@@ -87,7 +88,7 @@ class BalancedTrainer(Trainer):
             if live.any():
                 for k, name in enumerate(self.balancer.objectives or []):
                     logs[f"balance/weight_{name}"] = float(last["weights"][live, k].mean())
-                logs["balance/conflict_fraction"] = float((last["branch"][live] == 2).float().mean())
+                logs["balance/conflict_fraction"] = float((last["branch"][live] == BRANCH_CONFLICT).float().mean())
         return super().log(logs, *args, **kwargs)
 
     # -- the balancer's state travels with the Trainer's checkpoints ----------------------------

@@ -98,7 +98,7 @@ class ParetoLoRA:
     optimizer state, history and step counters stay as they were.
     """
 
-    def __init__(self, model_or_params, optimizer=None, policy: str = "pareto_lora",
+    def __init__(self, model_or_params, optimizer=None, policy: str | Callable = "pareto_lora",
                  segments: str | Callable = "layer", tau: float = 5.0, rescale: str | None = None,
                  objectives: Sequence[str] | None = None, backend: str | None = None, *,
                  fill: str = "backward", lr: float = 1e-3, weight_decay: float = 1e-2,
@@ -488,7 +488,7 @@ class ParetoLoRA:
                 rec = {"segment": seg_name,
                        "norms": dict(zip(names, e["norms"][s].tolist())),
                        "weights": dict(zip(names, e["weights"][s].tolist())),
-                       "branch": fb.BRANCH_NAMES[int(e["branch"][s])]}
+                       "branch": fb.BRANCH_NAMES.get(int(e["branch"][s]), str(int(e["branch"][s])))}
                 if len(names) == 2:
                     rec["cosine"] = float(e["cosines"][s, 0, 1])
                 else:
