@@ -60,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="balanced training demo: vanilla LoRA vs Pareto-LoRA")
     demo.add_arguments(train)
     train.set_defaults(func=demo.main)
+    from fused_balance import study
+    study_parser = sub.add_parser("study", help="the study: Pareto-LoRA and baselines on tiny unified "
+                                  "models, the BalanceScheduler on a tiny LLaVA (--quick / --full)")
+    study.add_arguments(study_parser)
+    study_parser.set_defaults(func=study.main)
     bench = sub.add_parser("bench", help="throughput benchmarks against peers and the roofline")
     benchmarking.add_arguments(bench)
     bench.set_defaults(func=benchmarking.main)
