@@ -41,6 +41,15 @@ def layer_group_segments(layers: int, groups: int):
     return key
 
 
+def gradnorm_weight_grad(weights, shared_norms, losses, initial_losses, alpha: float) -> torch.Tensor:
+    """d/dw of GradNorm's Σ_i |G_i − Ḡ r_i^α| with the target held constant (Chen et al., 2018):
+    G_i = w_i |∇_W L_i| is linear in w_i, so the gradient is sign(G_i − target_i) |∇_W L_i|."""
+    G = weights * shared_norms
+    ratio = (losses / initial_losses) / (losses / initial_losses).mean()
+    target = G.mean() * ratio.pow(alpha)
+    return torch.sign(G - target) * shared_norms
+
+
 def _segments(arm: dict, cfg: dict):
     seg = arm.get("segments", "layer")
     return layer_group_segments(cfg["layers"], 2) if seg == "group" else seg
@@ -95,11 +104,8 @@ def train_unified(family: str, arm: dict, seed: int, cfg: dict, split: dict) -> 
             (task_weights.detach() * L).sum().backward()
             torch.nn.utils.clip_grad_norm_(params, cfg["clip"])
             optimizer.step()
-            with torch.no_grad():
-                G = task_weights * shared_norms
-                ratio = (L.detach() / initial) / (L.detach() / initial).mean()
-                target = G.mean() * ratio.pow(cfg["gradnorm_alpha"])
-                task_weights.grad = torch.sign(G - target) * shared_norms
+            task_weights.grad = gradnorm_weight_grad(task_weights.detach(), shared_norms, L.detach(),
+                                                     initial, cfg["gradnorm_alpha"])
             weight_opt.step()
             with torch.no_grad():
                 task_weights.clamp_(min=1e-3)

@@ -33,15 +33,16 @@ def _interval(p, scale=1.0, digits=1, unit=""):
 
 def unified_tables(runs: dict) -> dict:
     table = {}
-    base = runs.get("vanilla")
+    base = {r["seed"]: r for r in runs.get("vanilla", [])}
     for arm, rs in runs.items():
-        row = {"n": len(rs)}
+        row = {"n": len(rs), "seeds": [r["seed"] for r in rs]}
         for key, _, _ in UNIFIED_METRICS:
             row[key] = mean_std(r["final"][key] for r in rs)
-        if base is not None and arm != "vanilla":
+        both = [r for r in rs if r["seed"] in base]  # paired by seed
+        if len(both) > 1 and arm != "vanilla":
             for key in ("text_acc", "cell_score", "psnr"):
-                p = paired([r["final"][key] for r in rs], [r["final"][key] for r in base])
-                ref = statistics.fmean(r["final"][key] for r in base)
+                p = paired([r["final"][key] for r in both], [base[r["seed"]]["final"][key] for r in both])
+                ref = statistics.fmean(base[r["seed"]]["final"][key] for r in both)
                 p["relative"] = {k: p[k] / ref if ref else math.nan for k in ("mean", "low", "high")}
                 row[f"delta_{key}"] = p
         table[arm] = row
@@ -66,7 +67,8 @@ def llava_tables(runs: dict, steps: int) -> dict:
     base = {r["seed"]: r for r in runs.get("constant", [])}
     for arm, rs in runs.items():
         row = {"n": len(rs), "acc": mean_std(r["final"]["acc"] for r in rs)}
-        if base:
+        rs = [r for r in rs if r["seed"] in base]
+        if len(rs) > 1:
             reach = []
             for r in rs:
                 goal = base[r["seed"]]["final"]["acc"]
@@ -153,7 +155,7 @@ def summary_markdown(tables: dict, config: dict) -> str:
                   "| arm | Δ text acc | excl. 0 | Δ image cell score | excl. 0 | Δ PSNR (dB) | excl. 0 |",
                   "|---|---|---|---|---|---|---|"]
         for arm, row in table.items():
-            if arm == "vanilla":
+            if "delta_text_acc" not in row:
                 continue
             t, c, p = row["delta_text_acc"], row["delta_cell_score"], row["delta_psnr"]
             lines.append(f"| {ARM_LABELS.get(arm, arm)} | {_interval(t['relative'], 100, 1, ' %')} | {_verdict(t)} | "
@@ -195,7 +197,7 @@ def _pareto_claim(family: str, table: dict) -> str:
             f"{verdict}** — image cell score {100 * c['relative']['mean']:+.1f} % "
             f"(interval {'excludes' if c['excludes_zero'] else 'includes'} zero), text accuracy "
             f"{100 * t['relative']['mean']:+.1f} %.")
-    ok_text = [(a, r) for a, r in table.items() if a != "vanilla" and r["delta_text_acc"]["relative"]["mean"] >= -0.02]
+    ok_text = [(a, r) for a, r in table.items() if "delta_text_acc" in r and r["delta_text_acc"]["relative"]["mean"] >= -0.02]
     if ok_text:
         best, r = max(ok_text, key=lambda ar: ar[1]["delta_cell_score"]["mean"])
         text += (f" Best image cell score with text within 2 %: {ARM_LABELS.get(best, best)} "

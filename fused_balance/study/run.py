@@ -35,17 +35,18 @@ CONFIGS = {
     # runs in seconds: the end-to-end test
     "tiny": dict(seeds=2, eval_examples=4, unified=dict(_UNIFIED_MODEL, steps=4, eval_every=4, diag_every=2),
                  emu2_arms=["vanilla", "static", "gradnorm", "pareto"],
-                 chameleon_arms=["vanilla", "pareto"], static_grid={"emu2": [4.0], "chameleon": [2.0]},
+                 chameleon_arms=["vanilla", "pareto"], static_grid={"emu2": [4.0], "chameleon": []},
                  llava=dict(_LLAVA_MODEL, steps=4, eval_every=2, batch_size=8, probe_size=8, exact_every=2),
                  llava_arms=["constant", "sched_exact"]),
     # `make demo`: a few minutes on 2 cores
-    "quick": dict(seeds=3, eval_examples=32, unified=dict(_UNIFIED_MODEL, steps=150, eval_every=50, diag_every=5),
-                  emu2_arms=list(_MAIN_ARMS), chameleon_arms=["vanilla", "pareto"],
-                  static_grid={"emu2": [4.0, 16.0], "chameleon": [2.0]},
+    "quick": dict(seeds=3, eval_examples=32, unified=dict(_UNIFIED_MODEL, steps=200, eval_every=100, diag_every=5),
+                  emu2_arms=["vanilla", "static", "gradnorm", "pareto"], chameleon_arms=["vanilla", "pareto"],
+                  static_grid={"emu2": [30.0], "chameleon": []},
                   llava=dict(_LLAVA_MODEL, steps=100, eval_every=10),
                   llava_arms=["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux"]),
-    "full": dict(seeds=5, eval_examples=64, unified=dict(_UNIFIED_MODEL, steps=300, eval_every=50, diag_every=5),
-                 emu2_arms=list(_MAIN_ARMS) + list(_ABLATIONS), chameleon_arms=list(_MAIN_ARMS),
+    # sized to finish in under an hour on 2 busy cores: the ablations are τ 20 and one global segment
+    "full": dict(seeds=5, eval_examples=64, unified=dict(_UNIFIED_MODEL, steps=300, eval_every=150, diag_every=5),
+                 emu2_arms=list(_MAIN_ARMS) + ["pareto_tau20", "pareto_global"], chameleon_arms=["vanilla", "pareto"],
                  static_grid={"emu2": [3.0, 10.0, 30.0], "chameleon": [0.5, 2.0]},
                  llava=dict(_LLAVA_MODEL, steps=200, eval_every=10),
                  llava_arms=["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux"]),
@@ -66,6 +67,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "bitwise-reproducible at a fixed thread count)")
     parser.add_argument("--only", choices=["emu2", "chameleon", "llava"], action="append",
                         help="run only these studies (repeatable)")
+    parser.add_argument("--arms", default=None,
+                        help="comma-separated arm names: run only these arms (e.g. a second worker "
+                             "on the same --out; the report then covers only them: rerun without it)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report from the jobs finished so far")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-plots", action="store_true")
 
@@ -74,10 +80,17 @@ def _job_path(out: Path, study: str, arm: str, seed: int) -> Path:
     return out / "jobs" / study / f"{arm}__seed{seed}.json"
 
 
-def _run_job(path: Path, fn) -> dict:
+def _run_job(path: Path, fn, settings: dict, report_only: bool = False) -> dict | None:
+    """The job's result: read back when a finished file with the same settings exists, else run
+    (``report_only``: never run, None when missing)."""
     if path.exists():
-        return json.loads(path.read_text())
+        stored = json.loads(path.read_text())
+        if stored.get("settings") == json.loads(json.dumps(settings)):
+            return stored
+    if report_only:
+        return None
     result = fn()
+    result["settings"] = settings
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
@@ -85,7 +98,8 @@ def _run_job(path: Path, fn) -> dict:
     return result
 
 
-def tune_static(out: Path, family: str, cfg: dict, grid: list[float], validation: dict, bar) -> dict:
+def tune_static(out: Path, family: str, cfg: dict, grid: list[float], validation: dict, bar,
+                report_only: bool = False) -> dict:
     """Static image weight from the grid (and 1 = vanilla) on the validation split, tuning seed:
     the best validation image cell score among weights whose validation text accuracy stays
     within 2 % (relative) of weight 1's."""
@@ -95,9 +109,13 @@ def tune_static(out: Path, family: str, cfg: dict, grid: list[float], validation
     for w in [1.0] + list(grid):
         arm = {"kind": "static", "image_weight": w}
         r = _run_job(_job_path(out, f"{family}_tuning", f"w{w:g}", TUNING_SEED),
-                     lambda: train_unified(family, arm, TUNING_SEED, cfg, validation))
-        scores[w] = {"text_acc": r["final"]["text_acc"], "cell_score": r["final"]["cell_score"]}
+                     lambda: train_unified(family, arm, TUNING_SEED, cfg, validation), {**cfg, **arm, "eval_examples": len(validation["generation"]["grid"])}, report_only)
         bar.update(1)
+        if r is None:
+            continue
+        scores[w] = {"text_acc": r["final"]["text_acc"], "cell_score": r["final"]["cell_score"]}
+    if 1.0 not in scores:  # report only, nothing tuned yet
+        return {"grid": {}, "chosen": 1.0}
     reference = scores[1.0]["text_acc"]
     allowed = [w for w, s in scores.items() if s["text_acc"] >= 0.98 * reference]
     best = max(allowed, key=lambda w: (scores[w]["cell_score"], -abs(w - 1.0)))
@@ -133,27 +151,30 @@ def main(args) -> int:
         validation = make_split(VALIDATION_SEED, n_eval, ucfg["max_objects"])
         test = make_split(TEST_SEED, n_eval, ucfg["max_objects"])
         bar.set_postfix_str(f"{family} tuning")
-        tuning = tune_static(out, family, ucfg, config["static_grid"][family], validation, bar)
+        tuning = tune_static(out, family, ucfg, config["static_grid"][family], validation, bar, args.report_only)
         results["tuning"][family] = tuning
         runs = {}
-        for arm_name in config[f"{family}_arms"]:
+        for arm_name in _selected(config[f"{family}_arms"], args.arms):
             spec = dict(ARM_SPECS[arm_name])
             if spec["kind"] == "static":
                 spec["image_weight"] = tuning["chosen"]
             for seed in seeds:
                 bar.set_postfix_str(f"{family} {arm_name} seed {seed}")
-                runs.setdefault(arm_name, []).append(_run_job(
-                    _job_path(out, family, arm_name, seed),
-                    lambda: train_unified(family, spec, seed, ucfg, test)))
+                r = _run_job(_job_path(out, family, arm_name, seed),
+                             lambda: train_unified(family, spec, seed, ucfg, test), {**ucfg, **spec, "eval_examples": n_eval}, args.report_only)
+                if r is not None:
+                    runs.setdefault(arm_name, []).append(r)
                 bar.update(1)
         results["unified"][family] = runs
     if "llava" in studies:
         test = llava.make_batch(max(64, 2 * n_eval), torch.Generator().manual_seed(TEST_SEED), lcfg["max_objects"])
-        for arm in config["llava_arms"]:
+        for arm in _selected(config["llava_arms"], args.arms):
             for seed in seeds:
                 bar.set_postfix_str(f"llava {arm} seed {seed}")
-                results["llava"].setdefault(arm, []).append(_run_job(
-                    _job_path(out, "llava", arm, seed), lambda: llava.train_llava(arm, seed, lcfg, test)))
+                r = _run_job(_job_path(out, "llava", arm, seed), lambda: llava.train_llava(arm, seed, lcfg, test),
+                             {**lcfg, "arm": arm, "test_examples": max(64, 2 * n_eval)}, args.report_only)
+                if r is not None:
+                    results["llava"].setdefault(arm, []).append(r)
                 bar.update(1)
     bar.close()
     meta = {"configuration": args.size, "config": config, "seeds": seeds, "threads": torch.get_num_threads(),
@@ -166,6 +187,10 @@ def main(args) -> int:
     print((out / "summary.md").read_text())
     print(f"wrote {out}/summary.md, tables.json and plots in {time.perf_counter() - started:.0f} s")
     return 0 if tables else 1
+
+
+def _selected(arms: list[str], chosen: str | None) -> list[str]:
+    return arms if not chosen else [a for a in chosen.split(",") if a in arms]
 
 
 def _total_job_wall(results) -> float:
