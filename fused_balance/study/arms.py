@@ -37,7 +37,8 @@ def layer_group_segments(layers: int, groups: int):
         k = layer_key(name)
         if k == "other":
             return k
-        return f"layers {size * (int(k.rsplit('.', 1)[1]) // size)}..{size * (int(k.rsplit('.', 1)[1]) // size) + size - 1}"
+        first = size * (int(k.rsplit(".", 1)[1]) // size)
+        return f"layers {first}..{first + size - 1}"
     return key
 
 
