@@ -215,10 +215,7 @@ def combine(grads, weights, segments=None, *, out=None, backend: str | None = No
 
 
 def _checked_out(out, problem) -> list:
-    outs = V.check_out(out, problem)
-    V.check_no_overlap([("out", outs, V.indexed("out"))],
-                       [("grads", problem.flat, problem.grad_name)])
-    return outs
+    return V.check_written([("out", out)], problem)[0]
 
 
 def pareto_weights(grads, segments=None, *, policy: str = "mgda", tau: float = 5.0,
@@ -302,13 +299,8 @@ def balanced_adamw_step(grads, weights, segments, params, exp_avgs, exp_avg_sqs,
     problem = V.check_problem(grads, segments)
     w = V.check_weights(weights, problem)
     P = problem.num_tensors
-    params = V.check_out(params, problem, "params")
-    exp_avgs = V.check_out(exp_avgs, problem, "exp_avgs")
-    exp_avg_sqs = V.check_out(exp_avg_sqs, problem, "exp_avg_sqs")
-    V.check_no_overlap([("params", params, V.indexed("params")),
-                        ("exp_avgs", exp_avgs, V.indexed("exp_avgs")),
-                        ("exp_avg_sqs", exp_avg_sqs, V.indexed("exp_avg_sqs"))],
-                       [("grads", problem.flat, problem.grad_name)])
+    params, exp_avgs, exp_avg_sqs = V.check_written(
+        [("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)], problem)
     lrs = V.per_tensor_floats(lrs, P, "lrs")
     weight_decays = V.per_tensor_floats(weight_decays, P, "weight_decays")
     beta1 = V.check_real(beta1, "beta1", low=0.0, high=1.0, high_open=True)
