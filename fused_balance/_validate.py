@@ -152,9 +152,9 @@ def check_segments(segments, num_tensors: int) -> tuple[list, int]:
     ids = [operator.index(s) for s in ids]
     S = max(ids) + 1
     used = set(ids)
-    missing = [s for s in range(S) if s not in used]
-    if missing:
-        raise ValueError(f"segment ids must cover 0..{S - 1} without gaps; segment {missing[0]} has no tensor")
+    if len(used) < S:  # the first gap is found within len(used) + 1 steps, however large S is
+        missing = next(s for s in range(S) if s not in used)
+        raise ValueError(f"segment ids must cover 0..{S - 1} without gaps; segment {missing} has no tensor")
     return ids, S
 
 
