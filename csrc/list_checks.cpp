@@ -51,7 +51,8 @@ StorageKey storage_key(const at::Tensor& t) {
   return {int8_t(t.device().type()), int8_t(t.device().index()), t.storage().data()};
 }
 
-// grads: K lists/tuples of P tensors -> (flat objective-major list, K, P), or None.
+// grads: K lists/tuples of P tensors -> (flat objective-major list, K, P, whether any of them
+// requires grad), or None.
 py::object screen_grads(py::handle grads) {
   PyObject* outer = grads.ptr();
   if (!is_sequence(outer)) return py::none();
@@ -66,6 +67,7 @@ py::object screen_grads(py::handle grads) {
   const at::ScalarType dtype = first->scalar_type();
   const at::Device device = first->device();
   std::vector<const at::Tensor*> reference(P);
+  bool requires_grad = false;
   py::list flat(K * P);
   for (Py_ssize_t k = 0; k < K; ++k) {
     PyObject* row = PySequence_Fast_GET_ITEM(outer, k);
@@ -79,11 +81,12 @@ py::object screen_grads(py::handle grads) {
       } else if (t->sizes() != reference[p]->sizes()) {
         return py::none();
       }
+      requires_grad = requires_grad || t->requires_grad();
       Py_INCREF(item);
       PyList_SET_ITEM(flat.ptr(), k * P + p, item);
     }
   }
-  return py::make_tuple(flat, K, P);
+  return py::make_tuple(flat, K, P, requires_grad);
 }
 
 // segments: a list/tuple of P Python ints covering 0..S-1 -> (new list, S), or None.
@@ -159,7 +162,7 @@ py::object screen_written(py::handle written, py::handle flat, Py_ssize_t P) {
 
 void register_list_checks(py::module_& m) {
   m.def("screen_grads", &screen_grads, py::arg("grads"),
-        "(flat, K, P) when every gradient check of the list API passes, else None");
+        "(flat, K, P, requires_grad) when every gradient check of the list API passes, else None");
   m.def("screen_segments", &screen_segments, py::arg("segments"), py::arg("num_tensors"),
         "(segment ids, S) when the ids are P plain ints covering 0..S-1, else None");
   m.def("screen_written", &screen_written, py::arg("written"), py::arg("flat"), py::arg("num_tensors"),

@@ -31,6 +31,7 @@ class Problem:
     num_tensors: int
     segment_ids: list
     num_segments: int
+    requires_grad: bool = True  # some gradient requires grad (a differentiable Gram/combine)
 
     @property
     def device(self) -> torch.device:
@@ -79,8 +80,8 @@ def _check_plain_tensor(t, name: str) -> None:
         raise TypeError(f"{name} has layout {t.layout}; only dense (strided) tensors are supported")
 
 
-def check_grads(grads) -> tuple[list, int, int]:
-    """K sequences of P tensors -> (flat objective-major list, K, P)."""
+def check_grads(grads) -> tuple[list, int, int, bool]:
+    """K sequences of P tensors -> (flat objective-major list, K, P, any requires grad)."""
     native = _extension.loaded()
     if native is not None:
         screened = native.screen_grads(grads)
@@ -114,7 +115,8 @@ def check_grads(grads) -> tuple[list, int, int]:
             if t.shape != lists[0][p].shape:
                 raise ValueError(f"grads[{k}][{p}] has shape {tuple(t.shape)} but grads[0][{p}] has "
                                  f"{tuple(lists[0][p].shape)}")
-    return [t for lst in lists for t in lst], len(lists), P
+    flat = [t for lst in lists for t in lst]
+    return flat, len(lists), P, any(t.requires_grad for t in flat)
 
 
 def check_segments(segments, num_tensors: int) -> tuple[list, int]:
@@ -159,9 +161,9 @@ def check_segments(segments, num_tensors: int) -> tuple[list, int]:
 
 
 def check_problem(grads, segments) -> Problem:
-    flat, K, P = check_grads(grads)
+    flat, K, P, requires_grad = check_grads(grads)
     ids, S = check_segments(segments, P)
-    return Problem(flat, K, P, ids, S)
+    return Problem(flat, K, P, ids, S, requires_grad)
 
 
 def check_weights(weights, problem: Problem, name: str = "weights") -> torch.Tensor:

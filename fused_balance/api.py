@@ -32,7 +32,9 @@ class ParetoResult:
 
 # ----------------------------------------------------------------------------- Gram
 def _gram_of(problem, impl, process_group=None) -> torch.Tensor:
-    G = impl.gram(problem.flat, problem.num_objectives, problem.segment_ids, problem.num_segments)
+    # Nothing to differentiate: no_grad skips the ops' autograd wrappers (same values).
+    with torch.set_grad_enabled(torch.is_grad_enabled() and problem.requires_grad):
+        G = impl.gram(problem.flat, problem.num_objectives, problem.segment_ids, problem.num_segments)
     if process_group is not None:  # sharded gradients: only the [S, K, K] partials travel
         G = D.all_reduce_sum(G, process_group)
     return G

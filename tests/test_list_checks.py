@@ -112,8 +112,10 @@ def test_screen_refuses_bad_adamw_state(native, monkeypatch, case):
 def test_screens_vouch_for_plain_inputs(native):
     g = random_grads(3, [(4, 5), (7,), (1,), (0,)], seed=1)
     g[1] = tuple(torch.nn.Parameter(t) for t in g[1])  # Parameters and tuples are plain enough
-    flat, K, P = native.screen_grads(g)
+    flat, K, P, requires_grad = native.screen_grads(g)
     assert (K, P) == (3, 4) and all(a is b for a, b in zip(flat, [t for row in g for t in row]))
+    assert requires_grad  # the Parameters
+    assert native.screen_grads([list(g[0]), list(g[2])])[3] is False
     ids = (1, 0, 1, 0)
     assert native.screen_segments(ids, 4) == ([1, 0, 1, 0], 2)
     out = [torch.zeros_like(t) for t in g[0]]
