@@ -9,6 +9,10 @@
 #define FUSED_BALANCE_WITH_CUDA 0
 #endif
 
+namespace fused_balance {
+void register_list_checks(pybind11::module_& m);  // list_checks.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fused_balance C++/CUDA kernels (ops under torch.ops.fused_balance)";
   m.def("cpu_isa", &fused_balance::cpu::active_isa, "the CPU kernel path in use");
@@ -16,4 +20,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "force the CPU kernel path: 'default', 'avx2', 'avx512' or 'auto'; returns the path in use");
   m.def("supported_cpu_isas", &fused_balance::cpu::supported_isas, "CPU kernel paths this machine can run");
   m.def("cuda_compiled", []() { return bool(FUSED_BALANCE_WITH_CUDA); }, "whether the CUDA kernels are built in");
+  fused_balance::register_list_checks(m);
 }

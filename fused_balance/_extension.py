@@ -261,6 +261,11 @@ def load():
     return _module if _module is not None else build(verbose=True)
 
 
+def loaded():
+    """The extension module if this process has loaded it already, else None (never builds)."""
+    return _module
+
+
 def _predicted_cpu_isa() -> str:
     forced = os.environ.get("FUSED_BALANCE_CPU_ISA")
     if forced:

@@ -2,6 +2,11 @@
 
 Every public entry validates ALL of its arguments before its first write, so a bad argument
 never leaves a half-updated result behind.
+
+The per-tensor checks (gradients, segment ids, written tensors) first go through the C++
+screens of the extension when it is loaded (csrc/list_checks.cpp, ~50 ns per tensor): a screen
+either vouches that every check below passes or hands over to these Python checks, which raise
+the error (or accept an unusual valid input). Nothing is cached: every call checks every tensor.
 """
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from typing import Sequence
 
 import torch
 
+from fused_balance import _extension
 from fused_balance._dtypes import SUPPORTED_DTYPES, accumulate_dtype
 
 
@@ -25,6 +31,7 @@ class Problem:
     num_tensors: int
     segment_ids: list
     num_segments: int
+    requires_grad: bool = True  # some gradient requires grad (a differentiable Gram/combine)
 
     @property
     def device(self) -> torch.device:
@@ -73,8 +80,13 @@ def _check_plain_tensor(t, name: str) -> None:
         raise TypeError(f"{name} has layout {t.layout}; only dense (strided) tensors are supported")
 
 
-def check_grads(grads) -> tuple[list, int, int]:
-    """K sequences of P tensors -> (flat objective-major list, K, P)."""
+def check_grads(grads) -> tuple[list, int, int, bool]:
+    """K sequences of P tensors -> (flat objective-major list, K, P, any requires grad)."""
+    native = _extension.loaded()
+    if native is not None:
+        screened = native.screen_grads(grads)
+        if screened is not None:
+            return screened
     per_objective = _as_tensor_list(grads, "grads")
     if not per_objective:
         raise ValueError("grads is empty: expected K >= 1 sequences of gradients")
@@ -103,7 +115,8 @@ def check_grads(grads) -> tuple[list, int, int]:
             if t.shape != lists[0][p].shape:
                 raise ValueError(f"grads[{k}][{p}] has shape {tuple(t.shape)} but grads[0][{p}] has "
                                  f"{tuple(lists[0][p].shape)}")
-    return [t for lst in lists for t in lst], len(lists), P
+    flat = [t for lst in lists for t in lst]
+    return flat, len(lists), P, any(t.requires_grad for t in flat)
 
 
 def check_segments(segments, num_tensors: int) -> tuple[list, int]:
@@ -126,6 +139,11 @@ def check_segments(segments, num_tensors: int) -> tuple[list, int]:
         except TypeError:
             raise TypeError(f"segments must be None, 'global', 'tensor' or a sequence of ints, got "
                             f"{type(segments).__name__}") from None
+    native = _extension.loaded()
+    if native is not None:
+        screened = native.screen_segments(ids, num_tensors)
+        if screened is not None:
+            return screened
     if len(ids) != num_tensors:
         raise ValueError(f"segments has {len(ids)} ids but there are {num_tensors} tensors")
     for p, s in enumerate(ids):
@@ -136,16 +154,16 @@ def check_segments(segments, num_tensors: int) -> tuple[list, int]:
     ids = [operator.index(s) for s in ids]
     S = max(ids) + 1
     used = set(ids)
-    missing = [s for s in range(S) if s not in used]
-    if missing:
-        raise ValueError(f"segment ids must cover 0..{S - 1} without gaps; segment {missing[0]} has no tensor")
+    if len(used) < S:  # the first gap is found within len(used) + 1 steps, however large S is
+        missing = next(s for s in range(S) if s not in used)
+        raise ValueError(f"segment ids must cover 0..{S - 1} without gaps; segment {missing} has no tensor")
     return ids, S
 
 
 def check_problem(grads, segments) -> Problem:
-    flat, K, P = check_grads(grads)
+    flat, K, P, requires_grad = check_grads(grads)
     ids, S = check_segments(segments, P)
-    return Problem(flat, K, P, ids, S)
+    return Problem(flat, K, P, ids, S, requires_grad)
 
 
 def check_weights(weights, problem: Problem, name: str = "weights") -> torch.Tensor:
@@ -163,6 +181,20 @@ def check_weights(weights, problem: Problem, name: str = "weights") -> torch.Ten
         raise ValueError(f"{name} has shape {tuple(weights.shape)}, expected [S={S}, K={K}] "
                          f"(S segments, K objectives)")
     return weights.to(dtype=problem.accumulate_dtype)
+
+
+def check_written(written: Sequence, problem: Problem) -> list:
+    """(name, tensors) pairs of tensors written in place -> their lists, each checked by
+    ``check_out`` and all together by ``check_no_overlap`` against each other and the gradients."""
+    native = _extension.loaded()
+    if native is not None:
+        screened = native.screen_written([tensors for _, tensors in written], problem.flat, problem.num_tensors)
+        if screened is not None:
+            return screened
+    checked = [check_out(tensors, problem, name) for name, tensors in written]
+    check_no_overlap([(name, tensors, indexed(name)) for (name, _), tensors in zip(written, checked)],
+                     [("grads", problem.flat, problem.grad_name)])
+    return checked
 
 
 def check_out(out, problem: Problem, name: str = "out") -> list:

@@ -32,7 +32,9 @@ class ParetoResult:
 
 # ----------------------------------------------------------------------------- Gram
 def _gram_of(problem, impl, process_group=None) -> torch.Tensor:
-    G = impl.gram(problem.flat, problem.num_objectives, problem.segment_ids, problem.num_segments)
+    # Nothing to differentiate: no_grad skips the ops' autograd wrappers (same values).
+    with torch.set_grad_enabled(torch.is_grad_enabled() and problem.requires_grad):
+        G = impl.gram(problem.flat, problem.num_objectives, problem.segment_ids, problem.num_segments)
     if process_group is not None:  # sharded gradients: only the [S, K, K] partials travel
         G = D.all_reduce_sum(G, process_group)
     return G
@@ -215,10 +217,7 @@ def combine(grads, weights, segments=None, *, out=None, backend: str | None = No
 
 
 def _checked_out(out, problem) -> list:
-    outs = V.check_out(out, problem)
-    V.check_no_overlap([("out", outs, V.indexed("out"))],
-                       [("grads", problem.flat, problem.grad_name)])
-    return outs
+    return V.check_written([("out", out)], problem)[0]
 
 
 def pareto_weights(grads, segments=None, *, policy="mgda", tau: float = 5.0,
@@ -303,13 +302,8 @@ def balanced_adamw_step(grads, weights, segments, params, exp_avgs, exp_avg_sqs,
     problem = V.check_problem(grads, segments)
     w = V.check_weights(weights, problem)
     P = problem.num_tensors
-    params = V.check_out(params, problem, "params")
-    exp_avgs = V.check_out(exp_avgs, problem, "exp_avgs")
-    exp_avg_sqs = V.check_out(exp_avg_sqs, problem, "exp_avg_sqs")
-    V.check_no_overlap([("params", params, V.indexed("params")),
-                        ("exp_avgs", exp_avgs, V.indexed("exp_avgs")),
-                        ("exp_avg_sqs", exp_avg_sqs, V.indexed("exp_avg_sqs"))],
-                       [("grads", problem.flat, problem.grad_name)])
+    params, exp_avgs, exp_avg_sqs = V.check_written(
+        [("params", params), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)], problem)
     lrs = V.per_tensor_floats(lrs, P, "lrs")
     weight_decays = V.per_tensor_floats(weight_decays, P, "weight_decays")
     beta1 = V.check_real(beta1, "beta1", low=0.0, high=1.0, high_open=True)

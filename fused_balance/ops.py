@@ -208,24 +208,29 @@ def _check_objectives(num_objectives, weights) -> None:
         raise ValueError(f"weights must be [S, {num_objectives}], got shape {tuple(weights.shape)}")
 
 
+def _ids(segment_ids) -> list:
+    """The backend contract's list[int] as is (the API validated it), anything else converted."""
+    return segment_ids if type(segment_ids) is list else [int(s) for s in segment_ids]
+
+
 def gram(flat, num_objectives, segment_ids, num_segments):
-    return _ops().gram(list(flat), int(num_objectives), [int(s) for s in segment_ids], int(num_segments))
+    return _ops().gram(list(flat), int(num_objectives), _ids(segment_ids), int(num_segments))
 
 
 def combine(flat, num_objectives, weights, segment_ids):
     _check_objectives(num_objectives, weights)
-    return list(_ops().combine(list(flat), weights, [int(s) for s in segment_ids]))
+    return list(_ops().combine(list(flat), weights, _ids(segment_ids)))
 
 
 def combine_into(flat, num_objectives, weights, segment_ids, out, skip):
     _check_objectives(num_objectives, weights)
-    _ops().combine_into(list(flat), weights, [int(s) for s in segment_ids], list(out), skip)
+    _ops().combine_into(list(flat), weights, _ids(segment_ids), list(out), skip)
 
 
 def balanced_adamw_(flat, num_objectives, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs,
                     weight_decays, beta1, beta2, eps, step, skip):
     _check_objectives(num_objectives, weights)
-    _ops().balanced_adamw_(list(flat), weights, [int(s) for s in segment_ids], list(params), list(exp_avgs),
+    _ops().balanced_adamw_(list(flat), weights, _ids(segment_ids), list(params), list(exp_avgs),
                            list(exp_avg_sqs), [float(x) for x in lrs], [float(x) for x in weight_decays],
                            float(beta1), float(beta2), float(eps), int(step), skip)
 
