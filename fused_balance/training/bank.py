@@ -194,12 +194,15 @@ class GradBank:
                     p.grad = view if seen else None  # autograd adds into an existing .grad in place
                 losses[k].reshape(()).backward(retain_graph=retain_graph or j < len(live) - 1)
                 for i, (p, view) in enumerate(zip(self.params, self.grads[k])):
-                    # A hook or a sparse gradient may have replaced .grad: copy it back in.
-                    if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+                    # A hook or a sparse gradient may have replaced .grad: copy it back in. (The
+                    # identity test first: autograd accumulates in place, so the view is still
+                    # there for almost every tensor and no data_ptr() call is needed.)
+                    grad = p.grad
+                    if grad is not None and grad is not view and grad.data_ptr() != view.data_ptr():
                         if reached[i]:  # the replacement includes what the view held
-                            view.copy_(p.grad)
+                            view.copy_(grad)
                         else:  # the first gradient of this tensor: the view holds no gradient yet
-                            view.add_(p.grad)
+                            view.add_(grad)
                             reached[i] = True
                             self.reached_version += 1
         finally:
