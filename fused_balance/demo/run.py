@@ -391,8 +391,7 @@ def main(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     progress = not args.no_progress
-    backend_name = resolve_backend(args.backend, torch.device("cpu")).__name__.rsplit(".", 1)[-1]
-    backend_name = {"reference": "torch", "ops": "cpp", "backend": "triton"}.get(backend_name, backend_name)
+    backend_name = resolve_backend(args.backend, torch.device("cpu")).name
     started = time.perf_counter()
     eval_batches = make_split(args.eval_examples, EVAL_SEED, max_objects=args.max_objects)
     runs = []
