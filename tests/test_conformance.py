@@ -238,20 +238,23 @@ def _op_cases(device):
 
     def plan():
         params = [torch.zeros(s, device=device) for s in ((3, 4), (5,), (1,))]
-        buffer = torch.randn(2, 17, generator=torch.Generator().manual_seed(11)).to(device)
+        buffer = torch.randn(2, 18, generator=torch.Generator().manual_seed(11)).to(device)
         return fb.BalancePlan(buffer, [0, 1, 1], numels=[12, 5, 1], params=params), buffer
+
+    alive = []  # the op writes through raw pointers: keep their tensors alive as long as the cases
 
     def bank_adamw():
         p, buffer = plan()
         m, v, step = p.new_adamw_state()
         copies = [q.detach().clone() for q in p.params]  # written through pointers: throwaway copies
+        alive.append(copies)
         ptrs = torch.tensor([c.data_ptr() for c in copies], dtype=torch.long).to(device)
         hyper = p.hyper_table([(1e-3, 0.0, 0.9, 0.999, 1e-8)], device)
-        return (buffer, torch.rand(2, 2, dtype=torch.float64).to(device), p._chunks, ptrs, m, v, hyper, step, None), copies
+        return (buffer, torch.rand(2, 2, dtype=torch.float64).to(device), p._chunks, ptrs, m, v, hyper, step, None)
 
     def policy_args():
         from fused_balance.solvers import rounding_of
-        G = fb.gram([[t] for t in flat_args()[:2]], backend="torch")
+        G = fb.gram(random_grads(2, [6], torch.float32, 12, device=device), backend="torch")
         return (G, 2, 5.0, True, rounding_of(G.dtype), None)
 
     adamw_hyper = ([1e-3] * 3, [0.01] * 3, 0.9, 0.999, 1e-8)
@@ -263,14 +266,18 @@ def _op_cases(device):
             "balanced_adamw_": (lambda: (flat_args(), w, segs, *state(), *adamw_hyper, 1, None), None),
             "bank_gram": (lambda: (lambda p, b: (b, p._ranges, p._seg_offsets, 2))(*plan()), None),
             "bank_combine_into": (lambda: (lambda p, b: (b, torch.rand(2, 2, dtype=torch.float64).to(device),
-                                                         p._ranges, torch.zeros(17, device=device), None))(*plan()),
+                                                         p._ranges, torch.zeros(18, device=device), None))(*plan()),
                                   None),
-            "bank_adamw_": (lambda: bank_adamw()[0], ("test_schema", "test_faketensor")),
+            "bank_adamw_": (bank_adamw, ("test_schema", "test_faketensor")),
             "policy_weights": (policy_args, None),
         },
         "triton": {
             "triton_gram": (lambda: (flat_args(True), K, segs, S), None),
-            "triton_combine": (lambda: (flat_args(True), K, w.clone().requires_grad_(True), segs), None),
+            # its flat output leaves the gaps between the 16-aligned tensor starts uninitialised
+            # (kernels/combine.py; only the views are handed out), so eager and AOT-traced runs
+            # differ there: every opcheck but the output comparison of test_aot_dispatch_dynamic.
+            "triton_combine": (lambda: (flat_args(True), K, w.clone().requires_grad_(True), segs),
+                               ("test_schema", "test_autograd_registration", "test_faketensor")),
             "triton_combine_into": (lambda: (flat_args(), K, w, segs, outs(), torch.tensor([False], device=device)),
                                     None),
             "triton_balanced_adamw": (lambda: (flat_args(), K, w, segs, *state(), *adamw_hyper, 1.0, None), None),
@@ -287,7 +294,8 @@ def _opcheck_params():
 @pytest.mark.parametrize("name, device, op", _opcheck_params())
 def test_opcheck_every_custom_op(name, device, op):
     get_backend(name).gram([torch.ones(2, device=device)], 1, [0], 1)  # builds/loads the ops
-    build, test_utils = _op_cases(device)[name][op]
+    cases = _op_cases(device)
+    build, test_utils = cases[name][op]
     args = build()
     kwargs = {} if test_utils is None else {"test_utils": test_utils}
     torch.library.opcheck(getattr(torch.ops.fused_balance, op).default, args, **kwargs)
