@@ -32,7 +32,7 @@ test: build
 
 demo: build
 	$(FB) info
-	$(FB) train --out runs/demo
+	$(FB) study --quick --out runs/demo
 
 bench: build
 	$(FB) bench --out bench_out

@@ -1,4 +1,4 @@
-"""The `fused-balance` command: info, build, train, bench."""
+"""The `fused-balance` command: info, build, study, bench."""
 from __future__ import annotations
 
 import argparse
@@ -61,10 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, build status, backends and kernel paths").set_defaults(func=_info)
     sub.add_parser("build", help="build the C++ (and CUDA) extension now").set_defaults(func=_build)
 
-    from fused_balance import benchmarking, demo
-    train = sub.add_parser("train", help="balanced training demo: vanilla LoRA vs Pareto-LoRA")
-    demo.add_arguments(train)
-    train.set_defaults(func=demo.main)
+    from fused_balance import benchmarking
+    from fused_balance import study
+    study_parser = sub.add_parser("study", help="the study: Pareto-LoRA and baselines on tiny unified "
+                                  "models, the BalanceScheduler on a tiny LLaVA (--quick / --full)")
+    study.add_arguments(study_parser)
+    study_parser.set_defaults(func=study.main)
     bench = sub.add_parser("bench", help="throughput benchmarks against peers and the roofline")
     benchmarking.add_arguments(bench)
     bench.set_defaults(func=benchmarking.main)

@@ -52,7 +52,7 @@ def test_quick_run_writes_results(quick_run):
 
 
 def test_quick_run_has_the_host_overhead_stage(quick_run):
-    out, _, _ = quick_run
+    out, _ = quick_run
     overhead = json.loads((out / "results.json").read_text())["overhead"]
     assert overhead["counts"] == [28, 448]
     for name in ("list_pareto_combine", "plan_step", "plan_adamw", "per_tensor_loop", "torch_fused_adamw"):

@@ -1,5 +1,5 @@
 """ParetoLoRA under the engines users launch it with, real processes (gloo on 127.0.0.1, the
-shared ``run_ranks`` helper of tests/test_distributed.py):
+shared ``run_ranks`` helper of tests/shared.py):
 
 - torchrun + ``DistributedDataParallel`` (2 and 4 ranks): ``ParetoLoRA(ddp_model, ...)`` without
   a process group, torch AdamW and the fused AdamW, ``mgda`` and ``pareto_lora``, per-layer
@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import tempfile
 from datetime import timedelta
 
 import pytest
@@ -26,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from fused_balance.training import ParetoLoRA
-from test_distributed import run_ranks  # the shared spawning helper lives there
+from shared import run_ranks
 
 STEPS = 5
 BATCH = 8  # global batch, split over the ranks
@@ -202,29 +203,24 @@ def _fsdp2(rank, world):
     return {"errors": errors}
 
 
-def _rank_main(rank, world, port, outdir, backends):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
-                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+def _scenarios(rank, world, backends):
+    """One rank's runs (the gloo group is already joined by shared.run_ranks). The Trainer
+    reads the torchrun variables, so they are set as torchrun would."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=90))
-    try:
-        results = {}
-        for policy in POLICIES:
-            for fused in (False, True):
-                results["ddp", policy, fused] = _ddp(rank, world, policy, fused)
-        if world == 2:
-            results["armed"] = _armed_reducer(rank, world)
-            results["refusals"] = _ddp_refusals(rank, world)
-            results["fsdp2"] = _fsdp2(rank, world)
-            if HAVE_ACCELERATE:
-                results["accelerate"] = _accelerate(rank, world)
-            if HAVE_TRANSFORMERS:
-                results["trainer"] = _trainer(rank, world, outdir)
-        dist.barrier()
-        torch.save(results, os.path.join(outdir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    results = {}
+    for policy in POLICIES:
+        for fused in (False, True):
+            results["ddp", policy, fused] = _ddp(rank, world, policy, fused)
+    if world == 2:
+        results["armed"] = _armed_reducer(rank, world)
+        results["refusals"] = _ddp_refusals(rank, world)
+        results["fsdp2"] = _fsdp2(rank, world)
+        if HAVE_ACCELERATE:
+            results["accelerate"] = _accelerate(rank, world)
+        if HAVE_TRANSFORMERS:
+            results["trainer"] = _trainer(rank, world, tempfile.mkdtemp(prefix=f"trainer{rank}-"))
+    return results
 
 
 # ----------------------------------------------------------------------------- the Trainer
@@ -289,8 +285,8 @@ _RESULTS: dict = {}
 def ranks_of(size, tmp_path_factory):
     """Start ``size`` ranks once per module run and load their results."""
     if size not in _RESULTS:
-        _RESULTS[size] = run_ranks(_rank_main, size, tmp_path_factory.mktemp(f"ddp{size}"), __name__,
-                                   TIMEOUT_S)
+        _RESULTS[size] = run_ranks(_scenarios, size, tmp_path_factory.mktemp(f"ddp{size}"), __name__,
+                                   TIMEOUT_S, ())  # the balancers pick their own backend
     return _RESULTS[size]
 
 

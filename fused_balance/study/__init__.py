@@ -1,0 +1,20 @@
+"""The study (`fused-balance study`, `make demo`): what Pareto-LoRA and the BalanceScheduler do.
+
+- unified-model study (``unified``, ``arms``): Emu2-style (regressed visual embeddings) and
+  Chameleon-style (discrete image tokens) tiny models; vanilla LoRA, static reweighting,
+  GradNorm, MGDA, Pareto-LoRA and its ablations;
+- encoder+LLM study (``llava``): a tiny LLaVA, constant LR vs one-sided LoRA vs the
+  BalanceScheduler (first-order, KL probe, auxiliary loss);
+- ``stats`` (paired t-intervals), ``report`` (generated summary, tables, PNGs), ``run`` (CLI).
+
+transformers, peft, matplotlib and tqdm are imported inside the functions that need them.
+"""
+
+__all__ = ["add_arguments", "main"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from fused_balance.study import run
+        return getattr(run, name)
+    raise AttributeError(name)

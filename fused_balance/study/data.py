@@ -1,0 +1,103 @@
+"""Synthetic scenes for the study, made in code: a 4x4 grid of cells holding 1..max_objects
+coloured 2x2 shapes in distinct quadrants (shapes, colours, positions, counts).
+
+A scene gives three views:
+- ``grid``: the colour index of each of the 16 cells (0 = background), the picture itself;
+- ``caption``: words saying how many shapes there are and what is where, in one of several
+  phrasings (the text objective keeps some entropy, so its gradient never vanishes);
+- ``render(grid)``: an RGB picture, for pixels in (LLaVA study) and for PSNR / PNG grids.
+
+Splits are disjoint streams of one generator family: training batches come from
+``torch.Generator().manual_seed(TRAIN_SEED_BASE + seed)``, the validation split (for tuning)
+and the test split (for every reported number) from fixed seeds of their own.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GRID, SHAPE = 4, 2
+CELLS = GRID * GRID
+COLOURS = ("red", "green", "blue", "yellow", "purple", "orange")
+PALETTE = torch.tensor([[0.05, 0.05, 0.05], [0.9, 0.1, 0.1], [0.1, 0.75, 0.2], [0.15, 0.3, 0.95],
+                        [0.95, 0.9, 0.1], [0.6, 0.2, 0.8], [1.0, 0.55, 0.0]])  # background first
+SHAPES = {"square": "1111", "diagonal": "1001", "slash": "0110", "corner": "1110",
+          "stripe": "1100", "pillar": "1010"}
+PLACES = {"top left": (0, 0), "top right": (0, SHAPE), "bottom left": (SHAPE, 0),
+          "bottom right": (SHAPE, SHAPE)}
+COUNTS = ("one", "two", "three", "four")
+FILLER = ("a", "there", "is", "are", "in", "the", "at", "has", "and", "shape", "shapes", ":",
+          "corner", ".", "rest", "empty", "of", "picture", "nothing")
+WORDS = tuple(sorted(set(FILLER) | set(COLOURS) | set(SHAPES) | set(COUNTS)
+                     | {w for p in PLACES for w in p.split()}))
+TRAIN_SEED_BASE, VALIDATION_SEED, TEST_SEED = 1000, 20_000, 30_000
+
+_TEMPLATES = (
+    lambda c, s, p: f"a {c} {s} in the {p}",
+    lambda c, s, p: f"there is a {c} {s} at the {p}",
+    lambda c, s, p: f"in the {p} there is a {c} {s}",
+    lambda c, s, p: f"the {p} corner has a {c} {s}",
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple  # ((colour, shape, place), ...) in place order
+    grid: tuple     # 16 colour indices, row-major, 0 = background
+    caption: tuple  # words
+
+
+def _pick(n: int, rng: torch.Generator) -> int:
+    return int(torch.randint(n, (1,), generator=rng))
+
+
+def sample_scene(rng: torch.Generator, max_objects: int = 2) -> Scene:
+    count = 1 + _pick(max_objects, rng)
+    places = list(PLACES)
+    chosen = sorted(torch.randperm(len(places), generator=rng)[:count].tolist())
+    objects = tuple((COLOURS[_pick(len(COLOURS), rng)], list(SHAPES)[_pick(len(SHAPES), rng)], places[i])
+                    for i in chosen)
+    grid = [0] * CELLS
+    for colour, shape, place in objects:
+        r0, c0 = PLACES[place]
+        for i, bit in enumerate(SHAPES[shape]):
+            if bit == "1":
+                grid[(r0 + i // SHAPE) * GRID + c0 + i % SHAPE] = 1 + COLOURS.index(colour)
+    parts = [_TEMPLATES[_pick(len(_TEMPLATES), rng)](*obj) for obj in objects]
+    head = f"{COUNTS[count - 1]} {'shape' if count == 1 else 'shapes'} :"
+    text = head + " " + " and ".join(parts)
+    if _pick(3, rng) == 0:
+        text += " . the rest of the picture is empty"
+    return Scene(objects, tuple(grid), tuple(text.split()))
+
+
+def sample_scenes(n: int, rng: torch.Generator, max_objects: int = 2) -> list[Scene]:
+    return [sample_scene(rng, max_objects) for _ in range(n)]
+
+
+def render(grid: torch.Tensor, cell_pixels: int = 8) -> torch.Tensor:
+    """[..., 16] colour indices -> [..., 3, 4*cell_pixels, 4*cell_pixels] RGB in [0, 1]."""
+    rgb = PALETTE[grid.long()]  # [..., 16, 3]
+    rgb = rgb.view(*grid.shape[:-1], GRID, GRID, 3).movedim(-1, -3)  # [..., 3, 4, 4]
+    return rgb.repeat_interleave(cell_pixels, -2).repeat_interleave(cell_pixels, -1)
+
+
+def psnr(generated: torch.Tensor, target: torch.Tensor, cell_pixels: int = 8) -> float:
+    """PSNR (dB, peak 1) of the rendered pictures, from the mean squared error over the whole
+    set (finite unless every picture is exact: then capped at 60 dB)."""
+    mse = float(((render(generated, cell_pixels) - render(target, cell_pixels)) ** 2).mean())
+    return 60.0 if mse <= 1e-6 else min(60.0, -10.0 * torch.log10(torch.tensor(mse)).item())
+
+
+def cell_scores(generated: torch.Tensor, target: torch.Tensor) -> dict:
+    """Cell-level scores of generated pictures [N, 16] against the targets [N, 16]: accuracy,
+    foreground (coloured target cells right), background (empty target cells left empty), their
+    mean ("cell score", robust to painting everything or nothing), whole pictures exact."""
+    ok = generated == target
+    fg = target > 0
+    fg_acc = float((ok & fg).sum() / fg.sum().clamp(min=1))
+    bg_acc = float((ok & ~fg).sum() / (~fg).sum().clamp(min=1))
+    return {"cell_acc": float(ok.float().mean()), "fg_acc": fg_acc, "bg_acc": bg_acc,
+            "cell_score": 0.5 * (fg_acc + bg_acc), "exact": float(ok.all(-1).float().mean()),
+            "psnr": psnr(generated, target)}

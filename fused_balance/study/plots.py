@@ -1,0 +1,126 @@
+"""PNG plots of the study (matplotlib, imported here only)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _label(arm):
+    from fused_balance.study.report import ARM_LABELS
+    return ARM_LABELS.get(arm, arm)
+
+
+def plot_pictures(path: Path, family: str, runs: dict) -> None:
+    """Rows: the targets, then each arm's greedily generated pictures (seed 0, test split)."""
+    from fused_balance.study.data import render
+
+    plt = _plt()
+    arms = list(runs)
+    first = runs[arms[0]][0]["final"]
+    rows = [("target", first["targets"])] + [(_label(a), runs[a][0]["final"]["pictures"]) for a in arms]
+    cols = len(first["targets"])
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.1 * cols + 2.2, 1.1 * len(rows)), squeeze=False)
+    for i, (name, pics) in enumerate(rows):
+        for j in range(cols):
+            ax = axes[i, j]
+            ax.imshow(render(torch.tensor(pics[j]), 4).permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[i, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=8)
+    fig.suptitle(f"{family}: generated pictures on test captions (seed 0)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_unified_curves(path: Path, family: str, runs: dict) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for arm, rs in runs.items():
+        steps = [e["step"] for e in rs[0]["curve"]]
+        for ax, key in zip(axes, ("cell_score", "text_acc")):
+            mean = [sum(r["curve"][i][key] for r in rs) / len(rs) for i in range(len(steps))]
+            ax.plot(steps, [100 * m for m in mean], label=_label(arm), lw=1.2,
+                    ls="-" if not arm.startswith("pareto_") else ":")
+    axes[0].set_title(f"{family}: image cell score (%), test, mean over seeds", fontsize=9)
+    axes[1].set_title(f"{family}: text token accuracy (%), test, mean over seeds", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("step")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_grad_ratio(path: Path, family: str, runs: dict) -> None:
+    obs = [o for r in runs.get("vanilla", []) for o in r["grad_ratios"]]
+    if not obs:
+        return
+    plt = _plt()
+    segments = sorted({o["segment"] for o in obs}, key=lambda s: (len(s), s))
+    data = [[math.log10(o["ratio"]) for o in obs if o["segment"] == s] for s in segments]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.boxplot(data)
+    ax.set_xticks(range(1, len(segments) + 1), [s.rsplit(".", 2)[-2] + "." + s.rsplit(".", 1)[-1]
+                                                 if "." in s else s for s in segments], fontsize=8)
+    ax.axhline(1.0, color="grey", ls="--", lw=0.8)
+    ax.set_ylabel("log10 |g_text| / |g_image|")
+    ax.set_title(f"{family}, vanilla LoRA: per-layer gradient-norm ratio (all seeds, every few steps)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_llava(out: Path, runs: dict) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arm, rs in runs.items():
+        steps = [e["step"] for e in rs[0]["curve"]]
+        mean = [sum(r["curve"][i]["acc"] for r in rs) / len(rs) for i in range(len(steps))]
+        ax.plot(steps, [100 * m for m in mean], label=_label(arm), lw=1.2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("test accuracy (%), mean over seeds")
+    ax.set_title("tiny LLaVA: learning curves", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "llava_curves.png", dpi=100)
+    plt.close(fig)
+    sched = [a for a in runs if a.startswith("sched")]
+    if not sched:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for arm in sched:
+        r = runs[arm][0]
+        steps = range(1, len(r["kappa"]) + 1)
+        axes[0].plot(steps, [k if k is not None else math.nan for k in r["kappa"]], label=_label(arm), lw=1.1)
+        for c, (name, ls) in enumerate((("encoder", "-"), ("llm", "--"))):
+            axes[1].plot(steps, [m[c] for m in r["multipliers"]], ls=ls, lw=1.1, label=f"{_label(arm)}: {name}")
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls=":")
+    axes[0].set_title("κ_t = smoothed encoder share of the learning (seed 0; 0.5 = balanced)", fontsize=9)
+    axes[1].set_title("learning-rate multipliers (seed 0)", fontsize=9)
+    axes[1].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out / "llava_kappa.png", dpi=100)
+    plt.close(fig)
+
+
+def write_plots(out: Path, results: dict) -> None:
+    for family, runs in results["unified"].items():
+        plot_pictures(out / f"pictures_{family}.png", family, runs)
+        plot_unified_curves(out / f"curves_{family}.png", family, runs)
+        plot_grad_ratio(out / f"grad_ratio_{family}.png", family, runs)
+    if results["llava"]:
+        plot_llava(out, results["llava"])

@@ -1,0 +1,219 @@
+"""The study (`fused-balance study --quick|--full|--tiny --out DIR`, `make demo` = --quick).
+
+Runs every (study, arm, seed) as one job, writes each finished job to
+``DIR/jobs/<study>/<arm>__seed<k>.json`` (a rerun skips finished jobs, so an interrupted study
+resumes), then generates ``DIR/summary.md``, ``DIR/tables.json`` and the PNG plots from those
+files alone. Every arm of a study uses the same seeds, initial weights, batches and steps.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+UNIFIED = ("emu2", "chameleon")
+TUNING_SEED = 100  # static-reweighting tuning runs: their own seed, scored on the validation split
+
+_UNIFIED_MODEL = dict(hidden=32, layers=4, rank=8, visual_dim=16, visual_scale=0.25, lr=5e-3, clip=1.0,
+                      batch_size=16, generation_fraction=0.5, max_objects=1, gradnorm_lr=0.025,
+                      gradnorm_alpha=1.5)
+_LLAVA_MODEL = dict(hidden=32, layers=2, rank=8, lr=3e-3, batch_size=32, max_objects=2, probe_size=32,
+                    exact_every=5, aux_weight=0.05)
+_MAIN_ARMS = {"vanilla": {"kind": "vanilla"}, "static": {"kind": "static"},
+              "gradnorm": {"kind": "gradnorm"}, "mgda": {"kind": "mgda"},
+              "pareto": {"kind": "pareto", "tau": 5.0, "segments": "layer"}}
+_ABLATIONS = {**{f"pareto_tau{t:g}": {"kind": "pareto", "tau": float(t), "segments": "layer"} for t in (2, 20, 100)},
+              **{f"pareto_{s}": {"kind": "pareto", "tau": 5.0, "segments": s} for s in ("group", "tensor", "global")}}
+
+CONFIGS = {
+    # runs in seconds: the end-to-end test
+    "tiny": dict(seeds=2, eval_examples=4, unified=dict(_UNIFIED_MODEL, steps=4, eval_every=4, diag_every=2),
+                 emu2_arms=["vanilla", "static", "gradnorm", "pareto"],
+                 chameleon_arms=["vanilla", "pareto"], static_grid={"emu2": [4.0], "chameleon": []},
+                 llava=dict(_LLAVA_MODEL, steps=4, eval_every=2, batch_size=8, probe_size=8, exact_every=2),
+                 llava_arms=["constant", "sched_exact"]),
+    # `make demo`: a few minutes on 2 cores
+    "quick": dict(seeds=3, eval_examples=32, unified=dict(_UNIFIED_MODEL, steps=200, eval_every=100, diag_every=5),
+                  emu2_arms=["vanilla", "static", "gradnorm", "pareto"], chameleon_arms=["vanilla", "pareto"],
+                  static_grid={"emu2": [30.0], "chameleon": []},
+                  llava=dict(_LLAVA_MODEL, steps=100, eval_every=10),
+                  llava_arms=["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux"]),
+    # sized to finish in under an hour on 2 busy cores: the ablations are τ 20 and one global segment
+    "full": dict(seeds=5, eval_examples=64, unified=dict(_UNIFIED_MODEL, steps=300, eval_every=150, diag_every=5),
+                 emu2_arms=list(_MAIN_ARMS) + ["pareto_tau20", "pareto_global"], chameleon_arms=["vanilla", "pareto"],
+                 static_grid={"emu2": [3.0, 10.0, 30.0], "chameleon": [0.5, 2.0]},
+                 llava=dict(_LLAVA_MODEL, steps=200, eval_every=10),
+                 llava_arms=["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux"]),
+}
+ARM_SPECS = {**_MAIN_ARMS, **_ABLATIONS}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    size = parser.add_mutually_exclusive_group()
+    for name in CONFIGS:
+        size.add_argument(f"--{name}", dest="size", action="store_const", const=name,
+                          help=f"the {name} configuration" + (" (default)" if name == "quick" else ""))
+    parser.set_defaults(size="quick")
+    parser.add_argument("--out", default="runs/study", help="output folder (default runs/study)")
+    parser.add_argument("--seeds", type=int, default=None, help="override the number of seeds")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: tiny matrices, and results are "
+                             "bitwise-reproducible at a fixed thread count)")
+    parser.add_argument("--only", choices=["emu2", "chameleon", "llava"], action="append",
+                        help="run only these studies (repeatable)")
+    parser.add_argument("--arms", default=None,
+                        help="comma-separated arm names: run only these arms (e.g. a second worker "
+                             "on the same --out; the report then covers only them: rerun without it)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report from the jobs finished so far")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-plots", action="store_true")
+
+
+def _job_path(out: Path, study: str, arm: str, seed: int) -> Path:
+    return out / "jobs" / study / f"{arm}__seed{seed}.json"
+
+
+def _run_job(path: Path, fn, settings: dict, report_only: bool = False) -> dict | None:
+    """The job's result: read back when a finished file with the same settings exists, else run
+    (``report_only``: never run, None when missing)."""
+    if path.exists():
+        stored = json.loads(path.read_text())
+        if stored.get("settings") == json.loads(json.dumps(settings)):
+            return stored
+    if report_only:
+        return None
+    result = fn()
+    result["settings"] = settings
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result))
+    tmp.replace(path)  # atomic: an interrupted write never looks finished
+    return result
+
+
+def tune_static(out: Path, family: str, cfg: dict, grid: list[float], validation: dict, bar,
+                report_only: bool = False) -> dict:
+    """Static image weight from the grid (and 1 = vanilla) on the validation split, tuning seed:
+    the best validation image cell score among weights whose validation text accuracy stays
+    within 2 % (relative) of weight 1's."""
+    from fused_balance.study.arms import train_unified
+
+    scores = {}
+    for w in [1.0] + list(grid):
+        arm = {"kind": "static", "image_weight": w}
+        r = _run_job(_job_path(out, f"{family}_tuning", f"w{w:g}", TUNING_SEED),
+                     lambda: train_unified(family, arm, TUNING_SEED, cfg, validation), {**cfg, **arm, "eval_examples": len(validation["generation"]["grid"])}, report_only)
+        bar.update(1)
+        if r is None:
+            continue
+        scores[w] = {"text_acc": r["final"]["text_acc"], "cell_score": r["final"]["cell_score"]}
+    if 1.0 not in scores:  # report only, nothing tuned yet
+        return {"grid": {}, "chosen": 1.0}
+    reference = scores[1.0]["text_acc"]
+    allowed = [w for w, s in scores.items() if s["text_acc"] >= 0.98 * reference]
+    best = max(allowed, key=lambda w: (scores[w]["cell_score"], -abs(w - 1.0)))
+    return {"grid": {f"{w:g}": s for w, s in scores.items()}, "chosen": best}
+
+
+def main(args) -> int:
+    from tqdm.auto import tqdm
+
+    from fused_balance.study import llava, report
+    from fused_balance.study.arms import train_unified
+    from fused_balance.study.data import TEST_SEED, VALIDATION_SEED
+    from fused_balance.study.unified import make_split
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    config = CONFIGS[args.size]
+    seeds = list(range(args.seeds if args.seeds else config["seeds"]))
+    studies = args.only or ["emu2", "chameleon", "llava"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    ucfg, lcfg = config["unified"], config["llava"]
+    n_eval = config["eval_examples"]
+    total = sum((len(config[f"{f}_arms"]) * len(seeds) + 1 + len(config["static_grid"][f]))
+                for f in UNIFIED if f in studies) + (len(config["llava_arms"]) * len(seeds) if "llava" in studies else 0)
+    bar = tqdm(total=total, desc=f"study ({args.size})", disable=args.no_progress, dynamic_ncols=True,
+               file=sys.stderr)
+    results = {"unified": {}, "tuning": {}, "llava": {}}
+    for family in UNIFIED:
+        if family not in studies:
+            continue
+        validation = make_split(VALIDATION_SEED, n_eval, ucfg["max_objects"])
+        test = make_split(TEST_SEED, n_eval, ucfg["max_objects"])
+        bar.set_postfix_str(f"{family} tuning")
+        tuning = tune_static(out, family, ucfg, config["static_grid"][family], validation, bar, args.report_only)
+        results["tuning"][family] = tuning
+        runs = {}
+        for arm_name in _selected(config[f"{family}_arms"], args.arms):
+            spec = dict(ARM_SPECS[arm_name])
+            if spec["kind"] == "static":
+                spec["image_weight"] = tuning["chosen"]
+            for seed in seeds:
+                bar.set_postfix_str(f"{family} {arm_name} seed {seed}")
+                r = _run_job(_job_path(out, family, arm_name, seed),
+                             lambda: train_unified(family, spec, seed, ucfg, test), {**ucfg, **spec, "eval_examples": n_eval}, args.report_only)
+                if r is not None:
+                    runs.setdefault(arm_name, []).append(r)
+                bar.update(1)
+        results["unified"][family] = runs
+    if "llava" in studies:
+        test = llava.make_batch(max(64, 2 * n_eval), torch.Generator().manual_seed(TEST_SEED), lcfg["max_objects"])
+        for arm in _selected(config["llava_arms"], args.arms):
+            for seed in seeds:
+                bar.set_postfix_str(f"llava {arm} seed {seed}")
+                r = _run_job(_job_path(out, "llava", arm, seed), lambda: llava.train_llava(arm, seed, lcfg, test),
+                             {**lcfg, "arm": arm, "test_examples": max(64, 2 * n_eval)}, args.report_only)
+                if r is not None:
+                    results["llava"].setdefault(arm, []).append(r)
+                bar.update(1)
+    bar.close()
+    meta = {"configuration": args.size, "config": config, "seeds": seeds, "threads": torch.get_num_threads(),
+            "command": "fused-balance study " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["study"] else sys.argv[1:]),
+            "machine": _cpu_model(), "python": platform.python_version(), "torch": torch.__version__,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "wall_s_this_invocation": time.perf_counter() - started,
+            "job_wall_s_total": _total_job_wall(results)}
+    tables = report.write_report(out, results, meta, plots=not args.no_plots)
+    print((out / "summary.md").read_text())
+    print(f"wrote {out}/summary.md, tables.json and plots in {time.perf_counter() - started:.0f} s")
+    return 0 if tables else 1
+
+
+def _selected(arms: list[str], chosen: str | None) -> list[str]:
+    return arms if not chosen else [a for a in chosen.split(",") if a in arms]
+
+
+def _total_job_wall(results) -> float:
+    runs = [r for fam in results["unified"].values() for arm in fam.values() for r in arm]
+    runs += [r for arm in results["llava"].values() for r in arm]
+    return sum(r["wall_s"] for r in runs)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fused_balance.study.run", description=__doc__)
+    add_arguments(parser)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main(_parser().parse_args()))
