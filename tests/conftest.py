@@ -23,3 +23,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_generate_tests(metafunc):
+    """``backend_device``: a test taking it runs once per (backend, device type) pair this
+    machine can run (shared.backend_device_pairs), with ids like ``cpp-cpu``."""
+    if "backend_device" in metafunc.fixturenames:
+        from shared import backend_device_pairs
+
+        pairs = backend_device_pairs()
+        metafunc.parametrize("backend_device", pairs, ids=[f"{b}-{d}" for b, d in pairs])

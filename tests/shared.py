@@ -2,6 +2,8 @@
 
 - ``random_grads``: the one generator of per-objective gradients for the op tests.
 - ``TOLERANCE``: the one (rtol, atol) table for comparing an op with a float64 reference.
+- ``backend_device_pairs``: every (backend, device) this machine can run, for the
+  ``backend_device`` fixture of conftest.py (the conformance suite's parametrisation).
 - ``run_ranks``: starts a gloo process group of real processes for the distributed tests.
 """
 from __future__ import annotations
@@ -51,6 +53,16 @@ def random_grads(K, shapes, dtype=torch.float32, seed=0, *, noncontiguous=False,
             row.append((t * scale).to(dtype).to(device))
         grads.append(row)
     return grads
+
+
+def backend_device_pairs() -> list[tuple[str, str]]:
+    """(backend name, device type) for every backend available on every device type here: the
+    CPU backends always (triton under TRITON_INTERPRET=1, set by conftest.py without a GPU),
+    the CUDA ones when a GPU is visible."""
+    from fused_balance.backends import BACKEND_NAMES, availability
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [(name, device) for device in devices for name in BACKEND_NAMES if availability(name, device)[0]]
 
 
 def _free_port() -> int:

@@ -412,22 +412,7 @@ def test_gram_backward_matches_reference_autograd_in_float32():
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-4)
 
 
-# ----------------------------------------------------------------------- opcheck / compile
-def test_opcheck_all_ops():
-    pb = Problem(2, [(3, 4), (5,), (1,)], torch.float32, [0, 1, 1], 2, False, 9)
-    flat = [g.clone().requires_grad_(True) for g in pb.flat]
-    weights = pb.weights.clone().requires_grad_(True)
-    ns = torch.ops.fused_balance
-    torch.library.opcheck(ns.gram.default, (flat, pb.K, pb.segments, pb.S))
-    torch.library.opcheck(ns.combine.default, (flat, weights, pb.segments))
-    out = pb.tensors_like_outputs(False)
-    torch.library.opcheck(ns.combine_into.default, (pb.flat, pb.weights, pb.segments, out, torch.tensor([False])))
-    state = [pb.tensors_like_outputs(False, positive=True) for _ in range(3)]
-    torch.library.opcheck(ns.balanced_adamw_.default,
-                          (pb.flat, pb.weights, pb.segments, *state, [1e-3] * 3, [0.01] * 3, 0.9, 0.999, 1e-8, 1,
-                           None))
-
-
+# ------------------------------------------- compile (opcheck: tests/test_conformance.py)
 def test_torch_compile_fullgraph_gram_then_combine():
     pb = Problem(2, [(8, 3), (40,), (1,)], torch.float32, [0, 1, 1], 2, False, 12)
 

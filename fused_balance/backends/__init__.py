@@ -1,4 +1,11 @@
-"""Backend registry: one contract, several implementations.
+"""Backend registry: one contract (``Backend``), several implementations, one module each.
+
+- ``torch_reference`` (name "torch"): plain PyTorch per tensor, the oracle (fused_balance.reference).
+- ``cpp``: the C++ CPU / CUDA kernels of csrc/ (registration and autograd: fused_balance.ops).
+- ``triton``: the Triton kernels of kernels/ (GPU; CPU under TRITON_INTERPRET=1).
+
+A backend module is a thin adapter: it names itself (``name``) and re-exports the functions of
+its implementation. ``resolve_backend`` returns the module itself, so ``.name`` says which one ran.
 
 Every backend receives inputs that the public API (``fused_balance.api``) has already validated
 and normalised, so backends never re-check user input:
@@ -25,24 +32,54 @@ Methods (all of them required):
   bias correction with ``step`` >= 1) on the combined gradient d_p = sum_k w[seg(p), k] g_k,p,
   without materialising d; ``lrs``/``weight_decays`` are per-tensor Python float lists.
 - ``availability(device) -> (bool, reason)``: can it run on tensors of that device here.
+
+Low-precision AdamW rounding rule (every backend): the combined gradient is accumulated in the
+accumulate dtype and rounded to the gradients' dtype, then AdamW runs in the parameters'
+accumulate dtype; m and v are bitwise equal across backends on the same device.
 """
 from __future__ import annotations
 
 import importlib
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-__all__ = ["available_backends", "use_backend", "current_backend", "get_backend", "resolve_backend",
+__all__ = ["Backend", "available_backends", "use_backend", "current_backend", "get_backend", "resolve_backend",
            "backend_report", "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("torch", "cpp", "triton")
 # Fastest first, per device type: what `auto` tries.
 _AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cpp", "torch")}
 _MODULES = {
-    "torch": "fused_balance.reference",
-    "cpp": "fused_balance.ops",
-    "triton": "fused_balance.kernels.backend",
+    "torch": "fused_balance.backends.torch_reference",
+    "cpp": "fused_balance.backends.cpp",
+    "triton": "fused_balance.backends.triton",
 }
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend provides (argument conventions above). A module satisfies it."""
+
+    name: str
+
+    def availability(self, device: torch.device) -> tuple[bool, str]: ...
+
+    def gram(self, flat: Sequence[torch.Tensor], num_objectives: int, segment_ids: list[int],
+             num_segments: int) -> torch.Tensor: ...
+
+    def combine(self, flat: Sequence[torch.Tensor], num_objectives: int, weights: torch.Tensor,
+                segment_ids: list[int]) -> list[torch.Tensor]: ...
+
+    def combine_into(self, flat: Sequence[torch.Tensor], num_objectives: int, weights: torch.Tensor,
+                     segment_ids: list[int], out: Sequence[torch.Tensor],
+                     skip: torch.Tensor | None) -> None: ...
+
+    def balanced_adamw_(self, flat: Sequence[torch.Tensor], num_objectives: int, weights: torch.Tensor,
+                        segment_ids: list[int], params: Sequence[torch.Tensor],
+                        exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                        lrs: list[float], weight_decays: list[float], beta1: float, beta2: float,
+                        eps: float, step: int, skip: torch.Tensor | None) -> None: ...
 
 _default = {"name": "auto"}
 
@@ -50,7 +87,7 @@ _default = {"name": "auto"}
 _cache: dict[str, object] = {}  # name -> the imported module, or the exception importing it raised
 
 
-def get_backend(name: str):
+def get_backend(name: str) -> Backend:
     """The backend module ``name`` (imported lazily). Raises ValueError for unknown names and
     RuntimeError (with the reason) when it cannot be imported."""
     if name not in _MODULES:
@@ -100,8 +137,8 @@ def current_backend() -> str:
     return _default["name"]
 
 
-def resolve_backend(name: str | None, device: torch.device):
-    """The backend module to run on ``device``: ``name`` (None means the default set by
+def resolve_backend(name: str | None, device: torch.device) -> Backend:
+    """The backend (a module with a ``name``) to run on ``device``: ``name`` (None means the default set by
     use_backend), with 'auto' picking the fastest one available for the device type."""
     name = name or _default["name"]
     if name == "auto":
