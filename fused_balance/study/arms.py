@@ -20,9 +20,12 @@ models diverge at lr 5e-3 in a trial run.
 """
 from __future__ import annotations
 
+import re
 import time
 
 import torch
+
+_DECODER_LAYER = re.compile(r"\.layers\.\d+$")
 
 OBJECTIVES = ("text", "image")
 
@@ -93,7 +96,9 @@ def train_unified(family: str, arm: dict, seed: int, cfg: dict, split: dict) -> 
             res = observer.backward(losses, accumulate=False)  # == the sum's gradient
             norms = res.norms.double()
             for s, name in enumerate(observer.segment_names):
-                if name != "other" and float(norms[s, 1]) > 0:
+                # decoder layers only (embeddings and heads have segments of their own, some
+                # reached by one objective only: their ratio is 0 or inf, not an imbalance)
+                if _DECODER_LAYER.search(name) and float(norms[s, 0]) > 0 and float(norms[s, 1]) > 0:
                     ratios.append({"step": step, "segment": name,
                                    "ratio": float(norms[s, 0] / norms[s, 1])})
         elif kind == "gradnorm":
