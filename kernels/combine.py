@@ -92,13 +92,14 @@ def _default(meta):
 
 
 def _candidates(major, meta):
-    return common.block_candidates(major, meta["KP"] * (meta["KOP"] + 1), fallback=_default(meta))
+    rows = meta["KP"] * (meta["KOP"] + 1) * common.registers_per_value(meta["ACC"])
+    return common.block_candidates(major, rows, fallback=_default(meta))
 
 
 # Autotuned only for fresh outputs (combine); combine_into writes in place and runs fixed.
 _combine_tuned = common.TunedKernel(combine_kernel, key=["K", "KO", "IN_DTYPE", "OUT_FLAT"],
                                     candidates=_candidates, default=_default,
-                                    shape_params=("KP", "KOP"))
+                                    shape_params=("KP", "KOP", "ACC"))
 
 
 def _fixed(grid, *args, **meta):

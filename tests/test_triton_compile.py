@@ -57,7 +57,13 @@ def compile_one(job):
 if __name__ == "__main__":
     assert not common.INTERPRETED
     cases = json.loads(sys.argv[1])
-    jobs = [(a, d, K, t, i) for a, d, K, t in cases for i in range(len(specs(a, d, K, t)))]
+    jobs, seen = [], set()  # the same variant twice would hit the cache and log no ptxas run
+    for a, d, K, t in cases:
+        for i, (_, fn, _, constexprs, warps) in enumerate(specs(a, d, K, t)):
+            key = (a, fn.__name__, warps, repr(sorted(constexprs.items())))
+            if key not in seen:
+                seen.add(key)
+                jobs.append((a, d, K, t, i))
     with ProcessPoolExecutor(2) as pool:
         report = list(pool.map(compile_one, jobs, chunksize=4))
     print(json.dumps(report))
@@ -96,7 +102,9 @@ def test_every_kernel_variant_compiles_for_sm90_and_sm80_without_spills():
              "balanced_adamw"}
     assert {r["name"] for r in report} == names
     covered = {(r["name"], r["K"], r["dtype"]) for r in report if r["arch"] == 90}
-    assert covered == {(n, K, d) for n in names for K in KS for d in DTYPES}
+    # K = 1: the K-output combine is the combine itself (same compiled kernel, compiled once)
+    assert covered == {(n, K, d) for n in names for K in KS for d in DTYPES
+                       if (n, K) != ("combine_k_outputs", 1)}
     for r in report:
         assert r["cubin_bytes"] > 0 and r["ptx_target"] and r["entry"], r
     spilling = [r for r in report if max(r["spill_stores"], r["spill_loads"]) > MAX_SPILL_BYTES]
