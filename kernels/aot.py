@@ -73,7 +73,7 @@ def kernel_specs(dtype=tl.float32, K: int = 2, autotune_major: int | None = None
                         dict(K=K, KP=KP, KO=KO, KOP=KOP, IN_DTYPE=dtype, OUT_DTYPE=dtype, ACC=acc,
                              OUT_FLAT=out_flat, HAS_SKIP=has_skip, ALIGNED=True, CHUNK=CHUNK,
                              BLOCK=block), warps))
-    block, warps = adamw._default_config(K)
+    block, warps = adamw._default_config(K, fp64=dtype == tl.float64)
     specs.append(("balanced_adamw", adamw.balanced_adamw_kernel,
                   dict(grad_table=_I64, state_table=_I64, chunk_tensor=_I64, chunk_offset=_I64,
                        sizes=_I64, segment=_I64, weights="*" + _SIG[acc],

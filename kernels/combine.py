@@ -86,8 +86,8 @@ def combine_kernel(table, chunk_tensor, chunk_offset, sizes, starts, segment, we
 def _default(meta):
     if common.INTERPRETED:
         return common.INTERPRETER_BLOCK, 4
-    tile = meta["KP"] * meta["KOP"]
-    block = max(256, min(2048, 4096 // tile))
+    tile = meta["KP"] * meta["KOP"] * common.registers_per_value(meta["ACC"])
+    block = max(128, min(2048, 4096 // tile))
     return block, (8 if block >= 2048 else 4)
 
 

@@ -158,7 +158,7 @@ _partials = common.TunedKernel(gram_partials_kernel, key=["K", "IN_DTYPE"],
 def reduce_block(kp: int) -> int:
     """Partial rows per loop trip of stage 2: wide, because one program walks all chunks of its
     segment (a 40 M-parameter global segment has ~2.5 k) and each trip is two dependent loads."""
-    return max(16, min(256, 1024 // (kp * kp)))
+    return max(1, min(256, 1024 // (kp * kp)))  # the [RBLOCK, KP, KP] tile: ~8 values a thread
 
 
 def gram_forward(flat: list[torch.Tensor], num_objectives: int, segment_ids: list[int],
