@@ -36,9 +36,9 @@ DTYPES = ("fp32", "bf16", "fp16", "fp64")
 MAX_SPILL_BYTES = 8
 # Known exception, bounded at today's values so it cannot grow: the K-output combine (backward of
 # the Gram and of the combine, KO = K) materialises a [KOP, KP, BLOCK] product, which outgrows the
-# registers from K = 9 (fp32 K = 32: 2.1 KB; fp64 K = 32: 95 KB of spill loads per thread).
+# registers from K = 9 (fp32 K = 32: 0.8 KB; fp64 K = 32: 49 KB of spill loads per thread).
 # Fixing it means looping over input rows (open work, issue 13).
-KNOWN_SPILL_BYTES = {"combine_k_outputs": 95452}
+KNOWN_SPILL_BYTES = {"combine_k_outputs": 49248}
 
 CHILD = r"""
 import json, sys
@@ -112,9 +112,11 @@ def test_every_kernel_variant_compiles_for_sm90_and_sm80_without_spills():
              "balanced_adamw"}
     assert {r["name"] for r in report} == names
     covered = {(r["name"], r["K"], r["dtype"]) for r in report if r["arch"] == 90}
-    # K = 1: the K-output combine is the combine itself (same compiled kernel, compiled once)
+    # Compiled once, reported under the first name/dtype: the K-output combine at K = 1 is the
+    # combine; the Gram reduce depends only on the accumulator dtype (bf16/fp16 are fp32's).
     assert covered >= {(n, K, d) for n in names for K in BUCKET_KS for d in DTYPES
-                       if (n, K) != ("combine_k_outputs", 1)}
+                       if (n, K) != ("combine_k_outputs", 1)
+                       and not (n == "gram_reduce" and d in ("bf16", "fp16"))}
     for r in report:
         assert r["cubin_bytes"] > 0 and r["ptx_target"] and r["entry"], r
     spilling = [r for r in report if max(r["spill_stores"], r["spill_loads"])
