@@ -115,12 +115,15 @@ def balanced_adamw_kernel(grad_table, state_table, chunk_tensor, chunk_offset, s
                      G_ACC, ACC)
 
 
-def _default_config(K):
+def _default_config(K, fp64=False):
     if common.INTERPRETED:
         return common.INTERPRETER_BLOCK, 4
     # Live tile: K gradient rows plus p, m, v. 512 x 4 warps = 4 values per thread and array
     # (one 16-byte access each), under 72 registers for K <= 5 (ptxas, sm_90 and sm_80).
-    return (512, 4) if triton.next_power_of_2(K) <= 8 else (256, 4)
+    # fp64 takes register pairs: half the block from K = 9 (K = 32 spilled at 256).
+    if triton.next_power_of_2(K) <= 8:
+        return 512, 4
+    return (128, 4) if fp64 else (256, 4)
 
 
 def _run_group(flat, K, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs,
@@ -143,8 +146,8 @@ def _run_group(flat, K, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs
     grad_table = pointer_table(flat, device)
     plan = chunk_plan([t.numel() for t in params], segment_ids, weights.shape[0], device)
     w = weights.contiguous()
-    block, warps = _default_config(K)
     dtype = flat[0].dtype
+    block, warps = _default_config(K, fp64=torch.float64 in (dtype, params[0].dtype))
     meta = dict(K=K, KP=triton.next_power_of_2(K), G_DTYPE=common.TL_DTYPES[dtype],
                 P_DTYPE=common.TL_DTYPES[params[0].dtype],
                 M_DTYPE=common.TL_DTYPES[exp_avgs[0].dtype],

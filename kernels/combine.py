@@ -86,19 +86,20 @@ def combine_kernel(table, chunk_tensor, chunk_offset, sizes, starts, segment, we
 def _default(meta):
     if common.INTERPRETED:
         return common.INTERPRETER_BLOCK, 4
-    tile = meta["KP"] * meta["KOP"]
-    block = max(256, min(2048, 4096 // tile))
+    tile = meta["KP"] * meta["KOP"] * common.registers_per_value(meta["ACC"])
+    block = max(128, min(2048, 4096 // tile))
     return block, (8 if block >= 2048 else 4)
 
 
 def _candidates(major, meta):
-    return common.block_candidates(major, meta["KP"] * (meta["KOP"] + 1), fallback=_default(meta))
+    rows = meta["KP"] * (meta["KOP"] + 1) * common.registers_per_value(meta["ACC"])
+    return common.block_candidates(major, rows, fallback=_default(meta))
 
 
 # Autotuned only for fresh outputs (combine); combine_into writes in place and runs fixed.
 _combine_tuned = common.TunedKernel(combine_kernel, key=["K", "KO", "IN_DTYPE", "OUT_FLAT"],
                                     candidates=_candidates, default=_default,
-                                    shape_params=("KP", "KOP"))
+                                    shape_params=("KP", "KOP", "ACC"))
 
 
 def _fixed(grid, *args, **meta):

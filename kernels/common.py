@@ -111,6 +111,11 @@ class TunedKernel:
             self.kernel[grid](*args, **meta, BLOCK=block, num_warps=warps)
 
 
+def registers_per_value(acc) -> int:
+    """32-bit registers one accumulator value takes (fp64 takes a pair)."""
+    return 2 if acc == tl.float64 else 1
+
+
 def block_candidates(major: int, tile_rows: int, fallback, max_regs: int = 64):
     """(BLOCK, num_warps) pairs worth timing for a kernel whose live tile is tile_rows x BLOCK
     values: those needing at most ``max_regs`` registers of tile per thread (Hopper also gets

@@ -4,7 +4,9 @@ Stage 1 (one launch): program c takes chunk c (CHUNK elements of one tensor), lo
 objectives' slices as a [KP, BLOCK] tile (KP = next power of two >= K, addresses from the pointer
 table), accumulates x_k * x_l lane-wise in a [KP, KP, BLOCK] register tile and writes the upper
 triangle of its partial Gram, K(K+1)/2 values, to row c of ``partials`` (fp32; fp64 for fp64
-inputs; bf16/fp16 are upcast on load).
+inputs; bf16/fp16 are upcast on load). Past 8 objectives the tile is split into [8, 8] blocks of
+objectives and only the upper-triangle block pairs are computed, one pass each, so the
+accumulator stays in registers for any K.
 
 Stage 2 (one launch): program s sums the partial rows of segment s's chunks, in the fixed order
 of the plan's segment chunk list, and writes the symmetric [K, K] block. No float atomics, so the
@@ -27,9 +29,47 @@ from .pointer_table import chunk_plan, pointer_table
 
 
 @triton.jit
-def _accumulate_products(acc, base, idx, mask, ACC: tl.constexpr):
-    x = tl.load(base[:, None] + idx[None, :], mask=mask, other=0.0).to(ACC)  # [KP, BLOCK]
-    return acc + x[:, None, :] * x[None, :, :]
+def _accumulate_products(acc, base_a, base_b, idx, mask_a, mask_b, ACC: tl.constexpr):
+    a = tl.load(base_a[:, None] + idx[None, :], mask=mask_a, other=0.0).to(ACC)  # [KB, BLOCK]
+    b = tl.load(base_b[:, None] + idx[None, :], mask=mask_b, other=0.0).to(ACC)
+    return acc + a[:, None, :] * b[None, :, :]
+
+
+@triton.jit
+def _block_pair_partial(table, t, start, length, num_tensors, partials, c, row_a, row_b,
+                        K: tl.constexpr, IN_DTYPE: tl.constexpr, ACC: tl.constexpr,
+                        ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    """Products of objective rows ``row_a`` x ``row_b`` (KB each) over the chunk, stored into the
+    upper triangle of row c of ``partials``."""
+    ok_a = row_a < K
+    ok_b = row_b < K
+    base_a = tl.load(table + row_a.to(tl.int64) * num_tensors + t, mask=ok_a, other=0)
+    base_b = tl.load(table + row_b.to(tl.int64) * num_tensors + t, mask=ok_b, other=0)
+    base_a = base_a.to(tl.pointer_type(IN_DTYPE)) + start
+    base_b = base_b.to(tl.pointer_type(IN_DTYPE)) + start
+    if ALIGNED:  # every tensor starts 16-byte aligned and chunks start at multiples of CHUNK
+        base_a = tl.multiple_of(base_a, 16)
+        base_b = tl.multiple_of(base_b, 16)
+
+    lanes = tl.arange(0, BLOCK)
+    acc = tl.zeros([row_a.shape[0], row_b.shape[0], BLOCK], dtype=ACC)
+    # Whole blocks carry only the (lane-constant) row masks, so loads can be vectorised; the
+    # ragged tail is masked per lane.
+    full = length - length % BLOCK
+    for i in range(0, full, BLOCK):
+        acc = _accumulate_products(acc, base_a, base_b, i + lanes, ok_a[:, None], ok_b[:, None],
+                                   ACC)
+    idx = full + lanes
+    tail = (idx < length)[None, :]
+    acc = _accumulate_products(acc, base_a, base_b, idx, ok_a[:, None] & tail,
+                               ok_b[:, None] & tail, ACC)
+    block = tl.sum(acc, axis=2)  # [KB, KB]
+
+    k = row_a[:, None]
+    l = row_b[None, :]
+    pair = k * K - (k * (k - 1)) // 2 + (l - k)  # row-major index of (k, l), k <= l
+    kk: tl.constexpr = K * (K + 1) // 2
+    tl.store(partials + c * kk + pair, block, mask=(k <= l) & (l < K))
 
 
 @triton.jit
@@ -43,29 +83,18 @@ def gram_partials_kernel(table, chunk_tensor, chunk_offset, sizes, partials, num
     start = tl.load(chunk_offset + c)
     length = tl.minimum(tl.load(sizes + t) - start, CHUNK)
 
-    rows = tl.arange(0, KP)
-    row_ok = rows < K
-    address = tl.load(table + rows.to(tl.int64) * num_tensors + t, mask=row_ok, other=0)
-    base = address.to(tl.pointer_type(IN_DTYPE)) + start
-    if ALIGNED:  # every tensor starts 16-byte aligned and chunks start at multiples of CHUNK
-        base = tl.multiple_of(base, 16)
-
-    lanes = tl.arange(0, BLOCK)
-    acc = tl.zeros([KP, KP, BLOCK], dtype=ACC)
-    # Whole blocks carry only the (lane-constant) row mask, so loads can be vectorised; the
-    # ragged tail is masked per lane.
-    full = length - length % BLOCK
-    for i in range(0, full, BLOCK):
-        acc = _accumulate_products(acc, base, i + lanes, row_ok[:, None], ACC)
-    idx = full + lanes
-    acc = _accumulate_products(acc, base, idx, row_ok[:, None] & (idx < length)[None, :], ACC)
-    block = tl.sum(acc, axis=2)  # [KP, KP]
-
-    k = rows[:, None]
-    l = rows[None, :]
-    pair = k * K - (k * (k - 1)) // 2 + (l - k)  # row-major index of (k, l), k <= l
-    kk: tl.constexpr = K * (K + 1) // 2
-    tl.store(partials + c * kk + pair, block, mask=(k <= l) & (l < K))
+    # The [KP, KP, BLOCK] accumulator outgrows the register file past 8 objectives (255
+    # registers and kilobytes of spills per thread at K = 9..32), so larger K walks the upper
+    # triangle of [KB, KB] objective blocks, one pass over the chunk per block pair (the chunk's
+    # rows come back from L1/L2). KP <= 8 is a single block: all K^2 products in one pass.
+    KB: tl.constexpr = KP if KP <= 8 else 8
+    NB: tl.constexpr = KP // KB
+    rows = tl.arange(0, KB)
+    for bi in tl.static_range(NB):
+        for bj in tl.static_range(bi, NB):
+            _block_pair_partial(table, t, start, length, num_tensors, partials, c,
+                                bi * KB + rows, bj * KB + rows, K, IN_DTYPE, ACC, ALIGNED,
+                                BLOCK)
 
 
 @triton.jit
@@ -98,29 +127,38 @@ def gram_reduce_kernel(partials, segment_chunk_ptr, segment_chunks, out, first_p
 
 
 # Fixed configuration per padded K when autotuning is off: ~4 values per thread and row (one
-# 16-byte load) while the [KP, KP, BLOCK] accumulator stays within ~80 registers (ptxas, sm_90).
-_DEFAULTS = {1: (1024, 4), 2: (512, 4), 4: (256, 4), 8: (128, 4)}
+# 16-byte load) while the [KB, KB, BLOCK] accumulator stays within ~80 registers (ptxas, sm_90);
+# KP >= 16 runs [8, 8] blocks, as KP = 8.
+_DEFAULTS = {1: (1024, 4), 2: (512, 4), 4: (256, 4)}
+
+
+def _tile_rows(meta):
+    """Accumulator rows of one block pair plus its two loaded rows, in 32-bit registers."""
+    kb = min(meta["KP"], 8)
+    return (kb * kb + 2 * kb) * common.registers_per_value(meta["ACC"])
 
 
 def _default(meta):
     if common.INTERPRETED:  # no registers to spare there, but every loop trip costs
         return common.INTERPRETER_BLOCK, 4
-    return _DEFAULTS.get(meta["KP"], (64, 2))
+    if meta["KP"] in _DEFAULTS:
+        return _DEFAULTS[meta["KP"]]
+    # [8, 8] blocks: 64 accumulators per lane; fp64 takes register pairs, so half the lanes
+    return (128, 4) if common.registers_per_value(meta["ACC"]) == 1 else (64, 2)
 
 
 def _candidates(major, meta):
-    kp = meta["KP"]
-    return common.block_candidates(major, kp * kp, fallback=_default(meta))
+    return common.block_candidates(major, _tile_rows(meta), fallback=_default(meta))
 
 
 _partials = common.TunedKernel(gram_partials_kernel, key=["K", "IN_DTYPE"],
-                               candidates=_candidates, default=_default, shape_params=("KP",))
+                               candidates=_candidates, default=_default, shape_params=("KP", "ACC"))
 
 
 def reduce_block(kp: int) -> int:
     """Partial rows per loop trip of stage 2: wide, because one program walks all chunks of its
     segment (a 40 M-parameter global segment has ~2.5 k) and each trip is two dependent loads."""
-    return max(16, min(256, 1024 // (kp * kp)))
+    return max(1, min(256, 1024 // (kp * kp)))  # the [RBLOCK, KP, KP] tile: ~8 values a thread
 
 
 def gram_forward(flat: list[torch.Tensor], num_objectives: int, segment_ids: list[int],

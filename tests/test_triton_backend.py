@@ -91,7 +91,7 @@ def test_availability_without_interpreter_on_cpu():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("K", [1, 2, 3, 5])
+@pytest.mark.parametrize("K", [1, 2, 3, 5, 9, 17])  # 9, 17: the [8, 8] objective-block path
 def test_gram_matches_reference(K, dtype):
     flat = make_grads(K, SHAPES, dtype, seed=K)
     seg, S = segments_for("random", len(SHAPES), seed=K)

@@ -1,0 +1,110 @@
+"""The CUDA sources compile for Ampere (sm_80) and Hopper (sm_90) with the extension's own nvcc
+flags, and no kernel spills registers beyond MAX_SPILL_BYTES (ptxas -v, no GPU needed).
+
+Device code only (``-cubin``, one arch per nvcc run, two runs at a time): the host pass adds
+nothing to the register report and most of the compile time.
+"""
+import os
+import re
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from fused_balance import _extension
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHS = ("sm_80", "sm_90")
+# Spill bytes (stores or loads) per thread allowed in any kernel: 8, today's worst (the fp64
+# adamw_kernel<double, float> on sm_80; 4 B in combine_kernel<double> on sm_90 and two
+# plan_cuda adamw_chunks half-precision instances on sm_80): a register or two parked by ptxas,
+# not a spilled tile. Anything larger fails.
+MAX_SPILL_BYTES = 8
+
+
+def _nvcc():
+    root = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    path = Path(root) / "bin" / "nvcc"
+    return str(path) if path.is_file() else shutil.which("nvcc")
+
+
+def _compile_flags():
+    from torch.utils import cpp_extension
+
+    try:
+        includes = cpp_extension.include_paths(device_type="cuda")
+    except TypeError:  # torch < 2.6
+        includes = cpp_extension.include_paths(cuda=True)
+    includes += [sysconfig.get_paths()["include"], str(_extension.CSRC_DIR)]
+    # the extension's flags minus its -gencode list (one arch per run here)
+    flags = [f for f in _extension._NVCC_FLAGS if not f.startswith("-gencode")]
+    flags += list(cpp_extension.COMMON_NVCC_FLAGS) + ["-std=c++20", "-DFUSED_BALANCE_WITH_CUDA=1",
+                                                      "-DTORCH_EXTENSION_NAME=fused_balance_ext"]
+    return flags + [f"-I{p}" for p in includes]
+
+
+def parse_ptxas(log: str) -> dict:
+    """{(kernel, arch): {registers, stack, spill_stores, spill_loads}} from a ptxas -v log."""
+    usage, current = {}, None
+    for line in log.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)' for '(\w+)'", line):
+            current = (m.group(1), m.group(2))
+            usage[current] = dict(registers=None, stack=0, spill_stores=0, spill_loads=0)
+        elif current and (m := re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, "
+                                         r"(\d+) bytes spill loads", line)):
+            usage[current].update(stack=int(m.group(1)), spill_stores=int(m.group(2)),
+                                  spill_loads=int(m.group(3)))
+        elif current and (m := re.search(r"Used (\d+) registers", line)):
+            usage[current]["registers"] = int(m.group(1))
+    return usage
+
+
+def _compile(nvcc, flags, source, arch, out_dir):
+    out = Path(out_dir) / f"{source.stem}.{arch}.cubin"
+    proc = subprocess.run([nvcc, "-cubin", f"-arch={arch}", "-Xptxas", "-v", *flags, str(source),
+                           "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return parse_ptxas(proc.stdout + proc.stderr)
+
+
+def test_parse_ptxas_reads_every_entry():
+    log = ("ptxas info    : Compiling entry function '_Z3fooPf' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z3fooPf\n"
+           "    16 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 40 registers, used 0 barriers, 360 bytes cmem[0]\n"
+           "ptxas info    : Compiling entry function '_Z3barv' for 'sm_90'\n"
+           "ptxas info    : Function properties for _Z3barv\n"
+           "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
+           "ptxas info    : Used 8 registers\n")
+    assert parse_ptxas(log) == {
+        ("_Z3fooPf", "sm_90"): dict(registers=40, stack=16, spill_stores=8, spill_loads=12),
+        ("_Z3barv", "sm_90"): dict(registers=8, stack=0, spill_stores=0, spill_loads=0)}
+
+
+def test_cuda_kernels_compile_for_sm80_and_sm90_without_spills():
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found (CUDA_HOME, /usr/local/cuda, PATH)")
+    sources = sorted(Path(_extension.CSRC_DIR).glob("*.cu"))
+    assert sources, _extension.CSRC_DIR
+    flags = _compile_flags()
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(2) as pool:
+        runs = [(s, a, pool.submit(_compile, nvcc, flags, s, a, tmp)) for s in sources for a in ARCHS]
+        usage = {}
+        for source, arch, future in runs:
+            found = future.result()
+            assert found, f"no kernel reported by ptxas for {source.name} {arch}"
+            usage.update({(source.name,) + key: value for key, value in found.items()})
+    table = "\n".join(f"{f:16} {a:6} {u['registers']:4} regs {u['stack']:5} B stack "
+                      f"{u['spill_stores']:5} B st {u['spill_loads']:5} B ld  {k}"
+                      for (f, k, a), u in sorted(usage.items()))
+    print(table, file=sys.stderr)
+    assert {a for (_, _, a) in usage} == set(ARCHS)
+    spilling = [line for line, u in zip(table.splitlines(), (usage[k] for k in sorted(usage)))
+                if max(u["spill_stores"], u["spill_loads"]) > MAX_SPILL_BYTES]
+    assert not spilling, "\n".join(spilling)
