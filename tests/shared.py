@@ -111,3 +111,16 @@ def run_ranks(scenarios, world, outdir, caller_module, timeout_s, backends):
             if process.is_alive():
                 process.kill()
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+class TwoLayerNet(torch.nn.Module):
+    """Two linear layers under ``layers.<i>`` (segments="layer" gives one segment per layer),
+    the same initial weights in every process (seeded), for the distributed tests."""
+
+    def __init__(self, d_in: int, hidden: int, d_out: int, seed: int = 1234):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(d_in, hidden), torch.nn.Linear(hidden, d_out)])
+
+    def forward(self, x):
+        return self.layers[1](torch.tanh(self.layers[0](x)))

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 import fused_balance as fb
 from fused_balance.training import ParetoLoRA
-from shared import run_ranks
+from shared import TwoLayerNet, run_ranks
 
 WORLD = 2
 STEPS = 3
@@ -31,16 +31,8 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 
 # ----------------------------------------------------------------------------- shared problem
-class Net(torch.nn.Module):
-    """Two layers under ``layers.<i>`` so that segments="layer" gives one segment per layer."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(1234)
-        self.layers = torch.nn.ModuleList([torch.nn.Linear(D_IN, HIDDEN), torch.nn.Linear(HIDDEN, D_OUT)])
-
-    def forward(self, x):
-        return self.layers[1](torch.tanh(self.layers[0](x)))
+def Net():
+    return TwoLayerNet(D_IN, HIDDEN, D_OUT)
 
 
 def batch(step):
