@@ -117,3 +117,14 @@ def test_gradnorm_weight_gradient_matches_autograd():
     norms = torch.stack([torch.autograd.grad(losses[i], W, retain_graph=True)[0].norm() for i in range(2)])
     got = gradnorm_weight_grad(w.detach(), norms, losses.detach(), initial, 1.5)
     torch.testing.assert_close(got, expected)
+
+
+def test_layer_group_segments_group_decoder_layers_and_keep_other_modules_apart():
+    from fused_balance.study.arms import layer_group_segments
+
+    key = layer_group_segments(layers=4, groups=2)
+    lora = "base_model.model.model.layers.{}.self_attn.q_proj.lora_A.default.weight"
+    assert [key(lora.format(i), None) for i in range(4)] == ["layers 0..1", "layers 0..1",
+                                                              "layers 2..3", "layers 2..3"]
+    assert key("base_model.model.lm_head.weight", None) == "lm_head"
+    assert key("base_model.model.model.embed_tokens.weight", None) == "model.embed_tokens"

@@ -38,7 +38,7 @@ def layer_group_segments(layers: int, groups: int):
 
     def key(name, _param):
         k = layer_key(name)
-        if k == "other":
+        if not _DECODER_LAYER.search(k):  # embeddings, heads: their own segments
             return k
         first = size * (int(k.rsplit(".", 1)[1]) // size)
         return f"layers {first}..{first + size - 1}"

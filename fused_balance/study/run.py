@@ -44,9 +44,10 @@ CONFIGS = {
                   static_grid={"emu2": [30.0], "chameleon": []},
                   llava=dict(_LLAVA_MODEL, steps=100, eval_every=10),
                   llava_arms=["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux"]),
-    # sized to finish in under an hour on 2 busy cores: the ablations are τ 20 and one global segment
+    # about 80 CPU-minutes: every ablation on the Emu2-style family (τ 2/20/100; segments per layer
+    # group, per tensor, global), the Chameleon-style family vanilla vs Pareto-LoRA
     "full": dict(seeds=5, eval_examples=64, unified=dict(_UNIFIED_MODEL, steps=300, eval_every=150, diag_every=5),
-                 emu2_arms=list(_MAIN_ARMS) + ["pareto_tau20", "pareto_global"], chameleon_arms=["vanilla", "pareto"],
+                 emu2_arms=list(_MAIN_ARMS) + list(_ABLATIONS), chameleon_arms=["vanilla", "pareto"],
                  static_grid={"emu2": [3.0, 10.0, 30.0], "chameleon": [0.5, 2.0]},
                  llava=dict(_LLAVA_MODEL, steps=200, eval_every=10),
                  llava_arms=["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux"]),
