@@ -22,6 +22,7 @@
 #include <cstring>
 #include <vector>
 
+#include "block_reduce.cuh"
 #include "multi_tensor.h"
 #include "ops_common.h"
 
@@ -279,25 +280,8 @@ __global__ void __launch_bounds__(kThreads) gram_partials_kernel(Meta meta, int6
       }
     }
 
-    // Block sums of every pair: warp shuffles, then the warps in order.
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-    for (int q = 0; q < NPMAX; ++q) {
-      double v = double(acc[q]);
-#pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-      if (lane == 0) scratch[warp][q] = v;
-    }
-    __syncthreads();
-    if (threadIdx.x < npairs) {
-      int k, l;
-      pair_of_index(threadIdx.x, K, &k, &l);
-      const int qmax = pair_index(k, l, KMAX);
-      double total = 0.0;
-      for (int w = 0; w < kWarps; ++w) total += scratch[w][qmax];
-      partials[c * npairs + threadIdx.x] = total;
-    }
-    __syncthreads();  // scratch is reused by the next chunk
+    // Block sums of every pair, in a fixed order (shared with the plan's Gram).
+    store_block_pair_sums<KMAX, kWarps>(acc, scratch, K, npairs, partials + c * npairs);
   }
 }
 

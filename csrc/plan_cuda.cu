@@ -17,6 +17,7 @@
 
 #include <cuda_runtime.h>
 
+#include "block_reduce.cuh"
 #include "plan_common.h"
 
 namespace fused_balance {
@@ -83,24 +84,7 @@ __global__ void __launch_bounds__(kThreads) gram_partials(const T* __restrict__ 
         for (int l = k; l < KMAX; ++l, ++q) acc[q] = __fma_rn(x[k], x[l], acc[q]);
       }
     }
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-#pragma unroll
-    for (int q = 0; q < NPMAX; ++q) {
-      double v = acc[q];
-#pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-      if (lane == 0) scratch[warp][q] = v;
-    }
-    __syncthreads();
-    if (threadIdx.x < npairs) {
-      int k, l;
-      pair_of_index(threadIdx.x, K, &k, &l);
-      const int qmax = pair_index(k, l, KMAX);
-      double total = 0.0;
-      for (int w = 0; w < kWarps; ++w) total += scratch[w][qmax];
-      partials[c * npairs + threadIdx.x] = total;
-    }
-    __syncthreads();
+    store_block_pair_sums<KMAX, kWarps>(acc, scratch, K, npairs, partials + c * npairs);
   }
 }
 
