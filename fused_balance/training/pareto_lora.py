@@ -223,9 +223,12 @@ class ParetoLoRA:
         self.objectives, self.bank = list(expected), bank
         return loss_list
 
+    def _records_this_step(self) -> bool:
+        return self.record_history and self.step_count % self.history_every == 0
+
     def _record(self, losses, norms, cosines, weights, branch, found_inf, took_step) -> dict | None:
         """Append this step's entry (every ``history_every`` steps); returns it, or None."""
-        if not self.record_history or self.step_count % self.history_every:
+        if not self._records_this_step():
             return None
         entry = {"step": self.step_count, "losses": losses,
                  "norms": norms.detach(), "cosines": cosines.detach(), "weights": weights.detach(),
@@ -377,6 +380,8 @@ class ParetoLoRA:
         elif saved is not None:
             for p, g in zip(self.params, saved):
                 p.grad = g
+        if not self._records_this_step():  # the statistics only feed the history
+            return fb.ParetoResult(None, res.gram, res.weights, None, None, res.found_inf, res.branch), took
         # the plan solves in float64; the history keeps the list API's dtype on every path
         acc = torch.float64 if self.bank.dtype == torch.float64 else torch.float32
         big = torch.finfo(acc).max
