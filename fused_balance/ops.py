@@ -1,46 +1,82 @@
-"""The ``cpp`` backend: C++ CPU kernels and CUDA kernels, as torch.ops.fused_balance.*.
+"""The Python side of the fused_balance ops: schemas, fake kernels, autograd, backend adapters.
 
-The ops are defined in csrc/ (one TORCH_LIBRARY block) and built on first use by
-``fused_balance._extension``. This module adds what lives in Python: fake (meta) kernels, so the
-ops trace under torch.compile, and autograd formulas written with the ops themselves:
+Two op families implement the same four list ops (gram, combine, combine_into, balanced_adamw_):
+the C++/CUDA kernels of csrc/ (prefix ``""``; schemas in the TORCH_LIBRARY block of
+csrc/ops_cpu.cpp, which names this module as the ops' Python part, built on first use by
+``fused_balance._extension``) and the Triton kernels of kernels/ (prefix ``"triton_"``; schemas
+defined here by ``define_family`` from the same strings, ``LIST_OP_SCHEMAS``; a conformance test
+compares the two). Every family gets from this module, written once:
 
-- gram:    dL/dg_k,p = sum_l (dG[s,k,l] + dG[s,l,k]) g_l,p       -> one combine per objective k
-- combine: dL/dg_k,p = w[s,k] dout_p                              -> a combine with K = 1
+- the fake (meta) kernels, so the ops trace under ``torch.compile``;
+- the autograd formulas, written with the family's own ops:
+
+  gram:    dL/dg_k,p = sum_l (dG[s,k,l] + dG[s,l,k]) g_l,p       -> one combine per objective k
+  combine: dL/dg_k,p = w[s,k] dout_p                              -> a combine with K = 1
            dL/dw[s,k] = sum_{p in s} <dout_p, g_k,p>               -> row 0 of a gram over [dout, g]
 
-Argument conventions of the backend functions: see fused_balance.backends. The plan ops
-(bank_gram, bank_combine_into, bank_adamw_: one [K, N] bank and a chunk table built once) are
-used by fused_balance.plan.BalancePlan; they have fake kernels here and no autograd.
+- the backend adapter (``ListOps``): the functions of the backend contract
+  (fused_balance.backends) as calls of the family's ops.
+
+The C++ library also holds the plan ops (bank_gram, bank_combine_into, bank_adamw_: one [K, N]
+bank and a chunk table built once, used by fused_balance.plan.BalancePlan; no autograd) and the
+policy solve (policy_weights); their fake kernels are here too. The functions ``gram`` ...
+``balanced_adamw_`` of this module are the ``cpp`` backend's (fused_balance.backends.cpp).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import threading
+from typing import Callable
 
 import torch
 
 from fused_balance import _extension
 from fused_balance._dtypes import accumulate_dtype
 
-__all__ = ["availability", "gram", "combine", "combine_into", "balanced_adamw_", "plan_ops", "policy_op_available", "cpu_isa",
+__all__ = ["LIST_OP_SCHEMAS", "define_family", "ListOps", "availability", "gram", "combine", "combine_into", "balanced_adamw_", "plan_ops", "policy_op_available", "cpu_isa",
            "set_cpu_isa"]
 
-_NAMESPACE = "fused_balance"
+NAMESPACE = "fused_balance"
 _lock = threading.Lock()
 _registered = False
 _cpu_availability: tuple[bool, str] | None = None
 
 
-# ------------------------------------------------------------------------------ registration
-def _ops_defined() -> bool:
-    try:
-        getattr(torch.ops.fused_balance, "gram")
-    except (AttributeError, RuntimeError):
-        return False
-    return True
+# ------------------------------------------------------------------------------ the list ops
+LIST_OP_SCHEMAS = {
+    "gram": "(Tensor[] grads, int num_objectives, int[] segment_ids, int num_segments) -> Tensor",
+    "combine": "(Tensor[] grads, Tensor weights, int[] segment_ids) -> Tensor[]",
+    "combine_into": ("(Tensor[] grads, Tensor weights, int[] segment_ids, Tensor(a!)[] out, "
+                     "Tensor? skip) -> ()"),
+    "balanced_adamw_": ("(Tensor[] grads, Tensor weights, int[] segment_ids, Tensor(a!)[] params, "
+                        "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float[] lrs, "
+                        "float[] weight_decays, float beta1, float beta2, float eps, int step, "
+                        "Tensor? skip) -> ()"),
+}
+
+_family_lock = threading.Lock()
+_family_defined: set[str] = set()
+_family_registered: set[str] = set()
 
 
+def qualified_name(prefix: str, op: str) -> str:
+    return f"{NAMESPACE}::{prefix}{op}"
+
+
+def define_family(prefix: str) -> None:
+    """Define the four ops of a Python-implemented family (once per process) and register their
+    fake kernels and autograd. The implementations are added per op by the family's modules."""
+    with _family_lock:
+        if prefix in _family_defined:
+            return
+        for op, schema in LIST_OP_SCHEMAS.items():
+            torch.library.define(qualified_name(prefix, op), schema)
+        _family_defined.add(prefix)
+    register_python_parts(prefix)
+
+
+# --------------------------------------------------------------------------------- fake kernels
 def _gram_fake(grads, num_objectives, segment_ids, num_segments):
     return grads[0].new_empty((num_segments, num_objectives, num_objectives),
                               dtype=accumulate_dtype(grads[0].dtype))
@@ -51,13 +87,144 @@ def _combine_fake(grads, weights, segment_ids):
     return [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads[:P]]
 
 
-def _combine_into_fake(grads, weights, segment_ids, out, skip):
+def _in_place_fake(*args):
     return None
 
 
-def _adamw_fake(grads, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs, weight_decays, beta1, beta2,
-                eps, step, skip):
-    return None
+# -------------------------------------------------------------------------------------- autograd
+def _autograd(family):
+    """(gram setup, gram backward, combine setup, combine backward) over the ops of ``family``."""
+
+    def gram_setup_context(ctx, inputs, output):
+        grads, num_objectives, segment_ids, num_segments = inputs
+        ctx.num_objectives = num_objectives
+        ctx.segment_ids = list(segment_ids)
+        ctx.save_for_backward(*grads)
+
+    def gram_backward(ctx, grad_gram):
+        grads = list(ctx.saved_tensors)
+        sym = grad_gram + grad_gram.transpose(1, 2)  # [S, K, K]
+        grad_grads = []
+        for k in range(ctx.num_objectives):
+            grad_grads.extend(family().combine(grads, sym[:, k, :].contiguous(), ctx.segment_ids))
+        return grad_grads, None, None, None
+
+    def combine_setup_context(ctx, inputs, output):
+        grads, weights, segment_ids = inputs
+        ctx.segment_ids = list(segment_ids)
+        ctx.save_for_backward(weights, *grads)
+
+    def combine_backward(ctx, grad_outs):
+        weights, *grads = ctx.saved_tensors
+        S, K = weights.shape
+        douts = [d if d is not None else torch.zeros_like(grads[p]) for p, d in enumerate(grad_outs)]
+        grad_grads = grad_weights = None
+        if ctx.needs_input_grad[0]:
+            grad_grads = []
+            for k in range(K):
+                grad_grads.extend(family().combine(douts, weights[:, k:k + 1].contiguous(),
+                                                   ctx.segment_ids))
+        if ctx.needs_input_grad[1]:
+            G = family().gram(douts + list(grads), K + 1, ctx.segment_ids, S)
+            grad_weights = G[:, 0, 1:].to(weights.dtype)
+        return grad_grads, grad_weights, None
+
+    return gram_setup_context, gram_backward, combine_setup_context, combine_backward
+
+
+class _Family:
+    """The ops of one prefix, resolved once (OpOverloadPackets, as torch.ops.fused_balance.X)."""
+
+    def __init__(self, prefix: str):
+        ns = getattr(torch.ops, NAMESPACE)
+        for op in LIST_OP_SCHEMAS:
+            setattr(self, op, getattr(ns, prefix + op))
+
+
+_families: dict[str, _Family] = {}
+
+
+def _family_getter(prefix: str) -> Callable[[], _Family]:
+    def get() -> _Family:
+        family = _families.get(prefix)
+        if family is None:
+            family = _families[prefix] = _Family(prefix)
+        return family
+    return get
+
+
+def register_python_parts(prefix: str) -> None:
+    """Fake kernels and autograd for the family ``prefix``, once per process (its ops must be
+    defined: for the C++ family, after the extension is loaded)."""
+    with _family_lock:
+        if prefix in _family_registered:
+            return
+        name = lambda op: qualified_name(prefix, op)  # noqa: E731
+        torch.library.register_fake(name("gram"))(_gram_fake)
+        torch.library.register_fake(name("combine"))(_combine_fake)
+        torch.library.register_fake(name("combine_into"))(_in_place_fake)
+        torch.library.register_fake(name("balanced_adamw_"))(_in_place_fake)
+        gram_setup, gram_backward, combine_setup, combine_backward = _autograd(_family_getter(prefix))
+        torch.library.register_autograd(name("gram"), gram_backward, setup_context=gram_setup)
+        torch.library.register_autograd(name("combine"), combine_backward, setup_context=combine_setup)
+        _family_registered.add(prefix)
+
+
+# ------------------------------------------------------------------------------- backend adapter
+def _ids(segment_ids) -> list:
+    """The backend contract's list[int] as is (the API validated it), anything else converted."""
+    return segment_ids if type(segment_ids) is list else [int(s) for s in segment_ids]
+
+
+def _check_objectives(num_objectives, weights) -> None:
+    if weights.dim() != 2 or weights.shape[1] != num_objectives:
+        raise ValueError(f"weights must be [S, {num_objectives}], got shape {tuple(weights.shape)}")
+
+
+class ListOps:
+    """The backend contract's gram / combine / combine_into / balanced_adamw_ over the ops of one
+    family; ``load()`` makes the family's ops callable (builds or imports them) and is called on
+    every use, so it must be cheap once done."""
+
+    def __init__(self, prefix: str, load: Callable[[], None]):
+        self._load = load
+        self._family = _family_getter(prefix)
+
+    def _ops(self) -> _Family:
+        self._load()
+        return self._family()
+
+    def gram(self, flat, num_objectives, segment_ids, num_segments):
+        return self._ops().gram(list(flat), int(num_objectives), _ids(segment_ids), int(num_segments))
+
+    def combine(self, flat, num_objectives, weights, segment_ids):
+        _check_objectives(num_objectives, weights)
+        return list(self._ops().combine(list(flat), weights, _ids(segment_ids)))
+
+    def combine_into(self, flat, num_objectives, weights, segment_ids, out, skip):
+        _check_objectives(num_objectives, weights)
+        ops = self._ops()
+        with torch.no_grad():  # an optimizer-side write
+            ops.combine_into(list(flat), weights, _ids(segment_ids), list(out), skip)
+
+    def balanced_adamw_(self, flat, num_objectives, weights, segment_ids, params, exp_avgs,
+                        exp_avg_sqs, lrs, weight_decays, beta1, beta2, eps, step, skip):
+        _check_objectives(num_objectives, weights)
+        ops = self._ops()
+        with torch.no_grad():
+            ops.balanced_adamw_(list(flat), weights, _ids(segment_ids), list(params),
+                                list(exp_avgs), list(exp_avg_sqs), [float(x) for x in lrs],
+                                [float(x) for x in weight_decays], float(beta1), float(beta2),
+                                float(eps), int(step), skip)
+
+
+# ------------------------------------------------------------------------------ registration
+def _ops_defined() -> bool:
+    try:
+        getattr(torch.ops.fused_balance, "gram")
+    except (AttributeError, RuntimeError):
+        return False
+    return True
 
 
 def _bank_gram_fake(bank, chunks, seg_offsets, num_segments):
@@ -78,85 +245,41 @@ def _policy_weights_fake(gram, policy, tau, rescale_to_sum, rounding, active):
     return gram.new_empty((S, K)), gram.new_empty((S,), dtype=torch.long)
 
 
-def _gram_setup_context(ctx, inputs, output):
-    grads, num_objectives, segment_ids, num_segments = inputs
-    ctx.num_objectives = num_objectives
-    ctx.segment_ids = list(segment_ids)
-    ctx.save_for_backward(*grads)
-
-
-def _gram_backward(ctx, grad_gram):
-    grads = list(ctx.saved_tensors)
-    sym = grad_gram + grad_gram.transpose(1, 2)  # [S, K, K]
-    grad_grads = []
-    for k in range(ctx.num_objectives):
-        grad_grads.extend(torch.ops.fused_balance.combine(grads, sym[:, k, :].contiguous(), ctx.segment_ids))
-    return grad_grads, None, None, None
-
-
-def _combine_setup_context(ctx, inputs, output):
-    grads, weights, segment_ids = inputs
-    ctx.segment_ids = list(segment_ids)
-    ctx.save_for_backward(weights, *grads)
-
-
-def _combine_backward(ctx, grad_outs):
-    weights, *grads = ctx.saved_tensors
-    S, K = weights.shape
-    P = len(grads) // K
-    douts = [d if d is not None else torch.zeros_like(grads[p]) for p, d in enumerate(grad_outs)]
-    grad_grads = grad_weights = None
-    if ctx.needs_input_grad[0]:
-        grad_grads = []
-        for k in range(K):
-            grad_grads.extend(
-                torch.ops.fused_balance.combine(douts, weights[:, k:k + 1].contiguous(), ctx.segment_ids))
-    if ctx.needs_input_grad[1]:
-        G = torch.ops.fused_balance.gram(douts + list(grads), K + 1, ctx.segment_ids, S)
-        grad_weights = G[:, 0, 1:].to(weights.dtype)
-    return grad_grads, grad_weights, None
-
-
-def _register_python_parts() -> None:
-    """Fake kernels and autograd formulas, once per process (after the C++ library is loaded)."""
+def _register_cpp_python_parts() -> None:
+    """Fake kernels and autograd of the C++ ops, once per process (after the library is loaded)."""
     global _registered
     if _registered:
         return
     with _lock:
         if _registered:
             return
-        ns = _NAMESPACE + "::"
-        torch.library.register_fake(ns + "gram")(_gram_fake)
-        torch.library.register_fake(ns + "combine")(_combine_fake)
-        torch.library.register_fake(ns + "combine_into")(_combine_into_fake)
-        torch.library.register_fake(ns + "balanced_adamw_")(_adamw_fake)
+        ns = NAMESPACE + "::"
+        register_python_parts("")
         torch.library.register_fake(ns + "bank_gram")(_bank_gram_fake)
         torch.library.register_fake(ns + "bank_combine_into")(_bank_combine_into_fake)
         torch.library.register_fake(ns + "bank_adamw_")(_bank_adamw_fake)
         torch.library.register_fake(ns + "policy_weights")(_policy_weights_fake)
-        torch.library.register_autograd(ns + "gram", _gram_backward, setup_context=_gram_setup_context)
-        torch.library.register_autograd(ns + "combine", _combine_backward, setup_context=_combine_setup_context)
         _registered = True
 
 
 def _ops():
     """torch.ops.fused_balance, with the extension built/loaded and the Python parts registered."""
     _extension.load()
-    _register_python_parts()
+    _register_cpp_python_parts()
     return torch.ops.fused_balance
 
 
 # The C++ library names this module as its Python part: if it was loaded first (e.g. by
 # _extension.load() alone), importing this module completes the registration.
 if _ops_defined():
-    _register_python_parts()
+    _register_cpp_python_parts()
 
 
 def policy_op_available(device_type: str) -> bool:
     """Whether the policy solve op is loaded (never builds) with a kernel for ``device_type``."""
     if not _ops_defined():
         return False
-    _register_python_parts()
+    _register_cpp_python_parts()
     try:
         return torch._C._dispatch_has_kernel_for_dispatch_key("fused_balance::policy_weights",
                                                               device_type.upper())
@@ -203,36 +326,9 @@ def _ninja_module_available() -> bool:
     return is_ninja_available()
 
 
-def _check_objectives(num_objectives, weights) -> None:
-    if weights.dim() != 2 or weights.shape[1] != num_objectives:
-        raise ValueError(f"weights must be [S, {num_objectives}], got shape {tuple(weights.shape)}")
-
-
-def _ids(segment_ids) -> list:
-    """The backend contract's list[int] as is (the API validated it), anything else converted."""
-    return segment_ids if type(segment_ids) is list else [int(s) for s in segment_ids]
-
-
-def gram(flat, num_objectives, segment_ids, num_segments):
-    return _ops().gram(list(flat), int(num_objectives), _ids(segment_ids), int(num_segments))
-
-
-def combine(flat, num_objectives, weights, segment_ids):
-    _check_objectives(num_objectives, weights)
-    return list(_ops().combine(list(flat), weights, _ids(segment_ids)))
-
-
-def combine_into(flat, num_objectives, weights, segment_ids, out, skip):
-    _check_objectives(num_objectives, weights)
-    _ops().combine_into(list(flat), weights, _ids(segment_ids), list(out), skip)
-
-
-def balanced_adamw_(flat, num_objectives, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs,
-                    weight_decays, beta1, beta2, eps, step, skip):
-    _check_objectives(num_objectives, weights)
-    _ops().balanced_adamw_(list(flat), weights, _ids(segment_ids), list(params), list(exp_avgs),
-                           list(exp_avg_sqs), [float(x) for x in lrs], [float(x) for x in weight_decays],
-                           float(beta1), float(beta2), float(eps), int(step), skip)
+_LIST_OPS = ListOps("", _ops)
+gram, combine, combine_into, balanced_adamw_ = (
+    _LIST_OPS.gram, _LIST_OPS.combine, _LIST_OPS.combine_into, _LIST_OPS.balanced_adamw_)
 
 
 # ------------------------------------------------------------------------------- plan ops

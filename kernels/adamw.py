@@ -19,13 +19,12 @@ apply the step several times.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
 
 from fused_balance._dtypes import accumulate_dtype
+from fused_balance.ops import define_family
 
 from . import common
 from .common import cast_for_store
@@ -171,10 +170,10 @@ def _run_group(flat, K, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs
             original.copy_(staged)
 
 
-def balanced_adamw_forward(flat, num_objectives, weights, segment_ids, params, exp_avgs,
-                           exp_avg_sqs, lrs, weight_decays, beta1, beta2, eps, step, skip):
-    K = num_objectives
-    flat = [t.contiguous() for t in flat]
+def balanced_adamw_(grads, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs,
+                    weight_decays, beta1, beta2, eps, step, skip) -> None:
+    K = weights.shape[1]
+    grads = [t.contiguous() for t in grads]
     P = len(params)
     # One launch per (param, exp_avg, exp_avg_sq) dtype triple: the pointer casts are static.
     # Ordinary training has one triple, hence one launch.
@@ -185,28 +184,14 @@ def balanced_adamw_forward(flat, num_objectives, weights, segment_ids, params, e
     for members in groups.values():
         if len(members) == P:
             pick = lambda seq: list(seq)  # noqa: E731
-            sub_flat = flat
+            sub_grads = grads
         else:
             pick = lambda seq: [seq[i] for i in members]  # noqa: E731
-            sub_flat = [flat[k * P + i] for k in range(K) for i in members]
-        _run_group(sub_flat, K, weights, pick(segment_ids), pick(params), pick(exp_avgs),
+            sub_grads = [grads[k * P + i] for k in range(K) for i in members]
+        _run_group(sub_grads, K, weights, pick(segment_ids), pick(params), pick(exp_avgs),
                    pick(exp_avg_sqs), pick(lrs), pick(weight_decays), beta1, beta2, eps, step,
                    skip)
 
 
-@torch.library.custom_op("fused_balance::triton_balanced_adamw",
-                         mutates_args=("params", "exp_avgs", "exp_avg_sqs"))
-def triton_balanced_adamw(flat: list[torch.Tensor], num_objectives: int, weights: torch.Tensor,
-                          segment_ids: list[int], params: list[torch.Tensor],
-                          exp_avgs: list[torch.Tensor], exp_avg_sqs: list[torch.Tensor],
-                          lrs: list[float], weight_decays: list[float], beta1: float,
-                          beta2: float, eps: float, step: float,
-                          skip: Optional[torch.Tensor]) -> None:
-    balanced_adamw_forward(flat, num_objectives, weights, segment_ids, params, exp_avgs,
-                           exp_avg_sqs, lrs, weight_decays, beta1, beta2, eps, step, skip)
-
-
-@triton_balanced_adamw.register_fake
-def _(flat, num_objectives, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs,
-      weight_decays, beta1, beta2, eps, step, skip):
-    return None
+define_family("triton_")
+torch.library.impl("fused_balance::triton_balanced_adamw_", ("cpu", "cuda"))(balanced_adamw_)

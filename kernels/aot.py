@@ -54,25 +54,17 @@ def kernel_specs(dtype=tl.float32, K: int = 2, autotune_major: int | None = None
                   dict(partials="*" + _SIG[acc], segment_chunk_ptr=_I64, segment_chunks=_I64,
                        out="*" + _SIG[acc], first_program="i64"),
                   dict(K=K, KP=KP, ACC=acc, RBLOCK=gram.reduce_block(KP)), 4))
-    # combine (fresh flat output), combine_into (pointer-table output, skip flag), and the
-    # K-output combine of the Gram backward.
-    # combine_into writes in place and is never autotuned; the fresh-output ones are.
-    for label, out_flat, has_skip, KO in (("combine", True, False, 1),
-                                          ("combine_into", False, True, 1),
-                                          ("combine_k_outputs", True, False, K)):
-        KOP = triton.next_power_of_2(KO)
-        meta = {"KP": KP, "KOP": KOP, "ACC": acc}
-        tuned = combine._candidates if out_flat else None
+    # combine (fresh outputs, autotuned) and combine_into (in place, a skip flag, never tuned)
+    meta = {"KP": KP, "ACC": acc}
+    for label, has_skip, tuned in (("combine", False, combine._candidates),
+                                   ("combine_into", True, None)):
         for block, warps in _configs(tuned, combine._default, meta, autotune_major):
-            specs.append((label,
-                        combine.combine_kernel,
-                        dict(table=_I64, chunk_tensor=_I64, chunk_offset=_I64, sizes=_I64,
-                             starts=_I64, segment=_I64, weights="*" + _SIG[acc], out_table=_I64,
-                             out_flat="*" + _SIG[dtype], skip="*i1", num_tensors="i64",
-                             total="i64", first_program="i64"),
-                        dict(K=K, KP=KP, KO=KO, KOP=KOP, IN_DTYPE=dtype, OUT_DTYPE=dtype, ACC=acc,
-                             OUT_FLAT=out_flat, HAS_SKIP=has_skip, ALIGNED=True, CHUNK=CHUNK,
-                             BLOCK=block), warps))
+            specs.append((label, combine.combine_kernel,
+                          dict(table=_I64, chunk_tensor=_I64, chunk_offset=_I64, sizes=_I64,
+                               segment=_I64, weights="*" + _SIG[acc], out_table=_I64, skip="*i1",
+                               num_tensors="i64", first_program="i64"),
+                          dict(K=K, KP=KP, IN_DTYPE=dtype, OUT_DTYPE=dtype, ACC=acc,
+                               HAS_SKIP=has_skip, ALIGNED=True, CHUNK=CHUNK, BLOCK=block), warps))
     block, warps = adamw._default_config(K, fp64=dtype == tl.float64)
     specs.append(("balanced_adamw", adamw.balanced_adamw_kernel,
                   dict(grad_table=_I64, state_table=_I64, chunk_tensor=_I64, chunk_offset=_I64,

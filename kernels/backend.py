@@ -4,12 +4,12 @@
 Every stage is one launch over all tensors (the Gram two: partials, then a fixed-order segment
 sum), driven by a device table of data pointers and a chunk plan (``pointer_table.py``).
 
-The kernels are exposed as ``torch.library.custom_op`` ops (``fused_balance::triton_gram``,
-``triton_combine``, ``triton_combine_into``, ``triton_balanced_adamw``) with fake kernels and
-autograd for gram and combine, so ``torch.compile(fullgraph=True)`` traces through them without a
+The kernels are the ops ``fused_balance::triton_gram``, ``triton_combine``, ``triton_combine_into``
+and ``triton_balanced_adamw_``, with the C++ ops' schemas, fake kernels and autograd
+(fused_balance.ops), so ``torch.compile(fullgraph=True)`` traces through them without a
 graph break. Not ``torch.library.triton_op``: that traces the op's body with fake tensors (to
 decompose it into the graph), and a pointer table needs the real ``data_ptr()`` of every tensor,
-which fake and functional tensors refuse. An opaque custom op builds the table at run time.
+which fake and functional tensors refuse. An opaque op builds the table at run time.
 """
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ import os
 
 import torch
 
+from fused_balance.ops import ListOps
+
 try:
     import triton
 
-    from . import adamw as _adamw  # noqa: F401  (registers fused_balance::triton_balanced_adamw)
-    from . import combine as _combine
+    from . import adamw as _adamw  # noqa: F401  (implements fused_balance::triton_balanced_adamw_)
+    from . import combine as _combine  # noqa: F401  (triton_combine, triton_combine_into)
     from . import common as _common
-    from . import gram as _gram  # noqa: F401  (registers fused_balance::triton_gram)
+    from . import gram as _gram  # noqa: F401  (triton_gram)
     _IMPORT_ERROR: Exception | None = None
 except Exception as exc:  # no Triton (or a broken one): report it through availability()
     _IMPORT_ERROR = exc
@@ -77,36 +79,6 @@ def _check_loaded():
         raise RuntimeError(f"the triton backend cannot run: {_IMPORT_ERROR}") from _IMPORT_ERROR
 
 
-def gram(flat, num_objectives, segment_ids, num_segments):
-    _check_loaded()
-    return torch.ops.fused_balance.triton_gram(list(flat), num_objectives, list(segment_ids),
-                                               num_segments)
-
-
-def combine(flat, num_objectives, weights, segment_ids):
-    _check_loaded()
-    buffer = torch.ops.fused_balance.triton_combine(list(flat), num_objectives, weights,
-                                                    list(segment_ids))
-    P = len(flat) // num_objectives
-    return _combine.split_flat_output(buffer, flat[:P], 1)
-
-
-def combine_into(flat, num_objectives, weights, segment_ids, out, skip):
-    _check_loaded()
-    with torch.no_grad():  # an optimizer-side write, as in the reference
-        torch.ops.fused_balance.triton_combine_into(list(flat), num_objectives, weights,
-                                                    list(segment_ids), list(out), skip)
-
-
-def balanced_adamw_(flat, num_objectives, weights, segment_ids, params, exp_avgs, exp_avg_sqs,
-                    lrs, weight_decays, beta1, beta2, eps, step, skip):
-    _check_loaded()
-    P = len(params)
-    lrs = [float(x) for x in lrs] if isinstance(lrs, (list, tuple)) else [float(lrs)] * P
-    weight_decays = ([float(x) for x in weight_decays] if isinstance(weight_decays, (list, tuple))
-                     else [float(weight_decays)] * P)
-    with torch.no_grad():
-        torch.ops.fused_balance.triton_balanced_adamw(
-            list(flat), num_objectives, weights, list(segment_ids), list(params), list(exp_avgs),
-            list(exp_avg_sqs), lrs, weight_decays, float(beta1), float(beta2), float(eps),
-            float(step), skip)
+_LIST_OPS = ListOps("triton_", _check_loaded)
+gram, combine, combine_into, balanced_adamw_ = (
+    _LIST_OPS.gram, _LIST_OPS.combine, _LIST_OPS.combine_into, _LIST_OPS.balanced_adamw_)

@@ -13,8 +13,7 @@ of the plan's segment chunk list, and writes the symmetric [K, K] block. No floa
 result is the same on every run (for a given kernel configuration: autotuning may pick another
 BLOCK in another process; FUSED_BALANCE_TRITON_AUTOTUNE=0 pins it).
 
-Autograd: dL/dg[k][p] = sum_l (dG[s,k,l] + dG[s,l,k]) g[l][p], i.e. a combine with K outputs and
-weights (dG + dG^T) -- one launch of the combine kernel.
+Schemas, fake kernels and autograd are those of the C++ ops (fused_balance.ops).
 """
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ import triton
 import triton.language as tl
 
 from fused_balance._dtypes import accumulate_dtype
+from fused_balance.ops import define_family
 
 from . import common
 from .pointer_table import chunk_plan, pointer_table
@@ -161,8 +161,8 @@ def reduce_block(kp: int) -> int:
     return max(1, min(256, 1024 // (kp * kp)))  # the [RBLOCK, KP, KP] tile: ~8 values a thread
 
 
-def gram_forward(flat: list[torch.Tensor], num_objectives: int, segment_ids: list[int],
-                 num_segments: int) -> torch.Tensor:
+def gram(flat: list[torch.Tensor], num_objectives: int, segment_ids: list[int],
+         num_segments: int) -> torch.Tensor:
     """The two launches; ``flat`` as in fused_balance.backends (made contiguous here)."""
     K = num_objectives
     flat = [t.contiguous() for t in flat]
@@ -192,34 +192,5 @@ def gram_forward(flat: list[torch.Tensor], num_objectives: int, segment_ids: lis
     return out
 
 
-@torch.library.custom_op("fused_balance::triton_gram", mutates_args=())
-def triton_gram(flat: list[torch.Tensor], num_objectives: int, segment_ids: list[int],
-                num_segments: int) -> torch.Tensor:
-    return gram_forward(flat, num_objectives, segment_ids, num_segments)
-
-
-@triton_gram.register_fake
-def _(flat, num_objectives, segment_ids, num_segments):
-    K = num_objectives
-    return flat[0].new_empty((num_segments, K, K), dtype=accumulate_dtype(flat[0].dtype))
-
-
-def _setup_context(ctx, inputs, output):
-    flat, num_objectives, segment_ids, num_segments = inputs
-    ctx.save_for_backward(*flat)
-    ctx.num_objectives = num_objectives
-    ctx.segment_ids = segment_ids
-
-
-def _backward(ctx, grad_gram):
-    from .combine import split_flat_output  # combine imports nothing from here: no cycle
-
-    flat = ctx.saved_tensors
-    K = ctx.num_objectives
-    P = len(flat) // K
-    weights = grad_gram + grad_gram.transpose(1, 2)  # [S, K(out), K(in)]
-    buffer = torch.ops.fused_balance.triton_combine(list(flat), K, weights, ctx.segment_ids)
-    return split_flat_output(buffer, flat[:P], K), None, None, None
-
-
-triton_gram.register_autograd(_backward, setup_context=_setup_context)
+define_family("triton_")
+torch.library.impl("fused_balance::triton_gram", ("cpu", "cuda"))(gram)

@@ -114,19 +114,6 @@ def pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> Poin
     return table
 
 
-# Tensors inside a flat output buffer start on multiples of this many elements, so that every
-# tensor (and every chunk, CHUNK being a multiple) starts 16-byte aligned for any dtype.
-FLAT_ALIGN_ELEMENTS = 16
-
-
-def flat_layout(sizes: Sequence[int]) -> tuple[list[int], int]:
-    """Start of every tensor in a flat buffer, and the buffer's length (padded starts)."""
-    padded = -(-np.asarray(sizes, dtype=np.int64).reshape(-1) // FLAT_ALIGN_ELEMENTS)
-    padded *= FLAT_ALIGN_ELEMENTS
-    ends = np.cumsum(padded)
-    return (ends - padded).tolist(), int(ends[-1]) if len(ends) else 0
-
-
 @dataclass(frozen=True)
 class ChunkPlan:
     """Per-tensor and per-chunk metadata, packed into one device int64 tensor (one copy)."""
@@ -134,12 +121,8 @@ class ChunkPlan:
     num_tensors: int
     num_chunks: int
     num_segments: int
-    total: int  # length of a flat buffer holding all tensors (see flat_layout)
     chunk: int
-    sizes: tuple  # host copies, for splitting outputs
-    starts: tuple
     sizes_d: torch.Tensor  # [P] elements of tensor p
-    starts_d: torch.Tensor  # [P] offset of tensor p in a flat buffer (flat_layout)
     segment_d: torch.Tensor  # [P] segment of tensor p
     chunk_tensor_d: torch.Tensor  # [C] tensor of chunk c
     chunk_offset_d: torch.Tensor  # [C] first element of chunk c inside its tensor
@@ -156,20 +139,17 @@ def build_chunk_plan(sizes: Sequence[int], segment_ids: Sequence[int], num_segme
     chunk_tensor = np.repeat(np.arange(len(sizes_np), dtype=np.int64), counts)
     first_chunk = np.cumsum(counts) - counts
     chunk_offset = (np.arange(num_chunks, dtype=np.int64) - np.repeat(first_chunk, counts)) * chunk
-    starts_list, total = flat_layout(sizes_np.tolist())
-    starts = np.asarray(starts_list, dtype=np.int64)
     chunk_segment = segment_np[chunk_tensor]
     segment_chunks = np.argsort(chunk_segment, kind="stable").astype(np.int64)
     segment_ptr = np.concatenate(
         [[0], np.cumsum(np.bincount(chunk_segment, minlength=num_segments))]).astype(np.int64)
-    parts = [sizes_np, starts, segment_np, chunk_tensor, chunk_offset, segment_ptr, segment_chunks]
+    parts = [sizes_np, segment_np, chunk_tensor, chunk_offset, segment_ptr, segment_chunks]
     packed = torch.from_numpy(np.concatenate(parts)).to(device)
     views, at = [], 0
     for part in parts:
         views.append(packed[at:at + len(part)])
         at += len(part)
-    return ChunkPlan(len(sizes_np), num_chunks, num_segments, total, chunk,
-                     tuple(int(s) for s in sizes_np), tuple(int(s) for s in starts), *views)
+    return ChunkPlan(len(sizes_np), num_chunks, num_segments, chunk, *views)
 
 
 def chunk_plan(sizes: Sequence[int], segment_ids: Sequence[int], num_segments: int,
@@ -190,9 +170,3 @@ def hyper_table(values: Sequence[float], dtype: torch.dtype, device: torch.devic
     if torch.device(device).type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
-
-
-def clear_caches() -> None:
-    POINTER_TABLES.clear()
-    CHUNK_PLANS.clear()
-

@@ -258,12 +258,15 @@ def _op_cases(device):
         return (G, 2, 5.0, True, rounding_of(G.dtype), None)
 
     adamw_hyper = ([1e-3] * 3, [0.01] * 3, 0.9, 0.999, 1e-8)
+    list_ops = {  # one schema, two families: the C++ ops and the Triton ones (prefix triton_)
+        "gram": (lambda: (flat_args(True), K, segs, S), None),
+        "combine": (lambda: (flat_args(True), w.clone().requires_grad_(True), segs), None),
+        "combine_into": (lambda: (flat_args(), w, segs, outs(), torch.tensor([False], device=device)), None),
+        "balanced_adamw_": (lambda: (flat_args(), w, segs, *state(), *adamw_hyper, 1, None), None),
+    }
     return {
         "cpp": {
-            "gram": (lambda: (flat_args(True), K, segs, S), None),
-            "combine": (lambda: (flat_args(True), w.clone().requires_grad_(True), segs), None),
-            "combine_into": (lambda: (flat_args(), w, segs, outs(), torch.tensor([False], device=device)), None),
-            "balanced_adamw_": (lambda: (flat_args(), w, segs, *state(), *adamw_hyper, 1, None), None),
+            **list_ops,
             "bank_gram": (lambda: (lambda p, b: (b, p._ranges, p._seg_offsets, 2))(*plan()), None),
             "bank_combine_into": (lambda: (lambda p, b: (b, torch.rand(2, 2, dtype=torch.float64).to(device),
                                                          p._ranges, torch.zeros(18, device=device), None))(*plan()),
@@ -271,17 +274,7 @@ def _op_cases(device):
             "bank_adamw_": (bank_adamw, ("test_schema", "test_faketensor")),
             "policy_weights": (policy_args, None),
         },
-        "triton": {
-            "triton_gram": (lambda: (flat_args(True), K, segs, S), None),
-            # its flat output leaves the gaps between the 16-aligned tensor starts uninitialised
-            # (kernels/combine.py; only the views are handed out), so eager and AOT-traced runs
-            # differ there: every opcheck but the output comparison of test_aot_dispatch_dynamic.
-            "triton_combine": (lambda: (flat_args(True), K, w.clone().requires_grad_(True), segs),
-                               ("test_schema", "test_autograd_registration", "test_faketensor")),
-            "triton_combine_into": (lambda: (flat_args(), K, w, segs, outs(), torch.tensor([False], device=device)),
-                                    None),
-            "triton_balanced_adamw": (lambda: (flat_args(), K, w, segs, *state(), *adamw_hyper, 1.0, None), None),
-        },
+        "triton": {"triton_" + op: case for op, case in list_ops.items()},
         "torch": {},  # plain PyTorch: no custom ops
     }
 
@@ -310,6 +303,21 @@ def test_every_custom_op_is_opchecked():
               if n.startswith("fused_balance::")}
     assert loaded, "no fused_balance op registered"
     assert loaded <= covered, f"ops without an opcheck: {sorted(loaded - covered)}"
+
+
+def test_triton_ops_have_the_cpp_schemas():
+    """One contract: the Triton family's ops take and return exactly what the C++ ops do."""
+    from fused_balance.ops import LIST_OP_SCHEMAS
+
+    devices = {name: device for name, device in backend_device_pairs() if name in ("cpp", "triton")}
+    if set(devices) != {"cpp", "triton"}:
+        pytest.skip(f"needs both the cpp and triton backends here, has {sorted(devices)}")
+    for name, device in devices.items():
+        get_backend(name).gram([torch.ones(2, device=device)], 1, [0], 1)  # builds/loads the ops
+    for op in LIST_OP_SCHEMAS:
+        cpp = getattr(torch.ops.fused_balance, op).default._schema
+        triton = getattr(torch.ops.fused_balance, "triton_" + op).default._schema
+        assert str(triton).replace("triton_" + op, op, 1) == str(cpp), (str(triton), str(cpp))
 
 
 # ------------------------------------------------------------------------- public API on CUDA

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module", autouse=True)
 def extension():
     module = _extension.load()
-    ops._register_python_parts()
+    ops._ops()  # the extension loaded and its Python parts registered
     yield module
     module.set_cpu_isa("auto")
 

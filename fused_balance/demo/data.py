@@ -83,19 +83,6 @@ class Vocab:
     def is_image(self, ids: torch.Tensor) -> torch.Tensor:
         return ids >= self.image_offset
 
-    def decode(self, ids) -> str:
-        out = []
-        for i in ids:
-            i = int(i)
-            if i < self.text_offset:
-                out.append(SPECIALS[i])
-            elif i < self.image_offset:
-                out.append(self.words[i - self.text_offset])
-            else:
-                cell, colour = divmod(i - self.image_offset, 1 + len(COLOURS))
-                out.append(f"[{cell}:{colour}]")
-        return " ".join(out)
-
 
 VOCAB = Vocab()
 _TEMPLATES = [
