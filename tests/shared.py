@@ -65,6 +65,11 @@ def backend_device_pairs() -> list[tuple[str, str]]:
     return [(name, device) for device in devices for name in BACKEND_NAMES if availability(name, device)[0]]
 
 
+# Multi-process tests need gloo (torch builds without distributed have none).
+needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -124,3 +129,60 @@ class TwoLayerNet(torch.nn.Module):
 
     def forward(self, x):
         return self.layers[1](torch.tanh(self.layers[0](x)))
+
+
+# The two-objective regression the distributed tests train: objective k reads y @ MIX[k].
+MIX = torch.tensor([[1.0, 0.5, 0.0], [-0.3, 0.2, 1.0]])
+D_IN, HIDDEN, D_OUT = 6, 8, 3
+REGRESSION_LR = 1e-2
+
+
+def regression_net() -> TwoLayerNet:
+    return TwoLayerNet(D_IN, HIDDEN, D_OUT)
+
+
+def regression_optimizer(fused: bool):
+    """ParetoLoRA's optimizer argument: the fused AdamW, or torch's with the same settings."""
+    return "fused_adamw" if fused else (lambda ps: torch.optim.AdamW(ps, lr=REGRESSION_LR, weight_decay=0.01))
+
+
+def train_regression(steps: int, batch, *, fused: bool, **balancer_kwargs):
+    """One process on the whole batch (the distributed tests' reference): final parameters by
+    name and the balancer's history after ``steps`` steps on ``batch(step) -> (x, t)``."""
+    from fused_balance.training import ParetoLoRA
+
+    model = regression_net()
+    balancer = ParetoLoRA(model, regression_optimizer(fused), lr=REGRESSION_LR, weight_decay=0.01,
+                          **balancer_kwargs)
+    for step in range(steps):
+        x, t = batch(step)
+        balancer.step(regression_objectives(model(x), t))
+        balancer.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, balancer.history
+
+
+def regression_batch(step: int, batch: int, d_in: int, seed: int):
+    """Inputs [batch, d_in] and two targets [batch, 2] of one step, the same in every process."""
+    gen = torch.Generator().manual_seed(seed + step)
+    return torch.randn(batch, d_in, generator=gen), torch.randn(batch, 2, generator=gen)
+
+
+def regression_objectives(y, t, scale: float = 1.0) -> dict:
+    return {name: scale * ((y @ MIX[k] - t[:, k]) ** 2).mean() for k, name in enumerate(("text", "image"))}
+
+
+class DemoRows(torch.utils.data.Dataset):
+    """``n`` rows of the demo's interleaved text/image data, as a Trainer dataset."""
+
+    def __init__(self, n: int):
+        from fused_balance.demo.data import make_batch
+
+        rows = make_batch(n, torch.Generator().manual_seed(0), 0.5)
+        self.rows = [{"input_ids": rows["input_ids"][i], "attention_mask": rows["attention_mask"][i]}
+                     for i in range(n)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]

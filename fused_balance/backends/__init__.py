@@ -33,6 +33,13 @@ Methods (all of them required):
   without materialising d; ``lrs``/``weight_decays`` are per-tensor Python float lists.
 - ``availability(device) -> (bool, reason)``: can it run on tensors of that device here.
 
+The policy solve is not a backend method: it runs on the small ``[S, K, K]`` Gram whichever
+backend made it (``fb.policy_weights``: one native op when the extension is loaded, else torch).
+
+Kernel backends expose their kernels as ops with the four schemas of ``fused_balance.ops``
+(``LIST_OP_SCHEMAS``, the C++ ops' own), and take the fake kernels, autograd and these functions
+from there (``ops.define_family``, ``ops.ListOps``).
+
 Low-precision AdamW rounding rule (every backend): the combined gradient is accumulated in the
 accumulate dtype and rounded to the gradients' dtype, then AdamW runs in the parameters'
 accumulate dtype; m and v are bitwise equal across backends on the same device.

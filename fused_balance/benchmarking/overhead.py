@@ -156,30 +156,6 @@ def markdown(result: dict) -> list[str]:
     return lines + [""]
 
 
-def plot(result: dict, path) -> bool:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for name, label in result["labels"].items():
-        row = result["seconds"].get(name, {})
-        xs = [P for P in result["counts"] if P in row]
-        ax.plot(xs, [row[P] * 1e6 for P in xs], marker="o", label=label)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("tensors P (4 elements each)")
-    ax.set_ylabel("µs per call (median)")
-    ax.set_title(f"host overhead, K={result['objectives']}, {result['device']}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fused_balance.benchmarking.overhead")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -192,7 +168,8 @@ def main(argv=None) -> int:
     result = run_overhead(args.device, rounds=args.rounds, progress=print)
     print("\n".join(markdown(result)))
     if args.plot:
-        plot(result, args.plot)
+        from fused_balance.benchmarking.plots import overhead_plot
+        overhead_plot(result, args.plot)
     return 0
 
 

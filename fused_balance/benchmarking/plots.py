@@ -5,7 +5,7 @@ from pathlib import Path
 
 from fused_balance.benchmarking.results import headline_case
 
-__all__ = ["write_plots"]
+__all__ = ["write_plots", "overhead_plot"]
 
 
 def _pyplot():
@@ -15,85 +15,94 @@ def _pyplot():
     return plt
 
 
-def _stage_bars(plt, results, case, path):
-    stages = [s for s in case["stages"] if s != "weights"]
-    names = sorted({n for s in stages for n, i in case["stages"][s]["contenders"].items()
-                    if i.get("status") == "ok"},
-                   key=lambda n: (results["contenders"][n]["number"], n))
-    fig, ax = plt.subplots(figsize=(11, 5))
+def _save(fig, ax, path, legend_columns=2, dpi=110):
+    ax.legend(fontsize=7, ncol=legend_columns)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def _grouped_bars(plt, results, groups, names, value, title, ylabel, log=True):
+    """One group of bars per stage (x axis), one bar per contender; ``value(stage, name)`` is the
+    bar's height or None (no bar). Returns (figure, axes)."""
+    names = sorted(names, key=lambda n: (results["contenders"][n]["number"], n))
+    fig, ax = plt.subplots(figsize=(11, 5 if log else 4.5))
     width = 0.8 / max(1, len(names))
     for i, n in enumerate(names):
-        xs, ys = [], []
-        for j, s in enumerate(stages):
-            info = case["stages"][s]["contenders"].get(n, {})
-            if info.get("status") == "ok":
-                xs.append(j + (i - (len(names) - 1) / 2) * width)
-                ys.append(info["median_s"] * 1e3)
-        ax.bar(xs, ys, width, label=results["contenders"][n]["label"])
+        bars = [(j + (i - (len(names) - 1) / 2) * width, value(g, n)) for j, g in enumerate(groups)]
+        bars = [(x, y) for x, y in bars if y is not None]
+        ax.bar([x for x, _ in bars], [y for _, y in bars], width, label=results["contenders"][n]["label"])
+    ax.set_xticks(range(len(groups)), groups)
+    if log:
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    return fig, ax
+
+
+def _stage_bars(plt, results, case, path):
+    stages = [s for s in case["stages"] if s != "weights"]
+    ok = lambda s, n: case["stages"][s]["contenders"].get(n, {}).get("status") == "ok"  # noqa: E731
+    fig, ax = _grouped_bars(
+        plt, results, stages, {n for s in stages for n in case["stages"][s]["contenders"] if ok(s, n)},
+        lambda s, n: case["stages"][s]["contenders"][n]["median_s"] * 1e3 if ok(s, n) else None,
+        f"{case['label']}: time per stage", "median time [ms] (dashed: roofline)")
     for j, s in enumerate(stages):
         roof = case["stages"][s].get("roofline_s")
         if roof:
             ax.hlines(roof * 1e3, j - 0.45, j + 0.45, colors="k", linestyles="dashed")
-    ax.set_xticks(range(len(stages)), stages)
-    ax.set_yscale("log")
-    ax.set_ylabel("median time [ms] (dashed: roofline)")
-    ax.set_title(f"{case['label']}: time per stage")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def _roofline_bars(plt, results, case, path):
     stages = [s for s in case["stages"] if case["stages"][s].get("roofline_s")]
-    names = sorted({n for s in stages for n, i in case["stages"][s]["contenders"].items()
-                    if i.get("roofline_fraction") is not None},
-                   key=lambda n: (results["contenders"][n]["number"], n))
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / max(1, len(names))
-    for i, n in enumerate(names):
-        xs, ys = [], []
-        for j, s in enumerate(stages):
-            frac = case["stages"][s]["contenders"].get(n, {}).get("roofline_fraction")
-            if frac is not None:
-                xs.append(j + (i - (len(names) - 1) / 2) * width)
-                ys.append(100 * frac)
-        ax.bar(xs, ys, width, label=results["contenders"][n]["label"])
+    frac = lambda s, n: case["stages"][s]["contenders"].get(n, {}).get("roofline_fraction")  # noqa: E731
+    fig, ax = _grouped_bars(
+        plt, results, stages, {n for s in stages for n in case["stages"][s]["contenders"] if frac(s, n) is not None},
+        lambda s, n: None if frac(s, n) is None else 100 * frac(s, n),
+        f"{case['label']}: fraction of the memory roofline", "% of memory roofline", log=False)
     ax.axhline(100, color="k", linestyle="dashed", linewidth=1)
-    ax.set_xticks(range(len(stages)), stages)
-    ax.set_ylabel("% of memory roofline")
-    ax.set_title(f"{case['label']}: fraction of the memory roofline")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, ax, path)
 
 
 def _memory_bars(plt, results, case, path):
-    rows = []
-    for s, st in case["stages"].items():
-        for n, info in st["contenders"].items():
-            if info.get("peak_extra_bytes") is not None:
-                rows.append((s, n, info["peak_extra_bytes"] / 2 ** 20))
-    if not rows:
+    mib = {(s, n): info["peak_extra_bytes"] / 2 ** 20 for s, st in case["stages"].items()
+           for n, info in st["contenders"].items() if info.get("peak_extra_bytes") is not None}
+    if not mib:
         return False
-    stages = list(dict.fromkeys(r[0] for r in rows))
-    names = sorted({r[1] for r in rows}, key=lambda n: (results["contenders"][n]["number"], n))
-    fig, ax = plt.subplots(figsize=(11, 4.5))
-    width = 0.8 / max(1, len(names))
-    for i, n in enumerate(names):
-        xs = [stages.index(s) + (i - (len(names) - 1) / 2) * width for s, m, _ in rows if m == n]
-        ys = [max(v, 1e-3) for s, m, v in rows if m == n]
-        ax.bar(xs, ys, width, label=results["contenders"][n]["label"])
-    ax.set_xticks(range(len(stages)), stages)
-    ax.set_yscale("log")
-    ax.set_ylabel("peak extra memory [MiB]")
-    ax.set_title(f"{case['label']}: peak extra memory per call")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    stages = list(dict.fromkeys(s for s, _ in mib))
+    fig, ax = _grouped_bars(
+        plt, results, stages, {n for _, n in mib},
+        lambda s, n: max(mib[s, n], 1e-3) if (s, n) in mib else None,
+        f"{case['label']}: peak extra memory per call", "peak extra memory [MiB]")
+    _save(fig, ax, path)
     return True
+
+
+def overhead_plot(result: dict, path) -> bool:
+    """Host overhead (fused_balance.benchmarking.overhead) against the tensor count, log-log."""
+    try:
+        plt = _pyplot()
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, label in result["labels"].items():
+        row = result["seconds"].get(name, {})
+        xs = [P for P in result["counts"] if P in row]
+        ax.plot(xs, [row[P] * 1e6 for P in xs], marker="o", label=label)
+    _log_log(ax, "tensors P (4 elements each)", "µs per call (median)",
+             f"host overhead, K={result['objectives']}, {result['device']}")
+    _save(fig, ax, path, legend_columns=1, dpi=120)
+    return True
+
+
+def _log_log(ax, xlabel, ylabel, title):
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
 
 
 def _scaling(plt, results, sweep, path):
@@ -116,13 +125,10 @@ def _scaling(plt, results, sweep, path):
         roof = [(x, y) for x, y in roof if y]
         if roof:
             ax.plot([x for x, _ in roof], [y for _, y in roof], "k--", label="roofline")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("total parameters N" if sweep == "params" else "number of tensors P")
-        ax.set_ylabel("median time [s]")
         fixed = (f"P = {points[0]['num_tensors']}" if sweep == "params"
                  else f"N = {points[0]['num_params']:.1e}")
-        ax.set_title(f"{stage}, K=2 fp32, {fixed}")
+        _log_log(ax, "total parameters N" if sweep == "params" else "number of tensors P",
+                 "median time [s]", f"{stage}, K=2 fp32, {fixed}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -149,7 +155,6 @@ def write_plots(results: dict, out_dir: str | Path) -> list[str]:
             if _scaling(plt, results, sweep, out_dir / name):
                 written.append(name)
     if results.get("overhead"):
-        from fused_balance.benchmarking.overhead import plot as overhead_plot
         if overhead_plot(results["overhead"], out_dir / "overhead.png"):
             written.append("overhead.png")
     return written

@@ -26,6 +26,17 @@ __all__ = ["GradBank", "FILL_MODES", "check_params"]
 FILL_MODES = ("backward", "batched")
 
 
+def check_trainable(p, label: str, frozen_consequence: str) -> None:
+    """A floating point tensor that requires grad; errors start with ``label`` and say what a
+    frozen one would mean (``frozen_consequence``)."""
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(f"{label} is a {type(p).__name__}, not a tensor")
+    if not p.dtype.is_floating_point:
+        raise TypeError(f"{label} has dtype {p.dtype}; only floating point tensors are trained")
+    if not p.requires_grad:
+        raise ValueError(f"{label} does not require grad (frozen): {frozen_consequence}; leave it out")
+
+
 def check_params(params, owner: str, names: Sequence[str] | None = None) -> list[torch.Tensor]:
     """The parameters as a list, checked: leaf floating tensors that require grad, each once,
     all on one device. ``names`` (one per parameter) label them in errors."""
@@ -40,13 +51,7 @@ def check_params(params, owner: str, names: Sequence[str] | None = None) -> list
     seen: dict[int, int] = {}
     for i, p in enumerate(params):
         label = f"parameter {names[i]!r}" if names is not None else f"parameter {i}"
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"{label} is a {type(p).__name__}, not a tensor")
-        if not p.dtype.is_floating_point:
-            raise TypeError(f"{label} has dtype {p.dtype}; only floating point tensors are trained")
-        if not p.requires_grad:
-            raise ValueError(f"{label} does not require grad (frozen): it would never receive "
-                             "a gradient; leave it out")
+        check_trainable(p, label, "it would never receive a gradient")
         if not p.is_leaf:
             raise ValueError(f"{label} is not a leaf tensor: autograd gives it no .grad; pass "
                              "the parameters themselves")

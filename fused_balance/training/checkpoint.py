@@ -15,7 +15,7 @@ renamed, so a crash never leaves a half-written checkpoint, and read with
 ``torch.load(weights_only=True)`` (no code runs while loading).
 
 On CPU, continuing from a checkpoint gives bitwise the parameters of an uninterrupted run with
-the same thread count (see tests/test_resume.py); on a GPU, as far as the kernels used are
+the same thread count (see tests/training/test_resume.py); on a GPU, as far as the kernels used are
 deterministic.
 """
 from __future__ import annotations

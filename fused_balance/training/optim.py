@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 
 import fused_balance as fb
+from fused_balance.training.bank import check_trainable
 
 __all__ = ["BalancedAdamW"]
 
@@ -98,13 +99,8 @@ class BalancedAdamW(torch.optim.Optimizer):
         seen = set()
         for j, p in enumerate(params):
             label = f"{where}parameter {j}"
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"{label} is a {type(p).__name__}, not a tensor")
-            if not p.dtype.is_floating_point:
-                raise TypeError(f"{label} has dtype {p.dtype}; only floating point tensors are trained")
-            if not p.requires_grad:
-                raise ValueError(f"{label} does not require grad (frozen): BalancedAdamW steps every "
-                                 "parameter it holds (weight decay included); leave it out")
+            check_trainable(p, label, "BalancedAdamW steps every parameter it holds (weight decay "
+                                      "included)")
             if id(p) in seen or id(p) in held:
                 first = held.get(id(p))
                 raise ValueError(f"{label} appears twice" + (f" (already parameter {first[1]} of param "

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 import fused_balance as fb
-from fused_balance.demo.data import VOCAB, make_batch
+from fused_balance.demo.data import VOCAB
 from fused_balance.demo.model import build_lora_model
 from fused_balance.training import lora_parameters, segment_ids_for
+from shared import DemoRows
 
 transformers = pytest.importorskip("transformers")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -27,19 +28,6 @@ def objectives(model, inputs, outputs):
     return {"text": (nll * text).sum() / valid.sum(), "image": (nll * image).sum() / valid.sum()}
 
 
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n):
-        batch = make_batch(n, torch.Generator().manual_seed(0), 0.5)
-        self.rows = [{"input_ids": batch["input_ids"][i], "attention_mask": batch["attention_mask"][i]}
-                     for i in range(n)]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
 def test_balanced_trainer_step_and_train(tmp_path):
     from fused_balance.training.hf import BalancedTrainer
 
@@ -47,7 +35,7 @@ def test_balanced_trainer_step_and_train(tmp_path):
     args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
                                           learning_rate=1e-2, logging_steps=1, save_strategy="no",
                                           report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
-    data = Rows(12)
+    data = DemoRows(12)
     trainer = BalancedTrainer(model=model, args=args, train_dataset=data, objectives_fn=objectives,
                               balance_backend="torch")
     named = lora_parameters(model)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # The files the wheel must carry from csrc/ (fused_balance/_extension.py's SOURCE_PATTERNS).
 NATIVE_SUFFIXES = (".cpp", ".cu", ".h", ".cuh")
 

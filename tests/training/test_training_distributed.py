@@ -1,5 +1,5 @@
 """ParetoLoRA with a process group, real processes (gloo on 127.0.0.1, 2 ranks, forkserver as
-in tests/test_distributed.py), every available backend, torch AdamW and the fused path:
+in tests/core/test_distributed.py), every available backend, torch AdamW and the fused path:
 
 - ``distributed="data"``: each rank trains on its own micro-batch; the bank's [K, N] buffer is
   averaged in one all-reduce. After 3 steps the parameters equal one process trained on the
@@ -18,48 +18,28 @@ import torch.distributed as dist
 
 import fused_balance as fb
 from fused_balance.training import ParetoLoRA
-from shared import TwoLayerNet, run_ranks
+from shared import (D_IN, REGRESSION_LR, needs_gloo, regression_batch, regression_net,
+                    regression_objectives, regression_optimizer, run_ranks, train_regression)
 
 WORLD = 2
 STEPS = 3
 BATCH = 8  # global batch, split over the ranks in data mode
-D_IN, HIDDEN, D_OUT = 6, 8, 3
-LR = 1e-2
+LR = REGRESSION_LR
 TIMEOUT_S = 120
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = needs_gloo
 
 
 # ----------------------------------------------------------------------------- shared problem
-def Net():
-    return TwoLayerNet(D_IN, HIDDEN, D_OUT)
+Net, make_optimizer, objectives = regression_net, regression_optimizer, regression_objectives
 
 
 def batch(step):
-    gen = torch.Generator().manual_seed(100 + step)
-    x = torch.randn(BATCH, D_IN, generator=gen)
-    t = torch.randn(BATCH, 2, generator=gen)
-    mix = torch.tensor([[1.0, 0.5, 0.0], [-0.3, 0.2, 1.0]])  # objective k reads y @ mix[k]
-    return x, t, mix
-
-
-def objectives(y, t, mix, scale=1.0):
-    return {name: scale * ((y @ mix[k] - t[:, k]) ** 2).mean() for k, name in enumerate(("text", "image"))}
-
-
-def make_optimizer(fused):
-    return "fused_adamw" if fused else (lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.01))
+    return regression_batch(step, BATCH, D_IN, seed=100)
 
 
 def train_single(fused, backend):
     """One process, the whole batch: the reference for both modes."""
-    model = Net()
-    balancer = ParetoLoRA(model, make_optimizer(fused), backend=backend, lr=LR, weight_decay=0.01)
-    for step in range(STEPS):
-        x, t, mix = batch(step)
-        balancer.step(objectives(model(x), t, mix))
-        balancer.zero_grad()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}, balancer.history
+    return train_regression(STEPS, batch, fused=fused, backend=backend)
 
 
 # ----------------------------------------------------------------------------- rank scenarios
@@ -77,9 +57,9 @@ def _data_parallel(rank, fused, backend):
     dist.all_reduce = counting
     try:
         for step in range(STEPS):
-            x, t, mix = batch(step)
+            x, t = batch(step)
             xs, ts = x.chunk(WORLD)[rank], t.chunk(WORLD)[rank]
-            balancer.step(objectives(model(xs), ts, mix))
+            balancer.step(objectives(model(xs), ts))
             balancer.zero_grad()
     finally:
         dist.all_reduce = original
@@ -104,12 +84,12 @@ def _tensor_parallel(rank, fused, backend):
     balancer = ParetoLoRA(named, make_optimizer(fused), backend=backend, lr=LR, weight_decay=0.01,
                           process_group=dist.group.WORLD, distributed="sharded")
     for step in range(STEPS):
-        x, t, mix = batch(step)
+        x, t = batch(step)
         partial = torch.tanh(x @ w1.T + b1) @ w2.T
         if rank == 0:
             partial = partial + b2
         y = all_reduce(partial, group=dist.group.WORLD)
-        balancer.step(objectives(y, t, mix, scale=1.0 / WORLD))
+        balancer.step(objectives(y, t, scale=1.0 / WORLD))
         balancer.zero_grad()
     return {"params": {n: p.detach().clone() for n, p in named},
             "weights": [h["weights"] for h in balancer.history]}
@@ -131,7 +111,7 @@ _RESULTS: dict = {}
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    """Start WORLD ranks once (forkserver, like tests/test_distributed.py) and load their results."""
+    """Start WORLD ranks once (forkserver, like tests/core/test_distributed.py) and load their results."""
     if "ranks" not in _RESULTS:
         outdir = tmp_path_factory.mktemp("pareto_ranks")
         started = time.monotonic()

@@ -26,7 +26,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 KS = (1, 2, 3, 4, 8, 9, 16, 17, 32)  # 32 objectives is the most the plan launches natively
 BUCKET_KS = (1, 2, 3, 8, 9, 17)  # one K per padded K (1, 2, 4, 8, 16, 32) with a ragged row

@@ -8,7 +8,7 @@ whole model; and the fused BalancedAdamW path (cpp backend when available), savi
 trainable (LoRA) tensors. A control continues without restoring the random generators and
 must NOT match (the data would differ): the comparison is sensitive.
 
-This file is also the continuing process: ``python tests/test_resume.py CKPT_DIR OUT``.
+This file is also the continuing process: ``python tests/training/test_resume.py CKPT_DIR OUT``.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 N_STEPS, T_SAVE = 6, 3
 SCENARIOS = ("torch-adamw+scheduler", "fused")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build(scenario):

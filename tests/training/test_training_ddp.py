@@ -27,53 +27,31 @@ import torch
 import torch.distributed as dist
 
 from fused_balance.training import ParetoLoRA
-from shared import TwoLayerNet, run_ranks
+from shared import (D_IN, REGRESSION_LR, DemoRows, needs_gloo, regression_batch, regression_net,
+                    regression_objectives, regression_optimizer, run_ranks, train_regression)
 
 STEPS = 5
 BATCH = 8  # global batch, split over the ranks
-D_IN, HIDDEN, D_OUT = 6, 8, 3
-LR = 1e-2
+LR = REGRESSION_LR
 POLICIES = ("mgda", "pareto_lora")
-TIMEOUT_S = 240
+TIMEOUT_S = 480  # a hang fails; a loaded 2-core machine took 175 s for the 2-rank set
 TRAINER_BATCH = 4  # global batch of the Trainer runs
 HAVE_ACCELERATE = importlib.util.find_spec("accelerate") is not None
 HAVE_TRANSFORMERS = importlib.util.find_spec("transformers") is not None
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = needs_gloo
 
 
 # ----------------------------------------------------------------------------- shared problem
-def Net():
-    return TwoLayerNet(D_IN, HIDDEN, D_OUT)
+Net, make_optimizer, objectives = regression_net, regression_optimizer, regression_objectives
 
 
 def batch(step):
-    gen = torch.Generator().manual_seed(200 + step)
-    x = torch.randn(BATCH, D_IN, generator=gen)
-    t = torch.randn(BATCH, 2, generator=gen)
-    return x, t
-
-
-MIX = torch.tensor([[1.0, 0.5, 0.0], [-0.3, 0.2, 1.0]])  # objective k reads y @ MIX[k]
-
-
-def objectives(y, t):
-    return {name: ((y @ MIX[k] - t[:, k]) ** 2).mean() for k, name in enumerate(("text", "image"))}
-
-
-def make_optimizer(fused):
-    return "fused_adamw" if fused else (lambda ps: torch.optim.AdamW(ps, lr=LR, weight_decay=0.01))
+    return regression_batch(step, BATCH, D_IN, seed=200)
 
 
 def train_single(policy, fused):
     """One process on the whole batch: the reference."""
-    model = Net()
-    balancer = ParetoLoRA(model, make_optimizer(fused), policy=policy, lr=LR, weight_decay=0.01)
-    for step in range(STEPS):
-        x, t = batch(step)
-        balancer.step(objectives(model(x), t))
-        balancer.zero_grad()
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return train_regression(STEPS, batch, fused=fused, policy=policy)[0]
 
 
 def collectives(run):
@@ -181,7 +159,7 @@ def _trainer(rank, world, outdir):
 
 def _fsdp2(rank, world):
     """fully_shard turns parameters into DTensors: ParetoLoRA refuses at construction, naming
-    the hand-written recipe (tests/test_distributed.py checks that recipe)."""
+    the hand-written recipe (tests/core/test_distributed.py checks that recipe)."""
     from torch.distributed.fsdp import fully_shard
     net = Net()
     fully_shard(net)
@@ -231,20 +209,6 @@ def trainer_objectives(model, inputs, outputs):
             "image": (nll * (valid & is_image)).sum() / count}
 
 
-class Rows(torch.utils.data.Dataset):
-    def __init__(self, n):
-        from fused_balance.demo.data import make_batch
-        rows = make_batch(n, torch.Generator().manual_seed(0), 0.5)
-        self.rows = [{"input_ids": rows["input_ids"][i], "attention_mask": rows["attention_mask"][i]}
-                     for i in range(n)]
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
 def run_trainer(world, per_device_batch, output_dir):
     """BalancedTrainer for STEPS steps in order (sequential sampler): ranks see consecutive
     slices of each global batch, like one process on the whole batch."""
@@ -259,7 +223,7 @@ def run_trainer(world, per_device_batch, output_dir):
         learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
         train_sampling_strategy="sequential", ddp_backend="gloo" if world > 1 else None)
-    trainer = BalancedTrainer(model=model, args=args, train_dataset=Rows(STEPS * TRAINER_BATCH),
+    trainer = BalancedTrainer(model=model, args=args, train_dataset=DemoRows(STEPS * TRAINER_BATCH),
                               objectives_fn=trainer_objectives, policy="pareto_lora", segments="layer")
     traffic = collectives(trainer.train)
     logged = [{k: v for k, v in e.items() if k.startswith("balance/")}

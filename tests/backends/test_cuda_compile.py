@@ -18,7 +18,7 @@ import pytest
 
 from fused_balance import _extension
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARCHS = ("sm_80", "sm_90")
 # Spill bytes (stores or loads) per thread allowed in any kernel: 8, today's worst (the fp64
 # adamw_kernel<double, float> on sm_80; 4 B in combine_kernel<double> on sm_90 and two

@@ -80,7 +80,7 @@ def test_availability_without_interpreter_on_cpu():
     code = ("import torch; from fused_balance.kernels import backend as tb; "
             "print(tb.availability(torch.device('cpu'))[1]); print(tb.describe())")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                           timeout=120)

@@ -14,7 +14,7 @@ import torch
 import fused_balance as fb
 from fused_balance import _extension
 from shared import random_grads
-from test_robustness import GRAM_CASES, adamw_case, meta, two_by_two
+from bad_inputs import GRAM_CASES, adamw_case, meta, two_by_two
 
 pytestmark = pytest.mark.skipif(not fb.available_backends("cpu").count("cpp"),
                                 reason="the C++ extension cannot be built here")

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import fused_balance as fb
 from fused_balance import reference
 from fused_balance.distributed import contiguous_span
-from shared import run_ranks
+from shared import needs_gloo, run_ranks
 
 BACKENDS = fb.available_backends("cpu")
 POLICIES = ("mgda", "pareto_lora")
@@ -27,8 +27,7 @@ GLOBAL_BATCH = 8
 LR = 0.1
 LAYOUT = {2: "bank", 3: "separate"}  # data mode: the direct-buffer path and the bucket path
 WORLD_TIMEOUT_S = 150  # a hang fails the test instead of blocking the run
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = needs_gloo
 
 
 def _fsdp2_missing() -> str | None:

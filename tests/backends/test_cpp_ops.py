@@ -20,7 +20,7 @@ from fused_balance import _extension, ops, reference
 
 CHUNK = 1 << 15  # kChunkElems in csrc/multi_tensor.h
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -412,7 +412,7 @@ def test_gram_backward_matches_reference_autograd_in_float32():
         torch.testing.assert_close(x.grad, y.grad, rtol=1e-4, atol=1e-4)
 
 
-# ------------------------------------------- compile (opcheck: tests/test_conformance.py)
+# ------------------------------------------- compile (opcheck: tests/backends/test_conformance.py)
 def test_torch_compile_fullgraph_gram_then_combine():
     pb = Problem(2, [(8, 3), (40,), (1,)], torch.float32, [0, 1, 1], 2, False, 12)
 
