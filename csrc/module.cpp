@@ -4,6 +4,7 @@
 #include <pybind11/stl.h>
 
 #include "cpu_dispatch.h"
+#include "multi_tensor.h"
 
 #ifndef FUSED_BALANCE_WITH_CUDA
 #define FUSED_BALANCE_WITH_CUDA 0
@@ -11,6 +12,7 @@
 
 namespace fused_balance {
 void register_list_checks(pybind11::module_& m);  // list_checks.cpp
+void register_grad_slots(pybind11::module_& m);   // grad_slots.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -20,5 +22,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "force the CPU kernel path: 'default', 'avx2', 'avx512' or 'auto'; returns the path in use");
   m.def("supported_cpu_isas", &fused_balance::cpu::supported_isas, "CPU kernel paths this machine can run");
   m.def("cuda_compiled", []() { return bool(FUSED_BALANCE_WITH_CUDA); }, "whether the CUDA kernels are built in");
+  m.attr("chunk_elems") = fused_balance::kChunkElems;  // elements per chunk of the list ops
   fused_balance::register_list_checks(m);
+  fused_balance::register_grad_slots(m);
 }

@@ -21,6 +21,9 @@ from typing import Sequence
 
 import torch
 
+from fused_balance import _extension
+from fused_balance._grad_slots import grad_slots, is_native
+
 __all__ = ["GradBank", "FILL_MODES", "check_params"]
 
 FILL_MODES = ("backward", "batched")
@@ -106,6 +109,10 @@ class GradBank:
             for k in range(num_objectives)]
         self.reached = [False] * len(params)  # per parameter: has any objective reached it?
         self.reached_version = 0  # counts changes of ``reached`` (to cache what depends on it)
+        self._reached_count = 0
+        self._slots = None  # the .grad bookkeeping of the backward fill (_grad_slots)
+        # Checked once; a parameter converted later is refused by the slots at the next fill.
+        self._params_have_bank_dtype = all(p.dtype == dtype for p in params)
 
     @property
     def num_params(self) -> int:
@@ -133,7 +140,7 @@ class GradBank:
         mode = mode or self.mode
         if mode not in FILL_MODES:
             raise ValueError(f"unknown fill mode {mode!r}; choose one of {FILL_MODES}")
-        if mode == "backward" and any(p.dtype != self.dtype for p in self.params):
+        if mode == "backward" and not self._params_have_bank_dtype:
             raise TypeError(f"the backward fill mode needs the bank dtype ({self.dtype}) to equal "
                             "every parameter's; use mode='batched'")
         if not accumulate:
@@ -184,35 +191,43 @@ class GradBank:
 
     def _fill_backward(self, losses, retain_graph):
         # Reachability costs no extra per-tensor work: a tensor not reached so far gets
-        # ``.grad = None`` instead of its view (the same one assignment per tensor), and the
-        # check that follows each backward (already there for hooks that replace ``.grad``)
-        # sees autograd's fresh gradient for a tensor reached the first time, copies it into the
-        # bank and marks it reached. Reached tensors get their gradients in place. A tensor
-        # that objectives reached once stays reached (telling "reached in this step" apart for
-        # those would need a Python hook per tensor and backward).
-        saved = [p.grad for p in self.params]
+        # ``.grad = None`` instead of its view, and the check that follows each backward
+        # (already there for hooks that replace ``.grad``) sees autograd's fresh gradient for a
+        # tensor reached the first time, copies it into the bank and marks it reached. Reached
+        # tensors get their gradients in place. A tensor that objectives reached once stays
+        # reached (telling "reached in this step" apart for those would need a Python hook per
+        # tensor and backward). The per-tensor work is one C++ call each when the extension is
+        # loaded (fused_balance._grad_slots).
+        slots = self._grad_slots()
         live = [k for k, loss in enumerate(losses) if loss.requires_grad]
         reached = self.reached
+        slots.save()
         try:
             for j, k in enumerate(live):
-                for p, view, seen in zip(self.params, self.grads[k], reached):
-                    p.grad = view if seen else None  # autograd adds into an existing .grad in place
+                slots.point(k, [] if self._reached_count == len(reached) else reached)
                 losses[k].reshape(()).backward(retain_graph=retain_graph or j < len(live) - 1)
-                for i, (p, view) in enumerate(zip(self.params, self.grads[k])):
-                    # A hook or a sparse gradient may have replaced .grad: copy it back in. (The
-                    # identity test first: autograd accumulates in place, so the view is still
-                    # there for almost every tensor and no data_ptr() call is needed.)
-                    grad = p.grad
-                    if grad is not None and grad is not view and grad.data_ptr() != view.data_ptr():
-                        if reached[i]:  # the replacement includes what the view held
-                            view.copy_(grad)
-                        else:  # the first gradient of this tensor: the view holds no gradient yet
-                            view.add_(grad)
-                            reached[i] = True
-                            self.reached_version += 1
+                for i in slots.moved(k):
+                    # A hook or a sparse gradient replaced .grad, or the tensor was reached the
+                    # first time: copy its gradient in.
+                    grad, view = self.params[i].grad, self.grads[k][i]
+                    if reached[i]:  # the replacement includes what the view held
+                        view.copy_(grad)
+                    else:  # the first gradient of this tensor: the view holds no gradient yet
+                        view.add_(grad)
+                        self._mark_reached(i)
         finally:
-            for p, g in zip(self.params, saved):
-                p.grad = g
+            slots.restore()
+
+    def _grad_slots(self):
+        """Built on first use, and again once the extension is loaded (the native one is faster)."""
+        if self._slots is None or (not is_native(self._slots) and _extension.loaded() is not None):
+            self._slots = grad_slots(self.params, self.grads)
+        return self._slots
+
+    def _mark_reached(self, i: int) -> None:
+        self.reached[i] = True
+        self._reached_count += 1
+        self.reached_version += 1
 
     def _fill_batched(self, losses, retain_graph):
         live = [k for k, loss in enumerate(losses) if loss.requires_grad]
@@ -229,8 +244,7 @@ class GradBank:
                 if g is None:
                     continue
                 if not self.reached[i]:
-                    self.reached[i] = True
-                    self.reached_version += 1
+                    self._mark_reached(i)
                 for row, k in enumerate(live):
                     self.grads[k][i].add_(g[row])
 

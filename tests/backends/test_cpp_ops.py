@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from fused_balance import _extension, ops, reference
 
-CHUNK = 1 << 15  # kChunkElems in csrc/multi_tensor.h
+CHUNK = _extension.load().chunk_elems  # kChunkElems of csrc/multi_tensor.h
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 REPO = Path(__file__).resolve().parents[2]
 

@@ -97,3 +97,58 @@ def test_accumulate_sums_micro_batches_and_tracks_reached_tensors(mode):
     torch.testing.assert_close(bank.grads[0][2], 2 * params[2].detach(), rtol=1e-12, atol=0)
     bank.flag_nonfinite([torch.tensor(1.0, dtype=torch.float64), torch.tensor(float("inf"), dtype=torch.float64)])
     assert torch.isfinite(bank.buffer[0]).all() and torch.isnan(bank.buffer[1, 0])
+
+
+@pytest.fixture(params=["native", "python"])
+def grad_slots_impl(request, monkeypatch):
+    """The backward fill's .grad bookkeeping: the extension's C++ GradSlots, or the Python one
+    a process without the extension uses."""
+    from fused_balance import _extension
+
+    if request.param == "native":
+        _extension.load()
+    else:
+        monkeypatch.setattr(_extension, "loaded", lambda: None)
+    return request.param
+
+
+def test_backward_fill_bookkeeping_with_hooks_sparse_and_late_tensors(grad_slots_impl):
+    """Both GradSlots give autograd's gradients when .grad is replaced by a hook, arrives sparse,
+    or arrives for a tensor no objective reached before; the user's .grad comes back; a
+    parameter converted to another dtype after the bank was built is refused."""
+    from fused_balance._grad_slots import is_native
+
+    torch.manual_seed(3)
+    a = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    emb = torch.nn.Embedding(5, 3, sparse=True).double()
+    late = torch.randn(2, dtype=torch.float64, requires_grad=True)
+    params = [a, b, emb.weight, late]
+    b.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", p.grad.clone()))
+    sentinel = torch.full_like(a, 5.0)
+    a.grad = sentinel
+    bank = GradBank(params, 2)
+    ids = torch.tensor([0, 3, 3])
+
+    def losses(step):
+        h = torch.tanh(torch.randn(2, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(step)) @ a)
+        e = emb(ids).sum(0)
+        extra = (late ** 2).sum() if step > 0 else 0.0  # reached from the second step on
+        return [(h * b).sum() + (e * b).sum(), (h ** 2).sum() + e.pow(2).sum() + extra]
+
+    for step in range(3):
+        expected = [torch.autograd.grad(l, params, retain_graph=True, allow_unused=True) for l in losses(step)]
+        bank.fill(losses(step))
+        assert is_native(bank._slots) == (grad_slots_impl == "native")
+        for k in range(2):
+            for i, ref in enumerate(expected[k]):
+                ref = torch.zeros_like(params[i]) if ref is None else ref.to_dense()
+                torch.testing.assert_close(bank.grads[k][i], ref, rtol=1e-12, atol=0)
+        assert a.grad is sentinel and torch.all(sentinel == 5.0)
+        assert b.grad is None and emb.weight.grad is None and late.grad is None
+        assert bank.reached == [True, True, True, step > 0]
+
+    b.data = b.data.float()  # what module.to(torch.float32) does to a parameter
+    with pytest.raises((TypeError, RuntimeError), match="dtype|type"):
+        bank.fill(losses(0))
+    assert a.grad is sentinel and b.grad is None

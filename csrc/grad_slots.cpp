@@ -1,0 +1,91 @@
+// The per-tensor bookkeeping of GradBank's backward fill, in C++: pointing every parameter's
+// .grad at its slot in the bank (objective k's view) before a backward pass, finding the
+// parameters whose .grad autograd left somewhere else (a hook replaced it, a sparse gradient, a
+// tensor reached the first time), and putting the user's .grad back afterwards. The parameters
+// and slots are held here once, so a call costs a loop over P pointers: a Python loop costs
+// about a microsecond per tensor and would run several times per objective on hundreds of LoRA
+// tensors.
+#include <torch/extension.h>
+
+#include <vector>
+
+namespace fused_balance {
+namespace {
+
+class GradSlots {
+ public:
+  // slots[k][i]: objective k's view for params[i] (shape, dtype and device of the parameter,
+  // checked by GradBank when it was built; the dtype is checked again on every point()).
+  GradSlots(std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> slots)
+      : params_(std::move(params)), slots_(std::move(slots)) {
+    for (const auto& row : slots_) {
+      TORCH_CHECK(row.size() == params_.size(), "GradSlots: ", row.size(), " slots for ", params_.size(),
+                  " parameters");
+    }
+  }
+
+  // Remember every parameter's .grad (restored by restore()).
+  void save() {
+    saved_.clear();
+    saved_.reserve(params_.size());
+    for (const auto& p : params_) saved_.push_back(p.grad());
+  }
+
+  void restore() {
+    for (size_t i = 0; i < saved_.size(); ++i) mutable_grad(i) = saved_[i];
+    saved_.clear();
+  }
+
+  // .grad = slot of objective k for every parameter; None where reached[i] is false (empty
+  // `reached`: every parameter). Autograd then adds into the slot in place.
+  void point(int64_t k, const std::vector<bool>& reached) {
+    TORCH_CHECK(k >= 0 && size_t(k) < slots_.size(), "GradSlots.point: no objective ", k);
+    TORCH_CHECK(reached.empty() || reached.size() == params_.size(), "GradSlots.point: ", reached.size(),
+                " flags for ", params_.size(), " parameters");
+    const auto& row = slots_[k];
+    for (size_t i = 0; i < params_.size(); ++i) {
+      // A parameter converted after the bank was built (module.to(dtype)) would get a gradient
+      // of another dtype: refuse rather than accumulate into the wrong type.
+      TORCH_CHECK_TYPE(params_[i].scalar_type() == row[i].scalar_type(), "parameter ", i, " has dtype ",
+                       params_[i].scalar_type(), " but its gradient slot holds ", row[i].scalar_type(),
+                       ": the parameters changed dtype after the bank was built; build a new one");
+      mutable_grad(i) = (reached.empty() || reached[i]) ? row[i] : at::Tensor();
+    }
+  }
+
+  // Indices of the parameters whose .grad is set and is not objective k's slot.
+  std::vector<int64_t> moved(int64_t k) const {
+    TORCH_CHECK(k >= 0 && size_t(k) < slots_.size(), "GradSlots.moved: no objective ", k);
+    const auto& row = slots_[k];
+    std::vector<int64_t> out;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& g = params_[i].grad();
+      if (!g.defined() || g.unsafeGetTensorImpl() == row[i].unsafeGetTensorImpl()) continue;
+      if (g.layout() != at::kStrided || g.data_ptr() != row[i].data_ptr()) out.push_back(int64_t(i));
+    }
+    return out;
+  }
+
+ private:
+  at::Tensor& mutable_grad(size_t i) { return params_[i].mutable_grad(); }
+
+  std::vector<at::Tensor> params_;  // share the callers' TensorImpls: .grad set here is theirs
+  std::vector<std::vector<at::Tensor>> slots_;
+  std::vector<at::Tensor> saved_;
+};
+
+}  // namespace
+
+void register_grad_slots(pybind11::module_& m) {
+  pybind11::class_<GradSlots>(m, "GradSlots")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>>(),
+           pybind11::arg("params"), pybind11::arg("slots"))
+      .def("save", &GradSlots::save, "remember every parameter's .grad")
+      .def("restore", &GradSlots::restore, "put the remembered .grad back")
+      .def("point", &GradSlots::point, pybind11::arg("k"), pybind11::arg("reached"),
+           "point .grad at objective k's slots (None where reached[i] is false; [] for all)")
+      .def("moved", &GradSlots::moved, pybind11::arg("k"),
+           "indices of the parameters whose .grad is set and is not objective k's slot");
+}
+
+}  // namespace fused_balance
