@@ -1,17 +1,18 @@
 """ParetoLoRA.step's balancing overhead: the step minus the same two backward passes and the
-optimizer step done by hand, on 448 tiny LoRA-like tensors (4 elements each, 14 per layer), CPU,
+optimizer step done by hand, on P tiny LoRA-like tensors (default 448) (4 elements each, 14 per layer), CPU,
 1 thread, interleaved rounds, medians.
 
-    python benchmarks/bench_step_overhead.py
+    python benchmarks/bench_step_overhead.py [P]   (P tensors, default 448)
 """
 import statistics
+import sys
 import time
 
 import torch
 
 from fused_balance.training import ParetoLoRA
 torch.set_num_threads(1)
-P = 448
+P = int(sys.argv[1]) if len(sys.argv) > 1 else 448
 params = [torch.nn.Parameter(torch.randn(4)) for _ in range(P)]
 a = [torch.randn(4) for _ in range(P)]; b = [torch.randn(4) * 0.01 for _ in range(P)]
 named = [(f"model.layers.{i // 14}.q_proj.lora_{'A' if i % 2 else 'B'}.{i}", p) for i, p in enumerate(params)]
