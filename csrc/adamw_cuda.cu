@@ -30,11 +30,7 @@ __global__ void __launch_bounds__(kThreads) adamw_kernel(Meta meta, int64_t num_
   if (skip != nullptr && *skip) return;
   const int K = meta.K;
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const int p = meta.chunk_tensor[c];
-    const int64_t start = meta.chunk_start[c];
-    const int64_t len = chunk_length(meta.numel[p], start, kChunkElems);
-    const GradsOf<T> g{meta.grad_ptrs, meta.P, p, start};
-    const GA* w = weights + meta.segment[p] * K;
+    const auto [p, start, len, g, w] = weighted_chunk<T>(meta, c, weights);
     AdamWConsts<A> consts = base;
     consts.decay = A(meta.decay[p]);
     consts.step_size = A(meta.step_size[p]);
@@ -60,8 +56,7 @@ void balanced_adamw_cuda(at::TensorList grads, const at::Tensor& weights, at::In
                          at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                          at::ArrayRef<double> lrs, at::ArrayRef<double> weight_decays, double beta1, double beta2,
                          double eps, int64_t step, const std::optional<at::Tensor>& skip) {
-  const GradTable g = weighted_grad_table("balanced_adamw_", grads, weights, segment_ids, skip, at::kCUDA);
-  check_adamw_scalars(beta1, beta2, eps, step);
+  const GradTable g = adamw_grad_table(grads, weights, segment_ids, skip, beta1, beta2, eps, step, at::kCUDA);
   const c10::cuda::CUDAGuard guard(g.device);
   AdamWArgs a = adamw_args(g, params, exp_avgs, exp_avg_sqs, lrs, weight_decays);
   const int64_t C = g.num_chunks();

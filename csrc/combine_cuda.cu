@@ -26,11 +26,7 @@ __global__ void __launch_bounds__(kThreads) combine_kernel(Meta meta, int64_t nu
   if (skip != nullptr && *skip) return;
   const int K = meta.K;
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const int p = meta.chunk_tensor[c];
-    const int64_t start = meta.chunk_start[c];
-    const int64_t len = chunk_length(meta.numel[p], start, kChunkElems);
-    const GradsOf<T> g{meta.grad_ptrs, meta.P, p, start};
-    const A* w = weights + meta.segment[p] * K;
+    const auto [p, start, len, g, w] = weighted_chunk<T>(meta, c, weights);
     T* out = reinterpret_cast<T*>(meta.out_ptrs[p]) + start;
     int64_t first_scalar = 0;
     if (meta.vec_ok[p]) {

@@ -1,23 +1,60 @@
-// Body of the CPU kernels, included once per ISA by cpu_kernels_{default,avx2,avx512}.cpp after
-// they set FB_ISA_NS (a namespace name), FB_ISA_NAME, FB_SIMD (0 none, 2 AVX2, 3 AVX-512) and the
-// matching `#pragma GCC target`. The algorithms are written once against a tiny vector wrapper
-// (VF: floats, VD: doubles); the default build has no wrapper and runs the scalar code of
-// multi_tensor.h throughout, which is also every SIMD path's tail.
+// One CPU kernel translation unit. cpu_kernels_{default,avx2,avx512}.cpp each define
+//   FB_ISA     the path's name (default, avx2, avx512): namespace cpu::isa_<FB_ISA>, the table
+//              getter cpu::kernels_<FB_ISA>() and the table's name;
+//   FB_SIMD    0 (scalar), 2 (AVX2) or 3 (AVX-512);
+//   FB_TARGET  for a SIMD path, the `target` attribute its kernels are compiled for;
+// then include this header. It compiles the kernels for that instruction set only and defines the
+// table getter after the target region, so that fetching the table is safe on any CPU (ops_cpu.cpp
+// checks the CPU capability before using it). A SIMD path in a non-x86 build has a null table.
 //
-// Do not include this header anywhere else: everything below lives in a per-ISA namespace so
-// that code compiled for AVX2 can never be picked by the linker for a caller on the default path.
+// The algorithms are written once against a tiny vector wrapper (VF: floats, VD: doubles); the
+// default build has no wrapper and runs the scalar code of multi_tensor.h throughout, which is
+// also every SIMD path's tail. Everything lives in the per-ISA namespace so that code compiled
+// for AVX2 can never be picked by the linker for a caller on the default path: do not include
+// this header anywhere else.
 
 #include <stdint.h>
 #include <string.h>
+
+#include "cpu_kernels.h"
+
+#define FB_CAT_(a, b) a##b
+#define FB_CAT(a, b) FB_CAT_(a, b)
+#define FB_STR_(a) #a
+#define FB_STR(a) FB_STR_(a)
+#define FB_ISA_NS FB_CAT(isa_, FB_ISA)
+#define FB_ISA_TABLE FB_CAT(kernels_, FB_ISA)
+
+#if FB_SIMD && !(defined(__x86_64__) || defined(_M_X64))
+namespace fused_balance {
+namespace cpu {
+const KernelTable* FB_ISA_TABLE() { return nullptr; }  // not compiled in
+}  // namespace cpu
+}  // namespace fused_balance
+#else  // the scalar path, or a SIMD path on x86: the kernels, then the table
+
+#if FB_SIMD
+#include <immintrin.h>
+#define FB_PRAGMA(...) _Pragma(#__VA_ARGS__)
+#if defined(__clang__)
+#define FB_TARGET_PUSH(t) FB_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
+#define FB_TARGET_POP FB_PRAGMA(clang attribute pop)
+#else
+#define FB_TARGET_PUSH(t) FB_PRAGMA(GCC push_options) FB_PRAGMA(GCC target(t))
+#define FB_TARGET_POP FB_PRAGMA(GCC pop_options)
+#endif
+FB_TARGET_PUSH(FB_TARGET)
+#endif
 
 namespace fused_balance {
 namespace cpu {
 namespace FB_ISA_NS {
 namespace {
 
-// Tile of a chunk: fp32 lanes accumulate over at most this many elements before their sum is
-// added in double (keeps the fp32 accumulation short, so the Gram's error stays small). It is
-// AdamW update works on tiles of kAdamTile elements converted to the math type in L1 buffers.
+// kTile: the Gram's fp32 lanes accumulate over at most this many elements of a chunk before their
+// sums are added in double (short fp32 accumulations keep the Gram's error small); the float64
+// Gram walks the same tiles so that its pairwise path re-reads each from L1.
+// kAdamTile: AdamW converts this many elements at a time to the math type, in L1 buffers.
 constexpr int64_t kTile = 2048;
 constexpr int64_t kAdamTile = 1024;  // five L1 buffers of it on the stack
 constexpr int kStackObjectives = 64;
@@ -500,3 +537,19 @@ void gram64_chunk(const void* const* g, int K, int dtype, int64_t n, double* pai
 }  // namespace FB_ISA_NS
 }  // namespace cpu
 }  // namespace fused_balance
+
+#if FB_SIMD
+FB_TARGET_POP
+#endif
+
+namespace fused_balance {
+namespace cpu {
+const KernelTable* FB_ISA_TABLE() {
+  static const KernelTable table{FB_STR(FB_ISA), FB_ISA_NS::gram_chunk, FB_ISA_NS::combine_chunk,
+                                 FB_ISA_NS::adamw_chunk, FB_ISA_NS::gram64_chunk};
+  return &table;
+}
+}  // namespace cpu
+}  // namespace fused_balance
+
+#endif

@@ -174,6 +174,35 @@ struct GradsOf {
   }
 };
 
+// Chunk c of the table: its tensor, first element and length (kernels bind them by name:
+// `const auto [p, start, len] = chunk_span(meta, c);`).
+struct ChunkSpan {
+  int p;
+  int64_t start, len;
+};
+
+__device__ __forceinline__ ChunkSpan chunk_span(const Meta& meta, int64_t c) {
+  const int p = meta.chunk_tensor[c];
+  const int64_t start = meta.chunk_start[c];
+  return {p, start, chunk_length(meta.numel[p], start, kChunkElems)};
+}
+
+// Chunk c of a weighted op (combine, AdamW): its span, the K gradients there and the weights of
+// the tensor's segment.
+template <typename T>
+struct WeightedChunk {
+  int p;
+  int64_t start, len;
+  GradsOf<T> g;
+  const acc_t<T>* w;
+};
+
+template <typename T>
+__device__ __forceinline__ WeightedChunk<T> weighted_chunk(const Meta& meta, int64_t c, const acc_t<T>* weights) {
+  const ChunkSpan s = chunk_span(meta, c);
+  return {s.p, s.start, s.len, GradsOf<T>{meta.grad_ptrs, meta.P, s.p, s.start}, weights + meta.segment[s.p] * meta.K};
+}
+
 template <typename V>
 std::vector<int64_t> addresses(const std::vector<V*>& ptrs) {
   std::vector<int64_t> out(ptrs.size());

@@ -32,9 +32,7 @@ __global__ void __launch_bounds__(kThreads) gram_partials_kernel(Meta meta, int6
   const int K = meta.K;
   const int npairs = pair_count(K);
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const int p = meta.chunk_tensor[c];
-    const int64_t start = meta.chunk_start[c];
-    const int64_t len = chunk_length(meta.numel[p], start, kChunkElems);
+    const auto [p, start, len] = chunk_span(meta, c);
     const T* g[KMAX];
 #pragma unroll
     for (int k = 0; k < KMAX; ++k)
@@ -86,9 +84,7 @@ __global__ void __launch_bounds__(kThreads) gram_partials_pairwise_kernel(Meta m
   const int K = meta.K;
   const int npairs = pair_count(K);
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const int p = meta.chunk_tensor[c];
-    const int64_t start = meta.chunk_start[c];
-    const int64_t len = chunk_length(meta.numel[p], start, kChunkElems);
+    const auto [p, start, len] = chunk_span(meta, c);
     const GradsOf<T> g{meta.grad_ptrs, meta.P, p, start};
     for (int q = 0; q < npairs; ++q) {
       int k, l;

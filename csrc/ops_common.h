@@ -192,13 +192,6 @@ inline std::vector<double> per_tensor(const char* op, const char* what, at::Arra
   return out;
 }
 
-inline void check_adamw_scalars(double beta1, double beta2, double eps, int64_t step) {
-  TORCH_CHECK_VALUE(step >= 1, "fused_balance::balanced_adamw_: step must be >= 1, got ", step);
-  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, "fused_balance::balanced_adamw_: beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, "fused_balance::balanced_adamw_: beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK_VALUE(eps >= 0.0, "fused_balance::balanced_adamw_: eps must be >= 0, got ", eps);
-}
-
 // ------------------------------------------------------------------- per-op preparation
 // Each op's checks in one place; `kernel` is the device type of the implementation called.
 
@@ -247,8 +240,19 @@ inline OutputTable combine_into_outputs(at::TensorList out, const GradTable& g) 
   return o;
 }
 
-// balanced_adamw_: per-tensor hyper-parameters and the optimizer state (check_adamw_scalars
-// comes first).
+// balanced_adamw_: the gradients' table as weighted_grad_table, and the scalar hyper-parameters.
+inline GradTable adamw_grad_table(at::TensorList grads, const at::Tensor& weights, at::IntArrayRef segment_ids,
+                                  const std::optional<at::Tensor>& skip, double beta1, double beta2, double eps,
+                                  int64_t step, at::DeviceType kernel) {
+  GradTable g = weighted_grad_table("balanced_adamw_", grads, weights, segment_ids, skip, kernel);
+  TORCH_CHECK_VALUE(step >= 1, "fused_balance::balanced_adamw_: step must be >= 1, got ", step);
+  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, "fused_balance::balanced_adamw_: beta1 must be in [0, 1), got ", beta1);
+  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, "fused_balance::balanced_adamw_: beta2 must be in [0, 1), got ", beta2);
+  TORCH_CHECK_VALUE(eps >= 0.0, "fused_balance::balanced_adamw_: eps must be >= 0, got ", eps);
+  return g;
+}
+
+// balanced_adamw_: per-tensor hyper-parameters and the optimizer state (after adamw_grad_table).
 struct AdamWArgs {
   std::vector<double> lr, weight_decay;
   OutputTable params, exp_avgs, exp_avg_sqs;

@@ -199,8 +199,7 @@ void balanced_adamw_cpu(at::TensorList grads, const at::Tensor& weights, at::Int
                         at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                         at::ArrayRef<double> lrs, at::ArrayRef<double> weight_decays, double beta1, double beta2,
                         double eps, int64_t step, const std::optional<at::Tensor>& skip) {
-  const GradTable g = weighted_grad_table("balanced_adamw_", grads, weights, segment_ids, skip, at::kCPU);
-  check_adamw_scalars(beta1, beta2, eps, step);
+  const GradTable g = adamw_grad_table(grads, weights, segment_ids, skip, beta1, beta2, eps, step, at::kCPU);
   AdamWArgs a = adamw_args(g, params, exp_avgs, exp_avg_sqs, lrs, weight_decays);
   if (skip_requested(skip)) return;
   const std::vector<double> w = weights_as_double(weights);

@@ -142,13 +142,12 @@ void bank_combine_into_cpu(const at::Tensor& bank, const at::Tensor& weights, co
 void bank_adamw_cpu(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
                     const at::Tensor& param_ptrs, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                     const at::Tensor& hyper, const at::Tensor& step, const std::optional<at::Tensor>& skip) {
-  const char* op = "bank_adamw_";
   const BankView b =
       check_bank_adamw(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip, at::kCPU);
-  const int32_t pcode = elem_type_of(exp_avg.scalar_type(), op);
+  const int32_t pcode = elem_type_of(exp_avg.scalar_type(), "bank_adamw_");
   int64_t total = 0;
   const std::vector<CpuChunk> ch =
-      read_chunks(op, chunks, b, weights.size(0), param_ptrs.numel(), hyper.size(0), &total);
+      read_chunks("bank_adamw_", chunks, b, weights.size(0), param_ptrs.numel(), hyper.size(0), &total);
   if (skip_set(skip)) return;
   // The step about to be taken: the stored count + 1 (read from memory, as the GPU kernel does).
   const double t = double(step.data_ptr<float>()[0]) + 1.0;

@@ -27,6 +27,10 @@ namespace {
 
 constexpr int kMaxObjectives = 64;  // weights of a chunk's segment held in shared memory
 
+void check_weights_fit_shared_memory(const char* op, const BankView& b) {
+  TORCH_CHECK_VALUE(b.K <= kMaxObjectives, "fused_balance::", op, ": at most ", kMaxObjectives, " objectives");
+}
+
 // --------------------------------------------------------------------------------- Gram
 // Stage 1, K <= KMAX: all pairs in registers, each bank element loaded once. Block sums in a
 // fixed order (warp shuffles, then warps in index order).
@@ -179,10 +183,9 @@ __global__ void __launch_bounds__(kThreads) combine_chunks(const T* __restrict__
 
 void bank_combine_into_cuda(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
                             const at::Tensor& out, const std::optional<at::Tensor>& skip) {
-  const char* op = "bank_combine_into";
   const BankView b = check_bank_combine_into(bank, weights, chunks, out, skip, at::kCUDA);
+  check_weights_fit_shared_memory("bank_combine_into", b);
   const int64_t C = chunks.size(0);
-  TORCH_CHECK_VALUE(b.K <= kMaxObjectives, "fused_balance::", op, ": at most ", kMaxObjectives, " objectives");
   if (C == 0) return;
   const c10::cuda::CUDAGuard guard(b.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(b.device.index()).stream();
@@ -239,12 +242,11 @@ __global__ void count_step(float* step, const bool* skip) {
 void bank_adamw_cuda(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
                      const at::Tensor& param_ptrs, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                      const at::Tensor& hyper, const at::Tensor& step, const std::optional<at::Tensor>& skip) {
-  const char* op = "bank_adamw_";
   const BankView b =
       check_bank_adamw(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip, at::kCUDA);
+  check_weights_fit_shared_memory("bank_adamw_", b);
+  const int32_t pcode = elem_type_of(exp_avg.scalar_type(), "bank_adamw_");
   const int64_t C = chunks.size(0);
-  TORCH_CHECK_VALUE(b.K <= kMaxObjectives, "fused_balance::", op, ": at most ", kMaxObjectives, " objectives");
-  const int32_t pcode = elem_type_of(exp_avg.scalar_type(), op);
   const c10::cuda::CUDAGuard guard(b.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(b.device.index()).stream();
   const at::Tensor w = weights.to(at::kDouble).contiguous();
