@@ -1,5 +1,6 @@
-// What every CUDA translation unit of the extension shares: launch shape, accumulate types, grid
-// sizing, dtype dispatch, the element load/store helpers, and the list ops' metadata table.
+// What every CUDA translation unit of the extension shares: launch shape, grid sizing, the element
+// load/store helpers, and the list ops' metadata table (accumulate types and the dtype dispatch
+// with_type come from multi_tensor.h, shared with the CPU kernels).
 //
 // The list ops (gram_cuda.cu, combine_cuda.cu, adamw_cuda.cu) build a metadata table on the host
 // (tensor pointers, sizes, segment ids, chunk -> tensor/offset, segment -> chunks), copy it to the
@@ -34,10 +35,6 @@ constexpr int kVec = 4;                    // elements per vectorised access
 constexpr int kBlocksPerSm = 32;           // grid cap for the grid-stride loops (above residency:
                                            // one chunk per block balances best)
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> using acc_t = typename Acc<T>::type;
-
 // Blocks for a grid-stride loop over work_items (chunks), capped at kBlocksPerSm per SM. The SM
 // count is read once per device.
 inline int grid_for(int64_t work_items) {
@@ -48,17 +45,6 @@ inline int grid_for(int64_t work_items) {
   if (n == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
   const int64_t cap = int64_t(n > 0 ? n : 1) * kBlocksPerSm;
   return int(work_items < cap ? (work_items > 0 ? work_items : 1) : cap);
-}
-
-// Calls f(T{}) with T the C++ type of an ElemType code.
-template <typename F>
-void with_type(int32_t code, F&& f) {
-  switch (code) {
-    case kFloat64: f(double{}); break;
-    case kBFloat16: f(bf16_t{}); break;
-    case kFloat16: f(f16_t{}); break;
-    default: f(float{}); break;
-  }
 }
 
 // The optional device-side skip flag (kernels return at once when it is set), or null.

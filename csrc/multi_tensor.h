@@ -78,6 +78,22 @@ FB_INLINE uint16_t float_to_f16(float f) {
   return uint16_t(sign | ((rebased + 0xfffu + ((rebased >> 13) & 1u)) >> 13));
 }
 
+// The accumulate (math) type of an element type: double for double, float otherwise.
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <typename T> using acc_t = typename AccOf<T>::type;
+
+// Calls f(T{}) with T the C++ type of an ElemType code (host code; codes are checked on entry).
+template <typename F>
+inline void with_type(int32_t code, F&& f) {
+  switch (code) {
+    case kFloat64: f(double{}); break;
+    case kBFloat16: f(bf16_t{}); break;
+    case kFloat16: f(f16_t{}); break;
+    default: f(float{}); break;
+  }
+}
+
 template <typename A> FB_INLINE A to_acc(float x) { return A(x); }
 template <typename A> FB_INLINE A to_acc(double x) { return A(x); }
 template <typename A> FB_INLINE A to_acc(bf16_t x) { return A(bf16_to_float(x.bits)); }
