@@ -1,13 +1,41 @@
-// Block sums shared by the CUDA Gram kernels (list API in ops_cuda.cu, plan in plan_cuda.cu), so
-// both reduce their pair accumulators in the same fixed order: warp shuffles, then the warps in
-// index order (results do not depend on scheduling).
+// Fixed-order block reductions shared by the CUDA Gram kernels (list API in gram_cuda.cu, plan in
+// plan_cuda.cu), so both reduce their pair accumulators in the same order: warp shuffles, then
+// the warps in index order (results do not depend on scheduling).
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include "cuda_launch.cuh"
 #include "multi_tensor.h"
 
 namespace fused_balance {
+namespace cuda {
+
+// acc[q] += x[k] x[l] for every pair k <= l < KMAX (one FMA each), q in the KMAX pair layout.
+template <int KMAX, typename A>
+__device__ __forceinline__ void accumulate_pair_products(const A (&x)[KMAX], A (&acc)[KMAX * (KMAX + 1) / 2]) {
+  int q = 0;
+#pragma unroll
+  for (int k = 0; k < KMAX; ++k) {
+#pragma unroll
+    for (int l = k; l < KMAX; ++l, ++q) acc[q] = fma_acc(x[k], x[l], acc[q]);
+  }
+}
+
+// Sum over the block; the result is valid in thread 0. `scratch` holds WARPS values; the caller
+// synchronises before reusing it.
+template <int WARPS>
+__device__ __forceinline__ double block_sum(double v, double* scratch) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  double total = 0.0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < WARPS; ++w) total += scratch[w];
+  return total;
+}
 
 // acc: this thread's NPMAX = KMAX(KMAX+1)/2 pair accumulators (pairs beyond K's hold zeros);
 // scratch: shared [WARPS][NPMAX]. Thread q < pair_count(K) writes pair q's block total to out[q].
@@ -37,4 +65,5 @@ __device__ __forceinline__ void store_block_pair_sums(const A (&acc)[KMAX * (KMA
   __syncthreads();
 }
 
+}  // namespace cuda
 }  // namespace fused_balance

@@ -1,23 +1,60 @@
-// Body of the CPU kernels, included once per ISA by cpu_kernels_{default,avx2,avx512}.cpp after
-// they set FB_ISA_NS (a namespace name), FB_ISA_NAME, FB_SIMD (0 none, 2 AVX2, 3 AVX-512) and the
-// matching `#pragma GCC target`. The algorithms are written once against a tiny vector wrapper
-// (VF: floats, VD: doubles); the default build has no wrapper and runs the scalar code of
-// multi_tensor.h throughout, which is also every SIMD path's tail.
+// One CPU kernel translation unit. cpu_kernels_{default,avx2,avx512}.cpp each define
+//   FB_ISA     the path's name (default, avx2, avx512): namespace cpu::isa_<FB_ISA>, the table
+//              getter cpu::kernels_<FB_ISA>() and the table's name;
+//   FB_SIMD    0 (scalar), 2 (AVX2) or 3 (AVX-512);
+//   FB_TARGET  for a SIMD path, the `target` attribute its kernels are compiled for;
+// then include this header. It compiles the kernels for that instruction set only and defines the
+// table getter after the target region, so that fetching the table is safe on any CPU (ops_cpu.cpp
+// checks the CPU capability before using it). A SIMD path in a non-x86 build has a null table.
 //
-// Do not include this header anywhere else: everything below lives in a per-ISA namespace so
-// that code compiled for AVX2 can never be picked by the linker for a caller on the default path.
+// The algorithms are written once against a tiny vector wrapper (VF: floats, VD: doubles); the
+// default build has no wrapper and runs the scalar code of multi_tensor.h throughout, which is
+// also every SIMD path's tail. Everything lives in the per-ISA namespace so that code compiled
+// for AVX2 can never be picked by the linker for a caller on the default path: do not include
+// this header anywhere else.
 
 #include <stdint.h>
 #include <string.h>
+
+#include "cpu_kernels.h"
+
+#define FB_CAT_(a, b) a##b
+#define FB_CAT(a, b) FB_CAT_(a, b)
+#define FB_STR_(a) #a
+#define FB_STR(a) FB_STR_(a)
+#define FB_ISA_NS FB_CAT(isa_, FB_ISA)
+#define FB_ISA_TABLE FB_CAT(kernels_, FB_ISA)
+
+#if FB_SIMD && !(defined(__x86_64__) || defined(_M_X64))
+namespace fused_balance {
+namespace cpu {
+const KernelTable* FB_ISA_TABLE() { return nullptr; }  // not compiled in
+}  // namespace cpu
+}  // namespace fused_balance
+#else  // the scalar path, or a SIMD path on x86: the kernels, then the table
+
+#if FB_SIMD
+#include <immintrin.h>
+#define FB_PRAGMA(...) _Pragma(#__VA_ARGS__)
+#if defined(__clang__)
+#define FB_TARGET_PUSH(t) FB_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
+#define FB_TARGET_POP FB_PRAGMA(clang attribute pop)
+#else
+#define FB_TARGET_PUSH(t) FB_PRAGMA(GCC push_options) FB_PRAGMA(GCC target(t))
+#define FB_TARGET_POP FB_PRAGMA(GCC pop_options)
+#endif
+FB_TARGET_PUSH(FB_TARGET)
+#endif
 
 namespace fused_balance {
 namespace cpu {
 namespace FB_ISA_NS {
 namespace {
 
-// Tile of a chunk: fp32 lanes accumulate over at most this many elements before their sum is
-// added in double (keeps the fp32 accumulation short, so the Gram's error stays small). It is
-// AdamW update works on tiles of kAdamTile elements converted to the math type in L1 buffers.
+// kTile: the Gram's fp32 lanes accumulate over at most this many elements of a chunk before their
+// sums are added in double (short fp32 accumulations keep the Gram's error small); the float64
+// Gram walks the same tiles so that its pairwise path re-reads each from L1.
+// kAdamTile: AdamW converts this many elements at a time to the math type, in L1 buffers.
 constexpr int64_t kTile = 2048;
 constexpr int64_t kAdamTile = 1024;  // five L1 buffers of it on the stack
 constexpr int kStackObjectives = 64;
@@ -26,110 +63,101 @@ template <typename A> struct AccCode;
 template <> struct AccCode<float> { static constexpr int value = kFloat32; };
 template <> struct AccCode<double> { static constexpr int value = kFloat64; };
 
-#if FB_SIMD == 2  // ----------------------------------------------------------------- AVX2
+#if FB_SIMD
+// ------------------------------------------------------------------------ vector wrappers
+// VF (floats) and VD (doubles) are written once over the ISA's intrinsic names: FB_MM(op) is the
+// full-width intrinsic (_mm256_op, _mm512_op), FB_MH(op) the half-width one (a VD's worth of
+// floats), FB_SI(op) the half-width integer access that moves a VF's worth of 16-bit values. What
+// differs by more than the width is spelled out per ISA: the halves of a float vector, the sum of
+// a double vector and the bf16 rounding store.
+#if FB_SIMD == 2  // AVX2: 8 floats, 4 doubles
+#define FB_MM(op) _mm256_##op
+#define FB_MH(op) _mm_##op
+#define FB_SI(op) _mm_##op##_si128
+using RegF = __m256;
+using RegD = __m256d;
+using RegI = __m256i;
+using HalfI = __m128i;
+inline RegF int_bits_as_ps(RegI x) { return _mm256_castsi256_ps(x); }
+inline __m128 low_half(RegF v) { return _mm256_castps256_ps128(v); }
+inline __m128 high_half(RegF v) { return _mm256_extractf128_ps(v, 1); }
+
+inline double hsum_pd(RegD v) {
+  const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+  return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+}
+
+inline void store_bf16(RegF v, bf16_t* p) {  // round to nearest even, NaN -> 0x7FC0 (as float_to_bf16)
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+
+#elif FB_SIMD == 3  // AVX-512: 16 floats, 8 doubles
+#define FB_MM(op) _mm512_##op
+#define FB_MH(op) _mm256_##op
+#define FB_SI(op) _mm256_##op##_si256
+using RegF = __m512;
+using RegD = __m512d;
+using RegI = __m512i;
+using HalfI = __m256i;
+inline RegF int_bits_as_ps(RegI x) { return _mm512_castsi512_ps(x); }
+inline __m256 low_half(RegF v) { return _mm512_castps512_ps256(v); }
+inline __m256 high_half(RegF v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+
+inline double hsum_pd(RegD v) { return _mm512_reduce_add_pd(v); }
+
+inline void store_bf16(RegF v, bf16_t* p) {  // round to nearest even, NaN -> 0x7FC0 (as float_to_bf16)
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+#endif
+
 struct VF {
-  static constexpr int W = 8;
-  __m256 v;
-  static VF zero() { return {_mm256_setzero_ps()}; }
-  static VF set1(float x) { return {_mm256_set1_ps(x)}; }
-  static VF load(const float* p) { return {_mm256_loadu_ps(p)}; }
-  static VF load(const bf16_t* p) {
-    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return {_mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))};
+  static constexpr int W = sizeof(RegF) / sizeof(float);
+  RegF v;
+  static VF zero() { return {FB_MM(setzero_ps)()}; }
+  static VF set1(float x) { return {FB_MM(set1_ps)(x)}; }
+  static VF load(const float* p) { return {FB_MM(loadu_ps)(p)}; }
+  static VF load(const bf16_t* p) {  // the bits of the float with the same upper half
+    const RegI wide = FB_MM(cvtepu16_epi32)(FB_SI(loadu)(reinterpret_cast<const HalfI*>(p)));
+    return {int_bits_as_ps(FB_MM(slli_epi32)(wide, 16))};
   }
-  static VF load(const f16_t* p) {
-    return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))};
-  }
-  void store(float* p) const { _mm256_storeu_ps(p, v); }
-  void store(bf16_t* p) const {  // round to nearest even, NaN -> 0x7FC0 (as float_to_bf16)
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7fff))), 16);
-    const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), nan);
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-  }
+  static VF load(const f16_t* p) { return {FB_MM(cvtph_ps)(FB_SI(loadu)(reinterpret_cast<const HalfI*>(p)))}; }
+  void store(float* p) const { FB_MM(storeu_ps)(p, v); }
+  void store(bf16_t* p) const { store_bf16(v, p); }
   void store(f16_t* p) const {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    FB_SI(storeu)(reinterpret_cast<HalfI*>(p), FB_MM(cvtps_ph)(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  double hsum() const {
-    const __m256d s = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(v)),
-                                    _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1)));
-    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+  double hsum() const {  // in double: the two halves widened (exact), added, then summed
+    return hsum_pd(FB_MM(add_pd)(FB_MM(cvtps_pd)(low_half(v)), FB_MM(cvtps_pd)(high_half(v))));
   }
 };
-inline VF fmadd(VF a, VF b, VF c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }
-inline VF mul(VF a, VF b) { return {_mm256_mul_ps(a.v, b.v)}; }
-inline VF add(VF a, VF b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline VF fmadd(VF a, VF b, VF c) { return {FB_MM(fmadd_ps)(a.v, b.v, c.v)}; }
+inline VF mul(VF a, VF b) { return {FB_MM(mul_ps)(a.v, b.v)}; }
+inline VF add(VF a, VF b) { return {FB_MM(add_ps)(a.v, b.v)}; }
 
 struct VD {
-  static constexpr int W = 4;
-  __m256d v;
-  static VD zero() { return {_mm256_setzero_pd()}; }
-  static VD set1(double x) { return {_mm256_set1_pd(x)}; }
-  static VD load(const double* p) { return {_mm256_loadu_pd(p)}; }
-  static VD load(const float* p) { return {_mm256_cvtps_pd(_mm_loadu_ps(p))}; }  // exact widening
-  void store(double* p) const { _mm256_storeu_pd(p, v); }
-  double hsum() const {
-    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
-    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
-  }
+  static constexpr int W = sizeof(RegD) / sizeof(double);
+  RegD v;
+  static VD zero() { return {FB_MM(setzero_pd)()}; }
+  static VD set1(double x) { return {FB_MM(set1_pd)(x)}; }
+  static VD load(const double* p) { return {FB_MM(loadu_pd)(p)}; }
+  static VD load(const float* p) { return {FB_MM(cvtps_pd)(FB_MH(loadu_ps)(p))}; }  // exact widening
+  void store(double* p) const { FB_MM(storeu_pd)(p, v); }
+  double hsum() const { return hsum_pd(v); }
 };
-inline VD fmadd(VD a, VD b, VD c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
-inline VD mul(VD a, VD b) { return {_mm256_mul_pd(a.v, b.v)}; }
-inline VD add(VD a, VD b) { return {_mm256_add_pd(a.v, b.v)}; }
-
-#elif FB_SIMD == 3  // ----------------------------------------------------------- AVX-512
-struct VF {
-  static constexpr int W = 16;
-  __m512 v;
-  static VF zero() { return {_mm512_setzero_ps()}; }
-  static VF set1(float x) { return {_mm512_set1_ps(x)}; }
-  static VF load(const float* p) { return {_mm512_loadu_ps(p)}; }
-  static VF load(const bf16_t* p) {
-    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return {_mm512_castsi512_ps(_mm512_slli_epi32(wide, 16))};
-  }
-  static VF load(const f16_t* p) {
-    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
-  }
-  void store(float* p) const { _mm512_storeu_ps(p, v); }
-  void store(bf16_t* p) const {
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    r = _mm512_mask_mov_epi32(r, nan, _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-  }
-  void store(f16_t* p) const {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-  double hsum() const {
-    const __m512d s = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(v)),
-                                    _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
-    return _mm512_reduce_add_pd(s);
-  }
-};
-inline VF fmadd(VF a, VF b, VF c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
-inline VF mul(VF a, VF b) { return {_mm512_mul_ps(a.v, b.v)}; }
-inline VF add(VF a, VF b) { return {_mm512_add_ps(a.v, b.v)}; }
-
-struct VD {
-  static constexpr int W = 8;
-  __m512d v;
-  static VD zero() { return {_mm512_setzero_pd()}; }
-  static VD set1(double x) { return {_mm512_set1_pd(x)}; }
-  static VD load(const double* p) { return {_mm512_loadu_pd(p)}; }
-  static VD load(const float* p) { return {_mm512_cvtps_pd(_mm256_loadu_ps(p))}; }  // exact widening
-  void store(double* p) const { _mm512_storeu_pd(p, v); }
-  double hsum() const { return _mm512_reduce_add_pd(v); }
-};
-inline VD fmadd(VD a, VD b, VD c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
-inline VD mul(VD a, VD b) { return {_mm512_mul_pd(a.v, b.v)}; }
-inline VD add(VD a, VD b) { return {_mm512_add_pd(a.v, b.v)}; }
+inline VD fmadd(VD a, VD b, VD c) { return {FB_MM(fmadd_pd)(a.v, b.v, c.v)}; }
+inline VD mul(VD a, VD b) { return {FB_MM(mul_pd)(a.v, b.v)}; }
+inline VD add(VD a, VD b) { return {FB_MM(add_pd)(a.v, b.v)}; }
 #endif
 
 #if FB_SIMD
@@ -139,16 +167,15 @@ template <> struct VecOf<double> { using type = VD; };
 #endif
 
 // ------------------------------------------------------------------------------------ Gram
-// KC objectives (compile-time) fused: each element of each stream is loaded once per tile and
-// all KC(KC+1)/2 products accumulate in registers, U independent accumulators per product to
-// hide the FMA latency.
-template <int KC, typename A, typename T>
-void gram_tile_fused(const T* const* g, int64_t off, int64_t len, double* pairs) {
-  constexpr int NP = KC * (KC + 1) / 2;
-  int64_t i = 0;
 #if FB_SIMD
-  using V = typename VecOf<T>::type;
+// The vector part of a fused Gram tile over the KC streams g[k] + off: all KC(KC+1)/2 products
+// accumulate in V registers, U independent accumulators per product to hide the FMA latency;
+// pairs[q] += their sums. Returns where the scalar tail starts.
+template <int KC, typename V, typename T>
+int64_t fused_pairs_simd(const T* const* g, int64_t off, int64_t len, double* pairs) {
+  constexpr int NP = KC * (KC + 1) / 2;
   constexpr int U = KC <= 2 ? 2 : 1;
+  int64_t i = 0;
   V acc[NP][U];
   for (int q = 0; q < NP; ++q)
     for (int u = 0; u < U; ++u) acc[q][u] = V::zero();
@@ -166,6 +193,32 @@ void gram_tile_fused(const T* const* g, int64_t off, int64_t len, double* pairs)
     for (int u = 1; u < U; ++u) s = add(s, acc[q][u]);
     pairs[q] += s.hsum();
   }
+  return i;
+}
+
+// The vector part of one pair's dot product over a tile (two accumulators); *pair += its sum.
+// Returns where the scalar tail starts.
+template <typename V, typename T>
+int64_t dot_simd(const T* a, const T* b, int64_t len, double* pair) {
+  int64_t i = 0;
+  V s0 = V::zero(), s1 = V::zero();
+  for (; i + 2 * V::W <= len; i += 2 * V::W) {
+    s0 = fmadd(V::load(a + i), V::load(b + i), s0);
+    s1 = fmadd(V::load(a + i + V::W), V::load(b + i + V::W), s1);
+  }
+  *pair += add(s0, s1).hsum();
+  return i;
+}
+#endif
+
+// KC objectives (compile-time) fused: each element of each stream is loaded once per tile and
+// all KC(KC+1)/2 products accumulate in registers (fused_pairs_simd), the tail in scalar code.
+template <int KC, typename A, typename T>
+void gram_tile_fused(const T* const* g, int64_t off, int64_t len, double* pairs) {
+  constexpr int NP = KC * (KC + 1) / 2;
+  int64_t i = 0;
+#if FB_SIMD
+  i = fused_pairs_simd<KC, typename VecOf<T>::type>(g, off, len, pairs);
 #endif
   A tail[NP];
   for (int q = 0; q < NP; ++q) tail[q] = A(0);
@@ -185,13 +238,7 @@ void gram_tile_pairwise(const T* const* g, int K, int64_t off, int64_t len, doub
       const T* b = g[l] + off;
       int64_t i = 0;
 #if FB_SIMD
-      using V = typename VecOf<T>::type;
-      V s0 = V::zero(), s1 = V::zero();
-      for (; i + 2 * V::W <= len; i += 2 * V::W) {
-        s0 = fmadd(V::load(a + i), V::load(b + i), s0);
-        s1 = fmadd(V::load(a + i + V::W), V::load(b + i + V::W), s1);
-      }
-      pairs[q] += add(s0, s1).hsum();
+      i = dot_simd<typename VecOf<T>::type>(a, b, len, &pairs[q]);
 #endif
       pairs[q] += double(dot_range<A>(a, b, i, len));
     }
@@ -215,12 +262,7 @@ void gram_typed(const void* const* g_raw, int K, int64_t n, double* pairs) {
 }
 
 void gram_chunk(const void* const* g, int K, int dtype, int64_t n, double* pairs) {
-  switch (dtype) {
-    case kFloat32: gram_typed<float, float>(g, K, n, pairs); break;
-    case kFloat64: gram_typed<double, double>(g, K, n, pairs); break;
-    case kBFloat16: gram_typed<float, bf16_t>(g, K, n, pairs); break;
-    case kFloat16: gram_typed<float, f16_t>(g, K, n, pairs); break;
-  }
+  with_type(dtype, [&](auto t) { gram_typed<acc_t<decltype(t)>, decltype(t)>(g, K, n, pairs); });
 }
 
 // --------------------------------------------------------------------------------- Combine
@@ -274,66 +316,44 @@ void combine_typed(const void* const* g, int K, int64_t n, const double* w, void
 }
 
 void combine_chunk(const void* const* g, int K, int dtype, int64_t n, const double* w, void* out) {
-  switch (dtype) {
-    case kFloat32: combine_typed<float, float>(g, K, n, w, out); break;
-    case kFloat64: combine_typed<double, double>(g, K, n, w, out); break;
-    case kBFloat16: combine_typed<float, bf16_t>(g, K, n, w, out); break;
-    case kFloat16: combine_typed<float, f16_t>(g, K, n, w, out); break;
-  }
+  with_type(dtype, [&](auto t) { combine_typed<acc_t<decltype(t)>, decltype(t)>(g, K, n, w, out); });
 }
 
 // ----------------------------------------------------------------------------------- AdamW
-// Tile conversions between a stored dtype and the math type A.
-template <typename A, typename T>
-void load_tile(const T* src, A* dst, int64_t n) {
+// Tile conversion between a stored dtype and the math type, either way (load: From is stored,
+// store: To is): 16-bit <-> float in VF lanes (the SIMD loads / stores round as the scalar code),
+// everything else and the tail element by element.
+template <typename From, typename To>
+void convert_tile(const From* src, To* dst, int64_t n) {
   int64_t i = 0;
 #if FB_SIMD
-  if constexpr (sizeof(T) == 2 && sizeof(A) == 4) {
-    using V = typename VecOf<A>::type;
-    for (; i + V::W <= n; i += V::W) V::load(src + i).store(dst + i);
+  if constexpr ((sizeof(From) == 2 && sizeof(To) == 4) || (sizeof(From) == 4 && sizeof(To) == 2)) {
+    for (; i + VF::W <= n; i += VF::W) VF::load(src + i).store(dst + i);
   }
 #endif
-  for (; i < n; ++i) dst[i] = to_acc<A>(src[i]);
-}
-
-template <typename A, typename T>
-void store_tile(const A* src, T* dst, int64_t n) {
-  int64_t i = 0;
-#if FB_SIMD
-  if constexpr (sizeof(T) == 2 && sizeof(A) == 4) {
-    using V = typename VecOf<A>::type;
-    for (; i + V::W <= n; i += V::W) V::load(src + i).store(dst + i);
+  for (; i < n; ++i) {
+    if constexpr (sizeof(From) == 2) dst[i] = to_acc<To>(src[i]);
+    else dst[i] = from_acc<To>(src[i]);
   }
-#endif
-  for (; i < n; ++i) dst[i] = from_acc<T>(src[i]);
 }
 
+// Elements [off, off + n) of a tensor of ElemType dtype, to / from the math type A.
 template <typename A>
 void load_any(const void* base, int dtype, int64_t off, A* dst, int64_t n) {
-  switch (dtype) {
-    case kFloat32: load_tile(reinterpret_cast<const float*>(base) + off, dst, n); break;
-    case kFloat64: load_tile(reinterpret_cast<const double*>(base) + off, dst, n); break;
-    case kBFloat16: load_tile(reinterpret_cast<const bf16_t*>(base) + off, dst, n); break;
-    case kFloat16: load_tile(reinterpret_cast<const f16_t*>(base) + off, dst, n); break;
-  }
+  with_type(dtype, [&](auto t) { convert_tile(static_cast<const decltype(t)*>(base) + off, dst, n); });
 }
 
 template <typename A>
 void store_any(const A* src, void* base, int dtype, int64_t off, int64_t n) {
-  switch (dtype) {
-    case kFloat32: store_tile(src, reinterpret_cast<float*>(base) + off, n); break;
-    case kFloat64: store_tile(src, reinterpret_cast<double*>(base) + off, n); break;
-    case kBFloat16: store_tile(src, reinterpret_cast<bf16_t*>(base) + off, n); break;
-    case kFloat16: store_tile(src, reinterpret_cast<f16_t*>(base) + off, n); break;
-  }
+  with_type(dtype, [&](auto t) { convert_tile(src, static_cast<decltype(t)*>(base) + off, n); });
 }
 
 // x[i] = float(T(x[i])): the stored-dtype rounding of a tile (SIMD stores/loads round alike).
 template <typename T>
 void round_tile_through(float* x, int64_t n) {
   alignas(64) T tmp[kAdamTile];
-  store_tile(x, tmp, n);
-  load_tile(tmp, x, n);
+  convert_tile(x, tmp, n);
+  convert_tile(tmp, x, n);
 }
 
 // The element update of multi_tensor.h over a tile; a plain loop the compiler vectorises for the
@@ -381,12 +401,7 @@ void adamw_typed(const AdamWChunk& t, const AdamWConsts<A>& c) {
 
 template <typename A>
 void adamw_for_math(const AdamWChunk& t, const AdamWConsts<A>& c) {
-  switch (t.grad_dtype) {
-    case kFloat32: adamw_typed<A, float, float>(t, c); break;
-    case kFloat64: adamw_typed<A, double, double>(t, c); break;
-    case kBFloat16: adamw_typed<A, float, bf16_t>(t, c); break;
-    case kFloat16: adamw_typed<A, float, f16_t>(t, c); break;
-  }
+  with_type(t.grad_dtype, [&](auto g) { adamw_typed<A, acc_t<decltype(g)>, decltype(g)>(t, c); });
 }
 
 void adamw_chunk(const AdamWChunk* t) {
@@ -402,27 +417,9 @@ void adamw_chunk(const AdamWChunk* t) {
 // makes it non-finite. S streams of float or double (16-bit inputs are widened to float first).
 template <int KC, typename S>
 void gram64_tile_fused(const S* const* g, int64_t len, double* pairs) {
-  constexpr int NP = KC * (KC + 1) / 2;
   int64_t i = 0;
 #if FB_SIMD
-  constexpr int U = KC <= 2 ? 2 : 1;
-  VD acc[NP][U];
-  for (int q = 0; q < NP; ++q)
-    for (int u = 0; u < U; ++u) acc[q][u] = VD::zero();
-  for (; i + U * VD::W <= len; i += U * VD::W) {
-    for (int u = 0; u < U; ++u) {
-      VD x[KC];
-      for (int k = 0; k < KC; ++k) x[k] = VD::load(g[k] + i + u * VD::W);
-      int q = 0;
-      for (int k = 0; k < KC; ++k)
-        for (int l = k; l < KC; ++l, ++q) acc[q][u] = fmadd(x[k], x[l], acc[q][u]);
-    }
-  }
-  for (int q = 0; q < NP; ++q) {
-    VD s = acc[q][0];
-    for (int u = 1; u < U; ++u) s = add(s, acc[q][u]);
-    pairs[q] += s.hsum();
-  }
+  i = fused_pairs_simd<KC, VD>(g, 0, len, pairs);
 #endif
   accumulate_products<double>(g, KC, i, len, pairs);
 }
@@ -434,12 +431,7 @@ void gram64_tile_pairwise(const S* const* g, int K, int64_t len, double* pairs) 
     for (int l = k; l < K; ++l, ++q) {
       int64_t i = 0;
 #if FB_SIMD
-      VD s0 = VD::zero(), s1 = VD::zero();
-      for (; i + 2 * VD::W <= len; i += 2 * VD::W) {
-        s0 = fmadd(VD::load(g[k] + i), VD::load(g[l] + i), s0);
-        s1 = fmadd(VD::load(g[k] + i + VD::W), VD::load(g[l] + i + VD::W), s1);
-      }
-      pairs[q] += add(s0, s1).hsum();
+      i = dot_simd<VD>(g[k], g[l], len, &pairs[q]);
 #endif
       pairs[q] += dot_range<double>(g[k], g[l], i, len);
     }
@@ -470,7 +462,7 @@ void gram64_half(const void* const* g_raw, int K, int64_t n, double* pairs) {
   for (int64_t off = 0; off < n; off += kWiden) {
     const int64_t len = n - off < kWiden ? n - off : kWiden;
     for (int k = 0; k < K; ++k)
-      load_tile(reinterpret_cast<const T*>(g_raw[k]) + off, const_cast<float*>(rows[k]), len);
+      convert_tile(reinterpret_cast<const T*>(g_raw[k]) + off, const_cast<float*>(rows[k]), len);
     gram64_streams(rows, K, len, pairs);
   }
   if (rows != rows_small) delete[] rows;
@@ -488,15 +480,30 @@ void gram64_tiled(const void* const* g, int K, int64_t n, double* pairs) {
 
 void gram64_chunk(const void* const* g, int K, int dtype, int64_t n, double* pairs) {
   for (int q = 0; q < pair_count(K); ++q) pairs[q] = 0.0;
-  switch (dtype) {
-    case kFloat32: gram64_tiled<float>(g, K, n, pairs); break;
-    case kFloat64: gram64_tiled<double>(g, K, n, pairs); break;
-    case kBFloat16: gram64_half<bf16_t>(g, K, n, pairs); break;
-    case kFloat16: gram64_half<f16_t>(g, K, n, pairs); break;
-  }
+  with_type(dtype, [&](auto t) {
+    using T = decltype(t);
+    if constexpr (sizeof(T) == 2) gram64_half<T>(g, K, n, pairs);
+    else gram64_tiled<T>(g, K, n, pairs);
+  });
 }
 
 }  // namespace
 }  // namespace FB_ISA_NS
 }  // namespace cpu
 }  // namespace fused_balance
+
+#if FB_SIMD
+FB_TARGET_POP
+#endif
+
+namespace fused_balance {
+namespace cpu {
+const KernelTable* FB_ISA_TABLE() {
+  static const KernelTable table{FB_STR(FB_ISA), FB_ISA_NS::gram_chunk, FB_ISA_NS::combine_chunk,
+                                 FB_ISA_NS::adamw_chunk, FB_ISA_NS::gram64_chunk};
+  return &table;
+}
+}  // namespace cpu
+}  // namespace fused_balance
+
+#endif

@@ -1,5 +1,5 @@
 // Python module of the extension: importing it registers the ops (static initialisers in
-// ops_cpu.cpp / ops_cuda.cu) and exposes the CPU kernel-path controls.
+// the ops_*.cpp / *_cuda.cu files) and exposes the CPU kernel-path controls.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

@@ -26,20 +26,14 @@ enum ElemType : int32_t { kFloat32 = 0, kFloat64 = 1, kBFloat16 = 2, kFloat16 = 
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };
 
-FB_INLINE float bits_to_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
+FB_INLINE float bits_to_float(uint32_t u) { return __uint_as_float(u); }
+FB_INLINE uint32_t float_to_bits(float f) { return __float_as_uint(f); }
 #else
-  union { uint32_t u; float f; } c; c.u = u; return c.f;
+union FloatBits { uint32_t u; float f; };
+FB_INLINE float bits_to_float(uint32_t u) { FloatBits c; c.u = u; return c.f; }
+FB_INLINE uint32_t float_to_bits(float f) { FloatBits c; c.f = f; return c.u; }
 #endif
-}
-FB_INLINE uint32_t float_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  union { uint32_t u; float f; } c; c.f = f; return c.u;
-#endif
-}
 
 FB_INLINE float bf16_to_float(uint16_t h) { return bits_to_float(uint32_t(h) << 16); }
 
@@ -84,6 +78,22 @@ FB_INLINE uint16_t float_to_f16(float f) {
   return uint16_t(sign | ((rebased + 0xfffu + ((rebased >> 13) & 1u)) >> 13));
 }
 
+// The accumulate (math) type of an element type: double for double, float otherwise.
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+template <typename T> using acc_t = typename AccOf<T>::type;
+
+// Calls f(T{}) with T the C++ type of an ElemType code (host code; codes are checked on entry).
+template <typename F>
+inline void with_type(int32_t code, F&& f) {
+  switch (code) {
+    case kFloat64: f(double{}); break;
+    case kBFloat16: f(bf16_t{}); break;
+    case kFloat16: f(f16_t{}); break;
+    default: f(float{}); break;
+  }
+}
+
 template <typename A> FB_INLINE A to_acc(float x) { return A(x); }
 template <typename A> FB_INLINE A to_acc(double x) { return A(x); }
 template <typename A> FB_INLINE A to_acc(bf16_t x) { return A(bf16_to_float(x.bits)); }
@@ -104,65 +114,24 @@ template <> struct FromAcc<f16_t> {
 };
 template <typename T, typename A> FB_INLINE T from_acc(A x) { return FromAcc<T>::cast(x); }
 
-// Explicitly rounded product and sum: nvcc would otherwise contract a*b+c into an FMA (the host
-// is built with -ffp-contract=off), and the combine / AdamW results would differ between the CPU,
-// the GPU and the float64-checked reference by a rounding.
-FB_INLINE float mul_rn(float a, float b) {
+// Explicitly rounded product, sum, square root and quotient: nvcc would otherwise contract a*b+c
+// into an FMA (the host is built with -ffp-contract=off), and the combine / AdamW results would
+// differ between the CPU, the GPU and the float64-checked reference by a rounding. FB_RN picks the
+// device's round-to-nearest intrinsic in device code, the plain operation on the host.
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
+#define FB_RN(device, host) device
 #else
-  return a * b;
+#define FB_RN(device, host) host
 #endif
-}
-FB_INLINE double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FB_INLINE float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-FB_INLINE double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-FB_INLINE float sqrt_rn(float a) {
-#if defined(__CUDA_ARCH__)
-  return __fsqrt_rn(a);
-#else
-  return __builtin_sqrtf(a);
-#endif
-}
-FB_INLINE double sqrt_rn(double a) {
-#if defined(__CUDA_ARCH__)
-  return __dsqrt_rn(a);
-#else
-  return __builtin_sqrt(a);
-#endif
-}
-FB_INLINE float div_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-FB_INLINE double div_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __ddiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
+FB_INLINE float mul_rn(float a, float b) { return FB_RN(__fmul_rn(a, b), a * b); }
+FB_INLINE double mul_rn(double a, double b) { return FB_RN(__dmul_rn(a, b), a * b); }
+FB_INLINE float add_rn(float a, float b) { return FB_RN(__fadd_rn(a, b), a + b); }
+FB_INLINE double add_rn(double a, double b) { return FB_RN(__dadd_rn(a, b), a + b); }
+FB_INLINE float sqrt_rn(float a) { return FB_RN(__fsqrt_rn(a), __builtin_sqrtf(a)); }
+FB_INLINE double sqrt_rn(double a) { return FB_RN(__dsqrt_rn(a), __builtin_sqrt(a)); }
+FB_INLINE float div_rn(float a, float b) { return FB_RN(__fdiv_rn(a, b), a / b); }
+FB_INLINE double div_rn(double a, double b) { return FB_RN(__ddiv_rn(a, b), a / b); }
+#undef FB_RN
 
 // ---------------------------------------------------------------------------------------------
 // Chunk planning. Every tensor is cut into chunks of a fixed number of elements (the last one of

@@ -1,6 +1,8 @@
 // Host-side argument checking and preparation shared by the CPU (ops_cpu.cpp) and CUDA
-// (ops_cuda.cu) implementations of the fused_balance ops. The Python API validates user input
-// first; these checks are for direct calls of torch.ops.fused_balance.* and say what is wrong.
+// (gram_cuda.cu, combine_cuda.cu, adamw_cuda.cu) implementations of the list ops, each op's
+// checks written once (gram_table, weighted_grad_table, ...); the plan ops add theirs in
+// plan_common.h. The Python API validates user input first; these checks are for direct calls of
+// torch.ops.fused_balance.* and say what is wrong.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -153,23 +155,32 @@ inline OutputTable make_output_table(const char* op, const char* what, at::Tenso
   return t;
 }
 
-// weights[S, K] with K = number of objectives and S > every segment id.
-inline void check_weights(const char* op, const at::Tensor& weights, const GradTable& g) {
-  TORCH_CHECK_VALUE(weights.dim() == 2, "fused_balance::", op, ": weights must be [S, K], got shape ",
-                    weights.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()), "fused_balance::", op,
-                   ": weights must be floating point, got ", weights.scalar_type());
-  TORCH_CHECK_VALUE(weights.device() == g.device, "fused_balance::", op, ": weights are on ", weights.device(),
-                    ", the gradients on ", g.device);
+// The kernel of one device type was reached with data on another (`what`: "tensors", "a bank").
+inline void check_kernel_device(const char* op, const char* what, const at::Device& device, at::DeviceType kernel) {
+  TORCH_CHECK_VALUE(device.type() == kernel, "fused_balance::", op, ": ", kernel == at::kCUDA ? "CUDA" : "CPU",
+                    " kernel called with ", what, " on ", device);
 }
 
-inline void check_skip(const char* op, const std::optional<at::Tensor>& skip, const GradTable& g) {
+// weights[S, K]: K = number of objectives, floating point, on the device of the data (`data`:
+// "the gradients", "the bank"). The caller checks that S exceeds every segment id.
+inline void check_weights(const char* op, const at::Tensor& weights, int64_t K, const at::Device& device,
+                          const char* data) {
+  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.size(1) == K, "fused_balance::", op, ": weights must be [S, K=", K,
+                    "], got shape ", weights.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()), "fused_balance::", op,
+                   ": weights must be floating point, got ", weights.scalar_type());
+  TORCH_CHECK_VALUE(weights.device() == device, "fused_balance::", op, ": weights are on ", weights.device(), ", ",
+                    data, " on ", device);
+}
+
+inline void check_skip(const char* op, const std::optional<at::Tensor>& skip, const at::Device& device,
+                       const char* data) {
   if (!skip.has_value() || !skip->defined()) return;
   TORCH_CHECK_VALUE(skip->numel() == 1 && skip->scalar_type() == at::kBool, "fused_balance::", op,
                     ": skip must be a one-element bool tensor, got ", skip->scalar_type(), " of shape ",
                     skip->sizes());
-  TORCH_CHECK_VALUE(skip->device() == g.device, "fused_balance::", op, ": skip is on ", skip->device(),
-                    ", the gradients on ", g.device);
+  TORCH_CHECK_VALUE(skip->device() == device, "fused_balance::", op, ": skip is on ", skip->device(), ", ", data,
+                    " on ", device);
 }
 
 // Per-tensor AdamW hyper-parameters: one value per tensor, or a single value for all.
@@ -181,11 +192,89 @@ inline std::vector<double> per_tensor(const char* op, const char* what, at::Arra
   return out;
 }
 
-inline void check_adamw_scalars(double beta1, double beta2, double eps, int64_t step) {
+// ------------------------------------------------------------------- per-op preparation
+// Each op's checks in one place; `kernel` is the device type of the implementation called.
+
+// gram: the gradients' table.
+inline GradTable gram_table(at::TensorList grads, int64_t num_objectives, at::IntArrayRef segment_ids,
+                            int64_t num_segments, at::DeviceType kernel) {
+  TORCH_CHECK_VALUE(num_segments >= 1, "fused_balance::gram: num_segments must be >= 1, got ", num_segments);
+  GradTable g = make_grad_table("gram", grads, num_objectives, segment_ids, num_segments);
+  check_kernel_device("gram", "tensors", g.device, kernel);
+  return g;
+}
+
+// combine, combine_into, balanced_adamw_: the gradients' table, weights [S, K] and skip checked.
+inline GradTable weighted_grad_table(const char* op, at::TensorList grads, const at::Tensor& weights,
+                                     at::IntArrayRef segment_ids, const std::optional<at::Tensor>& skip,
+                                     at::DeviceType kernel) {
+  TORCH_CHECK_VALUE(weights.dim() == 2, "fused_balance::", op, ": weights must be [S, K], got shape ", weights.sizes());
+  GradTable g = make_grad_table(op, grads, weights.size(1), segment_ids, weights.size(0));
+  check_kernel_device(op, "tensors", g.device, kernel);
+  check_weights(op, weights, g.K, g.device, "the gradients");
+  check_skip(op, skip, g.device, "the gradients");
+  return g;
+}
+
+// combine: new output tensors shaped as the gradients.
+struct NewOutputs {
+  std::vector<at::Tensor> tensors;
+  std::vector<void*> ptrs;
+};
+
+inline NewOutputs new_outputs(const GradTable& g) {
+  NewOutputs o;
+  o.tensors.reserve(g.P);
+  for (int64_t p = 0; p < g.P; ++p) {
+    o.tensors.push_back(at::empty(g.tensors[p].sizes(), g.tensors[p].options()));
+    o.ptrs.push_back(o.tensors.back().data_ptr());
+  }
+  return o;
+}
+
+// combine_into: `out`, one tensor per gradient tensor, in the gradients' dtype.
+inline OutputTable combine_into_outputs(at::TensorList out, const GradTable& g) {
+  OutputTable o = make_output_table("combine_into", "out", out, g);
+  TORCH_CHECK_TYPE(o.dtype == g.dtype, "fused_balance::combine_into: out has dtype ", o.dtype, ", the gradients ",
+                   g.dtype);
+  return o;
+}
+
+// balanced_adamw_: the gradients' table as weighted_grad_table, and the scalar hyper-parameters.
+inline GradTable adamw_grad_table(at::TensorList grads, const at::Tensor& weights, at::IntArrayRef segment_ids,
+                                  const std::optional<at::Tensor>& skip, double beta1, double beta2, double eps,
+                                  int64_t step, at::DeviceType kernel) {
+  GradTable g = weighted_grad_table("balanced_adamw_", grads, weights, segment_ids, skip, kernel);
   TORCH_CHECK_VALUE(step >= 1, "fused_balance::balanced_adamw_: step must be >= 1, got ", step);
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, "fused_balance::balanced_adamw_: beta1 must be in [0, 1), got ", beta1);
   TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, "fused_balance::balanced_adamw_: beta2 must be in [0, 1), got ", beta2);
   TORCH_CHECK_VALUE(eps >= 0.0, "fused_balance::balanced_adamw_: eps must be >= 0, got ", eps);
+  return g;
+}
+
+// balanced_adamw_: per-tensor hyper-parameters and the optimizer state (after adamw_grad_table).
+struct AdamWArgs {
+  std::vector<double> lr, weight_decay;
+  OutputTable params, exp_avgs, exp_avg_sqs;
+
+  void finish() {
+    params.finish();
+    exp_avgs.finish();
+    exp_avg_sqs.finish();
+  }
+};
+
+inline AdamWArgs adamw_args(const GradTable& g, at::TensorList params, at::TensorList exp_avgs,
+                            at::TensorList exp_avg_sqs, at::ArrayRef<double> lrs,
+                            at::ArrayRef<double> weight_decays) {
+  const char* op = "balanced_adamw_";
+  AdamWArgs a;
+  a.lr = per_tensor(op, "lrs", lrs, g.P);
+  a.weight_decay = per_tensor(op, "weight_decays", weight_decays, g.P);
+  a.params = make_output_table(op, "params", params, g);
+  a.exp_avgs = make_output_table(op, "exp_avgs", exp_avgs, g);
+  a.exp_avg_sqs = make_output_table(op, "exp_avg_sqs", exp_avg_sqs, g);
+  return a;
 }
 
 }  // namespace fused_balance

@@ -109,20 +109,24 @@ std::vector<std::string> supported_isas() {
 
 namespace {
 
-void check_cpu(const char* op, const GradTable& g) {
-  TORCH_CHECK_VALUE(g.device.is_cpu(), "fused_balance::", op, ": CPU kernel called with tensors on ", g.device);
-}
-
 bool skip_requested(const std::optional<at::Tensor>& skip) {
   return skip.has_value() && skip->defined() && skip->item<bool>();
 }
 
-// The K stream pointers of chunk c, advanced to the chunk's first element.
-void chunk_streams(const GradTable& g, int64_t c, const void** streams) {
-  const int64_t p = g.chunk_tensor[c];
-  const int64_t offset_bytes = g.chunk_start[c] * elem_size(g.code);
-  for (int64_t k = 0; k < g.K; ++k)
-    streams[k] = static_cast<const char*>(g.ptr(k, p)) + offset_bytes;
+// Runs body(c, streams) for every chunk c, in one parallel region; streams: the K gradient
+// pointers of chunk c, advanced to the chunk's first element.
+template <typename F>
+void for_each_chunk(const GradTable& g, F&& body) {
+  const int64_t esize = elem_size(g.code);
+  at::parallel_for(0, g.num_chunks(), 1, [&](int64_t begin, int64_t end) {
+    std::vector<const void*> streams(g.K);
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t offset_bytes = g.chunk_start[c] * esize;
+      for (int64_t k = 0; k < g.K; ++k)
+        streams[k] = static_cast<const char*>(g.ptr(k, g.chunk_tensor[c])) + offset_bytes;
+      body(c, streams.data());
+    }
+  });
 }
 
 // Segment weights as doubles ([S * K], row-major); the kernels round them to the math type, which
@@ -135,21 +139,14 @@ std::vector<double> weights_as_double(const at::Tensor& weights) {
 
 at::Tensor gram_cpu(at::TensorList grads, int64_t num_objectives, at::IntArrayRef segment_ids,
                     int64_t num_segments) {
-  TORCH_CHECK_VALUE(num_segments >= 1, "fused_balance::gram: num_segments must be >= 1, got ", num_segments);
-  const GradTable g = make_grad_table("gram", grads, num_objectives, segment_ids, num_segments);
-  check_cpu("gram", g);
+  const GradTable g = gram_table(grads, num_objectives, segment_ids, num_segments, at::kCPU);
   const int K = int(g.K);
   const int npairs = pair_count(K);
-  const int64_t C = g.num_chunks();
-  std::vector<double> partials(size_t(C) * npairs);
+  std::vector<double> partials(size_t(g.num_chunks()) * npairs);
   const cpu::KernelTable* kt = cpu::active_table();
-  at::parallel_for(0, C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<const void*> streams(K);
-    for (int64_t c = begin; c < end; ++c) {
-      chunk_streams(g, c, streams.data());
-      const int64_t n = chunk_length(g.numel[g.chunk_tensor[c]], g.chunk_start[c], kChunkElems);
-      kt->gram_chunk(streams.data(), K, g.code, n, partials.data() + c * npairs);
-    }
+  for_each_chunk(g, [&](int64_t c, const void* const* streams) {
+    const int64_t n = chunk_length(g.numel[g.chunk_tensor[c]], g.chunk_start[c], kChunkElems);
+    kt->gram_chunk(streams, K, g.code, n, partials.data() + c * npairs);
   });
   const SegmentChunks sc = make_segment_chunks(g);
   at::Tensor out = at::empty({g.S, g.K, g.K}, at::TensorOptions().dtype(accumulate_type(g.dtype)));
@@ -174,45 +171,25 @@ void run_combine(const GradTable& g, const std::vector<double>& w, const std::ve
   const int K = int(g.K);
   const int64_t esize = elem_size(g.code);
   const cpu::KernelTable* kt = cpu::active_table();
-  at::parallel_for(0, g.num_chunks(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<const void*> streams(K);
-    for (int64_t c = begin; c < end; ++c) {
-      chunk_streams(g, c, streams.data());
-      const int64_t p = g.chunk_tensor[c];
-      const int64_t n = chunk_length(g.numel[p], g.chunk_start[c], kChunkElems);
-      void* out = static_cast<char*>(out_ptrs[p]) + g.chunk_start[c] * esize;
-      kt->combine_chunk(streams.data(), K, g.code, n, w.data() + g.segment[p] * K, out);
-    }
+  for_each_chunk(g, [&](int64_t c, const void* const* streams) {
+    const int64_t p = g.chunk_tensor[c];
+    const int64_t n = chunk_length(g.numel[p], g.chunk_start[c], kChunkElems);
+    void* out = static_cast<char*>(out_ptrs[p]) + g.chunk_start[c] * esize;
+    kt->combine_chunk(streams, K, g.code, n, w.data() + g.segment[p] * K, out);
   });
 }
 
 std::vector<at::Tensor> combine_cpu(at::TensorList grads, const at::Tensor& weights, at::IntArrayRef segment_ids) {
-  TORCH_CHECK_VALUE(weights.dim() == 2, "fused_balance::combine: weights must be [S, K], got shape ", weights.sizes());
-  const GradTable g = make_grad_table("combine", grads, weights.size(1), segment_ids, weights.size(0));
-  check_cpu("combine", g);
-  check_weights("combine", weights, g);
-  std::vector<at::Tensor> outs;
-  std::vector<void*> ptrs;
-  outs.reserve(g.P);
-  for (int64_t p = 0; p < g.P; ++p) {
-    outs.push_back(at::empty(g.tensors[p].sizes(), g.tensors[p].options()));
-    ptrs.push_back(outs.back().data_ptr());
-  }
-  run_combine(g, weights_as_double(weights), ptrs);
-  return outs;
+  const GradTable g = weighted_grad_table("combine", grads, weights, segment_ids, std::nullopt, at::kCPU);
+  NewOutputs o = new_outputs(g);
+  run_combine(g, weights_as_double(weights), o.ptrs);
+  return o.tensors;
 }
 
 void combine_into_cpu(at::TensorList grads, const at::Tensor& weights, at::IntArrayRef segment_ids,
                       at::TensorList out, const std::optional<at::Tensor>& skip) {
-  TORCH_CHECK_VALUE(weights.dim() == 2, "fused_balance::combine_into: weights must be [S, K], got shape ",
-                    weights.sizes());
-  const GradTable g = make_grad_table("combine_into", grads, weights.size(1), segment_ids, weights.size(0));
-  check_cpu("combine_into", g);
-  check_weights("combine_into", weights, g);
-  check_skip("combine_into", skip, g);
-  OutputTable o = make_output_table("combine_into", "out", out, g);
-  TORCH_CHECK_TYPE(o.dtype == g.dtype, "fused_balance::combine_into: out has dtype ", o.dtype,
-                   ", the gradients ", g.dtype);
+  const GradTable g = weighted_grad_table("combine_into", grads, weights, segment_ids, skip, at::kCPU);
+  OutputTable o = combine_into_outputs(out, g);
   if (skip_requested(skip)) return;
   run_combine(g, weights_as_double(weights), o.ptrs);
   o.finish();
@@ -222,48 +199,32 @@ void balanced_adamw_cpu(at::TensorList grads, const at::Tensor& weights, at::Int
                         at::TensorList params, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                         at::ArrayRef<double> lrs, at::ArrayRef<double> weight_decays, double beta1, double beta2,
                         double eps, int64_t step, const std::optional<at::Tensor>& skip) {
-  const char* op = "balanced_adamw_";
-  TORCH_CHECK_VALUE(weights.dim() == 2, "fused_balance::", op, ": weights must be [S, K], got shape ", weights.sizes());
-  const GradTable g = make_grad_table(op, grads, weights.size(1), segment_ids, weights.size(0));
-  check_cpu(op, g);
-  check_weights(op, weights, g);
-  check_skip(op, skip, g);
-  check_adamw_scalars(beta1, beta2, eps, step);
-  const std::vector<double> lr = per_tensor(op, "lrs", lrs, g.P);
-  const std::vector<double> wd = per_tensor(op, "weight_decays", weight_decays, g.P);
-  OutputTable P = make_output_table(op, "params", params, g);
-  OutputTable M = make_output_table(op, "exp_avgs", exp_avgs, g);
-  OutputTable V = make_output_table(op, "exp_avg_sqs", exp_avg_sqs, g);
+  const GradTable g = adamw_grad_table(grads, weights, segment_ids, skip, beta1, beta2, eps, step, at::kCPU);
+  AdamWArgs a = adamw_args(g, params, exp_avgs, exp_avg_sqs, lrs, weight_decays);
   if (skip_requested(skip)) return;
   const std::vector<double> w = weights_as_double(weights);
   const int K = int(g.K);
   const cpu::KernelTable* kt = cpu::active_table();
-  at::parallel_for(0, g.num_chunks(), 1, [&](int64_t begin, int64_t end) {
-    std::vector<const void*> streams(K);
-    for (int64_t c = begin; c < end; ++c) {
-      chunk_streams(g, c, streams.data());
-      const int64_t p = g.chunk_tensor[c];
-      const int64_t start = g.chunk_start[c];
-      cpu::AdamWChunk t;
-      t.grads = streams.data();
-      t.K = K;
-      t.grad_dtype = g.code;
-      t.n = chunk_length(g.numel[p], start, kChunkElems);
-      t.weights = w.data() + g.segment[p] * K;
-      t.param = static_cast<char*>(P.ptrs[p]) + start * elem_size(P.code);
-      t.param_dtype = P.code;
-      t.exp_avg = static_cast<char*>(M.ptrs[p]) + start * elem_size(M.code);
-      t.exp_avg_dtype = M.code;
-      t.exp_avg_sq = static_cast<char*>(V.ptrs[p]) + start * elem_size(V.code);
-      t.exp_avg_sq_dtype = V.code;
-      t.consts_f32 = make_adamw_consts<float>(lr[p], wd[p], beta1, beta2, eps, step);
-      t.consts_f64 = make_adamw_consts<double>(lr[p], wd[p], beta1, beta2, eps, step);
-      kt->adamw_chunk(&t);
-    }
+  for_each_chunk(g, [&](int64_t c, const void* const* streams) {
+    const int64_t p = g.chunk_tensor[c];
+    const int64_t start = g.chunk_start[c];
+    cpu::AdamWChunk t;
+    t.grads = streams;
+    t.K = K;
+    t.grad_dtype = g.code;
+    t.n = chunk_length(g.numel[p], start, kChunkElems);
+    t.weights = w.data() + g.segment[p] * K;
+    t.param = static_cast<char*>(a.params.ptrs[p]) + start * elem_size(a.params.code);
+    t.param_dtype = a.params.code;
+    t.exp_avg = static_cast<char*>(a.exp_avgs.ptrs[p]) + start * elem_size(a.exp_avgs.code);
+    t.exp_avg_dtype = a.exp_avgs.code;
+    t.exp_avg_sq = static_cast<char*>(a.exp_avg_sqs.ptrs[p]) + start * elem_size(a.exp_avg_sqs.code);
+    t.exp_avg_sq_dtype = a.exp_avg_sqs.code;
+    t.consts_f32 = make_adamw_consts<float>(a.lr[p], a.weight_decay[p], beta1, beta2, eps, step);
+    t.consts_f64 = make_adamw_consts<double>(a.lr[p], a.weight_decay[p], beta1, beta2, eps, step);
+    kt->adamw_chunk(&t);
   });
-  P.finish();
-  M.finish();
-  V.finish();
+  a.finish();
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // Argument checks of the plan ops (bank_gram, bank_combine_into, bank_adamw_), shared by the CPU
-// (plan_cpu.cpp) and CUDA (plan_cuda.cu) implementations. Every check is O(1): the chunk table is
+// (plan_cpu.cpp) and CUDA (plan_cuda.cu) implementations, each op's written once. Every check is O(1): the chunk table is
 // built once by fused_balance.plan.BalancePlan and trusted (its ranges are checked against the
 // bank's row length on the CPU path, where that costs no device read).
 #pragma once
@@ -54,21 +54,6 @@ inline void check_flat(const char* op, const char* what, const at::Tensor& t, co
                     ", the bank on ", b.device);
 }
 
-inline void check_plan_weights(const char* op, const at::Tensor& weights, const BankView& b) {
-  TORCH_CHECK_VALUE(weights.dim() == 2 && weights.size(1) == b.K, "fused_balance::", op,
-                    ": weights must be [S, K=", b.K, "], got shape ", weights.sizes());
-  TORCH_CHECK_TYPE(at::isFloatingType(weights.scalar_type()), "fused_balance::", op,
-                   ": weights must be floating point, got ", weights.scalar_type());
-  TORCH_CHECK_VALUE(weights.device() == b.device, "fused_balance::", op, ": weights are on ", weights.device(),
-                    ", the bank on ", b.device);
-}
-
-inline void check_plan_skip(const char* op, const std::optional<at::Tensor>& skip, const BankView& b) {
-  if (!skip.has_value() || !skip->defined()) return;
-  TORCH_CHECK_VALUE(skip->numel() == 1 && skip->scalar_type() == at::kBool && skip->device() == b.device,
-                    "fused_balance::", op, ": skip must be a one-element bool tensor on ", b.device);
-}
-
 inline void check_plan_adamw(const char* op, const at::Tensor& param_ptrs, const at::Tensor& exp_avg,
                              const at::Tensor& exp_avg_sq, const at::Tensor& hyper, const at::Tensor& step,
                              at::ScalarType param_dtype, const BankView& b) {
@@ -86,6 +71,59 @@ inline void check_plan_adamw(const char* op, const at::Tensor& param_ptrs, const
   TORCH_CHECK_VALUE(step.numel() == 1 && step.scalar_type() == at::kFloat && step.device() == b.device,
                     "fused_balance::", op, ": step must be a one-element float32 tensor on ", b.device,
                     " (the steps taken so far; incremented unless skipped)");
+}
+
+// ------------------------------------------------------------------- per-op preparation
+// Each op's checks in one place; `kernel` is the device type of the implementation called.
+// Every check is O(1) (no device read).
+
+// bank_gram: the bank and its chunk table grouped by segment (seg_offsets[S + 1]).
+inline BankView check_bank_gram(const at::Tensor& bank, const at::Tensor& chunks, const at::Tensor& seg_offsets,
+                                int64_t num_segments, at::DeviceType kernel) {
+  const char* op = "bank_gram";
+  const BankView b = check_bank(op, bank);
+  check_kernel_device(op, "a bank", b.device, kernel);
+  TORCH_CHECK_VALUE(num_segments >= 1, "fused_balance::", op, ": num_segments must be >= 1");
+  check_chunks(op, chunks, b);
+  TORCH_CHECK_VALUE(seg_offsets.scalar_type() == at::kLong && seg_offsets.numel() == num_segments + 1 &&
+                        seg_offsets.is_contiguous() && seg_offsets.device() == b.device,
+                    "fused_balance::", op, ": seg_offsets must be a contiguous int64 [S + 1] tensor on ", b.device);
+  return b;
+}
+
+// bank_combine_into and bank_adamw_: the bank, chunk table, weights [S, K] and skip.
+inline BankView check_weighted_bank(const char* op, const at::Tensor& bank, const at::Tensor& weights,
+                                    const at::Tensor& chunks, const std::optional<at::Tensor>& skip,
+                                    at::DeviceType kernel) {
+  const BankView b = check_bank(op, bank);
+  check_kernel_device(op, "a bank", b.device, kernel);
+  check_chunks(op, chunks, b);
+  check_weights(op, weights, b.K, b.device, "the bank");
+  check_skip(op, skip, b.device, "the bank");
+  return b;
+}
+
+// bank_combine_into: `out`, a flat buffer of the bank's dtype.
+inline BankView check_bank_combine_into(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
+                                        const at::Tensor& out, const std::optional<at::Tensor>& skip,
+                                        at::DeviceType kernel) {
+  const char* op = "bank_combine_into";
+  const BankView b = check_weighted_bank(op, bank, weights, chunks, skip, kernel);
+  check_flat(op, "out", out, b);
+  TORCH_CHECK_TYPE(out.scalar_type() == b.dtype, "fused_balance::", op, ": out has dtype ", out.scalar_type(),
+                   ", the bank ", b.dtype);
+  return b;
+}
+
+// bank_adamw_: the parameter pointer table, flat moments, hyper table and step count.
+inline BankView check_bank_adamw(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
+                                 const at::Tensor& param_ptrs, const at::Tensor& exp_avg,
+                                 const at::Tensor& exp_avg_sq, const at::Tensor& hyper, const at::Tensor& step,
+                                 const std::optional<at::Tensor>& skip, at::DeviceType kernel) {
+  const char* op = "bank_adamw_";
+  const BankView b = check_weighted_bank(op, bank, weights, chunks, skip, kernel);
+  check_plan_adamw(op, param_ptrs, exp_avg, exp_avg_sq, hyper, step, exp_avg.scalar_type(), b);
+  return b;
 }
 
 }  // namespace fused_balance

@@ -54,22 +54,27 @@ bool skip_set(const std::optional<at::Tensor>& skip) {
   return skip.has_value() && skip->defined() && skip->item<bool>();
 }
 
-void row_streams(const at::Tensor& bank, const BankView& b, int64_t start, const void** streams) {
+// Runs body(c, streams) for every chunk c of the table, in one parallel region; streams: the K
+// bank rows at the chunk's first element.
+template <typename F>
+void for_each_chunk(const at::Tensor& bank, const BankView& b, const std::vector<CpuChunk>& ch, int64_t total,
+                    F&& body) {
   const char* base = static_cast<const char*>(bank.data_ptr());
   const int64_t esize = elem_size(b.code);
-  for (int64_t k = 0; k < b.K; ++k) streams[k] = base + (k * b.ld + start) * esize;
+  const int64_t C = int64_t(ch.size());
+  at::parallel_for(0, C, grain_for(C, total), [&](int64_t begin, int64_t end) {
+    std::vector<const void*> streams(b.K);
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t k = 0; k < b.K; ++k) streams[k] = base + (k * b.ld + ch[c].start) * esize;
+      body(c, streams.data());
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor> bank_gram_cpu(const at::Tensor& bank, const at::Tensor& chunks,
                                                  const at::Tensor& seg_offsets, int64_t num_segments) {
   const char* op = "bank_gram";
-  const BankView b = check_bank(op, bank);
-  TORCH_CHECK_VALUE(b.device.is_cpu(), "fused_balance::", op, ": CPU kernel called with a bank on ", b.device);
-  TORCH_CHECK_VALUE(num_segments >= 1, "fused_balance::", op, ": num_segments must be >= 1");
-  check_chunks(op, chunks, b);
-  TORCH_CHECK_VALUE(seg_offsets.scalar_type() == at::kLong && seg_offsets.numel() == num_segments + 1 &&
-                        seg_offsets.is_contiguous() && seg_offsets.device() == b.device,
-                    "fused_balance::", op, ": seg_offsets must be a contiguous int64 [S + 1] tensor");
+  const BankView b = check_bank_gram(bank, chunks, seg_offsets, num_segments, at::kCPU);
   int64_t total = 0;
   const std::vector<CpuChunk> ch = read_chunks(op, chunks, b, num_segments, INT64_MAX, INT64_MAX, &total);
   const int64_t C = int64_t(ch.size());
@@ -85,12 +90,8 @@ std::tuple<at::Tensor, at::Tensor> bank_gram_cpu(const at::Tensor& bank, const a
   }
   std::vector<double> partials(size_t(C) * npairs);
   const cpu::KernelTable* kt = cpu::active_table();
-  at::parallel_for(0, C, grain_for(C, total), [&](int64_t begin, int64_t end) {
-    std::vector<const void*> streams(K);
-    for (int64_t c = begin; c < end; ++c) {
-      row_streams(bank, b, ch[c].start, streams.data());
-      kt->gram64_chunk(streams.data(), K, b.code, ch[c].length, partials.data() + c * npairs);
-    }
+  for_each_chunk(bank, b, ch, total, [&](int64_t c, const void* const* streams) {
+    kt->gram64_chunk(streams, K, b.code, ch[c].length, partials.data() + c * npairs);
   });
   at::Tensor G = at::empty({num_segments, b.K, b.K}, bank.options().dtype(at::kDouble));
   double* o = G.data_ptr<double>();
@@ -123,14 +124,7 @@ void saturate_for(std::vector<double>& w, int32_t code) {
 void bank_combine_into_cpu(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
                            const at::Tensor& out, const std::optional<at::Tensor>& skip) {
   const char* op = "bank_combine_into";
-  const BankView b = check_bank(op, bank);
-  TORCH_CHECK_VALUE(b.device.is_cpu(), "fused_balance::", op, ": CPU kernel called with a bank on ", b.device);
-  check_chunks(op, chunks, b);
-  check_plan_weights(op, weights, b);
-  check_plan_skip(op, skip, b);
-  check_flat(op, "out", out, b);
-  TORCH_CHECK_TYPE(out.scalar_type() == b.dtype, "fused_balance::", op, ": out has dtype ", out.scalar_type(),
-                   ", the bank ", b.dtype);
+  const BankView b = check_bank_combine_into(bank, weights, chunks, out, skip, at::kCPU);
   int64_t total = 0;
   const std::vector<CpuChunk> ch = read_chunks(op, chunks, b, weights.size(0), INT64_MAX, INT64_MAX, &total);
   if (skip_set(skip)) return;
@@ -140,31 +134,20 @@ void bank_combine_into_cpu(const at::Tensor& bank, const at::Tensor& weights, co
   const int64_t esize = elem_size(b.code);
   char* o = static_cast<char*>(out.data_ptr());
   const cpu::KernelTable* kt = cpu::active_table();
-  const int64_t C = int64_t(ch.size());
-  at::parallel_for(0, C, grain_for(C, total), [&](int64_t begin, int64_t end) {
-    std::vector<const void*> streams(K);
-    for (int64_t c = begin; c < end; ++c) {
-      row_streams(bank, b, ch[c].start, streams.data());
-      kt->combine_chunk(streams.data(), K, b.code, ch[c].length, w.data() + ch[c].segment * K,
-                        o + ch[c].start * esize);
-    }
+  for_each_chunk(bank, b, ch, total, [&](int64_t c, const void* const* streams) {
+    kt->combine_chunk(streams, K, b.code, ch[c].length, w.data() + ch[c].segment * K, o + ch[c].start * esize);
   });
 }
 
 void bank_adamw_cpu(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
                     const at::Tensor& param_ptrs, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                     const at::Tensor& hyper, const at::Tensor& step, const std::optional<at::Tensor>& skip) {
-  const char* op = "bank_adamw_";
-  const BankView b = check_bank(op, bank);
-  TORCH_CHECK_VALUE(b.device.is_cpu(), "fused_balance::", op, ": CPU kernel called with a bank on ", b.device);
-  check_chunks(op, chunks, b);
-  check_plan_weights(op, weights, b);
-  check_plan_skip(op, skip, b);
-  check_plan_adamw(op, param_ptrs, exp_avg, exp_avg_sq, hyper, step, exp_avg.scalar_type(), b);
-  const int32_t pcode = elem_type_of(exp_avg.scalar_type(), op);
+  const BankView b =
+      check_bank_adamw(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip, at::kCPU);
+  const int32_t pcode = elem_type_of(exp_avg.scalar_type(), "bank_adamw_");
   int64_t total = 0;
   const std::vector<CpuChunk> ch =
-      read_chunks(op, chunks, b, weights.size(0), param_ptrs.numel(), hyper.size(0), &total);
+      read_chunks("bank_adamw_", chunks, b, weights.size(0), param_ptrs.numel(), hyper.size(0), &total);
   if (skip_set(skip)) return;
   // The step about to be taken: the stored count + 1 (read from memory, as the GPU kernel does).
   const double t = double(step.data_ptr<float>()[0]) + 1.0;
@@ -185,28 +168,23 @@ void bank_adamw_cpu(const at::Tensor& bank, const at::Tensor& weights, const at:
   char* m = static_cast<char*>(exp_avg.data_ptr());
   char* v = static_cast<char*>(exp_avg_sq.data_ptr());
   const cpu::KernelTable* kt = cpu::active_table();
-  const int64_t C = int64_t(ch.size());
-  at::parallel_for(0, C, grain_for(C, total), [&](int64_t begin, int64_t end) {
-    std::vector<const void*> streams(K);
-    for (int64_t c = begin; c < end; ++c) {
-      const CpuChunk& x = ch[c];
-      row_streams(bank, b, x.start, streams.data());
-      cpu::AdamWChunk task;
-      task.grads = streams.data();
-      task.K = K;
-      task.grad_dtype = b.code;
-      task.n = x.length;
-      task.weights = w.data() + x.segment * K;
-      task.param = reinterpret_cast<char*>(pp[x.param]) + x.param_offset * pes;
-      task.param_dtype = pcode;
-      task.exp_avg = m + x.start * pes;
-      task.exp_avg_dtype = pcode;
-      task.exp_avg_sq = v + x.start * pes;
-      task.exp_avg_sq_dtype = pcode;
-      task.consts_f32 = c32[x.group];
-      task.consts_f64 = c64[x.group];
-      kt->adamw_chunk(&task);
-    }
+  for_each_chunk(bank, b, ch, total, [&](int64_t c, const void* const* streams) {
+    const CpuChunk& x = ch[c];
+    cpu::AdamWChunk task;
+    task.grads = streams;
+    task.K = K;
+    task.grad_dtype = b.code;
+    task.n = x.length;
+    task.weights = w.data() + x.segment * K;
+    task.param = reinterpret_cast<char*>(pp[x.param]) + x.param_offset * pes;
+    task.param_dtype = pcode;
+    task.exp_avg = m + x.start * pes;
+    task.exp_avg_dtype = pcode;
+    task.exp_avg_sq = v + x.start * pes;
+    task.exp_avg_sq_dtype = pcode;
+    task.consts_f32 = c32[x.group];
+    task.consts_f64 = c64[x.group];
+    kt->adamw_chunk(&task);
   });
   step.add_(1);
 }

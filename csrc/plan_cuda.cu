@@ -18,40 +18,17 @@
 #include <cuda_runtime.h>
 
 #include "block_reduce.cuh"
+#include "cuda_launch.cuh"
 #include "plan_common.h"
 
 namespace fused_balance {
-namespace plan_cuda {
+namespace cuda {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kBlocksPerSm = 32;
 constexpr int kMaxObjectives = 64;  // weights of a chunk's segment held in shared memory
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <typename T> using acc_t = typename Acc<T>::type;
-
-int grid_for(int64_t work_items) {
-  static int sms[64] = {0};
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  int& n = sms[device & 63];
-  if (n == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  const int64_t cap = int64_t(n > 0 ? n : 1) * kBlocksPerSm;
-  return int(work_items < cap ? (work_items > 0 ? work_items : 1) : cap);
-}
-
-// Calls f(T{}) with T the C++ type of an ElemType code.
-template <typename F>
-void with_type(int32_t code, F&& f) {
-  switch (code) {
-    case kFloat64: f(double{}); break;
-    case kBFloat16: f(bf16_t{}); break;
-    case kFloat16: f(f16_t{}); break;
-    default: f(float{}); break;
-  }
+void check_weights_fit_shared_memory(const char* op, const BankView& b) {
+  TORCH_CHECK_VALUE(b.K <= kMaxObjectives, "fused_balance::", op, ": at most ", kMaxObjectives, " objectives");
 }
 
 // --------------------------------------------------------------------------------- Gram
@@ -77,12 +54,7 @@ __global__ void __launch_bounds__(kThreads) gram_partials(const T* __restrict__ 
       double x[KMAX];
 #pragma unroll
       for (int k = 0; k < KMAX; ++k) x[k] = k < K ? to_acc<double>(g[k][i]) : 0.0;
-      int q = 0;
-#pragma unroll
-      for (int k = 0; k < KMAX; ++k) {
-#pragma unroll
-        for (int l = k; l < KMAX; ++l, ++q) acc[q] = __fma_rn(x[k], x[l], acc[q]);
-      }
+      accumulate_pair_products<KMAX>(x, acc);
     }
     store_block_pair_sums<KMAX, kWarps>(acc, scratch, K, npairs, partials + c * npairs);
   }
@@ -105,16 +77,8 @@ __global__ void __launch_bounds__(kThreads) gram_partials_pairwise(const T* __re
       const T* b = bank + int64_t(l) * ld + start;
       double v = 0.0;
       for (int64_t i = threadIdx.x; i < len; i += kThreads) v = __fma_rn(to_acc<double>(a[i]), to_acc<double>(b[i]), v);
-#pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-      const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-      if (lane == 0) scratch[warp] = v;
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        double total = 0.0;
-        for (int w = 0; w < kWarps; ++w) total += scratch[w];
-        partials[c * npairs + q] = total;
-      }
+      const double total = block_sum<kWarps>(v, scratch);
+      if (threadIdx.x == 0) partials[c * npairs + q] = total;
       __syncthreads();
     }
   }
@@ -148,14 +112,8 @@ __global__ void __launch_bounds__(kThreads) gram_reduce(const double* __restrict
 
 std::tuple<at::Tensor, at::Tensor> bank_gram_cuda(const at::Tensor& bank, const at::Tensor& chunks,
                                                   const at::Tensor& seg_offsets, int64_t num_segments) {
-  const char* op = "bank_gram";
-  const BankView b = check_bank(op, bank);
-  TORCH_CHECK_VALUE(b.device.is_cuda(), "fused_balance::", op, ": CUDA kernel called with a bank on ", b.device);
-  TORCH_CHECK_VALUE(num_segments >= 1, "fused_balance::", op, ": num_segments must be >= 1");
-  const int64_t C = check_chunks(op, chunks, b);
-  TORCH_CHECK_VALUE(seg_offsets.scalar_type() == at::kLong && seg_offsets.numel() == num_segments + 1 &&
-                        seg_offsets.is_contiguous() && seg_offsets.device() == b.device,
-                    "fused_balance::", op, ": seg_offsets must be a contiguous int64 [S + 1] tensor on ", b.device);
+  const BankView b = check_bank_gram(bank, chunks, seg_offsets, num_segments, at::kCUDA);
+  const int64_t C = chunks.size(0);
   const c10::cuda::CUDAGuard guard(b.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(b.device.index()).stream();
   const int K = int(b.K);
@@ -192,6 +150,20 @@ __device__ __forceinline__ void load_segment_weights(const double* weights, int6
   __syncthreads();
 }
 
+// sum_k ws[k] g[k ld + i]: each product and sum rounded in A, in objective order (the roundings
+// of combine_element).
+template <typename A, typename T>
+__device__ __forceinline__ A combine_rows(const T* g, int64_t ld, int K, const A* ws, int64_t i) {
+  A d = mul_rn(ws[0], to_acc<A>(g[i]));
+  const T* gk = g + i;
+#pragma unroll 1
+  for (int k = 1; k < K; ++k) {
+    gk += ld;
+    d = add_rn(d, mul_rn(ws[k], to_acc<A>(*gk)));
+  }
+  return d;
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_chunks(const T* __restrict__ bank, int64_t ld, int K,
                                                            const int64_t* __restrict__ chunks, int64_t C,
@@ -205,35 +177,15 @@ __global__ void __launch_bounds__(kThreads) combine_chunks(const T* __restrict__
     const int64_t start = r[kColStart], len = r[kColLength];
     load_segment_weights<A>(weights, r[kColSegment], K, ws);
     const T* g = bank + start;
-    for (int64_t i = threadIdx.x; i < len; i += kThreads) {
-      A d = mul_rn(ws[0], to_acc<A>(g[i]));
-      const T* gk = g + i;
-#pragma unroll 1
-      for (int k = 1; k < K; ++k) {
-        gk += ld;
-        d = add_rn(d, mul_rn(ws[k], to_acc<A>(*gk)));
-      }
-      out[start + i] = from_acc<T>(d);
-    }
+    for (int64_t i = threadIdx.x; i < len; i += kThreads) out[start + i] = from_acc<T>(combine_rows(g, ld, K, ws, i));
   }
-}
-
-const bool* skip_pointer(const std::optional<at::Tensor>& skip) {
-  return (skip.has_value() && skip->defined()) ? skip->data_ptr<bool>() : nullptr;
 }
 
 void bank_combine_into_cuda(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
                             const at::Tensor& out, const std::optional<at::Tensor>& skip) {
-  const char* op = "bank_combine_into";
-  const BankView b = check_bank(op, bank);
-  TORCH_CHECK_VALUE(b.device.is_cuda(), "fused_balance::", op, ": CUDA kernel called with a bank on ", b.device);
-  const int64_t C = check_chunks(op, chunks, b);
-  check_plan_weights(op, weights, b);
-  check_plan_skip(op, skip, b);
-  check_flat(op, "out", out, b);
-  TORCH_CHECK_TYPE(out.scalar_type() == b.dtype, "fused_balance::", op, ": out has dtype ", out.scalar_type(),
-                   ", the bank ", b.dtype);
-  TORCH_CHECK_VALUE(b.K <= kMaxObjectives, "fused_balance::", op, ": at most ", kMaxObjectives, " objectives");
+  const BankView b = check_bank_combine_into(bank, weights, chunks, out, skip, at::kCUDA);
+  check_weights_fit_shared_memory("bank_combine_into", b);
+  const int64_t C = chunks.size(0);
   if (C == 0) return;
   const c10::cuda::CUDAGuard guard(b.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(b.device.index()).stream();
@@ -273,14 +225,7 @@ __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ b
     PT* p = reinterpret_cast<PT*>(param_ptrs[r[kColParam]]) + r[kColParamOffset];
     const T* g = bank + start;
     for (int64_t i = threadIdx.x; i < len; i += kThreads) {
-      GA d = mul_rn(ws[0], to_acc<GA>(g[i]));
-      const T* gk = g + i;
-#pragma unroll 1
-      for (int k = 1; k < K; ++k) {
-        gk += ld;
-        d = add_rn(d, mul_rn(ws[k], to_acc<GA>(*gk)));
-      }
-      d = round_through<T>(d);
+      const GA d = round_through<T>(combine_rows(g, ld, K, ws, i));
       A pa = to_acc<A>(p[i]), ma = to_acc<A>(m[start + i]), va = to_acc<A>(v[start + i]);
       adamw_update(pa, ma, va, A(d), consts);
       p[i] = from_acc<PT>(pa);
@@ -297,15 +242,11 @@ __global__ void count_step(float* step, const bool* skip) {
 void bank_adamw_cuda(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
                      const at::Tensor& param_ptrs, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
                      const at::Tensor& hyper, const at::Tensor& step, const std::optional<at::Tensor>& skip) {
-  const char* op = "bank_adamw_";
-  const BankView b = check_bank(op, bank);
-  TORCH_CHECK_VALUE(b.device.is_cuda(), "fused_balance::", op, ": CUDA kernel called with a bank on ", b.device);
-  const int64_t C = check_chunks(op, chunks, b);
-  check_plan_weights(op, weights, b);
-  check_plan_skip(op, skip, b);
-  check_plan_adamw(op, param_ptrs, exp_avg, exp_avg_sq, hyper, step, exp_avg.scalar_type(), b);
-  TORCH_CHECK_VALUE(b.K <= kMaxObjectives, "fused_balance::", op, ": at most ", kMaxObjectives, " objectives");
-  const int32_t pcode = elem_type_of(exp_avg.scalar_type(), op);
+  const BankView b =
+      check_bank_adamw(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip, at::kCUDA);
+  check_weights_fit_shared_memory("bank_adamw_", b);
+  const int32_t pcode = elem_type_of(exp_avg.scalar_type(), "bank_adamw_");
+  const int64_t C = chunks.size(0);
   const c10::cuda::CUDAGuard guard(b.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(b.device.index()).stream();
   const at::Tensor w = weights.to(at::kDouble).contiguous();
@@ -328,11 +269,11 @@ void bank_adamw_cuda(const at::Tensor& bank, const at::Tensor& weights, const at
 }
 
 }  // namespace
-}  // namespace plan_cuda
+}  // namespace cuda
 }  // namespace fused_balance
 
 TORCH_LIBRARY_IMPL(fused_balance, CUDA, m) {
-  m.impl("bank_gram", &fused_balance::plan_cuda::bank_gram_cuda);
-  m.impl("bank_combine_into", &fused_balance::plan_cuda::bank_combine_into_cuda);
-  m.impl("bank_adamw_", &fused_balance::plan_cuda::bank_adamw_cuda);
+  m.impl("bank_gram", &fused_balance::cuda::bank_gram_cuda);
+  m.impl("bank_combine_into", &fused_balance::cuda::bank_combine_into_cuda);
+  m.impl("bank_adamw_", &fused_balance::cuda::bank_adamw_cuda);
 }

@@ -1,0 +1,265 @@
+// What every CUDA translation unit of the extension shares: launch shape, grid sizing, the element
+// load/store helpers, and the list ops' metadata table (accumulate types and the dtype dispatch
+// with_type come from multi_tensor.h, shared with the CPU kernels).
+//
+// The list ops (gram_cuda.cu, combine_cuda.cu, adamw_cuda.cu) build a metadata table on the host
+// (tensor pointers, sizes, segment ids, chunk -> tensor/offset, segment -> chunks), copy it to the
+// device with one asynchronous copy from pinned memory on the current stream, and launch one
+// kernel per stage over all chunks of all tensors, whatever their number. The plan ops
+// (plan_cuda.cu) read a table the plan uploaded once and use only the launch helpers.
+//
+// Included by several .cu files, so nothing here has internal-only linkage needs: host functions
+// are inline, device helpers __forceinline__ (inline) or templates, constants constexpr.
+// Only c10/cuda headers are used (ATen/cuda/CUDAContext.h pulls in cuBLAS/cuSPARSE headers).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cuda_runtime.h>
+
+#include <cstring>
+#include <functional>
+#include <optional>
+#include <vector>
+
+#include "multi_tensor.h"
+#include "ops_common.h"
+
+namespace fused_balance {
+namespace cuda {
+
+constexpr int kThreads = 256;              // threads per block, every chunk kernel
+constexpr int kWarps = kThreads / 32;
+constexpr int kVec = 4;                    // elements per vectorised access
+constexpr int kBlocksPerSm = 32;           // grid cap for the grid-stride loops (above residency:
+                                           // one chunk per block balances best)
+
+// Blocks for a grid-stride loop over work_items (chunks), capped at kBlocksPerSm per SM. The SM
+// count is read once per device.
+inline int grid_for(int64_t work_items) {
+  static int sms[64] = {0};
+  int device = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  int& n = sms[device & 63];
+  if (n == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+  const int64_t cap = int64_t(n > 0 ? n : 1) * kBlocksPerSm;
+  return int(work_items < cap ? (work_items > 0 ? work_items : 1) : cap);
+}
+
+// The optional device-side skip flag (kernels return at once when it is set), or null.
+inline const bool* skip_pointer(const std::optional<at::Tensor>& skip) {
+  return (skip.has_value() && skip->defined()) ? skip->data_ptr<bool>() : nullptr;
+}
+
+// ------------------------------------------------------------------------ device helpers
+__device__ __forceinline__ float fma_acc(float a, float b, float c) { return __fmaf_rn(a, b, c); }
+__device__ __forceinline__ double fma_acc(double a, double b, double c) { return __fma_rn(a, b, c); }
+
+template <typename T>
+__device__ __forceinline__ void load_vec(const T* ptr, acc_t<T> (&x)[kVec]);
+
+template <>
+__device__ __forceinline__ void load_vec<float>(const float* ptr, float (&x)[kVec]) {
+  const float4 v = *reinterpret_cast<const float4*>(ptr);
+  x[0] = v.x; x[1] = v.y; x[2] = v.z; x[3] = v.w;
+}
+template <>
+__device__ __forceinline__ void load_vec<double>(const double* ptr, double (&x)[kVec]) {
+  const double2 a = reinterpret_cast<const double2*>(ptr)[0];
+  const double2 b = reinterpret_cast<const double2*>(ptr)[1];
+  x[0] = a.x; x[1] = a.y; x[2] = b.x; x[3] = b.y;
+}
+template <typename H>
+__device__ __forceinline__ void load_vec16(const H* ptr, float (&x)[kVec]) {
+  const uint2 v = *reinterpret_cast<const uint2*>(ptr);
+  const H h[kVec] = {H{uint16_t(v.x & 0xffffu)}, H{uint16_t(v.x >> 16)}, H{uint16_t(v.y & 0xffffu)},
+                     H{uint16_t(v.y >> 16)}};
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) x[j] = to_acc<float>(h[j]);
+}
+template <>
+__device__ __forceinline__ void load_vec<bf16_t>(const bf16_t* ptr, float (&x)[kVec]) { load_vec16(ptr, x); }
+template <>
+__device__ __forceinline__ void load_vec<f16_t>(const f16_t* ptr, float (&x)[kVec]) { load_vec16(ptr, x); }
+
+template <typename T>
+__device__ __forceinline__ void store_vec(T* ptr, const acc_t<T> (&x)[kVec]);
+
+template <>
+__device__ __forceinline__ void store_vec<float>(float* ptr, const float (&x)[kVec]) {
+  *reinterpret_cast<float4*>(ptr) = make_float4(x[0], x[1], x[2], x[3]);
+}
+template <>
+__device__ __forceinline__ void store_vec<double>(double* ptr, const double (&x)[kVec]) {
+  reinterpret_cast<double2*>(ptr)[0] = make_double2(x[0], x[1]);
+  reinterpret_cast<double2*>(ptr)[1] = make_double2(x[2], x[3]);
+}
+template <typename H>
+__device__ __forceinline__ void store_vec16(H* ptr, const float (&x)[kVec]) {
+  uint16_t h[kVec];
+#pragma unroll
+  for (int j = 0; j < kVec; ++j) h[j] = from_acc<H>(x[j]).bits;
+  *reinterpret_cast<uint2*>(ptr) = make_uint2(uint32_t(h[0]) | (uint32_t(h[1]) << 16),
+                                              uint32_t(h[2]) | (uint32_t(h[3]) << 16));
+}
+template <>
+__device__ __forceinline__ void store_vec<bf16_t>(bf16_t* ptr, const float (&x)[kVec]) { store_vec16(ptr, x); }
+template <>
+__device__ __forceinline__ void store_vec<f16_t>(f16_t* ptr, const float (&x)[kVec]) { store_vec16(ptr, x); }
+
+// Element i of a tensor whose dtype is known only at run time (ElemType code), in math type A.
+template <typename A>
+__device__ __forceinline__ A load_as(const void* base, int32_t code, int64_t i) {
+  switch (code) {
+    case kFloat64: return A(static_cast<const double*>(base)[i]);
+    case kBFloat16: return A(to_acc<float>(static_cast<const bf16_t*>(base)[i]));
+    case kFloat16: return A(to_acc<float>(static_cast<const f16_t*>(base)[i]));
+    default: return A(static_cast<const float*>(base)[i]);
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ void store_as(void* base, int32_t code, int64_t i, A x) {
+  switch (code) {
+    case kFloat64: static_cast<double*>(base)[i] = double(x); break;
+    case kBFloat16: static_cast<bf16_t*>(base)[i] = from_acc<bf16_t>(x); break;
+    case kFloat16: static_cast<f16_t*>(base)[i] = from_acc<f16_t>(x); break;
+    default: static_cast<float*>(base)[i] = float(x); break;
+  }
+}
+
+// ------------------------------------------------------------- list ops: metadata table
+// Device view of the table; every field points into one device buffer.
+struct Meta {
+  const int64_t* grad_ptrs = nullptr;    // [K * P] addresses, objective-major
+  const int64_t* numel = nullptr;        // [P]
+  const int64_t* segment = nullptr;      // [P]
+  const int32_t* vec_ok = nullptr;       // [P] all pointers of tensor p allow kVec-wide accesses
+  const int32_t* chunk_tensor = nullptr; // [C]
+  const int64_t* chunk_start = nullptr;  // [C]
+  const int64_t* seg_offsets = nullptr;  // [S + 1]
+  const int32_t* seg_chunks = nullptr;   // [C]
+  const int64_t* out_ptrs = nullptr;     // [P] combine outputs / AdamW params
+  const int64_t* exp_avg_ptrs = nullptr; // [P]
+  const int64_t* exp_avg_sq_ptrs = nullptr;  // [P]
+  const double* decay = nullptr;         // [P] 1 - lr wd
+  const double* step_size = nullptr;     // [P] lr / (1 - beta1^step)
+  int32_t K = 0;
+  int32_t P = 0;
+};
+
+// Objective k's gradient of tensor p, as a typed pointer (g[k] for combine_element).
+template <typename T>
+struct GradsOf {
+  const int64_t* ptrs;
+  int32_t P, p;
+  int64_t start;
+  __device__ const T* operator[](int k) const {
+    return reinterpret_cast<const T*>(ptrs[int64_t(k) * P + p]) + start;
+  }
+};
+
+// Chunk c of the table: its tensor, first element and length (kernels bind them by name:
+// `const auto [p, start, len] = chunk_span(meta, c);`).
+struct ChunkSpan {
+  int p;
+  int64_t start, len;
+};
+
+__device__ __forceinline__ ChunkSpan chunk_span(const Meta& meta, int64_t c) {
+  const int p = meta.chunk_tensor[c];
+  const int64_t start = meta.chunk_start[c];
+  return {p, start, chunk_length(meta.numel[p], start, kChunkElems)};
+}
+
+// Chunk c of a weighted op (combine, AdamW): its span, the K gradients there and the weights of
+// the tensor's segment.
+template <typename T>
+struct WeightedChunk {
+  int p;
+  int64_t start, len;
+  GradsOf<T> g;
+  const acc_t<T>* w;
+};
+
+template <typename T>
+__device__ __forceinline__ WeightedChunk<T> weighted_chunk(const Meta& meta, int64_t c, const acc_t<T>* weights) {
+  const ChunkSpan s = chunk_span(meta, c);
+  return {s.p, s.start, s.len, GradsOf<T>{meta.grad_ptrs, meta.P, s.p, s.start}, weights + meta.segment[s.p] * meta.K};
+}
+
+template <typename V>
+std::vector<int64_t> addresses(const std::vector<V*>& ptrs) {
+  std::vector<int64_t> out(ptrs.size());
+  for (size_t i = 0; i < ptrs.size(); ++i) out[i] = int64_t(reinterpret_cast<uintptr_t>(ptrs[i]));
+  return out;
+}
+
+inline bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % uint64_t(bytes) == 0; }
+
+// vec_ok[p]: the K gradients (and the extra pointers, e.g. outputs) of tensor p start on a
+// kVec-element boundary. Chunk starts are multiples of kChunkElems, so chunks inherit it.
+inline std::vector<int32_t> vector_alignment(const GradTable& g, const std::vector<void*>* extra,
+                                             int64_t extra_esize) {
+  std::vector<int32_t> ok(g.P, 1);
+  const int64_t bytes = kVec * elem_size(g.code);
+  for (int64_t p = 0; p < g.P; ++p) {
+    for (int64_t k = 0; k < g.K; ++k) ok[p] &= aligned(g.ptr(k, p), bytes);
+    if (extra) ok[p] &= aligned((*extra)[p], kVec * extra_esize);
+  }
+  return ok;
+}
+
+// Packs host arrays into one pinned buffer, then one cudaMemcpyAsync (through Tensor::to, which
+// also keeps the pinned block alive until the copy has run) on the current stream. Starts with
+// the fields every list op reads (gradients, sizes, segments, chunk table, K, P); put() adds more.
+class MetaTable {
+ public:
+  explicit MetaTable(const GradTable& g) {
+    put(&Meta::grad_ptrs, addresses(g.ptrs));
+    put(&Meta::numel, g.numel);
+    put(&Meta::segment, g.segment);
+    put(&Meta::chunk_tensor, g.chunk_tensor);
+    put(&Meta::chunk_start, g.chunk_start);
+    meta_.K = int32_t(g.K);
+    meta_.P = int32_t(g.P);
+  }
+
+  // meta.*field will point at the device copy of values.
+  template <typename E>
+  void put(const E* Meta::*field, const std::vector<E>& values) {
+    const size_t offset = (bytes_.size() + 15) & ~size_t(15);
+    bytes_.resize(offset + values.size() * sizeof(E));
+    if (!values.empty()) std::memcpy(bytes_.data() + offset, values.data(), values.size() * sizeof(E));
+    fields_.push_back([field, offset](Meta& m, const uint8_t* base) {
+      m.*field = reinterpret_cast<const E*>(base + offset);
+    });
+  }
+
+  // Copies the table to `device` (stream-ordered) and returns the kernels' view of it; the device
+  // buffer lives as long as this object.
+  Meta upload(const at::Device& device) {
+    at::Tensor host = at::empty({int64_t(bytes_.size()) + 16},
+                                at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    std::memcpy(host.data_ptr(), bytes_.data(), bytes_.size());
+    device_ = host.to(host.options().device(device).pinned_memory(std::nullopt), /*non_blocking=*/true);
+    const auto* base = static_cast<const uint8_t*>(device_.data_ptr());
+    for (const auto& set : fields_) set(meta_, base);
+    return meta_;
+  }
+
+ private:
+  std::vector<uint8_t> bytes_;
+  std::vector<std::function<void(Meta&, const uint8_t*)>> fields_;
+  Meta meta_;
+  at::Tensor device_;
+};
+
+// Weights in the gradients' accumulate type, contiguous, on the device.
+inline at::Tensor device_weights(const at::Tensor& weights, const GradTable& g) {
+  return weights.to(accumulate_type(g.dtype)).contiguous();
+}
+
+}  // namespace cuda
+}  // namespace fused_balance
