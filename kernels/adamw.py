@@ -27,7 +27,7 @@ from fused_balance._dtypes import accumulate_dtype
 from fused_balance.ops import define_family
 
 from . import common
-from .common import cast_for_store
+from .common import cast_for_store, weighted_chunk
 from .pointer_table import chunk_plan, hyper_table, pointer_table
 
 
@@ -66,17 +66,9 @@ def balanced_adamw_kernel(grad_table, state_table, chunk_tensor, chunk_offset, s
     if HAS_SKIP:
         run = tl.load(skip) == 0
     if run:
-        c = tl.program_id(0).to(tl.int64) + first_program
-        t = tl.load(chunk_tensor + c)
-        start = tl.load(chunk_offset + c)
-        length = tl.minimum(tl.load(sizes + t) - start, CHUNK)
-        s = tl.load(segment + t)
-
-        rows = tl.arange(0, KP)
-        row_ok = rows < K
-        address = tl.load(grad_table + rows.to(tl.int64) * num_tensors + t, mask=row_ok, other=0)
-        grad_base = address.to(tl.pointer_type(G_DTYPE)) + start
-        w = tl.load(weights + s * K + rows, mask=row_ok, other=0.0).to(G_ACC)
+        t, start, length, grad_base, row_ok, w = weighted_chunk(
+            grad_table, chunk_tensor, chunk_offset, sizes, segment, weights, num_tensors,
+            first_program, K, KP, G_DTYPE, G_ACC, CHUNK)
 
         p_base = tl.load(state_table + t).to(tl.pointer_type(P_DTYPE)) + start
         m_base = tl.load(state_table + num_tensors + t).to(tl.pointer_type(M_DTYPE)) + start

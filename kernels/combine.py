@@ -17,7 +17,7 @@ import triton.language as tl
 from fused_balance.ops import define_family
 
 from . import common
-from .common import cast_for_store
+from .common import cast_for_store, weighted_chunk
 from .pointer_table import chunk_plan, pointer_table
 
 
@@ -39,17 +39,9 @@ def combine_kernel(table, chunk_tensor, chunk_offset, sizes, segment, weights, o
     if HAS_SKIP:
         run = tl.load(skip) == 0
     if run:
-        c = tl.program_id(0).to(tl.int64) + first_program
-        t = tl.load(chunk_tensor + c)
-        start = tl.load(chunk_offset + c)
-        length = tl.minimum(tl.load(sizes + t) - start, CHUNK)
-        s = tl.load(segment + t)
-
-        rows = tl.arange(0, KP)
-        row_ok = rows < K
-        address = tl.load(table + rows.to(tl.int64) * num_tensors + t, mask=row_ok, other=0)
-        base = address.to(tl.pointer_type(IN_DTYPE)) + start
-        w = tl.load(weights + s * K + rows, mask=row_ok, other=0.0).to(ACC)  # [KP]
+        t, start, length, base, row_ok, w = weighted_chunk(
+            table, chunk_tensor, chunk_offset, sizes, segment, weights, num_tensors,
+            first_program, K, KP, IN_DTYPE, ACC, CHUNK)
         out_base = tl.load(out_table + t).to(tl.pointer_type(OUT_DTYPE)) + start
         if ALIGNED:
             base = tl.multiple_of(base, 16)

@@ -148,3 +148,23 @@ def cast_for_store(x, DTYPE: tl.constexpr):
         return round_to_bf16(x.to(tl.float32)).to(tl.bfloat16)
     else:
         return x.to(DTYPE)
+
+
+@triton.jit
+def weighted_chunk(grad_table, chunk_tensor, chunk_offset, sizes, segment, weights, num_tensors,
+                   first_program, K: tl.constexpr, KP: tl.constexpr, IN_DTYPE: tl.constexpr,
+                   ACC: tl.constexpr, CHUNK: tl.constexpr):
+    """What a combine-like program reads first: its chunk (tensor t, first element ``start``,
+    ``length``), the K gradient pointers at the chunk's start ([KP], ``row_ok`` masks the padding)
+    and the segment's K weights ([KP] in ACC)."""
+    c = tl.program_id(0).to(tl.int64) + first_program
+    t = tl.load(chunk_tensor + c)
+    start = tl.load(chunk_offset + c)
+    length = tl.minimum(tl.load(sizes + t) - start, CHUNK)
+    s = tl.load(segment + t)
+    rows = tl.arange(0, KP)
+    row_ok = rows < K
+    address = tl.load(grad_table + rows.to(tl.int64) * num_tensors + t, mask=row_ok, other=0)
+    base = address.to(tl.pointer_type(IN_DTYPE)) + start
+    w = tl.load(weights + s * K + rows, mask=row_ok, other=0.0).to(ACC)
+    return t, start, length, base, row_ok, w
