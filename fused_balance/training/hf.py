@@ -30,6 +30,7 @@ import torch
 from transformers import Trainer
 
 from fused_balance.policies import BRANCH_CONFLICT
+from fused_balance.training._wrappers import unwrap
 from fused_balance.training.pareto_lora import ParetoLoRA
 
 __all__ = ["BalancedTrainer", "BALANCER_STATE_NAME"]
@@ -47,6 +48,7 @@ class BalancedTrainer(Trainer):
         self.balancer = ParetoLoRA(self.model, optimizer=None, policy=policy, segments=segments,
                                    tau=tau, rescale=rescale, backend=balance_backend, fill=fill)
         self._balanced_wrapper = None
+        self._balanced_ddp = None  # the DDP wrapper inside it, if any
 
     def _attach_wrapper(self, model) -> None:
         """The Trainer wraps the model (DDP under torchrun / accelerate launch) when training
@@ -54,8 +56,15 @@ class BalancedTrainer(Trainer):
         reduction is off and the bank is averaged once over the world group. Several processes
         without DDP (FSDP, DeepSpeed, ...) are refused rather than trained per rank."""
         if model is self._balanced_wrapper:
+            if self._balanced_ddp is not None:
+                # With gradient accumulation the Trainer runs the other micro-batches inside DDP's
+                # no_sync(), whose exit restores the sync flag it found: on, when the balancer
+                # attached inside it. The balancer averages the bank itself, so DDP stays quiet
+                # (before the forward, so the reducer is never armed).
+                self._balanced_ddp.require_backward_grad_sync = False
             return
         self.balancer.attach(model)  # FSDP raises here, naming the supported recipe
+        self._balanced_ddp = unwrap(model)[1]
         if self.args.world_size > 1 and self.balancer.process_group is None:
             raise RuntimeError(f"BalancedTrainer runs on {self.args.world_size} processes but the "
                                f"Trainer's model is a {type(model).__name__}, not a "

@@ -153,8 +153,9 @@ def _accelerate(rank, world):
             "distributed_type": str(accelerator.distributed_type), "wrapper": type(model).__name__}
 
 
-def _trainer(rank, world, outdir):
-    return run_trainer(world, TRAINER_BATCH // world, os.path.join(outdir, f"trainer{rank}"))
+def _trainer(rank, world, outdir, accumulation=1):
+    return run_trainer(world, TRAINER_BATCH // world // accumulation,
+                       os.path.join(outdir, f"trainer{rank}-{accumulation}"), accumulation)
 
 
 def _fsdp2(rank, world):
@@ -189,7 +190,9 @@ def _scenarios(rank, world, backends):
         if HAVE_ACCELERATE:
             results["accelerate"] = _accelerate(rank, world)
         if HAVE_TRANSFORMERS:
-            results["trainer"] = _trainer(rank, world, tempfile.mkdtemp(prefix=f"trainer{rank}-"))
+            outdir = tempfile.mkdtemp(prefix=f"trainer{rank}-")
+            results["trainer"] = _trainer(rank, world, outdir)
+            results["trainer_accumulating"] = _trainer(rank, world, outdir, accumulation=2)
     return results
 
 
@@ -209,9 +212,10 @@ def trainer_objectives(model, inputs, outputs):
             "image": (nll * (valid & is_image)).sum() / count}
 
 
-def run_trainer(world, per_device_batch, output_dir):
-    """BalancedTrainer for STEPS steps in order (sequential sampler): ranks see consecutive
-    slices of each global batch, like one process on the whole batch."""
+def run_trainer(world, per_device_batch, output_dir, accumulation=1):
+    """BalancedTrainer for STEPS optimizer steps in order (sequential sampler): ranks see
+    consecutive slices of each global batch, like one process on the whole batch; with
+    ``accumulation`` micro-batches per optimizer step, each rank's slice is split further."""
     import transformers
     from fused_balance.demo.data import VOCAB
     from fused_balance.demo.model import build_lora_model
@@ -220,7 +224,7 @@ def run_trainer(world, per_device_batch, output_dir):
     model = build_lora_model(VOCAB.size, hidden=16, layers=2, heads=2, rank=2, seed=0)
     args = transformers.TrainingArguments(
         output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=per_device_batch,
-        learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1,
+        gradient_accumulation_steps=accumulation, learning_rate=LR, lr_scheduler_type="constant", weight_decay=0.0, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0,
         train_sampling_strategy="sequential", ddp_backend="gloo" if world > 1 else None)
     trainer = BalancedTrainer(model=model, args=args, train_dataset=DemoRows(STEPS * TRAINER_BATCH),
@@ -330,8 +334,12 @@ def test_accelerate_prepared_model_equals_one_process(ranks2):
 
 
 @pytest.mark.skipif(not HAVE_TRANSFORMERS, reason="transformers is not installed")
-def test_balanced_trainer_under_ddp_equals_one_process(ranks2, tmp_path):
-    got = [r["trainer"] for r in ranks2]
+@pytest.mark.parametrize("run", ["trainer", "trainer_accumulating"])
+def test_balanced_trainer_under_ddp_equals_one_process(ranks2, tmp_path, run):
+    """The Trainer's DDP (2 ranks), with or without gradient accumulation (2 micro-batches per
+    optimizer step on each rank), against one process on the whole batch: the same parameters
+    and weights, one all-reduce of the bank per optimizer step (not per micro-batch)."""
+    got = [r[run] for r in ranks2]
     want = run_trainer(1, TRAINER_BATCH, str(tmp_path))
     assert got[0]["world_size"] == 2 and want["world_size"] == 1
     assert got[0]["segments"] == want["segments"]
