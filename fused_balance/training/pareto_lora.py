@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 import fused_balance as fb
-from fused_balance.distributed import check_group
+from fused_balance.distributed import average_gradients_, check_group
 from fused_balance.policies import check_policy_args
 from fused_balance.training import _wrappers
 from fused_balance.training.bank import GradBank
@@ -183,6 +183,7 @@ class ParetoLoRA:
             return
         self.process_group = _wrappers.adopt_ddp(ddp, self.params, self.process_group, self.distributed)
         self._ddp = ddp
+        self._plan_ok = None  # decided again for the process group
 
     def _check_optimizer_holds_params(self, optimizer) -> None:
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -317,7 +318,7 @@ class ParetoLoRA:
         if losses is not None:
             self.accumulate(losses)
         self._require_window()
-        if self.process_group is None and self._plan_usable():
+        if self._plan_usable():
             res, took = self._planned_step()
         elif self.fused:
             # pareto_weights, not gram + policy_weights: it keeps the range rescue (tiny or huge
@@ -342,13 +343,17 @@ class ParetoLoRA:
     # -- planned step (fb.BalancePlan): validated once, O(1) host work per step ----------------
     def _plan_usable(self) -> bool:
         """The plan path needs the cpp kernels on the parameters' device, parameters in the
-        bank's dtype, and every tensor reached (the plan writes and steps all of them; tensors no
-        objective reached must keep ``.grad`` None, so they take the list path). Otherwise the
-        list API runs (same numbers up to the plan's float64 Gram)."""
+        bank's dtype, no sharded process group (data parallel is fine: the bank is averaged
+        first, one all-reduce), and every tensor reached (the plan writes and steps all of them;
+        tensors no objective reached must keep ``.grad`` None, so they take the list path).
+        Otherwise the list API runs (same numbers up to the plan's float64 Gram)."""
         if self._plan_ok is None:
             device, dtype = self.params[0].device, self.params[0].dtype
             cpp = self.backend in (None, "auto", "cpp") and "cpp" in fb.available_backends(device)
-            self._plan_ok = cpp and all(p.dtype == dtype and p.is_contiguous() for p in self.params)
+            # sharded tensors need the Gram's partial sums all-reduced: the list API does that
+            sharded = self.process_group is not None and self.distributed != "data"
+            self._plan_ok = cpp and not sharded and all(p.dtype == dtype and p.is_contiguous()
+                                                        for p in self.params)
         return self._plan_ok and not self._reach()[3]
 
     def _balance_plan(self) -> "fb.BalancePlan":
@@ -364,6 +369,8 @@ class ParetoLoRA:
         Returns the result (statistics in the list API's dtype, for the history) and whether
         it stepped."""
         plan = self._balance_plan()
+        if self.process_group is not None:  # data parallel: every rank balances the mean bank
+            average_gradients_([self.bank.buffer], self.process_group)  # one all-reduce, K·N
         res = plan.weights()
         saved = None
         if self.fused:

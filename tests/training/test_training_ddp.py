@@ -85,6 +85,7 @@ def _ddp(rank, world, policy, fused):
             balancer.zero_grad()
         traffic.append(collectives(one_step))
     return {"params": params_of(net), "traffic": traffic, "bank_numel": balancer.bank.buffer.numel(),
+            "planned": balancer._plan is not None,
             "segments": balancer.segment_names, "state": balancer.state_dict(),
             "weights": [h["weights"] for h in balancer.history]}
 
@@ -150,6 +151,7 @@ def _accelerate(rank, world):
                 optimizer.zero_grad()
         traffic.append(collectives(one_step))
     return {"params": params_of(net), "traffic": traffic, "bank_numel": balancer.bank.buffer.numel(),
+            "planned": balancer._plan is not None,
             "distributed_type": str(accelerator.distributed_type), "wrapper": type(model).__name__}
 
 
@@ -293,6 +295,7 @@ def test_ddp_wrapped_pareto_lora_equals_one_process_on_the_whole_batch(request, 
     for g in got:
         check_one_bank_all_reduce_per_step(g["traffic"], g["bank_numel"])
         assert all(torch.equal(a, b) for a, b in zip(g["weights"], got[0]["weights"]))
+        assert g["planned"]  # data parallel takes the planned step (O(1) host work) too
 
 
 def test_ddp_state_loads_into_the_unwrapped_model(ranks2):
