@@ -24,6 +24,7 @@ policy solve (policy_weights); their fake kernels are here too. The functions ``
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import threading
@@ -38,7 +39,7 @@ __all__ = ["LIST_OP_SCHEMAS", "define_family", "ListOps", "availability", "gram"
            "set_cpu_isa"]
 
 NAMESPACE = "fused_balance"
-_lock = threading.Lock()
+_lock = threading.RLock()  # registrations nest (the C++ parts register the list ops' parts)
 _registered = False
 _cpu_availability: tuple[bool, str] | None = None
 
@@ -55,7 +56,6 @@ LIST_OP_SCHEMAS = {
                         "Tensor? skip) -> ()"),
 }
 
-_family_lock = threading.Lock()
 _family_defined: set[str] = set()
 _family_registered: set[str] = set()
 
@@ -67,7 +67,7 @@ def qualified_name(prefix: str, op: str) -> str:
 def define_family(prefix: str) -> None:
     """Define the four ops of a Python-implemented family (once per process) and register their
     fake kernels and autograd. The implementations are added per op by the family's modules."""
-    with _family_lock:
+    with _lock:
         if prefix in _family_defined:
             return
         for op, schema in LIST_OP_SCHEMAS.items():
@@ -141,22 +141,15 @@ class _Family:
             setattr(self, op, getattr(ns, prefix + op))
 
 
-_families: dict[str, _Family] = {}
-
-
-def _family_getter(prefix: str) -> Callable[[], _Family]:
-    def get() -> _Family:
-        family = _families.get(prefix)
-        if family is None:
-            family = _families[prefix] = _Family(prefix)
-        return family
-    return get
+@functools.cache
+def _family(prefix: str) -> _Family:
+    return _Family(prefix)
 
 
 def register_python_parts(prefix: str) -> None:
     """Fake kernels and autograd for the family ``prefix``, once per process (its ops must be
     defined: for the C++ family, after the extension is loaded)."""
-    with _family_lock:
+    with _lock:
         if prefix in _family_registered:
             return
         name = lambda op: qualified_name(prefix, op)  # noqa: E731
@@ -164,7 +157,7 @@ def register_python_parts(prefix: str) -> None:
         torch.library.register_fake(name("combine"))(_combine_fake)
         torch.library.register_fake(name("combine_into"))(_in_place_fake)
         torch.library.register_fake(name("balanced_adamw_"))(_in_place_fake)
-        gram_setup, gram_backward, combine_setup, combine_backward = _autograd(_family_getter(prefix))
+        gram_setup, gram_backward, combine_setup, combine_backward = _autograd(functools.partial(_family, prefix))
         torch.library.register_autograd(name("gram"), gram_backward, setup_context=gram_setup)
         torch.library.register_autograd(name("combine"), combine_backward, setup_context=combine_setup)
         _family_registered.add(prefix)
@@ -188,7 +181,7 @@ class ListOps:
 
     def __init__(self, prefix: str, load: Callable[[], None]):
         self._load = load
-        self._family = _family_getter(prefix)
+        self._family = functools.partial(_family, prefix)
 
     def _ops(self) -> _Family:
         self._load()

@@ -15,11 +15,9 @@ def _pyplot():
     return plt
 
 
-def _save(fig, ax, path, legend_columns=2, dpi=110):
-    ax.legend(fontsize=7, ncol=legend_columns)
+def _save(plt, fig, path, dpi=110):
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    import matplotlib.pyplot as plt
     plt.close(fig)
 
 
@@ -52,7 +50,8 @@ def _stage_bars(plt, results, case, path):
         roof = case["stages"][s].get("roofline_s")
         if roof:
             ax.hlines(roof * 1e3, j - 0.45, j + 0.45, colors="k", linestyles="dashed")
-    _save(fig, ax, path)
+    ax.legend(fontsize=7, ncol=2)
+    _save(plt, fig, path)
 
 
 def _roofline_bars(plt, results, case, path):
@@ -63,7 +62,8 @@ def _roofline_bars(plt, results, case, path):
         lambda s, n: None if frac(s, n) is None else 100 * frac(s, n),
         f"{case['label']}: fraction of the memory roofline", "% of memory roofline", log=False)
     ax.axhline(100, color="k", linestyle="dashed", linewidth=1)
-    _save(fig, ax, path)
+    ax.legend(fontsize=7, ncol=2)
+    _save(plt, fig, path)
 
 
 def _memory_bars(plt, results, case, path):
@@ -76,7 +76,8 @@ def _memory_bars(plt, results, case, path):
         plt, results, stages, {n for _, n in mib},
         lambda s, n: max(mib[s, n], 1e-3) if (s, n) in mib else None,
         f"{case['label']}: peak extra memory per call", "peak extra memory [MiB]")
-    _save(fig, ax, path)
+    ax.legend(fontsize=7, ncol=2)
+    _save(plt, fig, path)
     return True
 
 
@@ -93,7 +94,8 @@ def overhead_plot(result: dict, path) -> bool:
         ax.plot(xs, [row[P] * 1e6 for P in xs], marker="o", label=label)
     _log_log(ax, "tensors P (4 elements each)", "µs per call (median)",
              f"host overhead, K={result['objectives']}, {result['device']}")
-    _save(fig, ax, path, legend_columns=1, dpi=120)
+    ax.legend(fontsize=7)
+    _save(plt, fig, path, dpi=120)
     return True
 
 
@@ -130,9 +132,7 @@ def _scaling(plt, results, sweep, path):
         _log_log(ax, "total parameters N" if sweep == "params" else "number of tensors P",
                  "median time [s]", f"{stage}, K=2 fp32, {fixed}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path)
     return True
 
 

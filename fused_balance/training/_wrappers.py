@@ -112,8 +112,13 @@ def adopt_ddp(ddp, params: Sequence[torch.Tensor], process_group, distributed: s
         raise ValueError(f"{len(loose)} trainable parameter(s) of the DDP model are not balanced "
                          f"({shown}): ParetoLoRA switches DDP's gradient averaging off, so they "
                          "would differ between ranks; freeze them or balance them too")
-    ddp.require_backward_grad_sync = False  # what ddp.no_sync() sets; read at each forward
+    switch_off_sync(ddp)
     return group
+
+
+def switch_off_sync(ddp) -> None:
+    """DDP's own gradient averaging off: what ``ddp.no_sync()`` sets, read at each forward."""
+    ddp.require_backward_grad_sync = False
 
 
 def check_ddp_quiet(ddp) -> None:

@@ -30,7 +30,7 @@ import torch
 from transformers import Trainer
 
 from fused_balance.policies import BRANCH_CONFLICT
-from fused_balance.training._wrappers import unwrap
+from fused_balance.training._wrappers import switch_off_sync, unwrap
 from fused_balance.training.pareto_lora import ParetoLoRA
 
 __all__ = ["BalancedTrainer", "BALANCER_STATE_NAME"]
@@ -61,7 +61,7 @@ class BalancedTrainer(Trainer):
                 # no_sync(), whose exit restores the sync flag it found: on, when the balancer
                 # attached inside it. The balancer averages the bank itself, so DDP stays quiet
                 # (before the forward, so the reducer is never armed).
-                self._balanced_ddp.require_backward_grad_sync = False
+                switch_off_sync(self._balanced_ddp)
             return
         self.balancer.attach(model)  # FSDP raises here, naming the supported recipe
         self._balanced_ddp = unwrap(model)[1]
