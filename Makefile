@@ -1,11 +1,14 @@
 # Two commands do everything on a fresh machine: `make test` and `make demo`.
-# Each creates .venv if needed, installs the project, builds the C++ (and, with a CUDA toolkit,
-# CUDA) extension, then runs.
+# Each creates .venv if needed, installs the project with the pinned package set (constraints.txt),
+# builds the C++ (and, with a CUDA toolkit, CUDA) extension, then runs.
 SHELL := /bin/bash
 VENV ?= .venv
+PINS ?= constraints.txt
 PY := $(VENV)/bin/python
 FB := $(VENV)/bin/fused-balance
 STAMP := $(VENV)/.installed-stamp
+PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q
+LATEST := .venv-latest
 
 # torch guesses the toolkit root from `which nvcc`, which here is a wrapper script: point it at
 # the real root (the folder holding bin/nvcc and lib64/libcudart.so) unless the user did.
@@ -17,18 +20,36 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: test demo build bench clean
+.PHONY: test test-latest pins demo build bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(PINS)
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[test]'
+	$(PIP_INSTALL) -c $(PINS) -e '.[test]'
 	@touch $(STAMP)
 
 build: $(STAMP)
 	$(FB) build
 
+# pytest exits 5 when no test ran: make fails on it, so an empty run cannot pass.
 test: build
 	$(PY) -m pytest
+
+# Upstream drift: the newest releases the registry serves (not pinned, not run by CI), in a
+# virtualenv of its own; lists what differs from the pins, then runs the whole suite.
+test-latest:
+	@test -x $(LATEST)/bin/python || python3 -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip install --disable-pip-version-check -q --upgrade --upgrade-strategy eager -e '.[test]'
+	@$(LATEST)/bin/python -m pip freeze --all --exclude-editable --disable-pip-version-check \
+		| grep -v -E '^(pip|wheel)==' | diff <(grep -v '^#' $(PINS)) - \
+		&& echo "latest releases = the pins" || echo "(< pinned, > latest)"
+	$(LATEST)/bin/fused-balance build
+	$(LATEST)/bin/python -m pytest
+
+# After a green `make test-latest`: write its package set into the pins.
+pins:
+	@test -x $(LATEST)/bin/python || { echo "run make test-latest first"; exit 2; }
+	{ grep '^#' $(PINS); $(LATEST)/bin/python -m pip freeze --all --exclude-editable \
+		--disable-pip-version-check | grep -v -E '^(pip|wheel)=='; } > $(PINS).new && mv $(PINS).new $(PINS)
 
 demo: build
 	$(FB) info
@@ -38,4 +59,4 @@ bench: build
 	$(FB) bench --out bench_out
 
 clean:
-	rm -rf $(VENV) build .build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LATEST) build .build *.egg-info .pytest_cache .hypothesis

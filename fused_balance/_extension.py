@@ -160,9 +160,24 @@ def _library_path(plan: _Plan) -> Path:
     return plan.build_dir / f"{EXTENSION_NAME}{'.pyd' if os.name == 'nt' else '.so'}"
 
 
+# Written after a build succeeded: its presence (not the library file, which the linker writes in
+# place, nor torch's lock file, which torch >= 2.14 leaves behind) says the build is finished.
+_FINISHED = "fused_balance.built"
+# Our own build lock, an OS advisory lock (released when its holder dies) on a file holding the
+# holder's pid and start time, so a waiting process can say whom it waits for.
+_BUILD_LOCK = "fused_balance.build-lock"
+# How long a process waits for another one's build before giving up (seconds; a cold CUDA build
+# of every kernel takes minutes on a loaded 2-core machine).
+_DEFAULT_WAIT_S = 1800.0
+
+
+def _is_finished(plan: _Plan) -> bool:
+    return (plan.build_dir / _FINISHED).exists() and _library_path(plan).exists()
+
+
 def is_built() -> bool:
     """Whether the extension is loaded or compiled on disk for the current sources (never builds)."""
-    return _module is not None or _library_path(_plan()).exists()
+    return _module is not None or _is_finished(_plan())
 
 
 def _import_cpp_extension():
@@ -194,32 +209,97 @@ def _import_built(library: Path):
     return module
 
 
+class _BuildLock:
+    """An exclusive advisory lock on ``build_dir/fused_balance.build-lock``. Waiting prints whom it
+    waits for (pid, for how long) and gives up after ``$FUSED_BALANCE_BUILD_WAIT`` seconds (default
+    1800) with a TimeoutError naming the holder, never silently forever."""
+
+    def __init__(self, build_dir: Path):
+        self.path = build_dir / _BUILD_LOCK
+        self.file = None
+
+    def _holder(self) -> str:
+        try:
+            pid, started = self.path.read_text().split()[:2]
+            return f"process {pid} (building for {time.time() - float(started):.0f} s)"
+        except (OSError, ValueError):
+            return "another process"
+
+    def __enter__(self):
+        import fcntl
+
+        wait_s = float(os.environ.get("FUSED_BALANCE_BUILD_WAIT", _DEFAULT_WAIT_S))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        start = time.monotonic()
+        told = False
+        while True:
+            try:
+                fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                holder = self._holder()
+                waited = time.monotonic() - start
+                if waited >= wait_s:
+                    self.file.close()
+                    raise TimeoutError(
+                        f"fused_balance: gave up after {waited:.0f} s waiting for {holder} to finish the "
+                        f"extension build in {self.path.parent} (FUSED_BALANCE_BUILD_WAIT={wait_s:g}); "
+                        "if no such build runs, delete that folder and retry") from None
+                if not told:
+                    print(f"fused_balance: waiting for {holder} to finish the extension build in "
+                          f"{self.path.parent} (giving up after {wait_s:g} s)", file=sys.stderr, flush=True)
+                    told = True
+                time.sleep(min(1.0, max(0.05, wait_s - waited)))
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"{os.getpid()} {time.time():.3f}\n")
+        self.file.flush()
+        return self
+
+    def __exit__(self, *exc):
+        import fcntl
+
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
 def _compile(plan: _Plan, verbose: bool):
     library = _library_path(plan)
-    # torch holds build_dir/lock while it builds: then wait for that build through load() below.
-    if library.exists() and not (plan.build_dir / "lock").exists():
+    # A finished build is imported directly, wherever the sources lie: the folder is keyed on their
+    # content, so a checkout and an installed wheel share it (ninja would rebuild whenever the
+    # sources' path differs from the one recorded in build.ninja).
+    if _is_finished(plan):
         try:
             return _import_built(library)
         except ImportError:
-            pass  # a damaged file: let ninja rebuild it
-    cpp_extension = _import_cpp_extension()
-
-    if plan.cuda:
-        # torch guesses the toolkit from `which nvcc` at import time, which may be a wrapper
-        # script outside the toolkit: point both the environment and the module at the real root.
-        os.environ["CUDA_HOME"] = plan.cuda_home
-        cpp_extension.CUDA_HOME = plan.cuda_home
-    plan.build_dir.mkdir(parents=True, exist_ok=True)
-    return cpp_extension.load(
-        name=EXTENSION_NAME,
-        sources=list(plan.sources),
-        extra_cflags=list(plan.cflags),
-        extra_cuda_cflags=list(plan.cuda_cflags),
-        extra_ldflags=list(_LD_FLAGS),
-        build_directory=str(plan.build_dir),
-        with_cuda=plan.cuda,
-        verbose=verbose and os.environ.get("FUSED_BALANCE_VERBOSE_BUILD", "") not in ("", "0"),
-    )
+            pass  # a damaged file: rebuild it below
+    with _BuildLock(plan.build_dir):
+        finished = plan.build_dir / _FINISHED
+        if _is_finished(plan):  # another process built it while we waited
+            try:
+                return _import_built(library)
+            except ImportError:
+                pass
+        finished.unlink(missing_ok=True)
+        cpp_extension = _import_cpp_extension()
+        if plan.cuda:
+            # torch guesses the toolkit from `which nvcc` at import time, which may be a wrapper
+            # script outside the toolkit: point both the environment and the module at the real root.
+            os.environ["CUDA_HOME"] = plan.cuda_home
+            cpp_extension.CUDA_HOME = plan.cuda_home
+        module = cpp_extension.load(
+            name=EXTENSION_NAME,
+            sources=list(plan.sources),
+            extra_cflags=list(plan.cflags),
+            extra_cuda_cflags=list(plan.cuda_cflags),
+            extra_ldflags=list(_LD_FLAGS),
+            build_directory=str(plan.build_dir),
+            with_cuda=plan.cuda,
+            verbose=verbose and os.environ.get("FUSED_BALANCE_VERBOSE_BUILD", "") not in ("", "0"),
+        )
+        finished.write_text(f"{plan.build_dir.name}\n")
+        return module
 
 
 def build(verbose: bool = True):
@@ -230,7 +310,7 @@ def build(verbose: bool = True):
         if _module is not None:
             return _module
         plan = _plan()
-        fresh = not _library_path(plan).exists()
+        fresh = not _is_finished(plan)
         if verbose and fresh:
             what = "C++/CUDA" if plan.cuda else "C++ (CPU only: " + plan.cuda_reason + ")"
             print(f"fused_balance: building the {what} extension (first use, a few minutes) "
@@ -238,6 +318,8 @@ def build(verbose: bool = True):
         start = time.perf_counter()
         try:
             module = _compile(plan, verbose)
+        except TimeoutError:
+            raise  # waited too long for another process's build: not a CUDA failure
         except Exception as exc:
             if not plan.cuda:
                 raise

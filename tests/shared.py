@@ -5,11 +5,14 @@
 - ``backend_device_pairs``: every (backend, device) this machine can run, for the
   ``backend_device`` fixture of conftest.py (the conformance suite's parametrisation).
 - ``run_ranks``: starts a gloo process group of real processes for the distributed tests.
+- ``run_process``: subprocess.run with room for a cold extension build, naming what it waited
+  for when it runs out of time.
 """
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import time
 from datetime import timedelta
 
@@ -29,6 +32,22 @@ TOLERANCE = {
     torch.bfloat16: {"gram": (2e-5, 1e-5), "output": (1e-2, 1e-2)},
     torch.float16: {"gram": (2e-5, 1e-5), "output": (2e-3, 2e-3)},
 }
+
+
+# A subprocess that imports fused_balance may compile the C++ extension cold (~100 s alone on the
+# 2-core machine, over 5 minutes beside a full test run, more with the CUDA kernels).
+COLD_BUILD_S = 1200
+
+
+def run_process(args, what, *, timeout=COLD_BUILD_S, **kwargs):
+    """``subprocess.run(args, capture_output=True, text=True)``; on a timeout, fails the test
+    saying what it waited for (``what``) and what the process had printed."""
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as exc:
+        out, err = (s.decode(errors="replace") if isinstance(s, bytes) else (s or "")
+                    for s in (exc.stdout, exc.stderr))
+        pytest.fail(f"{what} did not finish in {timeout} s; it printed: {out[-2000:]} {err[-3000:]}")
 
 
 def random_grads(K, shapes, dtype=torch.float32, seed=0, *, noncontiguous=False, scales=None, device="cpu"):

@@ -7,7 +7,6 @@ checked. GPU tests run only where a GPU is present.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fused_balance import _extension, ops, reference
+from shared import run_process
 
 CHUNK = _extension.load().chunk_elems  # kChunkElems of csrc/multi_tensor.h
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -472,7 +472,7 @@ def test_build_info_reports_the_cpu_path_and_cuda_status():
 def test_forced_cpu_path_through_the_environment():
     code = ("from fused_balance import _extension as e; m = e.load(); print(m.cpu_isa())")
     env = dict(os.environ, FUSED_BALANCE_CPU_ISA="default", PYTHONPATH=str(REPO))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    result = run_process([sys.executable, "-c", code], "loading the extension with a forced CPU path", env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "default"
 
@@ -560,3 +560,49 @@ def test_cuda_adamw_matches_cpu(dtype):
     rtol, atol = ADAM_TOL[dtype]
     for a, b in zip(sum(gpu_state, []), sum(cpu_state, [])):
         torch.testing.assert_close(a.cpu(), b, rtol=rtol, atol=atol)
+
+
+# ----------------------------------------------------------------------------- the build cache
+def _isolated_cache(tmp_path):
+    """A build cache of its own holding this process's finished build (the library and its
+    'finished' marker), plus the lock file torch >= 2.14 leaves behind after every build."""
+    built = _extension._plan().build_dir
+    folder = tmp_path / "cache" / built.name
+    folder.mkdir(parents=True)
+    library = _extension._library_path(_extension._plan())
+    (folder / library.name).write_bytes(library.read_bytes())
+    (folder / _extension._FINISHED).write_text(built.name)
+    (folder / "lock").touch()
+    return folder
+
+
+def test_a_finished_build_is_imported_whatever_lock_file_torch_left(tmp_path):
+    _extension.load()
+    folder = _isolated_cache(tmp_path)
+    code = ("import sys; from fused_balance import _extension as e; m = e.build(verbose=False); "
+            "print(m.cpu_isa(), 'torch.utils.cpp_extension' in sys.modules)")
+    env = dict(os.environ, FUSED_BALANCE_BUILD_DIR=str(folder.parent))
+    result = run_process([sys.executable, "-c", code], "importing a finished build", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "False"  # never went through torch's JIT (ninja, its lock)
+    assert "building" not in result.stderr
+
+
+def test_waiting_for_another_build_names_it_and_gives_up_in_time(tmp_path):
+    import fcntl
+
+    _extension.load()
+    folder = _isolated_cache(tmp_path)
+    (folder / _extension._FINISHED).unlink()  # unfinished: the process must build, or wait
+    with open(folder / _extension._BUILD_LOCK, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("4242 0\n")
+        held.flush()
+        code = "from fused_balance import _extension as e; e.build(verbose=False)"
+        env = dict(os.environ, FUSED_BALANCE_BUILD_DIR=str(folder.parent), FUSED_BALANCE_BUILD_WAIT="2")
+        result = run_process([sys.executable, "-c", code], "a build waiting on a held lock", env=env,
+                             timeout=300)
+    assert result.returncode != 0
+    assert "waiting for process 4242" in result.stderr, result.stderr[-2000:]
+    assert "TimeoutError" in result.stderr and "gave up after" in result.stderr, result.stderr[-2000:]
+    assert str(folder) in result.stderr

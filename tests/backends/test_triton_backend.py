@@ -12,7 +12,6 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import random  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 import pytest  # noqa: E402
@@ -22,7 +21,7 @@ pytest.importorskip("triton")
 from fused_balance import reference  # noqa: E402
 from fused_balance.kernels import backend as tb  # noqa: E402
 from fused_balance.kernels import common, pointer_table  # noqa: E402
-from shared import TOLERANCE, random_grads  # noqa: E402
+from shared import TOLERANCE, random_grads, run_process  # noqa: E402
 
 DEVICE = "cpu" if common.INTERPRETED else "cuda"
 _ok, _why = tb.availability(torch.device(DEVICE))
@@ -82,8 +81,8 @@ def test_availability_without_interpreter_on_cpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          timeout=120)
+    proc = run_process([sys.executable, "-c", code], "the Triton backend's availability without the interpreter",
+                       env=env)
     assert proc.returncode == 0, proc.stderr
     reason, description = proc.stdout.strip().splitlines()[-2:]
     assert reason == "Triton needs a GPU; set TRITON_INTERPRET=1 to run the interpreter on CPU"

@@ -17,12 +17,13 @@ Coverage (kept under ~3 minutes on 2 cores by a pool of 2 compile processes):
 """
 import json
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+from shared import run_process
 
 pytest.importorskip("triton")
 
@@ -90,8 +91,8 @@ def _compile_report(cases):
         with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as script:
             script.write(CHILD)
         try:
-            proc = subprocess.run([sys.executable, script.name, json.dumps(cases)], cwd=ROOT,
-                                  env=env, capture_output=True, text=True, timeout=900)
+            proc = run_process([sys.executable, script.name, json.dumps(cases)],
+                               "the Triton AOT compile of every kernel variant", cwd=ROOT, env=env)
         finally:
             os.unlink(script.name)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
 import sys
 import warnings
 
 import numpy
 import pytest
 import torch
+
+from shared import run_process
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -136,9 +137,10 @@ def runs(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     out = folder / "continued.pt"
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(folder), str(out)], env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, "tests"),
+                                                   os.environ.get("PYTHONPATH", "")]))
+    proc = run_process([sys.executable, os.path.abspath(__file__), str(folder), str(out)],
+                       "the resumed training in a new process", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return uninterrupted, torch.load(out, weights_only=False), folder
 
