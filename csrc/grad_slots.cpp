@@ -1,10 +1,11 @@
-// The per-tensor bookkeeping of GradBank's backward fill, in C++: pointing every parameter's
+// Per-tensor bookkeeping in C++. GradSlots, for GradBank's backward fill: pointing every parameter's
 // .grad at its slot in the bank (objective k's view) before a backward pass, finding the
 // parameters whose .grad autograd left somewhere else (a hook replaced it, a sparse gradient, a
 // tensor reached the first time), and putting the user's .grad back afterwards. The parameters
 // and slots are held here once, so a call costs a loop over P pointers: a Python loop costs
 // about a microsecond per tensor and would run several times per objective on hundreds of LoRA
-// tensors.
+// tensors. TensorStamp, for BalancePlan: the per-step check that every parameter and .grad view
+// is still where its device tables point.
 #include <torch/extension.h>
 
 #include <vector>
@@ -74,9 +75,90 @@ class GradSlots {
   std::vector<at::Tensor> saved_;
 };
 
+// What a plan's device tables and .grad views depend on, for P tensors, recorded once and
+// compared in one loop per step (a few ns per tensor): each tensor's storage address, dtype,
+// device, size and requires_grad, and, once views are given, that its .grad is that exact view
+// object still holding the recorded address. A first/last-tensor sample misses `p.data = ...` on a middle
+// parameter (the fused step would then write through a freed address) and Module._apply, which
+// swaps grad.data under a surviving .grad object (a stale gradient reused every step).
+class TensorStamp {
+ public:
+  explicit TensorStamp(std::vector<at::Tensor> tensors) : tensors_(std::move(tensors)) { record(); }
+
+  void record() {
+    entries_.clear();
+    entries_.reserve(tensors_.size());
+    for (const auto& t : tensors_) entries_.push_back(entry_of(t));
+  }
+
+  // Indices of the tensors whose address, dtype, device or size changed since record().
+  std::vector<int64_t> changed() const {
+    std::vector<int64_t> out;
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      if (!(entry_of(tensors_[i]) == entries_[i])) out.push_back(int64_t(i));
+    }
+    return out;
+  }
+
+  // Remember the .grad views every tensor must hold (and their addresses).
+  void expect_grads(std::vector<at::Tensor> views) {
+    TORCH_CHECK(views.size() == tensors_.size(), "TensorStamp.expect_grads: ", views.size(), " views for ",
+                tensors_.size(), " tensors");
+    views_ = std::move(views);
+    view_ptrs_.clear();
+    view_ptrs_.reserve(views_.size());
+    for (const auto& v : views_) view_ptrs_.push_back(v.data_ptr());
+  }
+
+  // Whether every tensor's .grad is its expected view, at the recorded address.
+  bool grads_are_views() const {
+    if (views_.size() != tensors_.size()) return false;
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      const at::Tensor& g = tensors_[i].grad();
+      if (!g.defined() || g.unsafeGetTensorImpl() != views_[i].unsafeGetTensorImpl() ||
+          g.data_ptr() != view_ptrs_[i]) {
+        return false;
+      }
+    }
+    return true;
+  }
+
+ private:
+  struct Entry {
+    const void* ptr;
+    at::ScalarType dtype;
+    at::Device device;
+    int64_t numel;
+    bool requires_grad;
+    bool operator==(const Entry& o) const {
+      return ptr == o.ptr && dtype == o.dtype && device == o.device && numel == o.numel &&
+             requires_grad == o.requires_grad;
+    }
+  };
+  static Entry entry_of(const at::Tensor& t) {
+    return Entry{t.has_storage() ? t.data_ptr() : nullptr, t.scalar_type(), t.device(), t.numel(),
+                 t.requires_grad()};
+  }
+
+  std::vector<at::Tensor> tensors_;  // share the callers' TensorImpls: .data = ... is seen here
+  std::vector<Entry> entries_;
+  std::vector<at::Tensor> views_;
+  std::vector<const void*> view_ptrs_;
+};
+
 }  // namespace
 
 void register_grad_slots(pybind11::module_& m) {
+  pybind11::class_<TensorStamp>(m, "TensorStamp")
+      .def(pybind11::init<std::vector<at::Tensor>>(), pybind11::arg("tensors"))
+      .def("record", &TensorStamp::record,
+           "remember every tensor's address, dtype, device, size and requires_grad")
+      .def("changed", &TensorStamp::changed, "indices of the tensors that changed since record()")
+      .def("expect_grads", &TensorStamp::expect_grads, pybind11::arg("views"),
+           "remember the .grad view every tensor must hold")
+      .def("grads_are_views", &TensorStamp::grads_are_views,
+           "whether every tensor's .grad is its expected view at the recorded address");
+
   pybind11::class_<GradSlots>(m, "GradSlots")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>>(),
            pybind11::arg("params"), pybind11::arg("slots"))

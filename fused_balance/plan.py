@@ -21,11 +21,14 @@ for every objective, so no pointer table is passed or rebuilt). Per call:
   ``[G, 5]`` (lr, weight_decay, beta1, beta2, eps) table).
 
 Nothing here reads the device, so a planned step can be captured in a CUDA graph and compiled
-with ``torch.compile(fullgraph=True)``. Storage changes are noticed cheaply per call (the bank's
-address, shape, dtype and device; the first and last parameter's address): a moved bank is
-re-addressed (the table holds offsets only; a new device gets the table copied once), a changed
-shape raises. ``check_all()`` compares every parameter (O(P)); run it after changing parameters
-one by one (``p.data = ...`` on a middle parameter is not seen by the per-call check).
+with ``torch.compile(fullgraph=True)``. Storage changes are noticed on every call: the bank's
+address, shape, dtype and device, and every parameter's address, dtype, device and size and every
+``.grad`` view (object and address), compared in one C++ loop (``TensorStamp``: about a
+microsecond at 448 tensors). A moved bank is re-addressed (the table holds offsets only; a new
+device gets the table copied once), a changed shape raises; a moved parameter (``p.data = ...``,
+``module.to()``, ``load_state_dict(assign=True)``) gets its address rewritten into the pointer
+table in place; a dtype change raises before anything is written; a ``.grad`` that is no longer
+its view (``zero_grad``, or ``Module._apply`` swapping ``grad.data``) is re-attached.
 """
 from __future__ import annotations
 
@@ -125,7 +128,8 @@ class BalancePlan:
         self._grad_flat: torch.Tensor | None = None
         self._grad_views: list | None = None
         self._param_ptrs: torch.Tensor | None = None
-        self._param_stamp = None
+        from fused_balance import _extension
+        self._watch = _extension.load().TensorStamp(params) if params is not None else None
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod
@@ -209,16 +213,15 @@ class BalancePlan:
             self._ranges = self._ranges.to(new[4])
             self._seg_offsets = self._seg_offsets.to(new[4])
             self._grad_flat = self._grad_views = None
-            self._param_ptrs = self._param_stamp = None
+            self._param_ptrs = None
         self._buffer, self._stamp = buffer, new
 
     def check_all(self) -> None:
-        """O(P) check of everything the per-call check samples: re-reads every parameter's
-        address into the pointer table and re-attaches every ``.grad`` view."""
+        """Re-read every parameter's address into the pointer table and re-attach every
+        ``.grad`` view now (every call does the same when something changed)."""
         self.buffer  # noqa: B018 (the property checks)
         if self._param_ptrs is not None:
-            self._param_ptrs = None
-            self.param_pointers()
+            self.param_pointers(refresh=True)
         if self._grad_views is not None:
             self.attach_grads()
 
@@ -251,24 +254,24 @@ class BalancePlan:
                                 f"({buffer.dtype}, {buffer.device}), got {p.dtype} on {p.device}")
         if self._grad_flat is None:
             self._grad_flat = torch.zeros(self.offsets[-1], dtype=buffer.dtype, device=buffer.device)
-            self._grad_views = [self._grad_flat[a:b].view(p.shape)
-                                for a, b, p in zip(self.offsets, self.offsets[1:], self.params)]
+        # Fresh views every time: Module._apply may have swapped the data of the old view objects.
+        self._grad_views = self.views(self._grad_flat)
         with torch.no_grad():
             for p, view in zip(self.params, self._grad_views):
-                if p.grad is not view:
-                    p.grad = view
+                p.grad = view
+        self._watch.expect_grads(self._grad_views)
         return self._grad_flat
 
     def grads_attached(self) -> bool:
-        if self._grad_views is None:
-            return False
-        return all(self.params[i].grad is self._grad_views[i] for i in (0, -1))
+        """Whether every parameter's ``.grad`` is its view of the flat buffer (object and
+        address: one C++ loop)."""
+        return self._grad_views is not None and self._watch.grads_are_views()
 
     def combine_into_grads(self, result: PlanResult | None = None) -> PlanResult:
         """Gram -> weights -> the combination written into the parameters' ``.grad`` (views of
-        one flat buffer, attached on first use and whenever the first or last parameter's
-        ``.grad`` is no longer its view, e.g. after ``zero_grad(set_to_none=True)``). Nothing
-        is written when a gradient holds NaN/Inf (``found_inf``)."""
+        one flat buffer, attached on first use and whenever a parameter's ``.grad`` is no longer
+        its view, e.g. after ``zero_grad(set_to_none=True)``). Nothing is written when a
+        gradient holds NaN/Inf (``found_inf``)."""
         if result is None:
             result = self.weights()
         if torch.compiler.is_compiling() or not self.grads_attached():
@@ -277,23 +280,29 @@ class BalancePlan:
         return result
 
     # -- fused AdamW -------------------------------------------------------------------------
-    def param_pointers(self) -> torch.Tensor:
-        """[P] int64 addresses of the parameters on the device, rebuilt only when the first or
-        last parameter moved (``module.to()``, ``.cuda()``, a dtype change)."""
+    def param_pointers(self, *, refresh: bool = False) -> torch.Tensor:
+        """[P] int64 addresses of the parameters on the device, rewritten (in place, so a
+        captured CUDA graph reads the new ones) whenever any parameter moved: ``p.data = ...``,
+        ``module.to()``, ``load_state_dict(assign=True)``. A parameter that changed dtype,
+        device or size raises before anything is written."""
         if self.params is None:
             raise RuntimeError("this plan was built without params: adamw_step needs them")
         if torch.compiler.is_compiling():
             return self._param_ptrs
-        stamp = (self.params[0].data_ptr(), self.params[-1].data_ptr())
-        if self._param_ptrs is None or stamp != self._param_stamp:
+        if self._param_ptrs is None or refresh or self._watch.changed():
             device, dtype = self._buffer.device, self.params[0].dtype
-            for i, p in enumerate(self.params):
-                if p.device != device or p.dtype != dtype or not p.is_contiguous():
+            for i, (p, n) in enumerate(zip(self.params, self.numels)):
+                if p.device != device or p.dtype != dtype or not p.is_contiguous() or p.numel() != n:
                     raise TypeError(f"adamw_step needs contiguous parameters of one dtype on the bank's "
-                                    f"device; parameter {i} is {p.dtype} on {p.device}")
+                                    f"device, each of its planned size; parameter {i} is {p.dtype} "
+                                    f"{tuple(p.shape)} on {p.device} (the plan has {n} elements)")
             ptrs = torch.tensor([p.data_ptr() for p in self.params], dtype=torch.long)
-            self._param_ptrs = ptrs.to(device)
-            self._param_stamp = stamp
+            if self._param_ptrs is not None and self._param_ptrs.device == device:
+                self._param_ptrs.copy_(ptrs.pin_memory() if device.type == "cuda" else ptrs,
+                                       non_blocking=True)
+            else:
+                self._param_ptrs = ptrs.to(device)
+            self._watch.record()
         return self._param_ptrs
 
     def adamw_step(self, weights: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,

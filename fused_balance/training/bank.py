@@ -63,6 +63,9 @@ def check_params(params, owner: str, names: Sequence[str] | None = None) -> list
             raise ValueError(f"{label} is the same tensor as parameter {first!r}: each parameter "
                              "may appear only once")
         seen[id(p)] = i
+        if p.is_meta:
+            raise ValueError(f"{label} is on the meta device (not materialised): load or initialise the "
+                             "model's weights (e.g. model.to_empty(device=...) then load them) before balancing")
         if p.device != params[0].device:
             raise ValueError(f"{label} is on {p.device} but the first parameter is on "
                              f"{params[0].device}: all parameters must be on one device")
@@ -101,18 +104,44 @@ class GradBank:
         self.offsets = [0]
         for n in self.numels:
             self.offsets.append(self.offsets[-1] + n)
-        self.buffer = torch.zeros(num_objectives, self.offsets[-1], dtype=dtype,
-                                  device=params[0].device)
-        self.grads: list[list[torch.Tensor]] = [
-            [self.buffer[k, self.offsets[i]:self.offsets[i + 1]].view(p.shape)
-             for i, p in enumerate(params)]
-            for k in range(num_objectives)]
-        self.reached = [False] * len(params)  # per parameter: has any objective reached it?
-        self.reached_version = 0  # counts changes of ``reached`` (to cache what depends on it)
-        self._reached_count = 0
         self._slots = None  # the .grad bookkeeping of the backward fill (_grad_slots)
+        self._buffer = torch.zeros(num_objectives, self.offsets[-1], dtype=dtype, device=params[0].device)
+        self._make_views()
+        # Per parameter: has any objective reached it? A 0-element tensor has nothing to reach or
+        # write: it counts as reached (it never turns the all-reached fast path off).
+        self.reached = [n == 0 for n in self.numels]
+        self.reached_version = 0  # counts changes of ``reached`` (to cache what depends on it)
+        self._reached_count = sum(self.reached)
         # Checked once; a parameter converted later is refused by the slots at the next fill.
         self._params_have_bank_dtype = all(p.dtype == dtype for p in params)
+
+    def _make_views(self) -> None:
+        self.grads: list[list[torch.Tensor]] = [
+            [self._buffer[k, self.offsets[i]:self.offsets[i + 1]].view(p.shape)
+             for i, p in enumerate(self.params)]
+            for k in range(self.num_objectives)]
+        self._slots = None  # they hold the old views
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The ``[K, N]`` storage; ``grads`` are views of it."""
+        return self._buffer
+
+    @buffer.setter
+    def buffer(self, value: torch.Tensor) -> None:
+        """Replace the storage (e.g. a copy, or one moved to another device): ``grads`` and the
+        backward fill's slots follow it, so nothing reads or writes the old one."""
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"a GradBank buffer must be a tensor, got {type(value).__name__}")
+        old = self._buffer
+        if value.shape != old.shape or value.dtype != old.dtype or value.stride(1) != 1:
+            raise ValueError(f"a GradBank buffer must be {tuple(old.shape)} {old.dtype} with contiguous rows, "
+                             f"got {tuple(value.shape)} {value.dtype}")
+        if value.device != self.params[0].device:
+            raise ValueError(f"a GradBank buffer must live with the parameters on {self.params[0].device}, "
+                             f"got {value.device}")
+        self._buffer = value
+        self._make_views()
 
     @property
     def num_params(self) -> int:

@@ -11,8 +11,10 @@ skip counters, history, and its optimizer's state), an optimizer given separatel
 not the ParetoLoRA's own), the BalanceScheduler state, and the random number generators (torch
 CPU, every CUDA device, Python's ``random``, NumPy's global one when NumPy is loaded), so
 data order, dropout and sampling continue exactly. The file is written to a temporary name and
-renamed, so a crash never leaves a half-written checkpoint, and read with
-``torch.load(weights_only=True)`` (no code runs while loading).
+renamed, so a crash never leaves a half-written checkpoint (a temporary file left by a killed
+save is removed by the next save of the same path); it carries a SHA-256 of its contents, checked
+before anything is read, and is read with ``torch.load(weights_only=True)`` (no code runs while
+loading). A truncated, corrupted or foreign file raises a ValueError saying so.
 
 On CPU, continuing from a checkpoint gives bitwise the parameters of an uninterrupted run with
 the same thread count (see tests/training/test_resume.py); on a GPU, as far as the kernels used are
@@ -20,6 +22,10 @@ deterministic.
 """
 from __future__ import annotations
 
+import copy
+import glob
+import hashlib
+import io
 import os
 import random
 import sys
@@ -29,7 +35,8 @@ import torch
 
 __all__ = ["save", "load", "rng_state", "set_rng_state", "FORMAT"]
 
-FORMAT = "fused_balance.checkpoint/1"
+FORMAT = "fused_balance.checkpoint/2"
+_FORMATS = ("fused_balance.checkpoint/1", FORMAT)  # /1: no checksum
 _MODEL_STATES = ("full", "trainable")
 
 
@@ -105,15 +112,54 @@ def save(path, *, model: torch.nn.Module | None = None, pareto=None, optimizer=N
         state["extra"] = extra
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    handle, tmp = tempfile.mkstemp(prefix=".checkpoint-", dir=folder)
+    prefix = _temp_prefix(path)
+    for leftover in glob.glob(os.path.join(glob.escape(folder), glob.escape(prefix) + "*")):
+        os.unlink(leftover)  # a save of this path killed before its rename (SIGKILL, power loss)
+    payload = io.BytesIO()
+    torch.save(state, payload)
+    payload = payload.getvalue()
+    handle, tmp = tempfile.mkstemp(prefix=prefix, dir=folder)
     try:
         with os.fdopen(handle, "wb") as f:
-            torch.save(state, f)
+            f.write(_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+            f.write(payload)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+# The file: this line, the SHA-256 of the payload in hex and a newline, then the payload (what
+# torch.save wrote). A flipped bit or a truncated file fails the checksum before anything loads.
+_MAGIC = b"fused_balance.checkpoint/2 sha256 "
+
+
+def _temp_prefix(path: str) -> str:
+    return f".checkpoint-{os.path.basename(path)}-"
+
+
+def _read(path, map_location) -> dict:
+    """The saved state, its checksum verified; a clear ValueError for anything else."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    if data.startswith(_MAGIC):
+        header, _, payload = data.partition(b"\n")
+        if hashlib.sha256(payload).hexdigest().encode() != header[len(_MAGIC):]:
+            raise ValueError(f"checkpoint {path} is corrupted: its checksum does not match its contents "
+                             "(a truncated file or flipped bits)")
+        data = payload
+    try:  # format/1 files (no checksum) are read as they are
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable fused_balance checkpoint (damaged, or another kind of "
+                         f"file): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not isinstance(state, dict) or state.get("format") not in _FORMATS:
+        raise ValueError(f"{path} is not a fused_balance checkpoint ({FORMAT})")
+    return state
 
 
 def _check_model_state(model: torch.nn.Module, saved: dict, which: str) -> None:
@@ -139,11 +185,10 @@ def _check_model_state(model: torch.nn.Module, saved: dict, which: str) -> None:
 def load(path, *, model: torch.nn.Module | None = None, pareto=None, optimizer=None, scheduler=None,
          rng: bool = True, map_location=None):
     """Restore what ``save`` wrote into freshly built objects of the same configuration and
-    return ``extra``. Every object asked for must be in the checkpoint; names, shapes and
-    settings are checked before the first object is changed."""
-    state = torch.load(os.fspath(path), map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a fused_balance checkpoint ({FORMAT})")
+    return ``extra``. Every object asked for must be in the checkpoint; names, shapes, settings
+    and the optimizer moments' shapes are checked, and a refusal leaves every object as it was
+    (those loaded before it are restored)."""
+    state = _read(os.fspath(path), map_location)
     wanted = {"model": model, "pareto": pareto, "scheduler": scheduler}
     if optimizer is not None and (pareto is None or optimizer is not pareto.optimizer):
         wanted["optimizer"] = optimizer
@@ -154,15 +199,44 @@ def load(path, *, model: torch.nn.Module | None = None, pareto=None, optimizer=N
         raise ValueError(f"checkpoint {path} holds no {absent} state")
     if model is not None:
         _check_model_state(model, state["model"], state["model_state"])
-    # Objects whose load_state_dict checks everything before changing anything go first.
+    # All or nothing: each object's state is kept (copied) before it is loaded, and every loaded
+    # object is put back if a later one refuses its state (a scheduler of other components) or
+    # the optimizer moments do not fit the parameters (a rank-4 run loaded into a rank-8 model).
+    loads = []
     if pareto is not None:
-        pareto.load_state_dict(state["pareto"])
+        loads.append((pareto, state["pareto"]))
     if "optimizer" in wanted:
-        optimizer.load_state_dict(state["optimizer"])
+        loads.append((optimizer, state["optimizer"]))
     if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
+        loads.append((scheduler, state["scheduler"]))
+    kept = []
+    try:
+        for obj, saved in loads:
+            kept.append((obj, copy.deepcopy(obj.state_dict())))
+            obj.load_state_dict(saved)
+        for obj in (pareto.optimizer if pareto is not None else None, wanted.get("optimizer")):
+            if obj is not None:
+                _check_moments_fit(obj)
+    except BaseException:
+        for obj, before in reversed(kept):
+            obj.load_state_dict(before)
+        raise
     if model is not None:
         model.load_state_dict(state["model"], strict=state["model_state"] == "full")
     if rng:
         set_rng_state(state["rng"])
     return state.get("extra")
+
+
+# Per-parameter optimizer states shaped like the parameter (AdamW, SGD with momentum, ...).
+_PARAM_SHAPED = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer")
+
+
+def _check_moments_fit(optimizer: torch.optim.Optimizer) -> None:
+    for g, group in enumerate(optimizer.param_groups):
+        for j, p in enumerate(group["params"]):
+            for key, value in optimizer.state.get(p, {}).items():
+                if key in _PARAM_SHAPED and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                    raise ValueError(f"checkpoint optimizer state {key!r} of parameter {j} in group {g} has "
+                                     f"shape {tuple(value.shape)}, the parameter {tuple(p.shape)}: the checkpoint "
+                                     "is of another model configuration (e.g. another LoRA rank)")

@@ -30,6 +30,7 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 import fused_balance as fb
+from fused_balance import _extension
 from fused_balance.distributed import average_gradients_, check_group
 from fused_balance.policies import check_policy_args
 from fused_balance.training import _wrappers
@@ -151,6 +152,7 @@ class ParetoLoRA:
             except KeyError:
                 raise ValueError("the BalancedAdamW holds parameters ParetoLoRA does not balance") from None
             self._fused_segments = [self.segment_ids[i] for i in self._fused_order]
+            self._fused_groups = self._group_sizes()
         self.bank: GradBank | None = None
         self.step_count = 0
         self.skipped_steps = 0
@@ -166,6 +168,7 @@ class ParetoLoRA:
         self._warned_nonfinite = False
         self._plan = self._plan_key = self._plan_ok = None
         self._ddp = None
+        self._watch = None  # the parameters' TensorStamp (frozen-later check), once the extension loads
         if isinstance(model_or_params, torch.nn.Module):
             self.attach(model_or_params)  # last: every other check has passed
 
@@ -184,6 +187,36 @@ class ParetoLoRA:
         self.process_group = _wrappers.adopt_ddp(ddp, self.params, self.process_group, self.distributed)
         self._ddp = ddp
         self._plan_ok = None  # decided again for the process group
+
+    def _check_params_trainable(self) -> None:
+        """A balanced parameter frozen since construction (``requires_grad_(False)``) would still
+        be written and stepped: refuse before anything is. One C++ loop over the parameters per
+        call (``TensorStamp``) once the extension is loaded; a Python loop before."""
+        if self._watch is None and _extension.loaded() is not None:
+            self._watch = _extension.loaded().TensorStamp(self.params)
+        if self._watch is not None and not self._watch.changed():
+            return
+        frozen = [name for name, p in self.named_params if not p.requires_grad]
+        if frozen:
+            shown = ", ".join(repr(n) for n in frozen[:3]) + (" ..." if len(frozen) > 3 else "")
+            raise ValueError(f"{len(frozen)} balanced parameter(s) were frozen after ParetoLoRA was built "
+                             f"({shown}): they would still be written and stepped; unfreeze them, or build a "
+                             "new ParetoLoRA (and optimizer) over the parameters that train")
+        if self._watch is not None:
+            self._watch.record()
+
+    def _group_sizes(self) -> list[int]:
+        return [len(group["params"]) for group in self.optimizer.param_groups]
+
+    def _check_fused_groups(self) -> None:
+        """The fused AdamW steps exactly the balanced parameters, in the order fixed at
+        construction: a param group added since would never be stepped (and its ``.grad`` would
+        grow without bound), so refuse before anything is written."""
+        if self._group_sizes() != self._fused_groups:
+            raise ValueError("the BalancedAdamW's param groups changed after ParetoLoRA was built "
+                             f"({self._fused_groups} parameters per group then, {self._group_sizes()} now): "
+                             "the fused step covers the parameters ParetoLoRA balances; build a new "
+                             "BalancedAdamW and ParetoLoRA over all the parameters instead")
 
     def _check_optimizer_holds_params(self, optimizer) -> None:
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -248,7 +281,7 @@ class ParetoLoRA:
         """(live mask, live segment mask, fused-path inputs), rebuilt only when the bank's
         reached set changes (rarely: the first steps), so a step costs no per-tensor work."""
         bank = self.bank
-        key = (id(bank), bank.reached_version)
+        key = (id(bank), bank.reached_version, id(bank.grads))  # grads: new views after a buffer swap
         if self._reach_cache is None or self._reach_cache[0] != key:
             # Ranks may reach different tensors but must step the same ones: under a process
             # group every tensor counts as reached (zero gradients where none arrived).
@@ -280,9 +313,16 @@ class ParetoLoRA:
         """Add every objective's gradient of ``losses`` to the bank (one micro-batch); the next
         ``balance()`` / ``step()`` balances the sum, once. A NaN/Inf loss marks the bank so that
         the step is skipped (see GradBank.flag_nonfinite)."""
+        self._check_params_trainable()
+        if self.fused:
+            self._check_fused_groups()
         loss_list = self._loss_list(losses)
-        self.bank.fill(loss_list, accumulate=self._window > 0)
-        self.bank.flag_nonfinite(loss_list)
+        try:
+            self.bank.fill(loss_list, accumulate=self._window > 0)
+            self.bank.flag_nonfinite(loss_list)
+        except BaseException:  # the bank holds a partial sum: nothing of this window is kept
+            self._drop_window()
+            raise
         values = torch.stack([loss.detach().reshape(()).float() for loss in loss_list])
         self._window_losses = values if self._window == 0 else self._window_losses + values
         self._window += 1
@@ -293,7 +333,11 @@ class ParetoLoRA:
         Returns the fb.ParetoResult; with ``found_inf`` nothing was written (``.grad`` stays as
         it was; this costs one host read of the flag when a ``.grad`` had to be created)."""
         self._require_window()
-        res, fresh = self._write_balanced(accumulate)
+        try:
+            res, fresh = self._write_balanced(accumulate)
+        except BaseException:
+            self._drop_window()
+            raise
         took = None
         if fresh and bool(res.found_inf):  # undo the .grad tensors created for this write
             for p in fresh:
@@ -318,6 +362,24 @@ class ParetoLoRA:
         if losses is not None:
             self.accumulate(losses)
         self._require_window()
+        self._check_params_trainable()
+        if self.fused:
+            self._check_fused_groups()
+        try:
+            took, res = self._step_window()
+        except BaseException:  # an OOM in the optimizer, a KeyboardInterrupt: the next step
+            self._drop_window()  # starts a fresh window instead of adding to this one
+            raise
+        self._finish(res, took, took)
+        return took
+
+    def _drop_window(self) -> None:
+        """Forget the micro-batches gathered since the last balance (the next fill overwrites
+        the bank)."""
+        self._window, self._window_losses = 0, None
+
+    def _step_window(self):
+        """Balance the window and step the optimizer: (stepped, result)."""
         if self._plan_usable():
             res, took = self._planned_step()
         elif self.fused:
@@ -337,8 +399,7 @@ class ParetoLoRA:
             else:
                 for p in fresh:
                     p.grad = None
-        self._finish(res, took, took)
-        return took
+        return took, res
 
     # -- planned step (fb.BalancePlan): validated once, O(1) host work per step ----------------
     def _plan_usable(self) -> bool:
@@ -448,16 +509,24 @@ class ParetoLoRA:
         losses, self._window_losses, self._window = self._window_losses, None, 0
         entry = self._record(losses, res.norms, res.cosines, res.weights, res.branch, res.found_inf,
                              stepped)
-        if took is False:  # a skip the host already knows about: name the non-finite losses
+        if took is False:  # a skip the host already knows about: name the objectives at fault
             self.skipped_steps += 1
-            bad = [name for name, ok in zip(self.objectives, torch.isfinite(losses).tolist()) if not ok]
+            finite_losses = torch.isfinite(losses).tolist()
+            bad = [name for name, ok in zip(self.objectives, finite_losses) if not ok]
+            bad_grads = []
+            if res.gram is not None:  # a NaN/Inf gradient under a finite loss shows on G's diagonal
+                finite_norms = torch.isfinite(torch.diagonal(res.gram, dim1=-2, dim2=-1)).all(0).tolist()
+                bad_grads = [name for name, ok, loss_ok in zip(self.objectives, finite_norms, finite_losses)
+                             if not ok and loss_ok]
             if entry is not None:
                 entry["nonfinite_losses"] = bad
-            if bad and not self._warned_nonfinite:
+                entry["nonfinite_gradients"] = bad_grads
+            if (bad or bad_grads) and not self._warned_nonfinite:
                 self._warned_nonfinite = True
-                warnings.warn(f"step {self.step_count} skipped: non-finite loss(es) {bad} (values "
-                              f"{losses.tolist()}); such steps are skipped and counted in skipped_steps, "
-                              "see the history", RuntimeWarning, stacklevel=3)
+                what = ([f"non-finite loss(es) {bad} (values {losses.tolist()})"] if bad else []) + \
+                       ([f"non-finite gradient(s) of {bad_grads} under finite losses"] if bad_grads else [])
+                warnings.warn(f"step {self.step_count} skipped: {'; '.join(what)}; such steps are skipped "
+                              "and counted in skipped_steps, see the history", RuntimeWarning, stacklevel=3)
         self.step_count += 1
 
     def free_buffers(self) -> None:
@@ -465,7 +534,7 @@ class ParetoLoRA:
         e.g. to give the memory back during evaluation."""
         self.bank = None
         self._scratch = None
-        self._window, self._window_losses = 0, None
+        self._drop_window()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -479,7 +548,8 @@ class ParetoLoRA:
     def history(self) -> list[dict]:
         """Per recorded step: step, losses [K] (summed over the accumulated micro-batches),
         norms [S,K], cosines [S,K,K], weights [S,K], branch [S], found_inf, stepped (None after
-        a bare ``backward``/``balance``), ``nonfinite_losses`` (names, on a skip ``step`` saw),
+        a bare ``backward``/``balance``), ``nonfinite_losses`` and ``nonfinite_gradients`` (names,
+        on a skip ``step`` saw: a NaN/Inf loss, or a NaN/Inf gradient under a finite loss),
         and ``dead`` (names of the tensors no objective reached) when that set changed; the last
         ``history_limit`` of them. Tensors are moved to the CPU here, not during training."""
         pending = min(self._history_on_device, len(self._history))

@@ -128,6 +128,12 @@ class BalanceScheduler:
                  rest: Sequence[torch.Tensor] | torch.nn.Module | None = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        from fused_balance.training.optim import BalancedAdamW
+        if isinstance(optimizer, BalancedAdamW):
+            raise ValueError("BalanceScheduler reads each component's .grad and update, which the fused "
+                             "BalancedAdamW path never writes (it would silently do nothing): use a torch "
+                             "optimizer (e.g. torch.optim.AdamW over BalanceScheduler.param_groups(...)) "
+                             "with ParetoLoRA")
         if not isinstance(components, Mapping):
             raise TypeError("components must be a dict {name: module or parameters}, got "
                             f"{type(components).__name__}")

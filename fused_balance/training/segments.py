@@ -92,9 +92,21 @@ def segment_ids_for(named_params: Sequence[tuple[str, torch.Tensor]],
         raise ValueError(f"segments must be 'layer', 'tensor', 'global' or a callable, got {segments!r}")
     ids, index = [], {}
     for name, p in named_params:
-        key = keyfn(name, p)
-        ids.append(index.setdefault(key, len(index)))
-    return ids, [str(k) for k in index]
+        try:
+            key = keyfn(name, p)
+            slot = index.setdefault(key, len(index))
+        except Exception as exc:
+            if keyfn is segments:  # the user's callable: say which parameter it failed on
+                raise ValueError(f"the segments callable failed on parameter {name!r}: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+            raise
+        ids.append(slot)
+    names = [str(k) for k in index]
+    if len(set(names)) != len(names):  # two keys print alike (1 and "1"): the history could not tell them apart
+        clash = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"the segments callable gave distinct keys that print the same ({clash}); return "
+                         "keys whose str() differ")
+    return ids, names
 
 
 def named_parameters_of(model_or_params, owner: str = "ParetoLoRA") -> list[tuple[str, torch.Tensor]]:
