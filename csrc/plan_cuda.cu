@@ -31,17 +31,38 @@ void check_weights_fit_shared_memory(const char* op, const BankView& b) {
   TORCH_CHECK_VALUE(b.K <= kMaxObjectives, "fused_balance::", op, ": at most ", kMaxObjectives, " objectives");
 }
 
+// The table is built by BalancePlan and read on the device only: every chunk is checked against
+// the tensors it indexes (a device-side assert, as torch's own index kernels do) instead of
+// trusting it, so a table or weights of the wrong size never read or write out of bounds.
+struct TableBounds {
+  int64_t row;       // elements in a bank row (and in out / the moments)
+  int64_t segments;  // rows of weights
+  int64_t params;    // entries of param_ptrs (AdamW)
+  int64_t groups;    // rows of hyper (AdamW)
+};
+
+__device__ __forceinline__ void check_chunk(const int64_t* r, const TableBounds& bounds, bool adamw) {
+  CUDA_KERNEL_ASSERT(r[kColStart] >= 0 && r[kColLength] >= 1 && r[kColLength] <= kChunkElems &&
+                     r[kColStart] + r[kColLength] <= bounds.row);
+  CUDA_KERNEL_ASSERT(r[kColSegment] >= 0 && r[kColSegment] < bounds.segments);
+  if (adamw) {
+    CUDA_KERNEL_ASSERT(r[kColParam] >= 0 && r[kColParam] < bounds.params && r[kColParamOffset] >= 0);
+    CUDA_KERNEL_ASSERT(r[kColGroup] >= 0 && r[kColGroup] < bounds.groups);
+  }
+}
+
 // --------------------------------------------------------------------------------- Gram
 // Stage 1, K <= KMAX: all pairs in registers, each bank element loaded once. Block sums in a
 // fixed order (warp shuffles, then warps in index order).
 template <typename T, int KMAX>
 __global__ void __launch_bounds__(kThreads) gram_partials(const T* __restrict__ bank, int64_t ld, int K,
                                                           const int64_t* __restrict__ chunks, int64_t C,
-                                                          double* __restrict__ partials) {
+                                                          double* __restrict__ partials, TableBounds bounds) {
   constexpr int NPMAX = KMAX * (KMAX + 1) / 2;
   __shared__ double scratch[kWarps][NPMAX];
   const int npairs = pair_count(K);
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
+    check_chunk(chunks + c * kPlanColumns, bounds, false);
     const int64_t start = chunks[c * kPlanColumns + kColStart];
     const int64_t len = chunks[c * kPlanColumns + kColLength];
     const T* g[KMAX];
@@ -64,10 +85,11 @@ __global__ void __launch_bounds__(kThreads) gram_partials(const T* __restrict__ 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) gram_partials_pairwise(const T* __restrict__ bank, int64_t ld, int K,
                                                                    const int64_t* __restrict__ chunks, int64_t C,
-                                                                   double* __restrict__ partials) {
+                                                                   double* __restrict__ partials, TableBounds bounds) {
   __shared__ double scratch[kWarps];
   const int npairs = pair_count(K);
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
+    check_chunk(chunks + c * kPlanColumns, bounds, false);
     const int64_t start = chunks[c * kPlanColumns + kColStart];
     const int64_t len = chunks[c * kPlanColumns + kColLength];
     for (int q = 0; q < npairs; ++q) {
@@ -86,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) gram_partials_pairwise(const T* __re
 
 // Stage 2: every (segment, pair) sums its chunks' partials in table order (as the CPU does),
 // writes both triangles, and any non-finite total raises found_inf. One block.
-__global__ void __launch_bounds__(kThreads) gram_reduce(const double* __restrict__ partials,
+__global__ void __launch_bounds__(kThreads) gram_reduce(const double* __restrict__ partials, int64_t C,
                                                         const int64_t* __restrict__ seg_offsets, int64_t S, int K,
                                                         double* __restrict__ out, bool* __restrict__ found_inf) {
   __shared__ int nonfinite;
@@ -97,6 +119,7 @@ __global__ void __launch_bounds__(kThreads) gram_reduce(const double* __restrict
   for (int64_t item = threadIdx.x; item < S * npairs; item += kThreads) {
     const int64_t s = item / npairs;
     const int q = int(item % npairs);
+    CUDA_KERNEL_ASSERT(seg_offsets[s] >= 0 && seg_offsets[s] <= seg_offsets[s + 1] && seg_offsets[s + 1] <= C);
     double total = 0.0;
     for (int64_t c = seg_offsets[s]; c < seg_offsets[s + 1]; ++c) total += partials[c * npairs + q];
     int k, l;
@@ -128,14 +151,15 @@ std::tuple<at::Tensor, at::Tensor> bank_gram_cuda(const at::Tensor& bank, const 
       const int grid = grid_for(C);
       const int64_t* tab = chunks.data_ptr<int64_t>();
       double* part = partials.data_ptr<double>();
-      if (K <= 2) gram_partials<T, 2><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part);
-      else if (K <= 4) gram_partials<T, 4><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part);
-      else if (K <= 8) gram_partials<T, 8><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part);
-      else gram_partials_pairwise<T><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part);
+      const TableBounds bounds{b.row, num_segments, 0, 0};
+      if (K <= 2) gram_partials<T, 2><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
+      else if (K <= 4) gram_partials<T, 4><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
+      else if (K <= 8) gram_partials<T, 8><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
+      else gram_partials_pairwise<T><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  gram_reduce<<<1, kThreads, 0, stream>>>(partials.data_ptr<double>(), seg_offsets.data_ptr<int64_t>(),
+  gram_reduce<<<1, kThreads, 0, stream>>>(partials.data_ptr<double>(), C, seg_offsets.data_ptr<int64_t>(),
                                           num_segments, K, G.data_ptr<double>(), found_inf.data_ptr<bool>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {G, found_inf};
@@ -168,12 +192,13 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_chunks(const T* __restrict__ bank, int64_t ld, int K,
                                                            const int64_t* __restrict__ chunks, int64_t C,
                                                            const double* __restrict__ weights, T* __restrict__ out,
-                                                           const bool* skip) {
+                                                           const bool* skip, TableBounds bounds) {
   using A = acc_t<T>;
   if (skip != nullptr && *skip) return;
   __shared__ A ws[kMaxObjectives];
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
     const int64_t* r = chunks + c * kPlanColumns;
+    check_chunk(r, bounds, false);
     const int64_t start = r[kColStart], len = r[kColLength];
     load_segment_weights<A>(weights, r[kColSegment], K, ws);
     const T* g = bank + start;
@@ -194,7 +219,8 @@ void bank_combine_into_cuda(const at::Tensor& bank, const at::Tensor& weights, c
     using T = decltype(tag);
     combine_chunks<T><<<grid_for(C), kThreads, 0, stream>>>(
         static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C,
-        w.data_ptr<double>(), static_cast<T*>(out.data_ptr()), skip_pointer(skip));
+        w.data_ptr<double>(), static_cast<T*>(out.data_ptr()), skip_pointer(skip),
+        TableBounds{b.row, weights.size(0), 0, 0});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -209,7 +235,8 @@ __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ b
                                                          const double* __restrict__ weights,
                                                          const int64_t* __restrict__ param_ptrs, PT* __restrict__ m,
                                                          PT* __restrict__ v, const double* __restrict__ hyper,
-                                                         const float* __restrict__ step, const bool* skip) {
+                                                         const float* __restrict__ step, const bool* skip,
+                                                         TableBounds bounds) {
   using GA = acc_t<T>;
   using A = acc_t<PT>;
   if (skip != nullptr && *skip) return;
@@ -217,6 +244,7 @@ __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ b
   const int64_t t = int64_t(*step) + 1;  // the step being taken
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
     const int64_t* r = chunks + c * kPlanColumns;
+    check_chunk(r, bounds, true);
     const int64_t start = r[kColStart], len = r[kColLength];
     load_segment_weights<GA>(weights, r[kColSegment], K, ws);
     const double* h = hyper + r[kColGroup] * kHyperColumns;
@@ -259,7 +287,8 @@ void bank_adamw_cuda(const at::Tensor& bank, const at::Tensor& weights, const at
         adamw_chunks<T, PT><<<grid_for(C), kThreads, 0, stream>>>(
             static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C,
             w.data_ptr<double>(), param_ptrs.data_ptr<int64_t>(), static_cast<PT*>(exp_avg.data_ptr()),
-            static_cast<PT*>(exp_avg_sq.data_ptr()), hyper.data_ptr<double>(), step.data_ptr<float>(), skip_ptr);
+            static_cast<PT*>(exp_avg_sq.data_ptr()), hyper.data_ptr<double>(), step.data_ptr<float>(), skip_ptr,
+            TableBounds{b.row, weights.size(0), param_ptrs.size(0), hyper.size(0)});
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });

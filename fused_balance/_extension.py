@@ -60,6 +60,9 @@ _NVCC_FLAGS = [
     "-gencode=arch=compute_90,code=sm_90",
     "-gencode=arch=compute_90,code=compute_90",  # PTX for newer GPUs
     "-Xcompiler=-ffp-contract=off",
+    # No silent FMA contraction in device code either (the host has -ffp-contract=off): the CPU
+    # and GPU round alike (1 - lr*wd, the policy solve); the hot loops call __fma_rn explicitly.
+    "--fmad=false",
 ]
 
 _lock = threading.Lock()

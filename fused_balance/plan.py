@@ -239,7 +239,17 @@ class BalancePlan:
     def combine_into(self, out: torch.Tensor, weights: torch.Tensor, skip: torch.Tensor | None = None) -> None:
         """out[start:end] = sum_k weights[seg, k] * bank[k, start:end] for every chunk; ``out``
         is a flat buffer laid out like a bank row. Nothing is written when ``skip`` holds True."""
+        self._check_weights(weights)
         self._op["combine_into"](self.buffer, weights, self._ranges, out, skip)
+
+    def _check_weights(self, weights: torch.Tensor) -> None:
+        """The kernels index weights[segment] and hyper[group] from the table: O(1) shape checks
+        here, for every device (the CPU op also checks each chunk; the CUDA kernels assert)."""
+        if torch.compiler.is_compiling():
+            return
+        if not isinstance(weights, torch.Tensor) or tuple(weights.shape) != (self.num_segments, self.num_objectives):
+            raise ValueError(f"weights must be [{self.num_segments}, {self.num_objectives}] (segments x objectives) "
+                             f"for this plan, got {tuple(getattr(weights, 'shape', ()))}")
 
     # -- .grad as views of one flat buffer ---------------------------------------------------
     def attach_grads(self) -> torch.Tensor:
@@ -314,6 +324,10 @@ class BalancePlan:
         skipped. All read on the device, so a captured step replays with the current values.
         The parameters are written through the pointer table (not visible to torch.compile)."""
         ptrs = self.param_pointers()
+        self._check_weights(weights)
+        if not torch.compiler.is_compiling() and (hyper.dim() != 2 or hyper.shape[0] < self.num_groups):
+            raise ValueError(f"hyper must hold a row for each of the plan's {self.num_groups} parameter group(s), "
+                             f"got shape {tuple(hyper.shape)}")
         if not torch.compiler.is_compiling() and self.params[0].dtype != exp_avg.dtype:
             # the kernel writes the parameters as the moments' dtype: refuse, never corrupt
             raise TypeError(f"the parameters are {self.params[0].dtype} but the moments {exp_avg.dtype} "
@@ -330,9 +344,17 @@ class BalancePlan:
                 torch.zeros(1, dtype=torch.float32, device=device))
 
     @staticmethod
-    def hyper_table(rows, device) -> torch.Tensor:
-        """The ``[G, 5]`` float64 table from (lr, weight_decay, beta1, beta2, eps) rows."""
-        return torch.tensor([[float(x) for x in r] for r in rows], dtype=torch.float64).to(device)
+    def hyper_table(rows, device, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``[G, 5]`` float64 table from (lr, weight_decay, beta1, beta2, eps) rows; written
+        into ``out`` in place when it has that shape (a captured step keeps reading ``out``).
+        To a GPU it goes from pinned memory without blocking: no host synchronisation."""
+        host = torch.tensor([[float(x) for x in r] for r in rows], dtype=torch.float64)
+        device = torch.device(device)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        if out is not None and out.shape == host.shape and out.device == device:
+            return out.copy_(host, non_blocking=True)
+        return host.to(device, non_blocking=True)
 
     def views(self, flat: torch.Tensor) -> list:
         """Per-parameter views (parameter shapes) of a flat buffer laid out like a bank row."""

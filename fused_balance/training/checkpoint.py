@@ -33,7 +33,7 @@ import tempfile
 
 import torch
 
-__all__ = ["save", "load", "rng_state", "set_rng_state", "FORMAT"]
+__all__ = ["save", "load", "read", "rng_state", "set_rng_state", "FORMAT"]
 
 FORMAT = "fused_balance.checkpoint/2"
 _FORMATS = ("fused_balance.checkpoint/1", FORMAT)  # /1: no checksum
@@ -139,8 +139,9 @@ def _temp_prefix(path: str) -> str:
     return f".checkpoint-{os.path.basename(path)}-"
 
 
-def _read(path, map_location) -> dict:
-    """The saved state, its checksum verified; a clear ValueError for anything else."""
+def read(path, map_location=None) -> dict:
+    """The saved state as a dict (what ``load`` restores from), its checksum verified; a clear
+    ValueError for a truncated, corrupted or foreign file."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -188,7 +189,7 @@ def load(path, *, model: torch.nn.Module | None = None, pareto=None, optimizer=N
     return ``extra``. Every object asked for must be in the checkpoint; names, shapes, settings
     and the optimizer moments' shapes are checked, and a refusal leaves every object as it was
     (those loaded before it are restored)."""
-    state = _read(os.fspath(path), map_location)
+    state = read(os.fspath(path), map_location)
     wanted = {"model": model, "pareto": pareto, "scheduler": scheduler}
     if optimizer is not None and (pareto is None or optimizer is not pareto.optimizer):
         wanted["optimizer"] = optimizer

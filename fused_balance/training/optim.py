@@ -169,12 +169,18 @@ class BalancedAdamW(torch.optim.Optimizer):
         # tensor. Step counts differ only when a parameter was inactive in some steps.
         by_hyper: dict[tuple, list[int]] = {}
         lrs, decays = [0.0] * len(params), [0.0] * len(params)
+        counts: dict[int, int] = {}  # one host read per step tensor (all share one after a planned step)
+
+        def count(t: torch.Tensor) -> int:
+            if id(t) not in counts:
+                counts[id(t)] = int(t)
+            return counts[id(t)]
         i = 0
         for group in self.param_groups:
             _check_hyper(group, "")  # a group edited since (a scheduler writing a bad lr)
             for _ in group["params"]:
                 if i in state_of:
-                    key = (tuple(group["betas"]), group["eps"], int(state_of[i]["step"]) + 1)
+                    key = (tuple(group["betas"]), group["eps"], count(state_of[i]["step"]) + 1)
                     by_hyper.setdefault(key, []).append(i)
                 lrs[i], decays[i] = float(group["lr"]), float(group["weight_decay"])
                 i += 1
@@ -311,11 +317,8 @@ class _FlatState:
         if key != self._hyper_key:
             for g in groups:
                 _check_hyper(g, "")
-            table = self.plan.hyper_table(key, self.exp_avg.device)
-            if self._hyper is None or self._hyper.shape != table.shape:
-                self._hyper = table
-            else:
-                self._hyper.copy_(table)  # in place: a captured step reads the new values
+            # in place when the shape holds: a captured step reads the new values
+            self._hyper = self.plan.hyper_table(key, self.exp_avg.device, out=self._hyper)
             self._hyper_key = key
         return self._hyper
 

@@ -360,11 +360,12 @@ class ParetoLoRA:
         if self.optimizer is None:
             raise RuntimeError("ParetoLoRA was built without an optimizer: call backward() and step yourself")
         if losses is not None:
-            self.accumulate(losses)
+            self.accumulate(losses)  # checks the parameters and param groups
+        else:
+            self._check_params_trainable()
+            if self.fused:
+                self._check_fused_groups()
         self._require_window()
-        self._check_params_trainable()
-        if self.fused:
-            self._check_fused_groups()
         try:
             took, res = self._step_window()
         except BaseException:  # an OOM in the optimizer, a KeyboardInterrupt: the next step

@@ -108,3 +108,35 @@ def test_cuda_kernels_compile_for_sm80_and_sm90_without_spills():
     spilling = [line for line, u in zip(table.splitlines(), (usage[k] for k in sorted(usage)))
                 if max(u["spill_stores"], u["spill_loads"]) > MAX_SPILL_BYTES]
     assert not spilling, "\n".join(spilling)
+
+
+CONTRACTIBLE = """
+extern "C" __global__ void decay(double* out, const double* lr, const double* wd) {
+  out[0] = 1.0 - lr[0] * wd[0];  // the host computes this with two roundings (-ffp-contract=off)
+}
+"""
+
+
+def _cuobjdump():
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(path) if path.is_file() else shutil.which("cuobjdump")
+
+
+def test_device_code_is_not_contracted_into_fma_as_the_host_is_not(tmp_path):
+    """With nvcc's default --fmad=true, ``1 - lr*wd`` becomes one DFMA (one rounding) on the GPU
+    and two roundings on the CPU: the extension's flags must keep them alike."""
+    nvcc, cuobjdump = _nvcc(), _cuobjdump()
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("nvcc or cuobjdump not found")
+    source = tmp_path / "decay.cu"
+    source.write_text(CONTRACTIBLE)
+    flags = [f for f in _extension._NVCC_FLAGS if not f.startswith("-gencode")]
+    cubin = tmp_path / "decay.cubin"
+    subprocess.run([nvcc, "-cubin", "-arch=sm_90", *flags, str(source), "-o", str(cubin)], check=True,
+                   capture_output=True, timeout=300)
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True,
+                          timeout=120).stdout
+    assert "DMUL" in sass and "DADD" in sass, sass[-2000:]
+    assert "DFMA" not in sass, sass[-2000:]

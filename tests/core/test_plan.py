@@ -2,6 +2,8 @@
 notices storage changes, traces under torch.compile and (on a GPU) captures in a CUDA graph."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -182,9 +184,33 @@ def test_bank_reallocation_is_followed_and_a_new_shape_raises():
     bank.buffer = bank.buffer.clone() * 2  # a reallocated bank of the same layout
     G, _ = plan.gram()
     torch.testing.assert_close(G, 4 * before, rtol=1e-13, atol=1e-9)
-    bank.buffer = torch.zeros(3, bank.buffer.shape[1])
+    with pytest.raises(ValueError, match="GradBank buffer must be"):  # the bank refuses it
+        bank.buffer = torch.zeros(3, bank.buffer.shape[1])
+    # a bank-like holder that does not check: the plan does
+    holder = types.SimpleNamespace(buffer=bank.buffer, numels=bank.numels, params=bank.params)
+    plan = fb.BalancePlan(holder)
+    holder.buffer = torch.zeros(3, bank.buffer.shape[1])
     with pytest.raises(RuntimeError, match="changed shape"):
         plan.gram()
+
+
+def test_weights_and_hyper_tables_of_the_wrong_size_are_refused_for_every_device():
+    """The kernels index weights[segment] and hyper[group] through the table: the plan checks
+    the row counts on the host (O(1), the same for CPU and CUDA), before any op runs."""
+    params, bank = make_bank(2)
+    plan = fb.BalancePlan(bank, "tensor", groups=[i % 2 for i in range(len(params))])
+    S = plan.num_segments
+    out = torch.zeros(bank.numel)
+    for bad in (torch.ones(1, 2, dtype=torch.float64), torch.ones(S, 3, dtype=torch.float64)):
+        with pytest.raises(ValueError, match=rf"weights must be \[{S}, 2\]"):
+            plan.combine_into(out, bad)
+    assert not out.any()
+    m, v, step = plan.new_adamw_state()
+    before = [p.detach().clone() for p in params]
+    one_row = plan.hyper_table([(1e-1, 0.0, 0.9, 0.999, 1e-8)], "cpu")
+    with pytest.raises(ValueError, match="hyper must hold a row for each of the plan's 2"):
+        plan.adamw_step(torch.ones(S, 2, dtype=torch.float64), m, v, one_row, step)
+    assert all(torch.equal(p, b) for p, b in zip(params, before)) and step.item() == 0
 
 
 def test_moved_parameters_get_a_new_pointer_table():

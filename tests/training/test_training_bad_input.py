@@ -2,8 +2,9 @@
 a clear error naming the problem, and NO partial update: parameters, gradients, optimizer
 state, bank, history and counters are exactly as before the failing call.
 
-Mismatched devices are exercised with the "meta" device (no GPU needed): a meta tensor is a
-real tensor on another device as far as every check is concerned.
+Mismatched devices are exercised with the "meta" device (no GPU needed): a meta loss is a real
+tensor on another device as far as the checks are concerned; a meta parameter is refused as not
+materialised.
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ def test_bank_frozen_nonleaf_duplicate_and_device_parameters():
     with pytest.raises(ValueError, match="parameter 2 is the same tensor as parameter 0"):
         GradBank([a, b, a], 2)
     meta = torch.zeros(3, device="meta", requires_grad=True)
-    with pytest.raises(ValueError, match="parameter 2 is on meta"):
+    with pytest.raises(ValueError, match="parameter 2 is on the meta device"):
         GradBank([a, b, meta], 2)
 
 
@@ -253,7 +254,7 @@ def test_pareto_frozen_nonleaf_duplicate_and_device_parameters():
     with pytest.raises(ValueError, match="parameter 'again' is the same tensor as parameter 'w'"):
         ParetoLoRA([("w", w), ("b", b), ("again", w)], None)
     meta = torch.nn.Parameter(torch.zeros(2, device="meta"))
-    with pytest.raises(ValueError, match="'param.2' is on meta"):
+    with pytest.raises(ValueError, match="'param.2' is on the meta device"):
         ParetoLoRA([w, b, meta], None)
     frozen = Tiny()
     for p in frozen.parameters():
