@@ -20,7 +20,7 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: test test-latest pins demo build bench clean
+.PHONY: test test-latest pins demo build bench gpu-check clean
 
 $(STAMP): pyproject.toml $(PINS)
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -57,6 +57,10 @@ demo: build
 
 bench: build
 	$(FB) bench --out bench_out
+
+# On a machine with a CUDA GPU: every check the CPU cannot run, and GB/s against a device copy.
+gpu-check: build
+	$(FB) gpu-check
 
 clean:
 	rm -rf $(VENV) $(LATEST) build .build *.egg-info .pytest_cache .hypothesis

@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="throughput benchmarks against peers and the roofline")
     benchmarking.add_arguments(bench)
     bench.set_defaults(func=benchmarking.main)
+    from fused_balance.benchmarking import gpu_check
+    check = sub.add_parser("gpu-check", help="the first run on a GPU: every op and the plan against a "
+                           "float64 reference, no hidden syncs, CUDA graphs, > 2^31 rows, GB/s vs a copy")
+    gpu_check.add_arguments(check)
+    check.set_defaults(func=gpu_check.main)
     return parser
 
 
