@@ -81,15 +81,16 @@ def _fixed(grid, *args, **meta):
     combine_kernel[grid](*args, **meta, BLOCK=block, num_warps=warps)
 
 
-def _launch(grads, weights, segment_ids, out, skip, tuned: bool):
-    """One launch (per 2**31 - 1 programs); ``grads`` and ``out`` must be contiguous."""
+def _launch(grads, weights, segment_ids, out, skip, tuned: bool, fresh_out: bool = False):
+    """One launch (per 2**31 - 1 programs); ``grads`` and ``out`` must be contiguous;
+    ``fresh_out``: ``out`` was allocated by this call (its table is never cached)."""
     K = weights.shape[1]
     P = len(out)
     device, dtype = grads[0].device, grads[0].dtype
     w = weights.contiguous()
     plan = chunk_plan([t.numel() for t in out], segment_ids, w.shape[0], device)
     table = pointer_table(grads, device)
-    outs = pointer_table(out, device)
+    outs = pointer_table(out, device, cache=not fresh_out)
     meta = dict(K=K, KP=triton.next_power_of_2(K), IN_DTYPE=common.TL_DTYPES[dtype],
                 OUT_DTYPE=common.TL_DTYPES[out[0].dtype], ACC=common.accumulate_tl_dtype(dtype),
                 HAS_SKIP=skip is not None, ALIGNED=table.aligned and outs.aligned,
@@ -110,7 +111,7 @@ def combine(grads: list[torch.Tensor], weights: torch.Tensor,
     grads = [t.contiguous() for t in grads]
     P = len(grads) // weights.shape[1]
     out = [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads[:P]]
-    _launch(grads, weights, segment_ids, out, None, tuned=True)
+    _launch(grads, weights, segment_ids, out, None, tuned=True, fresh_out=True)
     return out
 
 

@@ -94,22 +94,31 @@ class PointerTable:
 ALIGN_BYTES = 16
 
 
-def pointer_table(tensors: Sequence[torch.Tensor], device: torch.device) -> PointerTable:
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built table on the device without a host synchronisation: to a GPU from pinned
+    memory, non-blocking (a pageable copy waits for the stream). The caching host allocator keeps
+    the pinned block until the copy has run."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def pointer_table(tensors: Sequence[torch.Tensor], device: torch.device, *, cache: bool = True) -> PointerTable:
     """The tensors' data addresses as a device table (tensors must be contiguous).
 
     Keyed on the addresses and the device alone: the table holds nothing else (sizes live in the
     chunk plan, dtypes are kernel constants), so equal keys mean an identical table, and any
     reallocated storage changes the key. map() keeps the key cheap: ~0.4 us per tensor, which
-    matters at thousands of tensors per call.
+    matters at thousands of tensors per call. ``cache=False`` for tensors allocated by the call
+    itself (fresh outputs never repeat: caching them would only evict tables that do).
     """
-    key = (device, tuple(map(torch.Tensor.data_ptr, tensors)))
+    addresses = tuple(map(torch.Tensor.data_ptr, tensors))
 
     def build():
-        addresses = key[1]
-        table = torch.tensor(addresses, dtype=torch.int64).to(device)
+        table = to_device(torch.tensor(addresses, dtype=torch.int64), device)
         return PointerTable(table, all(a % ALIGN_BYTES == 0 for a in addresses))
 
-    table = POINTER_TABLES.get_or_build(key, build)
+    table = POINTER_TABLES.get_or_build((device, addresses), build) if cache else build()
     in_use_on_current_stream(table.addresses)
     return table
 
@@ -144,7 +153,7 @@ def build_chunk_plan(sizes: Sequence[int], segment_ids: Sequence[int], num_segme
     segment_ptr = np.concatenate(
         [[0], np.cumsum(np.bincount(chunk_segment, minlength=num_segments))]).astype(np.int64)
     parts = [sizes_np, segment_np, chunk_tensor, chunk_offset, segment_ptr, segment_chunks]
-    packed = torch.from_numpy(np.concatenate(parts)).to(device)
+    packed = to_device(torch.from_numpy(np.concatenate(parts)), device)
     views, at = [], 0
     for part in parts:
         views.append(packed[at:at + len(part)])
@@ -163,10 +172,5 @@ def chunk_plan(sizes: Sequence[int], segment_ids: Sequence[int], num_segments: i
 
 def hyper_table(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A small per-call table (AdamW hyper-parameters and bias corrections, which change every
-    step) on the device, copied from pinned memory without blocking: no host synchronisation
-    (a pageable copy waits for the stream). The caching host allocator keeps the pinned block
-    until the copy has run."""
-    host = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
+    step) on the device, without a host synchronisation (``to_device``)."""
+    return to_device(torch.tensor(values, dtype=dtype), device)

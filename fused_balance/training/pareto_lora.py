@@ -323,6 +323,13 @@ class ParetoLoRA:
         except BaseException:  # the bank holds a partial sum: nothing of this window is kept
             self._drop_window()
             raise
+        if self.bank.reached_version == 0 and self.process_group is None:
+            # Not one balanced tensor has ever received a gradient: the losses come from another
+            # model (or a detached graph). Nothing was written here; say so before a step.
+            self._drop_window()
+            raise ValueError(f"the losses {self.objectives} reached none of the {len(self.params)} balanced "
+                             "parameters: are they computed from the forward of the model ParetoLoRA was "
+                             "built on?")
         values = torch.stack([loss.detach().reshape(()).float() for loss in loss_list])
         self._window_losses = values if self._window == 0 else self._window_losses + values
         self._window += 1

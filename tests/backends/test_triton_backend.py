@@ -345,3 +345,18 @@ def test_torch_compile_fullgraph():
     loss_ref = sum(x.sum() for x in step(flat, weights, [torch.zeros_like(o) for o in out])[1])
     for a, b in zip(grads, torch.autograd.grad(loss_ref, flat)):
         torch.testing.assert_close(a, b)
+
+
+def test_fresh_combine_outputs_do_not_churn_the_table_cache():
+    """The inputs' table is cached; the outputs a combine allocates are new every call, so
+    their table is built for the call only (caching it would evict tables that do repeat)."""
+    K, shapes, seg = 2, [(5,), (40,)], [0, 0]
+    flat = make_grads(K, shapes, torch.float32, seed=17)
+    w = torch.tensor([[1.0, 0.5]], device=DEVICE)
+    first = tb.combine(flat, K, w, seg)
+    misses, entries = pointer_table.POINTER_TABLES.misses, len(pointer_table.POINTER_TABLES)
+    for _ in range(3):
+        again = tb.combine(flat, K, w, seg)
+        assert_outputs_close(again, first, torch.float32)
+    assert pointer_table.POINTER_TABLES.misses == misses
+    assert len(pointer_table.POINTER_TABLES) == entries

@@ -367,3 +367,12 @@ def test_a_parameter_frozen_later_is_refused_before_anything_changes(engine):
     assert all(p.grad is None for p in model.parameters())
     model[0].weight.requires_grad_(True)  # unfrozen: trains again
     assert balancer.step(losses(model, 1))
+
+
+def test_losses_of_another_model_are_refused():
+    model, other = net(), net(seed=1)
+    balancer = balancer_for(model, "fused")
+    with pytest.raises(ValueError, match=r"losses \['text', 'image'\] reached none of the 6 balanced"):
+        balancer.step(losses(other, 0))
+    assert balancer.step_count == 0 and all(p.grad is None for p in model.parameters())
+    assert balancer.step(losses(model, 0))  # the right losses train
