@@ -110,6 +110,27 @@ class TensorStamp {
     for (const auto& v : views_) view_ptrs_.push_back(v.data_ptr());
   }
 
+  // .grad = its expected view for every tensor whose view still holds the recorded address;
+  // returns the others (Module._apply swapped their data: the caller makes new views).
+  std::vector<int64_t> attach_grads() {
+    TORCH_CHECK(views_.size() == tensors_.size(), "TensorStamp.attach_grads: call expect_grads first");
+    std::vector<int64_t> moved;
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      const at::Tensor& v = views_[i];
+      if (v.data_ptr() != view_ptrs_[i]) {
+        moved.push_back(int64_t(i));
+        continue;
+      }
+      TORCH_CHECK_TYPE(v.scalar_type() == tensors_[i].scalar_type() && v.device() == tensors_[i].device() &&
+                           v.sizes() == tensors_[i].sizes(),
+                       "TensorStamp.attach_grads: tensor ", i, " is ", tensors_[i].scalar_type(), " ",
+                       tensors_[i].sizes(), " on ", tensors_[i].device(), ", its gradient view ", v.scalar_type(),
+                       " ", v.sizes(), " on ", v.device());
+      tensors_[i].mutable_grad() = v;
+    }
+    return moved;
+  }
+
   // Whether every tensor's .grad is its expected view, at the recorded address.
   bool grads_are_views() const {
     if (views_.size() != tensors_.size()) return false;
@@ -140,7 +161,7 @@ class TensorStamp {
                  t.requires_grad()};
   }
 
-  std::vector<at::Tensor> tensors_;  // share the callers' TensorImpls: .data = ... is seen here
+  std::vector<at::Tensor> tensors_;  // share the callers' TensorImpls: .data = ... is seen, .grad set here is theirs
   std::vector<Entry> entries_;
   std::vector<at::Tensor> views_;
   std::vector<const void*> view_ptrs_;
@@ -156,6 +177,8 @@ void register_grad_slots(pybind11::module_& m) {
       .def("changed", &TensorStamp::changed, "indices of the tensors that changed since record()")
       .def("expect_grads", &TensorStamp::expect_grads, pybind11::arg("views"),
            "remember the .grad view every tensor must hold")
+      .def("attach_grads", &TensorStamp::attach_grads,
+           "point every .grad at its view; returns the tensors whose view no longer holds its address")
       .def("grads_are_views", &TensorStamp::grads_are_views,
            "whether every tensor's .grad is its expected view at the recorded address");
 

@@ -264,12 +264,15 @@ class BalancePlan:
                                 f"({buffer.dtype}, {buffer.device}), got {p.dtype} on {p.device}")
         if self._grad_flat is None:
             self._grad_flat = torch.zeros(self.offsets[-1], dtype=buffer.dtype, device=buffer.device)
-        # Fresh views every time: Module._apply may have swapped the data of the old view objects.
-        self._grad_views = self.views(self._grad_flat)
-        with torch.no_grad():
-            for p, view in zip(self.params, self._grad_views):
-                p.grad = view
-        self._watch.expect_grads(self._grad_views)
+            self._grad_views = self.views(self._grad_flat)
+            self._watch.expect_grads(self._grad_views)
+        moved = self._watch.attach_grads()  # one C++ loop
+        if moved:  # Module._apply swapped the data of these view objects: new views of the buffer
+            fresh = self.views(self._grad_flat)
+            for i in moved:
+                self._grad_views[i] = fresh[i]
+            self._watch.expect_grads(self._grad_views)
+            self._watch.attach_grads()
         return self._grad_flat
 
     def grads_attached(self) -> bool:

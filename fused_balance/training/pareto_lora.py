@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import warnings
 from collections import deque
 from typing import Callable, Iterable, Mapping, Sequence
@@ -402,11 +403,13 @@ class ParetoLoRA:
         else:
             res, fresh = self._write_balanced(accumulate=False)
             took = not bool(res.found_inf)
-            if took:
-                self.optimizer.step()
-            else:
-                for p in fresh:
-                    p.grad = None
+            try:
+                if took:
+                    self.optimizer.step()
+            finally:
+                if not took or sys.exc_info()[0] is not None:  # skipped, or the optimizer raised
+                    for p in fresh:
+                        p.grad = None
         return took, res
 
     # -- planned step (fb.BalancePlan): validated once, O(1) host work per step ----------------
@@ -452,7 +455,13 @@ class ParetoLoRA:
         if not took and self.fused:
             self.optimizer.skipped_steps += 1
         elif took and not self.fused:
-            self.optimizer.step()
+            try:
+                self.optimizer.step()
+            except BaseException:  # .grad back to what it was (None after zero_grad) when cheap
+                if saved is not None:
+                    for p, g in zip(self.params, saved):
+                        p.grad = g
+                raise
         elif saved is not None:
             for p, g in zip(self.params, saved):
                 p.grad = g
