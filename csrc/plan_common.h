@@ -73,6 +73,27 @@ inline void check_plan_adamw(const char* op, const at::Tensor& param_ptrs, const
                     " (the steps taken so far; incremented unless skipped)");
 }
 
+// ------------------------------------------------------------------- the Gram's stage 2
+// The order every device sums a segment's chunk partials in (bank_gram): lane l of 32 sums the
+// chunks begin + l, begin + l + 32, ... in table order, then the 32 lane sums are added halving
+// (lane l += lane l + 16 for l < 16, then + 8, ..., lane 0 += lane 1). On a GPU that is one warp
+// and its shuffle tree (plan_cuda.cu: one warp per (segment, pair), not one thread); here it is
+// this loop. Results do not depend on the thread or SM count; CPU and GPU differ only in how
+// each sums the products inside a chunk (float64 rounding).
+constexpr int kReduceLanes = 32;
+
+inline double reduce_partials_fixed_order(const double* partials, int64_t begin, int64_t end, int64_t stride) {
+  double lane[kReduceLanes];
+  for (int l = 0; l < kReduceLanes; ++l) {
+    double t = 0.0;
+    for (int64_t c = begin + l; c < end; c += kReduceLanes) t += partials[c * stride];
+    lane[l] = t;
+  }
+  for (int offset = kReduceLanes / 2; offset > 0; offset /= 2)
+    for (int l = 0; l < offset; ++l) lane[l] += lane[l + offset];
+  return lane[0];
+}
+
 // ------------------------------------------------------------------- per-op preparation
 // Each op's checks in one place; `kernel` is the device type of the implementation called.
 // Every check is O(1) (no device read).

@@ -100,8 +100,7 @@ std::tuple<at::Tensor, at::Tensor> bank_gram_cpu(const at::Tensor& bank, const a
     for (int q = 0; q < npairs; ++q) {
       int k, l;
       pair_of_index(q, K, &k, &l);
-      double total_q = 0.0;
-      for (int64_t c = so[s]; c < so[s + 1]; ++c) total_q += partials[c * npairs + q];
+      const double total_q = reduce_partials_fixed_order(partials.data() + q, so[s], so[s + 1], npairs);
       finite = finite && std::isfinite(total_q);
       o[(s * K + k) * K + l] = total_q;
       o[(s * K + l) * K + k] = total_q;

@@ -6,8 +6,8 @@
 // AdamW step count and hyper-parameters) is read from device memory. A planned step can
 // therefore be captured in a CUDA graph and replayed.
 //   bank_gram:         stage 1, one float64 partial per (chunk, pair) (products of fp32 values are
-//                      exact in double); stage 2, per (segment, pair) the partials in table order
-//                      (the CPU's order) and found_inf, decided on the device.
+//                      exact in double); stage 2, one warp per (segment, pair) sums the partials
+//                      in the fixed order the CPU follows too, and found_inf, on the device.
 //   bank_combine_into: one launch; bank_adamw_: one launch (+ a one-thread step increment).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -106,27 +106,36 @@ __global__ void __launch_bounds__(kThreads) gram_partials_pairwise(const T* __re
   }
 }
 
-// Stage 2: every (segment, pair) sums its chunks' partials in table order (as the CPU does),
-// writes both triangles, and any non-finite total raises found_inf. One block.
+// Stage 2: one warp per (segment, pair) sums that segment's chunk partials in the fixed order of
+// reduce_partials_fixed_order (plan_common.h: lanes strided over the chunks, then the shuffle
+// tree), which the CPU follows too; writes both triangles, and any non-finite total raises
+// found_inf. One block (its warps take the items in turn): the flag needs no second launch.
 __global__ void __launch_bounds__(kThreads) gram_reduce(const double* __restrict__ partials, int64_t C,
                                                         const int64_t* __restrict__ seg_offsets, int64_t S, int K,
                                                         double* __restrict__ out, bool* __restrict__ found_inf) {
+  static_assert(kReduceLanes == 32, "one warp per (segment, pair)");
   __shared__ int nonfinite;
   if (threadIdx.x == 0) nonfinite = 0;
   __syncthreads();
   const int npairs = pair_count(K);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   int bad = 0;
-  for (int64_t item = threadIdx.x; item < S * npairs; item += kThreads) {
+  for (int64_t item = warp; item < S * npairs; item += kWarps) {
     const int64_t s = item / npairs;
     const int q = int(item % npairs);
-    CUDA_KERNEL_ASSERT(seg_offsets[s] >= 0 && seg_offsets[s] <= seg_offsets[s + 1] && seg_offsets[s + 1] <= C);
-    double total = 0.0;
-    for (int64_t c = seg_offsets[s]; c < seg_offsets[s + 1]; ++c) total += partials[c * npairs + q];
-    int k, l;
-    pair_of_index(q, K, &k, &l);
-    out[(s * K + k) * K + l] = total;
-    out[(s * K + l) * K + k] = total;
-    bad |= !isfinite(total);
+    const int64_t begin = seg_offsets[s], end = seg_offsets[s + 1];
+    CUDA_KERNEL_ASSERT(begin >= 0 && begin <= end && end <= C);
+    double t = 0.0;
+    for (int64_t c = begin + lane; c < end; c += 32) t += partials[c * npairs + q];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) t += __shfl_down_sync(0xffffffffu, t, offset);
+    if (lane == 0) {
+      int k, l;
+      pair_of_index(q, K, &k, &l);
+      out[(s * K + k) * K + l] = t;
+      out[(s * K + l) * K + k] = t;
+      bad |= !isfinite(t);
+    }
   }
   if (bad) atomicOr(&nonfinite, 1);
   __syncthreads();
@@ -241,15 +250,23 @@ __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ b
   using A = acc_t<PT>;
   if (skip != nullptr && *skip) return;
   __shared__ GA ws[kMaxObjectives];
+  __shared__ AdamWConsts<A> group_consts;
   const int64_t t = int64_t(*step) + 1;  // the step being taken
+  int64_t group = -1;  // whose constants group_consts holds (the same for every thread)
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
     const int64_t* r = chunks + c * kPlanColumns;
     check_chunk(r, bounds, true);
     const int64_t start = r[kColStart], len = r[kColLength];
-    load_segment_weights<GA>(weights, r[kColSegment], K, ws);
-    const double* h = hyper + r[kColGroup] * kHyperColumns;
-    const AdamWConsts<A> consts = make_adamw_consts<A>(h[kHyLr], h[kHyWeightDecay], h[kHyBeta1], h[kHyBeta2],
-                                                       h[kHyEps], t);
+    if (r[kColGroup] != group) {  // once per group change, by one thread (two double pow)
+      __syncthreads();  // the previous chunk's readers are done
+      if (threadIdx.x == 0) {
+        const double* h = hyper + r[kColGroup] * kHyperColumns;
+        group_consts = make_adamw_consts<A>(h[kHyLr], h[kHyWeightDecay], h[kHyBeta1], h[kHyBeta2], h[kHyEps], t);
+      }
+      group = r[kColGroup];
+    }
+    load_segment_weights<GA>(weights, r[kColSegment], K, ws);  // its barriers publish group_consts too
+    const AdamWConsts<A>& consts = group_consts;  // read from shared memory: no registers held
     PT* p = reinterpret_cast<PT*>(param_ptrs[r[kColParam]]) + r[kColParamOffset];
     const T* g = bank + start;
     for (int64_t i = threadIdx.x; i < len; i += kThreads) {

@@ -151,6 +151,10 @@ def _check_ops(report: Report, problem, device, quick: bool) -> None:
                 G, found_inf = plan.gram()
                 err = _relative_error(G, G_ref)
                 report.check(f"plan gram {tag}", err <= tol and not bool(found_inf), f"rel err {err:.1e}")
+                if device.type == "cuda":  # the CPU plan on the same bank: the same reduction order
+                    G_cpu, _ = fb.BalancePlan(bank.buffer.cpu(), segment_ids, numels=bank.numels).gram()
+                    err = _relative_error(G.cpu(), G_cpu)
+                    report.check(f"plan gram GPU vs CPU {tag}", err <= 1e-10, f"rel err {err:.1e}")
                 out = torch.empty(bank.numel, dtype=dtype, device=device)
                 plan.combine_into(out, w)
                 err = _relative_error(out, d_ref)
