@@ -174,6 +174,7 @@ class BalancePlan:
                 for start in range(0, n, PLAN_CHUNK_ELEMS):
                     chunks.append((base + start, min(PLAN_CHUNK_ELEMS, n - start), s, p, start, self.groups[p]))
         self.num_groups = max(self.groups) + 1
+        self._tables_stream = None  # new tables: not yet marked as read by any stream
         self._ranges = torch.tensor(ranges, dtype=torch.long).reshape(-1, _COLUMNS).to(device)
         self._seg_offsets = torch.tensor(range_offsets, dtype=torch.long).to(device)
         self._chunks = torch.tensor(chunks, dtype=torch.long).reshape(-1, _COLUMNS).to(device)
@@ -212,9 +213,23 @@ class BalancePlan:
             self._chunks = self._chunks.to(new[4])
             self._ranges = self._ranges.to(new[4])
             self._seg_offsets = self._seg_offsets.to(new[4])
+            self._tables_stream = None
             self._grad_flat = self._grad_views = None
             self._param_ptrs = None
         self._buffer, self._stamp = buffer, new
+
+    def _tables_in_use(self, buffer: torch.Tensor) -> None:
+        """On a GPU, tell the caching allocator which stream reads the device tables, once per
+        stream: a table replaced later (``set_groups``, a move to another device) is then not
+        handed to another allocation while a kernel on that stream may still read it."""
+        if not buffer.is_cuda or torch.compiler.is_compiling():
+            return
+        stream = torch.cuda.current_stream(buffer.device)
+        if stream != self._tables_stream:
+            for table in (self._ranges, self._seg_offsets, self._chunks, self._param_ptrs):
+                if table is not None:
+                    table.record_stream(stream)
+            self._tables_stream = stream
 
     def check_all(self) -> None:
         """Re-read every parameter's address into the pointer table and re-attach every
@@ -228,7 +243,9 @@ class BalancePlan:
     # -- the passes --------------------------------------------------------------------------
     def gram(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(G [S, K, K] float64, found_inf 0-dim bool), one op, no host read."""
-        return self._op["gram"](self.buffer, self._ranges, self._seg_offsets, self.num_segments)
+        buffer = self.buffer
+        self._tables_in_use(buffer)
+        return self._op["gram"](buffer, self._ranges, self._seg_offsets, self.num_segments)
 
     def weights(self) -> PlanResult:
         """Gram -> the policy's weights, all on the device."""
@@ -240,7 +257,9 @@ class BalancePlan:
         """out[start:end] = sum_k weights[seg, k] * bank[k, start:end] for every chunk; ``out``
         is a flat buffer laid out like a bank row. Nothing is written when ``skip`` holds True."""
         self._check_weights(weights)
-        self._op["combine_into"](self.buffer, weights, self._ranges, out, skip)
+        buffer = self.buffer
+        self._tables_in_use(buffer)
+        self._op["combine_into"](buffer, weights, self._ranges, out, skip)
 
     def _check_weights(self, weights: torch.Tensor) -> None:
         """The kernels index weights[segment] and hyper[group] from the table: O(1) shape checks
@@ -315,6 +334,7 @@ class BalancePlan:
                                        non_blocking=True)
             else:
                 self._param_ptrs = ptrs.to(device)
+                self._tables_stream = None
             self._watch.record()
         return self._param_ptrs
 
@@ -335,7 +355,9 @@ class BalancePlan:
             # the kernel writes the parameters as the moments' dtype: refuse, never corrupt
             raise TypeError(f"the parameters are {self.params[0].dtype} but the moments {exp_avg.dtype} "
                             "(parameters converted since the state was made?)")
-        self._op["adamw_"](self.buffer, weights, self._chunks, ptrs, exp_avg, exp_avg_sq, hyper, step, skip)
+        buffer = self.buffer
+        self._tables_in_use(buffer)
+        self._op["adamw_"](buffer, weights, self._chunks, ptrs, exp_avg, exp_avg_sq, hyper, step, skip)
 
     def new_adamw_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Zeroed flat (exp_avg, exp_avg_sq) in the parameters' dtype and a zero step count."""
