@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import warnings
 from collections import deque
 from typing import Callable, Iterable, Mapping, Sequence
@@ -194,8 +193,8 @@ class ParetoLoRA:
         be written and stepped: refuse before anything is. One C++ loop over the parameters per
         call (``TensorStamp``) once the extension is loaded; a Python loop before."""
         if self._watch is None and _extension.loaded() is not None:
-            self._watch = _extension.loaded().TensorStamp(self.params)
-        if self._watch is not None and not self._watch.changed():
+            self._watch = _extension.loaded().TensorStamp(self.params)  # new: check below, once
+        elif self._watch is not None and not self._watch.changed():
             return
         frozen = [name for name, p in self.named_params if not p.requires_grad]
         if frozen:
@@ -406,8 +405,11 @@ class ParetoLoRA:
             try:
                 if took:
                     self.optimizer.step()
+            except BaseException:  # the .grad this step created go, as on a skip
+                took = False
+                raise
             finally:
-                if not took or sys.exc_info()[0] is not None:  # skipped, or the optimizer raised
+                if not took:
                     for p in fresh:
                         p.grad = None
         return took, res

@@ -377,3 +377,12 @@ def test_losses_of_another_model_are_refused():
         balancer.step(losses(other, 0))
     assert balancer.step_count == 0 and all(p.grad is None for p in model.parameters())
     assert balancer.step(losses(model, 0))  # the right losses train
+
+
+def test_a_parameter_frozen_before_the_first_step_is_refused():
+    model = net()
+    balancer = balancer_for(model, "fused")
+    model[2].bias.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"frozen after ParetoLoRA was built \('2.bias'\)"):
+        balancer.step(losses(model, 0))
+    assert balancer.step_count == 0
