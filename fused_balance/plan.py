@@ -46,6 +46,7 @@ __all__ = ["BalancePlan", "PlanResult", "PLAN_CHUNK_ELEMS"]
 # reduced in table order, so results do not depend on the thread or SM count).
 PLAN_CHUNK_ELEMS = 1 << 15
 _COLUMNS = 6  # multi_tensor.h: PlanColumn
+_GROUP_COLUMN = 5  # multi_tensor.h: kColGroup
 
 
 @dataclass
@@ -178,13 +179,24 @@ class BalancePlan:
         self._ranges = torch.tensor(ranges, dtype=torch.long).reshape(-1, _COLUMNS).to(device)
         self._seg_offsets = torch.tensor(range_offsets, dtype=torch.long).to(device)
         self._chunks = torch.tensor(chunks, dtype=torch.long).reshape(-1, _COLUMNS).to(device)
+        self._chunk_params = [c[3] for c in chunks]  # host copy of the param column (set_groups)
 
     def set_groups(self, groups) -> None:
-        """Hyper-parameter group of every parameter (AdamW); rebuilds the table (once)."""
+        """Hyper-parameter group of every parameter (AdamW). Only the AdamW table's group column
+        changes: it is rewritten in place (from pinned memory on a GPU, without blocking), so a
+        captured step reads the new groups. Refused while a CUDA graph is being captured."""
         groups = self._check_groups(groups, len(self.numels))
-        if groups != self.groups:
-            self.groups = groups
-            self._build_table(self._buffer.device)
+        if groups == self.groups:
+            return
+        device = self._buffer.device
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("BalancePlan.set_groups during CUDA graph capture: set the groups (or take "
+                               "one eager step) before capturing")
+        self.groups = groups
+        self.num_groups = max(groups) + 1
+        column = torch.tensor([groups[p] for p in self._chunk_params], dtype=torch.long)
+        self._chunks[:, _GROUP_COLUMN].copy_(column.pin_memory() if device.type == "cuda" else column,
+                                            non_blocking=True)
 
     @staticmethod
     def _buffer_stamp(buffer: torch.Tensor) -> tuple:

@@ -213,6 +213,26 @@ def test_weights_and_hyper_tables_of_the_wrong_size_are_refused_for_every_device
     assert all(torch.equal(p, b) for p, b in zip(params, before)) and step.item() == 0
 
 
+def test_groups_set_later_step_like_groups_set_at_construction_and_keep_the_table():
+    """set_groups rewrites the AdamW table's group column in place (a captured step keeps
+    reading the same table) and steps exactly as a plan built with those groups."""
+    groups = [i % 2 for i in range(len(SHAPES))]
+    table = [(1e-1, 0.0, 0.9, 0.999, 1e-8), (1e-2, 0.1, 0.8, 0.99, 1e-6)]
+    results = []
+    for late in (False, True):
+        params, bank = make_bank(2)
+        plan = fb.BalancePlan(bank, "tensor", groups=None if late else groups)
+        chunks = plan._chunks
+        if late:
+            plan.set_groups(groups)
+            assert plan._chunks is chunks and plan.num_groups == 2  # in place
+        m, v, step = plan.new_adamw_state()
+        plan.adamw_step(torch.ones(plan.num_segments, 2, dtype=torch.float64), m, v,
+                        plan.hyper_table(table, "cpu"), step)
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_moved_parameters_get_a_new_pointer_table():
     params, bank = make_bank(2)
     plan = fb.BalancePlan(bank)
