@@ -110,12 +110,21 @@ class TensorStamp {
     for (const auto& v : views_) view_ptrs_.push_back(v.data_ptr());
   }
 
-  // .grad = its expected view for every tensor whose view still holds the recorded address;
+  // Which tensors take a .grad view (attach_grads) and are checked (grads_are_views); the
+  // others' .grad is left as it is (tensors no objective reached). Empty: every tensor.
+  void set_live(std::vector<bool> live) {
+    TORCH_CHECK(live.empty() || live.size() == tensors_.size(), "TensorStamp.set_live: ", live.size(),
+                " flags for ", tensors_.size(), " tensors");
+    live_ = std::move(live);
+  }
+
+  // .grad = its expected view for every live tensor whose view still holds the recorded address;
   // returns the others (Module._apply swapped their data: the caller makes new views).
   std::vector<int64_t> attach_grads() {
     TORCH_CHECK(views_.size() == tensors_.size(), "TensorStamp.attach_grads: call expect_grads first");
     std::vector<int64_t> moved;
     for (size_t i = 0; i < tensors_.size(); ++i) {
+      if (!is_live(i)) continue;
       const at::Tensor& v = views_[i];
       if (v.data_ptr() != view_ptrs_[i]) {
         moved.push_back(int64_t(i));
@@ -131,10 +140,11 @@ class TensorStamp {
     return moved;
   }
 
-  // Whether every tensor's .grad is its expected view, at the recorded address.
+  // Whether every live tensor's .grad is its expected view, at the recorded address.
   bool grads_are_views() const {
     if (views_.size() != tensors_.size()) return false;
     for (size_t i = 0; i < tensors_.size(); ++i) {
+      if (!is_live(i)) continue;
       const at::Tensor& g = tensors_[i].grad();
       if (!g.defined() || g.unsafeGetTensorImpl() != views_[i].unsafeGetTensorImpl() ||
           g.data_ptr() != view_ptrs_[i]) {
@@ -163,8 +173,11 @@ class TensorStamp {
 
   std::vector<at::Tensor> tensors_;  // share the callers' TensorImpls: .data = ... is seen, .grad set here is theirs
   std::vector<Entry> entries_;
+  bool is_live(size_t i) const { return live_.empty() || live_[i]; }
+
   std::vector<at::Tensor> views_;
   std::vector<const void*> view_ptrs_;
+  std::vector<bool> live_;
 };
 
 }  // namespace
@@ -177,10 +190,12 @@ void register_grad_slots(pybind11::module_& m) {
       .def("changed", &TensorStamp::changed, "indices of the tensors that changed since record()")
       .def("expect_grads", &TensorStamp::expect_grads, pybind11::arg("views"),
            "remember the .grad view every tensor must hold")
+      .def("set_live", &TensorStamp::set_live, pybind11::arg("live"),
+           "which tensors take (and are checked for) a .grad view; [] for all")
       .def("attach_grads", &TensorStamp::attach_grads,
            "point every .grad at its view; returns the tensors whose view no longer holds its address")
       .def("grads_are_views", &TensorStamp::grads_are_views,
-           "whether every tensor's .grad is its expected view at the recorded address");
+           "whether every live tensor's .grad is its expected view at the recorded address");
 
   pybind11::class_<GradSlots>(m, "GradSlots")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<std::vector<at::Tensor>>>(),

@@ -306,8 +306,19 @@ class BalancePlan:
             self._watch.attach_grads()
         return self._grad_flat
 
+    def set_live(self, live) -> None:
+        """Which parameters take a ``.grad`` view (P bools; None: all). The others' ``.grad`` is
+        left as it is, e.g. None for tensors no objective reached, which an optimizer then skips;
+        the combination is still written for them into the flat buffer (zeros), unread."""
+        live = [] if live is None else [bool(x) for x in live]
+        if live and len(live) != len(self.numels):
+            raise ValueError(f"live must hold {len(self.numels)} flags, got {len(live)}")
+        if self.params is None:
+            raise RuntimeError("this plan was built without params: set_live needs them")
+        self._watch.set_live([] if all(live) else live)
+
     def grads_attached(self) -> bool:
-        """Whether every parameter's ``.grad`` is its view of the flat buffer (object and
+        """Whether every (live) parameter's ``.grad`` is its view of the flat buffer (object and
         address: one C++ loop)."""
         return self._grad_views is not None and self._watch.grads_are_views()
 

@@ -167,6 +167,7 @@ class ParetoLoRA:
         self._dead_names: list[str] = []  # the dead tensors last named in the history
         self._warned_nonfinite = False
         self._plan = self._plan_key = self._plan_ok = None
+        self._plan_live = None  # the _reach_cache key the plan's live mask was set for
         self._ddp = None
         self._watch = None  # the parameters' TensorStamp (frozen-later check), once the extension loads
         if isinstance(model_or_params, torch.nn.Module):
@@ -417,9 +418,10 @@ class ParetoLoRA:
     # -- planned step (fb.BalancePlan): validated once, O(1) host work per step ----------------
     def _plan_usable(self) -> bool:
         """The plan path needs the cpp kernels on the parameters' device, parameters in the
-        bank's dtype, no sharded process group (data parallel is fine: the bank is averaged
-        first, one all-reduce), and every tensor reached (the plan writes and steps all of them;
-        tensors no objective reached must keep ``.grad`` None, so they take the list path).
+        bank's dtype and no sharded process group (data parallel is fine: the bank is averaged
+        first, one all-reduce). Tensors no objective reached keep ``.grad`` None: with a torch
+        optimizer the plan attaches views to the live tensors only; the fused AdamW steps every
+        tensor with one step count, so there they take the list path (per-tensor step counts).
         Otherwise the list API runs (same numbers up to the plan's float64 Gram)."""
         if self._plan_ok is None:
             device, dtype = self.params[0].device, self.params[0].dtype
@@ -428,7 +430,7 @@ class ParetoLoRA:
             sharded = self.process_group is not None and self.distributed != "data"
             self._plan_ok = cpp and not sharded and all(p.dtype == dtype and p.is_contiguous()
                                                         for p in self.params)
-        return self._plan_ok and not self._reach()[3]
+        return self._plan_ok and not (self.fused and self._reach()[3])
 
     def _balance_plan(self) -> "fb.BalancePlan":
         key = (self.bank, self.policy, self.tau, self.rescale)  # load_state_dict may change the policy
@@ -436,6 +438,7 @@ class ParetoLoRA:
             self._plan = fb.BalancePlan(self.bank, self.segment_ids, policy=self.policy, tau=self.tau,
                                         rescale=self.rescale)
             self._plan_key = key
+            self._plan_live = None
         return self._plan
 
     def _planned_step(self):
@@ -450,6 +453,10 @@ class ParetoLoRA:
         if self.fused:
             self.optimizer.planned_step(plan, res.weights, skip=res.found_inf)
         else:
+            live = self._reach()[0]  # cached: rebuilt only when the reached set changes
+            if self._plan_live != self._reach_cache[0]:
+                plan.set_live(live)
+                self._plan_live = self._reach_cache[0]
             if not plan.grads_attached():  # attaching replaces .grad: restore it on a skip
                 saved = [p.grad for p in self.params]
             plan.combine_into_grads(res)

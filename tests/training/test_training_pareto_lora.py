@@ -230,3 +230,51 @@ def test_fused_path_gets_the_range_rescue(scale):
         torch.testing.assert_close(entry["weights"], want.clamp(-big, big).float(), rtol=1e-4, atol=0)
     for p, q in zip(balancers[0].params, balancers[1].params):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def _dispatched_fused_balance_ops(fn):
+    """The fused_balance ops ``fn`` dispatches (names like 'bank_gram')."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.name()
+            if name.startswith("fused_balance::"):
+                self.ops.append(name.split("::")[1].split(".")[0])
+            return func(*args, **(kwargs or {}))
+    with Record() as record:
+        fn()
+    return record.ops
+
+
+def test_an_unreached_tensor_keeps_the_planned_step_with_a_torch_optimizer():
+    """A module no objective runs through (Emu3's VQ adapters): with a torch optimizer the step
+    still takes the plan (bank ops only), the unreached tensor keeps .grad None and its values,
+    and the result equals the list engine's."""
+    results = []
+    for backend in ("cpp", "torch"):  # the plan, and the list engine as the reference
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        unused = torch.nn.Linear(8, 8)
+        named = list(model.named_parameters()) + [(f"unused.{n}", p) for n, p in unused.named_parameters()]
+        opt = torch.optim.AdamW([p for _, p in named], lr=1e-2)
+        balancer = ParetoLoRA(named, opt, backend=backend)
+        before = [p.detach().clone() for p in unused.parameters()]
+        ops = []
+        for step in range(3):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+            out = model(x)
+            batch = {"text": out[:, 0].pow(2).mean(), "image": (out[:, 1] - 1).pow(2).mean()}
+            ops += _dispatched_fused_balance_ops(lambda: balancer.step(batch))
+            balancer.zero_grad()
+        assert balancer.dead_tensors == ["unused.weight", "unused.bias"]
+        assert all(p.grad is None and torch.equal(p, b) for p, b in zip(unused.parameters(), before))
+        if backend == "cpp":
+            assert set(ops) <= {"bank_gram", "bank_combine_into", "policy_weights"} and "bank_gram" in ops, ops
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
