@@ -230,18 +230,20 @@ class BalancePlan:
             self._param_ptrs = None
         self._buffer, self._stamp = buffer, new
 
-    def _tables_in_use(self, buffer: torch.Tensor) -> None:
-        """On a GPU, tell the caching allocator which stream reads the device tables, once per
-        stream: a table replaced later (``set_groups``, a move to another device) is then not
-        handed to another allocation while a kernel on that stream may still read it."""
+    def _buffer_for_op(self) -> torch.Tensor:
+        """The checked bank for an op; on a GPU the device tables are first marked as read by
+        the current stream (once per stream), so a table replaced later (a move to another
+        device) is not handed to another allocation while a kernel on that stream may read it."""
+        buffer = self.buffer
         if not buffer.is_cuda or torch.compiler.is_compiling():
-            return
+            return buffer
         stream = torch.cuda.current_stream(buffer.device)
         if stream != self._tables_stream:
             for table in (self._ranges, self._seg_offsets, self._chunks, self._param_ptrs):
                 if table is not None:
                     table.record_stream(stream)
             self._tables_stream = stream
+        return buffer
 
     def check_all(self) -> None:
         """Re-read every parameter's address into the pointer table and re-attach every
@@ -255,9 +257,7 @@ class BalancePlan:
     # -- the passes --------------------------------------------------------------------------
     def gram(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(G [S, K, K] float64, found_inf 0-dim bool), one op, no host read."""
-        buffer = self.buffer
-        self._tables_in_use(buffer)
-        return self._op["gram"](buffer, self._ranges, self._seg_offsets, self.num_segments)
+        return self._op["gram"](self._buffer_for_op(), self._ranges, self._seg_offsets, self.num_segments)
 
     def weights(self) -> PlanResult:
         """Gram -> the policy's weights, all on the device."""
@@ -269,9 +269,7 @@ class BalancePlan:
         """out[start:end] = sum_k weights[seg, k] * bank[k, start:end] for every chunk; ``out``
         is a flat buffer laid out like a bank row. Nothing is written when ``skip`` holds True."""
         self._check_weights(weights)
-        buffer = self.buffer
-        self._tables_in_use(buffer)
-        self._op["combine_into"](buffer, weights, self._ranges, out, skip)
+        self._op["combine_into"](self._buffer_for_op(), weights, self._ranges, out, skip)
 
     def _check_weights(self, weights: torch.Tensor) -> None:
         """The kernels index weights[segment] and hyper[group] from the table: O(1) shape checks
@@ -378,9 +376,7 @@ class BalancePlan:
             # the kernel writes the parameters as the moments' dtype: refuse, never corrupt
             raise TypeError(f"the parameters are {self.params[0].dtype} but the moments {exp_avg.dtype} "
                             "(parameters converted since the state was made?)")
-        buffer = self.buffer
-        self._tables_in_use(buffer)
-        self._op["adamw_"](buffer, weights, self._chunks, ptrs, exp_avg, exp_avg_sq, hyper, step, skip)
+        self._op["adamw_"](self._buffer_for_op(), weights, self._chunks, ptrs, exp_avg, exp_avg_sq, hyper, step, skip)
 
     def new_adamw_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Zeroed flat (exp_avg, exp_avg_sq) in the parameters' dtype and a zero step count."""

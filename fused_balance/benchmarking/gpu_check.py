@@ -121,7 +121,7 @@ def _reference_combine(bank, weights, segment_ids):
     return out
 
 
-def _check_ops(report: Report, problem, device, quick: bool) -> None:
+def _check_ops(report: Report, problem, device) -> None:
     backends = [b for b in ("cpp", "triton") if b in fb.available_backends(device)]
     for name in ("cpp", "triton"):
         if name not in backends:
@@ -296,7 +296,6 @@ def _throughput(report: Report, problem, device, repeats: int) -> None:
     copy_s = _time(lambda: copy_dst.copy_(copy_src), device, repeats)
     copy_gbps = 2 * copy_src.numel() * 4 / copy_s / 1e9
     report.timings.append(("device copy (read + write)", copy_s, 2 * copy_src.numel() * 4, copy_gbps, None))
-    del copy_src, copy_dst
     segment_ids = list(problem.layer_of)
     backends = [b for b in ("cpp", "triton") if b in fb.available_backends(device)]
 
@@ -331,7 +330,6 @@ def _throughput(report: Report, problem, device, repeats: int) -> None:
                 hyper = plan.hyper_table([(1e-3, 0.0, 0.9, 0.999, 1e-8)], device)
                 add("bank adamw cpp K=2", _time(lambda: plan.adamw_step(w, m, v, hyper, step), device, repeats),
                     stage_bytes("adamw", K, n, 4))
-        del bank, params
 
 
 def run(device: str | torch.device = "cuda", *, quick: bool = False, repeats: int = 10,
@@ -352,7 +350,7 @@ def run(device: str | torch.device = "cuda", *, quick: bool = False, repeats: in
           file=out, flush=True)
     if device.type == "cuda":
         report.check("CUDA kernels built", bool(_extension.load().cuda_compiled()), str(info.get("cuda_reason", "")))
-    _check_ops(report, problem, device, quick)
+    _check_ops(report, problem, device)
     _check_no_sync(report, device)
     _check_graph(report, device)
     _check_big_row(report, device)

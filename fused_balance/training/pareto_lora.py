@@ -189,6 +189,12 @@ class ParetoLoRA:
         self._ddp = ddp
         self._plan_ok = None  # decided again for the process group
 
+    def _check_unchanged(self) -> None:
+        """What may have changed since construction, checked before a step writes anything."""
+        self._check_params_trainable()
+        if self.fused:
+            self._check_fused_groups()
+
     def _check_params_trainable(self) -> None:
         """A balanced parameter frozen since construction (``requires_grad_(False)``) would still
         be written and stepped: refuse before anything is. One C++ loop over the parameters per
@@ -314,9 +320,7 @@ class ParetoLoRA:
         """Add every objective's gradient of ``losses`` to the bank (one micro-batch); the next
         ``balance()`` / ``step()`` balances the sum, once. A NaN/Inf loss marks the bank so that
         the step is skipped (see GradBank.flag_nonfinite)."""
-        self._check_params_trainable()
-        if self.fused:
-            self._check_fused_groups()
+        self._check_unchanged()
         loss_list = self._loss_list(losses)
         try:
             self.bank.fill(loss_list, accumulate=self._window > 0)
@@ -370,9 +374,7 @@ class ParetoLoRA:
         if losses is not None:
             self.accumulate(losses)  # checks the parameters and param groups
         else:
-            self._check_params_trainable()
-            if self.fused:
-                self._check_fused_groups()
+            self._check_unchanged()
         self._require_window()
         try:
             took, res = self._step_window()

@@ -35,7 +35,7 @@ def test_a_wrong_result_fails_the_check(monkeypatch):
         return [t * 1.05 for t in real(*args, **kwargs)]
     monkeypatch.setattr(fb, "combine", off)
     report = gpu_check.Report()
-    gpu_check._check_ops(report, gpu_check._problem(quick=True), torch.device("cpu"), quick=True)
+    gpu_check._check_ops(report, gpu_check._problem(quick=True), torch.device("cpu"))
     failed = [name for name, ok, _ in report.checks if ok is False]
     assert failed and all(name.startswith("list combine") for name in failed) and \
         len([n for n, _, _ in report.checks if n.startswith("list combine")]) == len(failed)
