@@ -1,13 +1,14 @@
 // Per-tensor bookkeeping in C++. GradSlots, for GradBank's backward fill: pointing every parameter's
 // .grad at its slot in the bank (objective k's view) before a backward pass, finding the
-// parameters whose .grad autograd left somewhere else (a hook replaced it, a sparse gradient, a
-// tensor reached the first time), and putting the user's .grad back afterwards. The parameters
+// parameters the pass reached and those whose .grad autograd left somewhere else (a hook
+// replaced it, a sparse gradient), and putting the user's .grad back afterwards. The parameters
 // and slots are held here once, so a call costs a loop over P pointers: a Python loop costs
 // about a microsecond per tensor and would run several times per objective on hundreds of LoRA
 // tensors. TensorStamp, for BalancePlan: the per-step check that every parameter and .grad view
 // is still where its device tables point.
 #include <torch/extension.h>
 
+#include <optional>
 #include <vector>
 
 namespace fused_balance {
@@ -16,13 +17,26 @@ namespace {
 class GradSlots {
  public:
   // slots[k][i]: objective k's view for params[i] (shape, dtype and device of the parameter,
-  // checked by GradBank when it was built; the dtype is checked again on every point()).
+  // checked by GradBank when it was built; the dtype is checked again on every point()). Each
+  // slot is held as an alias of the same memory with a version counter of its own (a view
+  // shares its base's counter): autograd's in-place accumulation into .grad bumps exactly the
+  // slots it wrote, which is how a backward pass tells which parameters it reached.
   GradSlots(std::vector<at::Tensor> params, std::vector<std::vector<at::Tensor>> slots)
-      : params_(std::move(params)), slots_(std::move(slots)) {
-    for (const auto& row : slots_) {
+      : params_(std::move(params)), hit_(params_.size(), false), published_(params_.size(), false),
+        versions_(params_.size(), 0) {
+    slots_.reserve(slots.size());
+    for (const auto& row : slots) {
       TORCH_CHECK(row.size() == params_.size(), "GradSlots: ", row.size(), " slots for ", params_.size(),
                   " parameters");
+      std::vector<at::Tensor> aliases;
+      aliases.reserve(row.size());
+      for (const auto& view : row) {
+        aliases.push_back(at::empty({0}, view.options()).set_(view.storage(), view.storage_offset(),
+                                                              view.sizes(), view.strides()));
+      }
+      slots_.push_back(std::move(aliases));
     }
+    begin_window();
   }
 
   // Remember every parameter's .grad (restored by restore()).
@@ -37,12 +51,16 @@ class GradSlots {
     saved_.clear();
   }
 
-  // .grad = slot of objective k for every parameter; None where reached[i] is false (empty
-  // `reached`: every parameter). Autograd then adds into the slot in place.
-  void point(int64_t k, const std::vector<bool>& reached) {
+  // Forget which parameters were reached: a new accumulation window starts. A 0-element
+  // parameter has nothing to reach and counts as reached.
+  void begin_window() {
+    for (size_t i = 0; i < params_.size(); ++i) hit_[i] = params_[i].numel() == 0;
+  }
+
+  // .grad = slot of objective k for every parameter (autograd then adds into it in place), and
+  // every slot's version remembered for collect().
+  void point(int64_t k) {
     TORCH_CHECK(k >= 0 && size_t(k) < slots_.size(), "GradSlots.point: no objective ", k);
-    TORCH_CHECK(reached.empty() || reached.size() == params_.size(), "GradSlots.point: ", reached.size(),
-                " flags for ", params_.size(), " parameters");
     const auto& row = slots_[k];
     for (size_t i = 0; i < params_.size(); ++i) {
       // A parameter converted after the bank was built (module.to(dtype)) would get a gradient
@@ -50,21 +68,57 @@ class GradSlots {
       TORCH_CHECK_TYPE(params_[i].scalar_type() == row[i].scalar_type(), "parameter ", i, " has dtype ",
                        params_[i].scalar_type(), " but its gradient slot holds ", row[i].scalar_type(),
                        ": the parameters changed dtype after the bank was built; build a new one");
-      mutable_grad(i) = (reached.empty() || reached[i]) ? row[i] : at::Tensor();
+      mutable_grad(i) = row[i];
+      versions_[i] = row[i]._version();
+    }
+    pointed_ = k;
+  }
+
+  // After objective k's backward: the parameters whose .grad is set and is not k's slot (a hook
+  // replaced it, a sparse gradient: the caller copies it in). Every parameter the pass reached
+  // (its slot written in place, or .grad replaced) is marked reached in this window; the count
+  // of those is kept in last_reached().
+  std::vector<int64_t> collect(int64_t k) {
+    TORCH_CHECK(k == pointed_, "GradSlots.collect(", k, ") after point(", pointed_, ")");
+    const auto& row = slots_[k];
+    std::vector<int64_t> out;
+    last_reached_ = 0;
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& g = params_[i].grad();
+      bool reached = false;
+      if (g.defined() && g.unsafeGetTensorImpl() == row[i].unsafeGetTensorImpl()) {
+        reached = row[i]._version() != versions_[i];
+      } else if (g.defined()) {
+        reached = true;
+        if (g.layout() != at::kStrided || g.data_ptr() != row[i].data_ptr()) out.push_back(int64_t(i));
+      }
+      if (reached) {
+        hit_[i] = true;
+        ++last_reached_;
+      }
+    }
+    pointed_ = -1;
+    return out;
+  }
+
+  // Mark parameters reached by another route (GradBank's batched fill, or a window begun under
+  // an earlier GradSlots).
+  void mark(const std::vector<int64_t>& indices) {
+    for (int64_t i : indices) {
+      TORCH_CHECK(i >= 0 && size_t(i) < params_.size(), "GradSlots.mark: no parameter ", i);
+      hit_[i] = true;
     }
   }
 
-  // Indices of the parameters whose .grad is set and is not objective k's slot.
-  std::vector<int64_t> moved(int64_t k) const {
-    TORCH_CHECK(k >= 0 && size_t(k) < slots_.size(), "GradSlots.moved: no objective ", k);
-    const auto& row = slots_[k];
-    std::vector<int64_t> out;
-    for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& g = params_[i].grad();
-      if (!g.defined() || g.unsafeGetTensorImpl() == row[i].unsafeGetTensorImpl()) continue;
-      if (g.layout() != at::kStrided || g.data_ptr() != row[i].data_ptr()) out.push_back(int64_t(i));
-    }
-    return out;
+  // Parameters reached by the last collect().
+  int64_t last_reached() const { return last_reached_; }
+
+  // The window's reached flags when they differ from those returned last time, else None: a
+  // step whose reach does not change costs one comparison loop here, no Python list.
+  std::optional<std::vector<bool>> reached_if_changed() {
+    if (hit_ == published_) return std::nullopt;
+    published_ = hit_;
+    return published_;
   }
 
  private:
@@ -73,6 +127,9 @@ class GradSlots {
   std::vector<at::Tensor> params_;  // share the callers' TensorImpls: .grad set here is theirs
   std::vector<std::vector<at::Tensor>> slots_;
   std::vector<at::Tensor> saved_;
+  std::vector<bool> hit_, published_;
+  std::vector<int64_t> versions_;
+  int64_t pointed_ = -1, last_reached_ = 0;
 };
 
 // What a plan's device tables and .grad views depend on, for P tensors, recorded once and
@@ -202,10 +259,14 @@ void register_grad_slots(pybind11::module_& m) {
            pybind11::arg("params"), pybind11::arg("slots"))
       .def("save", &GradSlots::save, "remember every parameter's .grad")
       .def("restore", &GradSlots::restore, "put the remembered .grad back")
-      .def("point", &GradSlots::point, pybind11::arg("k"), pybind11::arg("reached"),
-           "point .grad at objective k's slots (None where reached[i] is false; [] for all)")
-      .def("moved", &GradSlots::moved, pybind11::arg("k"),
-           "indices of the parameters whose .grad is set and is not objective k's slot");
+      .def("begin_window", &GradSlots::begin_window, "forget which parameters were reached")
+      .def("point", &GradSlots::point, pybind11::arg("k"), "point every .grad at objective k's slot")
+      .def("collect", &GradSlots::collect, pybind11::arg("k"),
+           "after k's backward: mark the reached parameters; return those whose .grad is not k's slot")
+      .def("mark", &GradSlots::mark, pybind11::arg("indices"), "mark these parameters reached")
+      .def("last_reached", &GradSlots::last_reached, "parameters reached by the last collect()")
+      .def("reached_if_changed", &GradSlots::reached_if_changed,
+           "the window's reached flags if they changed since last returned, else None");
 }
 
 }  // namespace fused_balance

@@ -306,13 +306,19 @@ class BalancePlan:
 
     def set_live(self, live) -> None:
         """Which parameters take a ``.grad`` view (P bools; None: all). The others' ``.grad`` is
-        left as it is, e.g. None for tensors no objective reached, which an optimizer then skips;
-        the combination is still written for them into the flat buffer (zeros), unread."""
+        left as it is, e.g. None for tensors no objective reached, which an optimizer then skips,
+        except that one still holding this plan's view gets None (the view would hold a zero
+        combination an optimizer would step). Their combination is still written into the flat
+        buffer (zeros), unread."""
         live = [] if live is None else [bool(x) for x in live]
         if live and len(live) != len(self.numels):
             raise ValueError(f"live must hold {len(self.numels)} flags, got {len(live)}")
         if self.params is None:
             raise RuntimeError("this plan was built without params: set_live needs them")
+        if self._grad_views is not None and live:
+            for p, view, alive in zip(self.params, self._grad_views, live):
+                if not alive and p.grad is view:
+                    p.grad = None
         self._watch.set_live([] if all(live) else live)
 
     def grads_attached(self) -> bool:

@@ -107,11 +107,12 @@ class GradBank:
         self._slots = None  # the .grad bookkeeping of the backward fill (_grad_slots)
         self._buffer = torch.zeros(num_objectives, self.offsets[-1], dtype=dtype, device=params[0].device)
         self._make_views()
-        # Per parameter: has any objective reached it? A 0-element tensor has nothing to reach or
-        # write: it counts as reached (it never turns the all-reached fast path off).
+        # Per parameter: did an objective reach it in the current window (since the last fill
+        # without accumulate)? A 0-element tensor has nothing to reach or write: it counts as
+        # reached (it never turns the all-reached fast path off).
         self.reached = [n == 0 for n in self.numels]
         self.reached_version = 0  # counts changes of ``reached`` (to cache what depends on it)
-        self._reached_count = sum(self.reached)
+        self.last_fill_reached_any = False  # did the last fill reach any of the parameters?
         # Checked once; a parameter converted later is refused by the slots at the next fill.
         self._params_have_bank_dtype = all(p.dtype == dtype for p in params)
 
@@ -162,7 +163,9 @@ class GradBank:
 
         A parameter an objective does not reach gets zeros; an objective that reaches no
         parameter at all (a constant loss) gets a zero row. ``reached[i]`` tells whether any
-        objective has reached parameter i since the bank was built. ``retain_graph`` keeps the
+        objective reached parameter i in this window (the fills since the last one without
+        ``accumulate``); ``last_fill_reached_any`` is False when this fill's losses reached
+        none of the parameters. ``retain_graph`` keeps the
         graph alive after the call (it is always kept between the objectives).
         """
         losses = self.check_losses(losses)
@@ -172,12 +175,18 @@ class GradBank:
         if mode == "backward" and not self._params_have_bank_dtype:
             raise TypeError(f"the backward fill mode needs the bank dtype ({self.dtype}) to equal "
                             "every parameter's; use mode='batched'")
+        slots = self._grad_slots(window_start=not accumulate)
         if not accumulate:
             self.buffer.zero_()
+            slots.begin_window()
         if mode == "backward":
-            self._fill_backward(losses, retain_graph)
+            self.last_fill_reached_any = self._fill_backward(slots, losses, retain_graph)
         else:
-            self._fill_batched(losses, retain_graph)
+            self.last_fill_reached_any = self._fill_batched(slots, losses, retain_graph)
+        flags = slots.reached_if_changed()  # None, at no per-tensor cost, while the reach repeats
+        if flags is not None and list(flags) != self.reached:
+            self.reached = list(flags)
+            self.reached_version += 1
         return self
 
     def flag_nonfinite(self, losses: Sequence[torch.Tensor]) -> None:
@@ -218,64 +227,55 @@ class GradBank:
                 raise ValueError(f"{label} is on {loss.device} but the parameters are on {device}")
         return losses
 
-    def _fill_backward(self, losses, retain_graph):
-        # Reachability costs no extra per-tensor work: a tensor not reached so far gets
-        # ``.grad = None`` instead of its view, and the check that follows each backward
-        # (already there for hooks that replace ``.grad``) sees autograd's fresh gradient for a
-        # tensor reached the first time, copies it into the bank and marks it reached. Reached
-        # tensors get their gradients in place. A tensor that objectives reached once stays
-        # reached (telling "reached in this step" apart for those would need a Python hook per
-        # tensor and backward). The per-tensor work is one C++ call each when the extension is
-        # loaded (fused_balance._grad_slots).
-        slots = self._grad_slots()
+    def _fill_backward(self, slots, losses, retain_graph) -> bool:
+        # Every .grad points at its slot and autograd adds into it in place; the slots' version
+        # counters tell which tensors a pass reached, and the check that follows each backward
+        # finds a .grad a hook or a sparse gradient replaced (its value already includes the
+        # slot's: copied back). One C++ call per objective when the extension is loaded
+        # (fused_balance._grad_slots).
         live = [k for k, loss in enumerate(losses) if loss.requires_grad]
-        reached = self.reached
+        reached = False
         slots.save()
         try:
             for j, k in enumerate(live):
-                slots.point(k, [] if self._reached_count == len(reached) else reached)
+                slots.point(k)
                 losses[k].reshape(()).backward(retain_graph=retain_graph or j < len(live) - 1)
-                for i in slots.moved(k):
-                    # A hook or a sparse gradient replaced .grad, or the tensor was reached the
-                    # first time: copy its gradient in.
-                    grad, view = self.params[i].grad, self.grads[k][i]
-                    if reached[i]:  # the replacement includes what the view held
-                        view.copy_(grad)
-                    else:  # the first gradient of this tensor: the view holds no gradient yet
-                        view.add_(grad)
-                        self._mark_reached(i)
+                for i in slots.collect(k):
+                    self.grads[k][i].copy_(self.params[i].grad)
+                reached = reached or slots.last_reached() > 0
         finally:
             slots.restore()
+        return reached
 
-    def _grad_slots(self):
-        """Built on first use, and again once the extension is loaded (the native one is faster)."""
-        if self._slots is None or (not is_native(self._slots) and _extension.loaded() is not None):
+    def _grad_slots(self, window_start: bool):
+        """The backward fill's .grad bookkeeping, which also tracks the window's reach. Built on
+        first use and replaced by the native one once the extension is loaded, at a window's
+        start; one built within a window (after a buffer swap) carries the window's reach on."""
+        upgrade = self._slots is not None and not is_native(self._slots) and _extension.loaded() is not None
+        if self._slots is None or (upgrade and window_start):
             self._slots = grad_slots(self.params, self.grads)
+            if not window_start:
+                self._slots.mark([i for i, hit in enumerate(self.reached) if hit])
         return self._slots
 
-    def _mark_reached(self, i: int) -> None:
-        self.reached[i] = True
-        self._reached_count += 1
-        self.reached_version += 1
-
-    def _fill_batched(self, losses, retain_graph):
+    def _fill_batched(self, slots, losses, retain_graph) -> bool:
         live = [k for k, loss in enumerate(losses) if loss.requires_grad]
         if not live:
-            return
+            return False
         wanted = [i for i, p in enumerate(self.params) if p.requires_grad]
         stacked = torch.stack([losses[k].reshape(()) for k in live])
         eye = torch.eye(len(live), dtype=stacked.dtype, device=stacked.device)
         grads = torch.autograd.grad(stacked, [self.params[i] for i in wanted], grad_outputs=eye,
                                     is_grads_batched=True, allow_unused=True,
                                     retain_graph=retain_graph)
+        hit = [i for i, g in zip(wanted, grads) if g is not None]
         with torch.no_grad():
             for i, g in zip(wanted, grads):
-                if g is None:
-                    continue
-                if not self.reached[i]:
-                    self._mark_reached(i)
-                for row, k in enumerate(live):
-                    self.grads[k][i].add_(g[row])
+                if g is not None:
+                    for row, k in enumerate(live):
+                        self.grads[k][i].add_(g[row])
+        slots.mark(hit)
+        return bool(hit)
 
     def state_dict(self) -> dict:
         return {"buffer": self.buffer.clone()}

@@ -82,10 +82,12 @@ class ParetoLoRA:
     averaged once per step instead (see ``attach``). FSDP-sharded (DTensor) parameters raise
     NotImplementedError naming the supported recipe.
 
-    Tensors no objective has reached (``dead_tensors``, e.g. LoRA on a VQ model that token losses
-    never run through) keep ``.grad`` as it was (None after ``zero_grad``) and are not stepped,
-    like after a plain backward; a tensor reached once counts as reached from then on. Under a
-    process group every tensor counts as reached (the ranks must step the same tensors).
+    Tensors no objective reached in a step's window (``dead_tensors``, e.g. LoRA on a VQ model
+    that token losses never run through, or an expert no token was routed to) are neither
+    written nor stepped, like after a plain backward: ``balance``/``backward`` leave their
+    ``.grad`` as it was (None after ``zero_grad``); ``step``, which replaces ``.grad``, also
+    drops the balanced gradient a previous step left there. Under a process group every tensor
+    counts as reached (the ranks must step the same tensors).
 
     A NaN/Inf loss skips the step like a NaN/Inf gradient: nothing is written, the step is
     counted in ``skipped_steps``, the history names the objectives, a warning the first time.
@@ -168,6 +170,7 @@ class ParetoLoRA:
         self._warned_nonfinite = False
         self._plan = self._plan_key = self._plan_ok = None
         self._plan_live = None  # the _reach_cache key the plan's live mask was set for
+        self._stepped_live = None  # (_reach_cache key, live mask) of the last list-path step
         self._ddp = None
         self._watch = None  # the parameters' TensorStamp (frozen-later check), once the extension loads
         if isinstance(model_or_params, torch.nn.Module):
@@ -306,8 +309,8 @@ class ParetoLoRA:
 
     @property
     def dead_tensors(self) -> list[str]:
-        """Names of the balanced tensors no objective has reached (so far): their ``.grad`` is
-        left as it was (None after ``zero_grad``) and no optimizer step touches them."""
+        """Names of the balanced tensors no objective reached in the last window: no optimizer
+        step touches them (see the class docstring for their ``.grad``)."""
         return [] if self.bank is None else list(self._reach()[3])
 
     @property
@@ -324,17 +327,17 @@ class ParetoLoRA:
         loss_list = self._loss_list(losses)
         try:
             self.bank.fill(loss_list, accumulate=self._window > 0)
-            self.bank.flag_nonfinite(loss_list)
         except BaseException:  # the bank holds a partial sum: nothing of this window is kept
             self._drop_window()
             raise
-        if self.bank.reached_version == 0 and self.process_group is None:
-            # Not one balanced tensor has ever received a gradient: the losses come from another
-            # model (or a detached graph). Nothing was written here; say so before a step.
-            self._drop_window()
+        if not self.bank.last_fill_reached_any and self.bank.numel > 0 and self.process_group is None:
+            # Not one balanced tensor received a gradient: the losses come from another model (or
+            # a detached graph). The bank gained nothing, so the window keeps the micro-batches
+            # gathered before; say so before a step.
             raise ValueError(f"the losses {self.objectives} reached none of the {len(self.params)} balanced "
                              "parameters: are they computed from the forward of the model ParetoLoRA was "
                              "built on?")
+        self.bank.flag_nonfinite(loss_list)
         values = torch.stack([loss.detach().reshape(()).float() for loss in loss_list])
         self._window_losses = values if self._window == 0 else self._window_losses + values
         self._window += 1
@@ -403,6 +406,7 @@ class ParetoLoRA:
             took = self.optimizer.balanced_step(grads, res.weights, self._fused_segments,
                                                 skip=res.found_inf, active=active)
         else:
+            self._drop_dead_grads()
             res, fresh = self._write_balanced(accumulate=False)
             took = not bool(res.found_inf)
             try:
@@ -522,6 +526,18 @@ class ParetoLoRA:
                 else:
                     p.grad.add_(d * ok)
         return res, fresh
+
+    def _drop_dead_grads(self) -> None:
+        """``step`` replaces ``.grad``: a tensor live in the last step's window and dead in this
+        one still holds that step's balanced gradient, which the optimizer would apply again.
+        Per-tensor work only when the reached set changes."""
+        live = self._reach()[0]
+        key = self._reach_cache[0]
+        if self._stepped_live is not None and self._stepped_live[0] != key:
+            for p, was, alive in zip(self.params, self._stepped_live[1], live):
+                if was and not alive:
+                    p.grad = None
+        self._stepped_live = (key, live)
 
     def _sinks(self, live) -> list:
         """Throw-away outputs for the tensors no objective reached: the balance still runs over

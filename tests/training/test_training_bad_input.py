@@ -277,8 +277,8 @@ def test_pareto_optimizer_must_hold_every_balanced_parameter():
 @pytest.mark.parametrize("fused", [False, True], ids=["torch-adamw", "fused"])
 def test_pareto_load_state_dict_mismatch_changes_nothing(fused):
     model, balancer = trained_balancer(fused)
-    _, other = trained_balancer(fused)
-    other.step(model.losses())
+    other_model, other = trained_balancer(fused)
+    other.step(other_model.losses())
     good = other.state_dict()
     before = snapshot_balancer(balancer)
     for corrupt, match in [

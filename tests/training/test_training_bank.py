@@ -152,3 +152,41 @@ def test_backward_fill_bookkeeping_with_hooks_sparse_and_late_tensors(grad_slots
     with pytest.raises((TypeError, RuntimeError), match="dtype|type"):
         bank.fill(losses(0))
     assert a.grad is sentinel and b.grad is None
+
+
+@pytest.mark.parametrize("mode", ["backward", "batched"])
+def test_reached_is_per_window_and_versioned_only_on_a_change(grad_slots_impl, mode):
+    """``reached`` covers the fills since the last one without accumulate (a tensor reached in
+    an earlier window only is not reached now), the version moves only when the flags change,
+    and ``last_fill_reached_any`` says whether one fill reached anything here."""
+    params, _ = _toy()
+    a, b, unused = params
+    bank = GradBank(params, 2, mode=mode)
+
+    def window(use_unused, accumulate=False):
+        bank.fill([(a ** 2).sum() + (unused.sum() if use_unused else 0.0), b.sum() * a.sum()], accumulate=accumulate)
+
+    window(True)
+    assert bank.reached == [True, True, True] and bank.last_fill_reached_any
+    version = bank.reached_version
+    window(True)
+    assert bank.reached == [True, True, True] and bank.reached_version == version
+    window(False)  # a new window that does not reach ``unused``
+    assert bank.reached == [True, True, False] and bank.reached_version == version + 1
+    assert torch.equal(bank.grads[0][2], torch.zeros(2, dtype=torch.float64))
+    window(True, accumulate=True)  # reached by the window's second micro-batch: live again
+    assert bank.reached == [True, True, True] and bank.reached_version == version + 2
+    torch.testing.assert_close(bank.grads[0][2], torch.ones(2, dtype=torch.float64), rtol=0, atol=0)
+    other = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    bank.fill([(other ** 2).sum(), other.sum()], accumulate=True)  # reaches none of the bank's tensors
+    assert not bank.last_fill_reached_any and bank.reached == [True, True, True]
+
+
+def test_a_buffer_swapped_within_a_window_keeps_the_windows_reach(grad_slots_impl):
+    params, _ = _toy()
+    a, b, unused = params
+    bank = GradBank(params, 1)
+    bank.fill([(unused ** 2).sum() + a.sum()])
+    bank.buffer = bank.buffer.clone()
+    bank.fill([b.sum()], accumulate=True)
+    assert bank.reached == [True, True, True]

@@ -386,3 +386,58 @@ def test_a_parameter_frozen_before_the_first_step_is_refused():
     with pytest.raises(ValueError, match=r"frozen after ParetoLoRA was built \('2.bias'\)"):
         balancer.step(losses(model, 0))
     assert balancer.step_count == 0
+
+
+class Routed(torch.nn.Module):
+    """Two experts; ``route`` picks which ones a batch runs through (an expert no token was
+    routed to gets no gradient in that step)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk = torch.nn.Linear(16, 16)
+        self.experts = torch.nn.ModuleList([torch.nn.Linear(16, 2), torch.nn.Linear(16, 2)])
+
+    def losses(self, step, route):
+        x = torch.randn(8, 16, generator=torch.Generator().manual_seed(step))
+        out = sum(self.experts[e](torch.tanh(self.trunk(x))) for e in route)
+        return {"text": out[:, 0].pow(2).mean(), "image": (out[:, 1] - 1).pow(2).mean()}
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"], ids=["planned", "list"])
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("zero_grad", [True, False], ids=["zero_grad", "no-zero_grad"])
+def test_a_tensor_no_objective_reached_in_this_window_is_neither_written_nor_stepped(engine, backend, zero_grad):
+    """Reach is per window: expert 1, trained in step 0, is not routed to in steps 1-2; it keeps
+    its values bitwise (AdamW's momentum would move it), it is named dead, its ``.grad`` holds no
+    balanced gradient; routed to again in step 3, it trains again."""
+    model = Routed()
+    balancer = balancer_for(model, engine, backend=backend)
+    expert = list(model.experts[1].parameters())
+    for step, route in enumerate([(0, 1), (0,), (0,)]):
+        before = [p.detach().clone() for p in expert]
+        assert balancer.step(model.losses(step, route))
+        if zero_grad:
+            balancer.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(expert, before))
+    assert balancer.dead_tensors == ["experts.1.weight", "experts.1.bias"]
+    assert all(p.grad is None for p in expert)
+    assert balancer.step(model.losses(3, (0, 1)))
+    assert all(not torch.equal(p, q) for p, q in zip(expert, before))
+    assert balancer.dead_tensors == []
+
+
+def test_losses_of_another_model_are_refused_in_any_window_and_the_window_is_kept():
+    """After training, a micro-batch of another model is refused like the first one; the window's
+    earlier micro-batch stays, so the step then equals a twin that never saw the refused one."""
+    model, twin, other = net(), net(), net(seed=1)
+    balancer, reference = balancer_for(model, "fused"), balancer_for(twin, "fused")
+    train(model, balancer, range(2))
+    train(twin, reference, range(2))
+    balancer.accumulate(losses(model, 2))
+    with pytest.raises(ValueError, match="reached none of the 6 balanced"):
+        balancer.accumulate(losses(other, 2))
+    assert balancer.step()
+    assert reference.step(losses(twin, 2))
+    assert_same_params(model, twin)
+    assert balancer.history[-1]["losses"].tolist() == reference.history[-1]["losses"].tolist()
