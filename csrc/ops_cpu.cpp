@@ -245,7 +245,7 @@ TORCH_LIBRARY(fused_balance, m) {
   m.def("bank_combine_into(Tensor bank, Tensor weights, Tensor chunks, Tensor(a!) out, Tensor? skip) -> ()");
   m.def(
       "bank_adamw_(Tensor bank, Tensor weights, Tensor chunks, Tensor param_ptrs, Tensor(a!) exp_avg, "
-      "Tensor(b!) exp_avg_sq, Tensor hyper, Tensor(c!) step, Tensor? skip) -> ()");
+      "Tensor(b!) exp_avg_sq, Tensor hyper, Tensor(c!) step, Tensor? skip, Tensor? live=None) -> ()");
   // The policy solve (policy_cpu.cpp, policy_cuda.cu): [S, K, K] Gram -> weights, branch.
   m.def("policy_weights(Tensor gram, int policy, float tau, bool rescale_to_sum, float rounding, Tensor? active) -> (Tensor, Tensor)");
 }

@@ -56,7 +56,7 @@ inline void check_flat(const char* op, const char* what, const at::Tensor& t, co
 
 inline void check_plan_adamw(const char* op, const at::Tensor& param_ptrs, const at::Tensor& exp_avg,
                              const at::Tensor& exp_avg_sq, const at::Tensor& hyper, const at::Tensor& step,
-                             at::ScalarType param_dtype, const BankView& b) {
+                             const std::optional<at::Tensor>& live, at::ScalarType param_dtype, const BankView& b) {
   TORCH_CHECK_VALUE(param_ptrs.scalar_type() == at::kLong && param_ptrs.dim() == 1 && param_ptrs.is_contiguous() &&
                         param_ptrs.device() == b.device,
                     "fused_balance::", op, ": param_ptrs must be a contiguous int64 [P] tensor on ", b.device);
@@ -68,9 +68,15 @@ inline void check_plan_adamw(const char* op, const at::Tensor& param_ptrs, const
                         hyper.is_contiguous() && hyper.device() == b.device,
                     "fused_balance::", op, ": hyper must be a contiguous float64 [G, ", int(kHyperColumns),
                     "] tensor on ", b.device, " (lr, weight_decay, beta1, beta2, eps per group)");
-  TORCH_CHECK_VALUE(step.numel() == 1 && step.scalar_type() == at::kFloat && step.device() == b.device,
-                    "fused_balance::", op, ": step must be a one-element float32 tensor on ", b.device,
-                    " (the steps taken so far; incremented unless skipped)");
+  TORCH_CHECK_VALUE(step.numel() == param_ptrs.numel() && step.scalar_type() == at::kFloat && step.is_contiguous() &&
+                        step.device() == b.device,
+                    "fused_balance::", op, ": step must be a contiguous float32 [P] tensor on ", b.device,
+                    " (each parameter's steps taken so far; incremented where stepped), got shape ", step.sizes(),
+                    " for ", param_ptrs.numel(), " parameters");
+  TORCH_CHECK_VALUE(!live.has_value() || (live->scalar_type() == at::kBool && live->numel() == param_ptrs.numel() &&
+                                          live->is_contiguous() && live->device() == b.device),
+                    "fused_balance::", op, ": live must be None or a contiguous bool [P] tensor on ", b.device,
+                    " (the parameters this step updates)");
 }
 
 // ------------------------------------------------------------------- the Gram's stage 2
@@ -136,14 +142,16 @@ inline BankView check_bank_combine_into(const at::Tensor& bank, const at::Tensor
   return b;
 }
 
-// bank_adamw_: the parameter pointer table, flat moments, hyper table and step count.
+// bank_adamw_: the parameter pointer table, flat moments, hyper table, per-parameter step counts
+// and the live mask.
 inline BankView check_bank_adamw(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
                                  const at::Tensor& param_ptrs, const at::Tensor& exp_avg,
                                  const at::Tensor& exp_avg_sq, const at::Tensor& hyper, const at::Tensor& step,
-                                 const std::optional<at::Tensor>& skip, at::DeviceType kernel) {
+                                 const std::optional<at::Tensor>& skip, const std::optional<at::Tensor>& live,
+                                 at::DeviceType kernel) {
   const char* op = "bank_adamw_";
   const BankView b = check_weighted_bank(op, bank, weights, chunks, skip, kernel);
-  check_plan_adamw(op, param_ptrs, exp_avg, exp_avg_sq, hyper, step, exp_avg.scalar_type(), b);
+  check_plan_adamw(op, param_ptrs, exp_avg, exp_avg_sq, hyper, step, live, exp_avg.scalar_type(), b);
   return b;
 }
 

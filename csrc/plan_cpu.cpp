@@ -140,25 +140,18 @@ void bank_combine_into_cpu(const at::Tensor& bank, const at::Tensor& weights, co
 
 void bank_adamw_cpu(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
                     const at::Tensor& param_ptrs, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                    const at::Tensor& hyper, const at::Tensor& step, const std::optional<at::Tensor>& skip) {
-  const BankView b =
-      check_bank_adamw(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip, at::kCPU);
+                    const at::Tensor& hyper, const at::Tensor& step, const std::optional<at::Tensor>& skip,
+                    const std::optional<at::Tensor>& live) {
+  const BankView b = check_bank_adamw(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip,
+                                      live, at::kCPU);
   const int32_t pcode = elem_type_of(exp_avg.scalar_type(), "bank_adamw_");
   int64_t total = 0;
   const std::vector<CpuChunk> ch =
       read_chunks("bank_adamw_", chunks, b, weights.size(0), param_ptrs.numel(), hyper.size(0), &total);
   if (skip_set(skip)) return;
-  // The step about to be taken: the stored count + 1 (read from memory, as the GPU kernel does).
-  const double t = double(step.data_ptr<float>()[0]) + 1.0;
+  const bool* alive = live.has_value() ? live->data_ptr<bool>() : nullptr;
+  float* steps = step.data_ptr<float>();
   const double* hy = hyper.data_ptr<double>();
-  const int64_t G = hyper.size(0);
-  std::vector<AdamWConsts<float>> c32(G);
-  std::vector<AdamWConsts<double>> c64(G);
-  for (int64_t g = 0; g < G; ++g) {
-    const double* h = hy + g * kHyperColumns;
-    c32[g] = make_adamw_consts<float>(h[kHyLr], h[kHyWeightDecay], h[kHyBeta1], h[kHyBeta2], h[kHyEps], int64_t(t));
-    c64[g] = make_adamw_consts<double>(h[kHyLr], h[kHyWeightDecay], h[kHyBeta1], h[kHyBeta2], h[kHyEps], int64_t(t));
-  }
   std::vector<double> w = weights_double(weights);
   saturate_for(w, b.code);
   const int K = int(b.K);
@@ -169,6 +162,11 @@ void bank_adamw_cpu(const at::Tensor& bank, const at::Tensor& weights, const at:
   const cpu::KernelTable* kt = cpu::active_table();
   for_each_chunk(bank, b, ch, total, [&](int64_t c, const void* const* streams) {
     const CpuChunk& x = ch[c];
+    if (alive != nullptr && !alive[x.param]) return;  // not reached this step: not stepped
+    // The step about to be taken: this parameter's stored count + 1 (read from memory, as the
+    // GPU kernel does). Constants per chunk: two pow next to a chunk of element updates.
+    const int64_t t = int64_t(steps[x.param]) + 1;
+    const double* h = hy + x.group * kHyperColumns;
     cpu::AdamWChunk task;
     task.grads = streams;
     task.K = K;
@@ -181,11 +179,16 @@ void bank_adamw_cpu(const at::Tensor& bank, const at::Tensor& weights, const at:
     task.exp_avg_dtype = pcode;
     task.exp_avg_sq = v + x.start * pes;
     task.exp_avg_sq_dtype = pcode;
-    task.consts_f32 = c32[x.group];
-    task.consts_f64 = c64[x.group];
+    if (pcode == kFloat64) {
+      task.consts_f64 = make_adamw_consts<double>(h[kHyLr], h[kHyWeightDecay], h[kHyBeta1], h[kHyBeta2], h[kHyEps], t);
+    } else {
+      task.consts_f32 = make_adamw_consts<float>(h[kHyLr], h[kHyWeightDecay], h[kHyBeta1], h[kHyBeta2], h[kHyEps], t);
+    }
     kt->adamw_chunk(&task);
   });
-  step.add_(1);
+  for (int64_t p = 0; p < param_ptrs.numel(); ++p) {
+    if (alive == nullptr || alive[p]) steps[p] += 1.0f;
+  }
 }
 
 }  // namespace

@@ -8,7 +8,7 @@
 //   bank_gram:         stage 1, one float64 partial per (chunk, pair) (products of fp32 values are
 //                      exact in double); stage 2, one warp per (segment, pair) sums the partials
 //                      in the fixed order the CPU follows too, and found_inf, on the device.
-//   bank_combine_into: one launch; bank_adamw_: one launch (+ a one-thread step increment).
+//   bank_combine_into: one launch; bank_adamw_: one launch (+ one small launch counting the steps).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -236,8 +236,9 @@ void bank_combine_into_cuda(const at::Tensor& bank, const at::Tensor& weights, c
 
 // -------------------------------------------------------------------------------- AdamW
 // T: gradient dtype, PT: parameter / moment dtype. Per chunk, the segment's weights and the
-// group's constants (from the step count and the hyper table in device memory) are set up once;
-// the element loop reads only the data.
+// constants of (group, step count) (from the per-parameter step counts and the hyper table in
+// device memory) are set up once; the element loop reads only the data. Parameters whose `live`
+// flag is false are skipped (not reached this step), like torch's AdamW skips .grad None.
 template <typename T, typename PT>
 __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ bank, int64_t ld, int K,
                                                          const int64_t* __restrict__ chunks, int64_t C,
@@ -245,25 +246,30 @@ __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ b
                                                          const int64_t* __restrict__ param_ptrs, PT* __restrict__ m,
                                                          PT* __restrict__ v, const double* __restrict__ hyper,
                                                          const float* __restrict__ step, const bool* skip,
-                                                         TableBounds bounds) {
+                                                         const bool* __restrict__ live, TableBounds bounds) {
   using GA = acc_t<T>;
   using A = acc_t<PT>;
   if (skip != nullptr && *skip) return;
   __shared__ GA ws[kMaxObjectives];
   __shared__ AdamWConsts<A> group_consts;
-  const int64_t t = int64_t(*step) + 1;  // the step being taken
-  int64_t group = -1;  // whose constants group_consts holds (the same for every thread)
+  // Whose constants group_consts holds (the same for every thread): recomputed only when the
+  // group or the step count changes from one chunk to the next (rarely: counts differ only for
+  // parameters some steps did not reach).
+  int64_t group = -1, counted = -1;
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
     const int64_t* r = chunks + c * kPlanColumns;
     check_chunk(r, bounds, true);
+    if (live != nullptr && !live[r[kColParam]]) continue;  // uniform per block: no barrier skipped by some
     const int64_t start = r[kColStart], len = r[kColLength];
-    if (r[kColGroup] != group) {  // once per group change, by one thread (two double pow)
+    const int64_t t = int64_t(step[r[kColParam]]) + 1;  // the step being taken
+    if (r[kColGroup] != group || t != counted) {  // by one thread (two double pow)
       __syncthreads();  // the previous chunk's readers are done
       if (threadIdx.x == 0) {
         const double* h = hyper + r[kColGroup] * kHyperColumns;
         group_consts = make_adamw_consts<A>(h[kHyLr], h[kHyWeightDecay], h[kHyBeta1], h[kHyBeta2], h[kHyEps], t);
       }
       group = r[kColGroup];
+      counted = t;
     }
     load_segment_weights<GA>(weights, r[kColSegment], K, ws);  // its barriers publish group_consts too
     const AdamWConsts<A>& consts = group_consts;  // read from shared memory: no registers held
@@ -280,22 +286,29 @@ __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ b
   }
 }
 
-__global__ void count_step(float* step, const bool* skip) {
-  if (skip == nullptr || !*skip) *step += 1.0f;
+// After the update (a second launch, so no chunk reads a count already moved): every stepped
+// parameter's count + 1.
+__global__ void count_steps(float* step, int64_t P, const bool* skip, const bool* live) {
+  if (skip != nullptr && *skip) return;
+  for (int64_t p = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; p < P; p += int64_t(gridDim.x) * blockDim.x) {
+    if (live == nullptr || live[p]) step[p] += 1.0f;
+  }
 }
 
 void bank_adamw_cuda(const at::Tensor& bank, const at::Tensor& weights, const at::Tensor& chunks,
                      const at::Tensor& param_ptrs, const at::Tensor& exp_avg, const at::Tensor& exp_avg_sq,
-                     const at::Tensor& hyper, const at::Tensor& step, const std::optional<at::Tensor>& skip) {
-  const BankView b =
-      check_bank_adamw(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip, at::kCUDA);
+                     const at::Tensor& hyper, const at::Tensor& step, const std::optional<at::Tensor>& skip,
+                     const std::optional<at::Tensor>& live) {
+  const BankView b = check_bank_adamw(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip,
+                                      live, at::kCUDA);
   check_weights_fit_shared_memory("bank_adamw_", b);
   const int32_t pcode = elem_type_of(exp_avg.scalar_type(), "bank_adamw_");
-  const int64_t C = chunks.size(0);
+  const int64_t C = chunks.size(0), P = param_ptrs.numel();
   const c10::cuda::CUDAGuard guard(b.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(b.device.index()).stream();
   const at::Tensor w = weights.to(at::kDouble).contiguous();
   const bool* skip_ptr = skip_pointer(skip);
+  const bool* live_ptr = live.has_value() ? live->data_ptr<bool>() : nullptr;
   if (C > 0) {
     with_type(b.code, [&](auto gtag) {
       using T = decltype(gtag);
@@ -305,13 +318,17 @@ void bank_adamw_cuda(const at::Tensor& bank, const at::Tensor& weights, const at
             static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C,
             w.data_ptr<double>(), param_ptrs.data_ptr<int64_t>(), static_cast<PT*>(exp_avg.data_ptr()),
             static_cast<PT*>(exp_avg_sq.data_ptr()), hyper.data_ptr<double>(), step.data_ptr<float>(), skip_ptr,
-            TableBounds{b.row, weights.size(0), param_ptrs.size(0), hyper.size(0)});
+            live_ptr, TableBounds{b.row, weights.size(0), P, hyper.size(0)});
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
   }
-  count_step<<<1, 1, 0, stream>>>(step.data_ptr<float>(), skip_ptr);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (P > 0) {
+    const int threads = 256;
+    const int blocks = int(std::min<int64_t>((P + threads - 1) / threads, 1024));
+    count_steps<<<blocks, threads, 0, stream>>>(step.data_ptr<float>(), P, skip_ptr, live_ptr);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 }  // namespace

@@ -229,7 +229,7 @@ def _bank_combine_into_fake(bank, weights, chunks, out, skip):
     return None
 
 
-def _bank_adamw_fake(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip):
+def _bank_adamw_fake(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip, live=None):
     return None
 
 

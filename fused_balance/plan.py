@@ -17,8 +17,8 @@ for every objective, so no pointer table is passed or rebuilt). Per call:
   flat buffer laid out like a bank row (the parameters' ``.grad`` are views of it); weights are
   rounded once to the math type (beyond fp32's range they saturate, as in the list API).
 - ``adamw_step(...)``: one op, AdamW on the combination (flat moments, a parameter pointer
-  table built once, per-step scalars read from device memory: the step count and the
-  ``[G, 5]`` (lr, weight_decay, beta1, beta2, eps) table).
+  table built once, per-step values read from device memory: the per-parameter step counts,
+  the live mask and the ``[G, 5]`` (lr, weight_decay, beta1, beta2, eps) table).
 
 Nothing here reads the device, so a planned step can be captured in a CUDA graph and compiled
 with ``torch.compile(fullgraph=True)``. Storage changes are noticed on every call: the bank's
@@ -129,6 +129,8 @@ class BalancePlan:
         self._grad_flat: torch.Tensor | None = None
         self._grad_views: list | None = None
         self._param_ptrs: torch.Tensor | None = None
+        # [P] bool on the device: which parameters adamw_step updates (set_live rewrites it in place)
+        self._live = torch.ones(P, dtype=torch.bool, device=buffer.device) if params is not None else None
         from fused_balance import _extension
         self._watch = _extension.load().TensorStamp(params) if params is not None else None
 
@@ -228,6 +230,7 @@ class BalancePlan:
             self._tables_stream = None
             self._grad_flat = self._grad_views = None
             self._param_ptrs = None
+            self._live = None if self._live is None else self._live.to(new[4])
         self._buffer, self._stamp = buffer, new
 
     def _buffer_for_op(self) -> torch.Tensor:
@@ -239,7 +242,7 @@ class BalancePlan:
             return buffer
         stream = torch.cuda.current_stream(buffer.device)
         if stream != self._tables_stream:
-            for table in (self._ranges, self._seg_offsets, self._chunks, self._param_ptrs):
+            for table in (self._ranges, self._seg_offsets, self._chunks, self._param_ptrs, self._live):
                 if table is not None:
                     table.record_stream(stream)
             self._tables_stream = stream
@@ -305,7 +308,8 @@ class BalancePlan:
         return self._grad_flat
 
     def set_live(self, live) -> None:
-        """Which parameters take a ``.grad`` view (P bools; None: all). The others' ``.grad`` is
+        """Which parameters take a ``.grad`` view and are updated by ``adamw_step`` (P bools;
+        None: all). The others keep their values, moments and step counts, and their ``.grad`` is
         left as it is, e.g. None for tensors no objective reached, which an optimizer then skips,
         except that one still holding this plan's view gets None (the view would hold a zero
         combination an optimizer would step). Their combination is still written into the flat
@@ -320,6 +324,13 @@ class BalancePlan:
                 if not alive and p.grad is view:
                     p.grad = None
         self._watch.set_live([] if all(live) else live)
+        flags = torch.tensor(live or [True] * len(self.numels), dtype=torch.bool)
+        device = self._buffer.device
+        if self._live is None or self._live.device != device:
+            self._live = flags.to(device)
+            self._tables_stream = None
+        else:  # in place: a captured step reads the new mask
+            self._live.copy_(flags.pin_memory() if device.type == "cuda" else flags, non_blocking=True)
 
     def grads_attached(self) -> bool:
         """Whether every (live) parameter's ``.grad`` is its view of the flat buffer (object and
@@ -370,9 +381,11 @@ class BalancePlan:
         """AdamW (torch.optim.AdamW semantics) on the combination, in one op: ``exp_avg`` /
         ``exp_avg_sq`` are flat buffers laid out like a bank row (parameters' dtype), ``hyper``
         a float64 ``[G, 5]`` table (lr, weight_decay, beta1, beta2, eps per group), ``step`` a
-        float32 one-element tensor: the steps taken so far, incremented by the op unless
-        skipped. All read on the device, so a captured step replays with the current values.
-        The parameters are written through the pointer table (not visible to torch.compile)."""
+        float32 ``[P]`` tensor: each parameter's steps taken so far, incremented by the op where
+        it steps. Only the live parameters (``set_live``) are updated: the others keep their
+        values, moments and counts, like torch's AdamW skips a parameter whose ``.grad`` is None.
+        All read on the device, so a captured step replays with the current values. The
+        parameters are written through the pointer table (not visible to torch.compile)."""
         ptrs = self.param_pointers()
         self._check_weights(weights)
         if not torch.compiler.is_compiling() and (hyper.dim() != 2 or hyper.shape[0] < self.num_groups):
@@ -382,16 +395,17 @@ class BalancePlan:
             # the kernel writes the parameters as the moments' dtype: refuse, never corrupt
             raise TypeError(f"the parameters are {self.params[0].dtype} but the moments {exp_avg.dtype} "
                             "(parameters converted since the state was made?)")
-        self._op["adamw_"](self._buffer_for_op(), weights, self._chunks, ptrs, exp_avg, exp_avg_sq, hyper, step, skip)
+        self._op["adamw_"](self._buffer_for_op(), weights, self._chunks, ptrs, exp_avg, exp_avg_sq, hyper, step,
+                           skip, self._live)
 
     def new_adamw_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Zeroed flat (exp_avg, exp_avg_sq) in the parameters' dtype and a zero step count."""
+        """Zeroed flat (exp_avg, exp_avg_sq) in the parameters' dtype and zero ``[P]`` step counts."""
         if self.params is None:
             raise RuntimeError("this plan was built without params")
         device, dtype = self._buffer.device, self.params[0].dtype
         n = self.offsets[-1]
         return (torch.zeros(n, dtype=dtype, device=device), torch.zeros(n, dtype=dtype, device=device),
-                torch.zeros(1, dtype=torch.float32, device=device))
+                torch.zeros(len(self.numels), dtype=torch.float32, device=device))
 
     @staticmethod
     def hyper_table(rows, device, out: torch.Tensor | None = None) -> torch.Tensor:

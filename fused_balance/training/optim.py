@@ -55,7 +55,7 @@ class BalancedAdamW(torch.optim.Optimizer):
     """AdamW on a balanced combination of K objectives' gradients (see the module docstring).
 
     Every parameter must require grad, appear once and live on one device with the others (the
-    fused step updates all of them in one pass with one step count). Bad input raises before
+    fused step updates all of them in one pass; each keeps its own step count, like torch's). Bad input raises before
     anything is written: parameters, moments and step counts stay as they were.
     """
 
@@ -169,18 +169,15 @@ class BalancedAdamW(torch.optim.Optimizer):
         # tensor. Step counts differ only when a parameter was inactive in some steps.
         by_hyper: dict[tuple, list[int]] = {}
         lrs, decays = [0.0] * len(params), [0.0] * len(params)
-        counts: dict[int, int] = {}  # one host read per step tensor (all share one after a planned step)
-
-        def count(t: torch.Tensor) -> int:
-            if id(t) not in counts:
-                counts[id(t)] = int(t)
-            return counts[id(t)]
+        # every step count in one host read (they live on the device after a planned step)
+        read = torch.stack([state_of[i]["step"].reshape(()).float() for i in stepped]).tolist()
+        counts = dict(zip(stepped, read))
         i = 0
         for group in self.param_groups:
             _check_hyper(group, "")  # a group edited since (a scheduler writing a bad lr)
             for _ in group["params"]:
                 if i in state_of:
-                    key = (tuple(group["betas"]), group["eps"], count(state_of[i]["step"]) + 1)
+                    key = (tuple(group["betas"]), group["eps"], int(counts[i]) + 1)
                     by_hyper.setdefault(key, []).append(i)
                 lrs[i], decays[i] = float(group["lr"]), float(group["weight_decay"])
                 i += 1
@@ -213,8 +210,8 @@ class BalancedAdamW(torch.optim.Optimizer):
         for call in calls:
             fb.balanced_adamw_step(**call, backend=self.backend)
         self.state.update(fresh)
-        for count in {id(s["step"]): s["step"] for s in states}.values():  # shared after a planned step
-            count += 1
+        for state in states:
+            state["step"] += 1
         return True
 
     # -- planned path (fused_balance.BalancePlan): O(1) host work per step --------------------
@@ -225,9 +222,10 @@ class BalancedAdamW(torch.optim.Optimizer):
         tensor, e.g. found_inf) is decided on the device and leaves everything untouched.
 
         The moments live in two flat buffers laid out like the plan's bank rows (each
-        parameter's ``exp_avg`` / ``exp_avg_sq`` state is a view of them) and the step count in
-        one device tensor shared by every parameter's state; they are adopted from the current
-        state on first use and again whenever the state was replaced (``load_state_dict``).
+        parameter's ``exp_avg`` / ``exp_avg_sq`` state is a view of them) and the step counts in
+        one ``[P]`` device tensor (each parameter's ``step`` a 0-dim view); they are adopted from
+        the current state on first use and again whenever the state was replaced
+        (``load_state_dict``). Only the plan's live parameters (``plan.set_live``) are stepped.
         Hyper-parameters are read from a device table refreshed when a group changes (O(groups)).
         ``skipped_steps`` is not counted here (that would need a host read): callers that read
         ``skip`` count it."""
@@ -268,11 +266,12 @@ class BalancedAdamW(torch.optim.Optimizer):
 
 
 class _FlatState:
-    """BalancedAdamW's state in the plan's layout: flat moments, one step tensor, a hyper table."""
+    """BalancedAdamW's state in the plan's layout: flat moments, a [P] step-count tensor, a hyper
+    table."""
 
-    def __init__(self, plan, exp_avg, exp_avg_sq, step, m_views, v_views):
+    def __init__(self, plan, exp_avg, exp_avg_sq, step, m_views, v_views, step_views):
         self.plan, self.exp_avg, self.exp_avg_sq, self.step = plan, exp_avg, exp_avg_sq, step
-        self.m_views, self.v_views = m_views, v_views
+        self.m_views, self.v_views, self.step_views = m_views, v_views, step_views
         self._hyper_key = None
         self._hyper = None
 
@@ -286,28 +285,27 @@ class _FlatState:
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
         plan.set_groups([group_of[id(p)] for p in plan.params])
         states = [optimizer.state.get(p) for p in plan.params]
-        steps = {float(s["step"]) for s in states if s}
-        if len(steps) > 1 or (steps and any(not s for s in states)):
-            raise RuntimeError(f"parameters are at different step counts {sorted(steps)}; "
-                               "BalancedAdamW steps all of them together")
         exp_avg, exp_avg_sq, step = plan.new_adamw_state()
         m_views, v_views = plan.views(exp_avg), plan.views(exp_avg_sq)
+        held = [i for i, st in enumerate(states) if st]
+        if held:  # one copy of the counts (not one host read per parameter)
+            counts = torch.stack([states[i]["step"].reshape(()).to(step) for i in held])
+            step.index_copy_(0, torch.tensor(held, device=step.device), counts)
         for p, st, m, v in zip(plan.params, states, m_views, v_views):
             if st:
                 m.copy_(st["exp_avg"])
                 v.copy_(st["exp_avg_sq"])
-        if steps:
-            step.fill_(steps.pop())
-        for p, st, m, v in zip(plan.params, states, m_views, v_views):
-            optimizer.state[p] = {**(st or {}), "step": step, "exp_avg": m, "exp_avg_sq": v}
-        return cls(plan, exp_avg, exp_avg_sq, step, m_views, v_views)
+        step_views = list(step.unbind(0))  # each parameter's 0-dim "step", as torch's AdamW keeps it
+        for p, st, m, v, t in zip(plan.params, states, m_views, v_views, step_views):
+            optimizer.state[p] = {**(st or {}), "step": t, "exp_avg": m, "exp_avg_sq": v}
+        return cls(plan, exp_avg, exp_avg_sq, step, m_views, v_views, step_views)
 
     def intact(self, state) -> bool:
         """O(1): the first and last parameter's state still are this layout's tensors."""
         for i in (0, -1):
             st = state.get(self.plan.params[i])
             if not st or st.get("exp_avg") is not self.m_views[i] or st.get("exp_avg_sq") is not self.v_views[i] \
-                    or st.get("step") is not self.step:
+                    or st.get("step") is not self.step_views[i]:
                 return False
         return True
 

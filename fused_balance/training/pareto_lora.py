@@ -425,10 +425,9 @@ class ParetoLoRA:
     def _plan_usable(self) -> bool:
         """The plan path needs the cpp kernels on the parameters' device, parameters in the
         bank's dtype and no sharded process group (data parallel is fine: the bank is averaged
-        first, one all-reduce). Tensors no objective reached keep ``.grad`` None: with a torch
-        optimizer the plan attaches views to the live tensors only; the fused AdamW steps every
-        tensor with one step count, so there they take the list path (per-tensor step counts).
-        Otherwise the list API runs (same numbers up to the plan's float64 Gram)."""
+        first, one all-reduce). Tensors no objective reached are left out through the plan's
+        live mask (no ``.grad`` view, not stepped by the fused AdamW). Otherwise the list API
+        runs (same numbers up to the plan's float64 Gram)."""
         if self._plan_ok is None:
             device, dtype = self.params[0].device, self.params[0].dtype
             cpp = self.backend in (None, "auto", "cpp") and "cpp" in fb.available_backends(device)
@@ -436,7 +435,7 @@ class ParetoLoRA:
             sharded = self.process_group is not None and self.distributed != "data"
             self._plan_ok = cpp and not sharded and all(p.dtype == dtype and p.is_contiguous()
                                                         for p in self.params)
-        return self._plan_ok and not (self.fused and self._reach()[3])
+        return self._plan_ok
 
     def _balance_plan(self) -> "fb.BalancePlan":
         key = (self.bank, self.policy, self.tau, self.rescale)  # load_state_dict may change the policy
@@ -456,13 +455,13 @@ class ParetoLoRA:
             average_gradients_([self.bank.buffer], self.process_group)  # one all-reduce, K·N
         res = plan.weights()
         saved = None
+        live = self._reach()[0]  # cached: rebuilt only when the reached set changes
+        if self._plan_live != self._reach_cache[0]:
+            plan.set_live(live)
+            self._plan_live = self._reach_cache[0]
         if self.fused:
             self.optimizer.planned_step(plan, res.weights, skip=res.found_inf)
         else:
-            live = self._reach()[0]  # cached: rebuilt only when the reached set changes
-            if self._plan_live != self._reach_cache[0]:
-                plan.set_live(live)
-                self._plan_live = self._reach_cache[0]
             if not plan.grads_attached():  # attaching replaces .grad: restore it on a skip
                 saved = [p.grad for p in self.params]
             plan.combine_into_grads(res)

@@ -9,7 +9,7 @@ import torch
 
 from fused_balance.demo.data import VOCAB, make_batch
 from fused_balance.demo.model import build_lora_model, modality_losses
-from fused_balance.training import ParetoLoRA, layer_key, lora_parameters, segment_ids_for
+from fused_balance.training import BalancedAdamW, ParetoLoRA, layer_key, lora_parameters, segment_ids_for
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -251,17 +251,19 @@ def _dispatched_fused_balance_ops(fn):
     return record.ops
 
 
-def test_an_unreached_tensor_keeps_the_planned_step_with_a_torch_optimizer():
-    """A module no objective runs through (Emu3's VQ adapters): with a torch optimizer the step
-    still takes the plan (bank ops only), the unreached tensor keeps .grad None and its values,
-    and the result equals the list engine's."""
+@pytest.mark.parametrize("optimizer", ["torch-adamw", "fused"])
+def test_an_unreached_tensor_keeps_the_planned_step(optimizer):
+    """A module no objective runs through (Emu3's VQ adapters): the step still takes the plan
+    (bank ops only), the unreached tensor keeps .grad None and its values, and the result
+    equals the list engine's."""
     results = []
     for backend in ("cpp", "torch"):  # the plan, and the list engine as the reference
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
         unused = torch.nn.Linear(8, 8)
         named = list(model.named_parameters()) + [(f"unused.{n}", p) for n, p in unused.named_parameters()]
-        opt = torch.optim.AdamW([p for _, p in named], lr=1e-2)
+        opt = (torch.optim.AdamW([p for _, p in named], lr=1e-2) if optimizer == "torch-adamw"
+               else BalancedAdamW([p for _, p in named], lr=1e-2, backend=backend))
         balancer = ParetoLoRA(named, opt, backend=backend)
         before = [p.detach().clone() for p in unused.parameters()]
         ops = []
@@ -274,7 +276,8 @@ def test_an_unreached_tensor_keeps_the_planned_step_with_a_torch_optimizer():
         assert balancer.dead_tensors == ["unused.weight", "unused.bias"]
         assert all(p.grad is None and torch.equal(p, b) for p, b in zip(unused.parameters(), before))
         if backend == "cpp":
-            assert set(ops) <= {"bank_gram", "bank_combine_into", "policy_weights"} and "bank_gram" in ops, ops
+            assert set(ops) <= {"bank_gram", "bank_combine_into", "bank_adamw_", "policy_weights"} \
+                and "bank_gram" in ops, ops
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
