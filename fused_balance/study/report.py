@@ -7,19 +7,12 @@ import math
 import statistics
 from pathlib import Path
 
+from fused_balance.study.labels import ARM_LABELS
 from fused_balance.study.stats import mean_std, paired
 
 UNIFIED_METRICS = (("text_acc", "text token acc (%)", 100), ("cell_score", "image cell score (%)", 100),
                    ("fg_acc", "fg cells (%)", 100), ("psnr", "PSNR (dB)", 1), ("exact", "exact pictures (%)", 100),
                    ("image_loss", "image loss", 1))
-ARM_LABELS = {"vanilla": "vanilla LoRA", "static": "static reweighting", "gradnorm": "GradNorm",
-              "mgda": "MGDA", "pareto": "Pareto-LoRA (τ 5, per layer)",
-              "pareto_tau2": "Pareto-LoRA τ 2", "pareto_tau20": "Pareto-LoRA τ 20",
-              "pareto_tau100": "Pareto-LoRA τ 100", "pareto_group": "Pareto-LoRA per layer group",
-              "pareto_tensor": "Pareto-LoRA per tensor", "pareto_global": "Pareto-LoRA global",
-              "constant": "constant LR", "llm_only": "LLM-only LoRA", "encoder_only": "encoder-only LoRA",
-              "sched_first": "BalanceScheduler first-order", "sched_exact": "BalanceScheduler exact (KL probe)",
-              "sched_aux": "BalanceScheduler + auxiliary loss"}
 
 
 def _fmt(m, s, scale, digits=1):
