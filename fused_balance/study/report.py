@@ -112,6 +112,27 @@ def write_report(out: Path, results: dict, meta: dict, plots: bool = True) -> di
     return tables
 
 
+def _grid_text(name: str, grid: dict) -> str:
+    return ", ".join(f"{name}={x}: text {100 * s['text_acc']:.1f} %, cell score {100 * s['cell_score']:.1f} %"
+                     for x, s in grid.items()) or "nothing (no tuning run finished)"
+
+
+def _search_text(search: dict | None) -> str:
+    """Whether the tuned setting is bracketed by the grid (an edge choice only bounds the optimum)."""
+    if not search:
+        return "not searched"
+    if search["status"] == "interior":
+        how = f" after {search['extensions']} geometric extension(s) (×{search['factor']:g})" if search["extensions"] else ""
+        return "the choice is interior to the searched grid" + how
+    if search["status"] == "incomplete":
+        return "the search is incomplete (tuning jobs missing)"
+    if search["edge"] == "both":
+        return "a single point, not searched"
+    side = {"low": "lower", "high": "upper"}[search["edge"]]
+    return (f"the choice is at the grid's **{side} edge** (the bound of {search['max_extensions']} geometric "
+            f"extension(s) ×{search['factor']:g} was hit): the optimum may lie beyond it")
+
+
 def _verdict(p) -> str:
     return "**yes**" if p["excludes_zero"] else "no"
 
@@ -149,13 +170,19 @@ def summary_markdown(tables: dict, config: dict) -> str:
                          f"≥ ×10 in {100 * ratio['fraction_above_10']:.0f} %); target ≥ ×10 {held}. Per layer: "
                          + ", ".join(f"{k.rsplit('.', 1)[-1] if k != 'other' else k} ×{v:.1f}"
                                      for k, v in ratio["per_layer_median"].items()) + ".")
-        tuning = tables["tuning"].get(family)
-        if tuning:
+        tuning = tables["tuning"].get(family) or {}
+        static, gradnorm = tuning.get("static"), tuning.get("gradnorm")
+        if static:
             lines.append("")
             lines.append(f"Static reweighting tuned on the validation split (tuning seed): image weight "
-                         f"**{tuning['chosen']:g}** chosen from " + ", ".join(
-                             f"w={w}: text {100 * s['text_acc']:.1f} %, cell score {100 * s['cell_score']:.1f} %"
-                             for w, s in tuning["grid"].items()) + " (best cell score with text within 2 % of w=1).")
+                         f"**{static['chosen']:g}** chosen from " + _grid_text("w", static["grid"])
+                         + " (best cell score with text within 2 % of w=1); " + _search_text(static["search"]) + ".")
+        if gradnorm:
+            lines.append("")
+            allowed = "" if gradnorm["allowed"] is not False else \
+                " — no α kept text within 2 % of w=1, so the default α is used"
+            lines.append(f"GradNorm's α tuned the same way: **α {gradnorm['chosen']:g}** chosen from "
+                         + _grid_text("α", gradnorm["grid"]) + allowed + "; " + _search_text(gradnorm["search"]) + ".")
         lines += ["", "| arm | " + " | ".join(label for _, label, _ in UNIFIED_METRICS) + " |",
                   "|---|" + "---|" * len(UNIFIED_METRICS)]
         for arm, row in table.items():
