@@ -42,6 +42,7 @@ def test_tiny_study_runs_twice_identically(tmp_path):
     gradnorm = tables["tuning"]["emu2"]["gradnorm"]
     assert set(gradnorm["grid"]) == {"1.5"} and gradnorm["chosen"] == 1.5
     assert all(j["arm"]["alpha"] == 1.5 for k, j in jobs.items() if k.startswith("jobs/emu2/gradnorm"))
+    assert {(c["a"], c["b"]) for c in tables["contrasts"]["emu2"]} == {("pareto", "static"), ("pareto", "gradnorm")}
     assert set(tables["unified"]) == {"emu2", "chameleon"}
     assert set(tables["unified"]["emu2"]) == {"vanilla", "static", "gradnorm", "pareto"}
     for row in tables["unified"]["emu2"].values():
