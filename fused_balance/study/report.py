@@ -98,8 +98,8 @@ def llava_tables(runs: dict, steps: int) -> dict:
 # Contrasts between variants, besides each arm against the reference arm: (A, B) read "A − B".
 UNIFIED_CONTRASTS = (("pareto", "static"), ("pareto", "gradnorm"), ("pareto", "mgda"))
 LLAVA_CONTRASTS = (("sched_exact", "sched_first"), ("sched_aux", "sched_first"), ("llm_only", "encoder_only"))
-CONTRAST_METRICS = (("text_acc", "Δ text acc (points)", 100, 1), ("cell_score", "Δ image cell score (points)", 100, 1),
-                    ("psnr", "Δ PSNR (dB)", 1, 2))
+CONTRAST_METRICS = (("text_acc", "Δ text acc (points)", 100, 1),
+                    ("cell_score", "Δ image cell score (points)", 100, 1), ("psnr", "Δ PSNR (dB)", 1, 2))
 
 
 def one_setting_pairs(specs: dict) -> list[tuple[str, str, str]]:
@@ -209,8 +209,8 @@ def _search_text(search: dict | None) -> str:
     if not search:
         return "not searched"
     if search["status"] == "interior":
-        how = f" after {search['extensions']} geometric extension(s) (×{search['factor']:g})" if search["extensions"] else ""
-        return "the choice is interior to the searched grid" + how
+        how = f" after {search['extensions']} geometric extension(s) (×{search['factor']:g})"
+        return "the choice is interior to the searched grid" + (how if search["extensions"] else "")
     if search["status"] == "incomplete":
         return "the search is incomplete (tuning jobs missing)"
     if search["edge"] == "both":
@@ -310,7 +310,8 @@ def summary_markdown(tables: dict, config: dict) -> str:
                   "| arm | seeds reaching it | steps (per seed) | mean fraction of the budget |", "|---|---|---|---|"]
         for arm, row in tables["llava"].items():
             lines.append(f"| {ARM_LABELS.get(arm, arm)} | {row.get('reached', '—')}/{row['n']} | "
-                         + ", ".join(str(x) if x is not None else "never" for x in row.get("steps_to_constant_final", []))
+                         + ", ".join(str(x) if x is not None else "never"
+                                     for x in row.get("steps_to_constant_final", []))
                          + f" | {100 * row.get('mean_fraction_of_steps', math.nan):.0f} % |")
         lines += _llava_contrast_lines(tables.get("llava_contrasts") or [], l["steps"])
         lines += ["", _scheduler_claim(tables["llava"])]

@@ -11,7 +11,7 @@ def grid_search(score, grid, *, prefer: float, factor: float = 3.0, max_extensio
     points. Ties go to the point nearest ``prefer``.
 
     ``score(x)``: a number to maximise (-inf: x is not allowed), or None when x has no result
-    (report only: the search stops there).
+    (report only: the search ends with the points that have one, without extending).
 
     Returns ``{"scores", "best", "status", "edge", "extensions", "factor", "max_extensions"}``:
     status "interior" (points on both sides of the best were evaluated), "edge" (still at the
@@ -23,11 +23,15 @@ def grid_search(score, grid, *, prefer: float, factor: float = 3.0, max_extensio
     pending = sorted(set(float(x) for x in grid))
     extensions = 0
     while True:
+        missing = False
         for x in pending:
             s = score(x)
             if s is None:
-                return _result(scores, prefer, "incomplete", extensions, factor, max_extensions)
-            scores[x] = float(s)
+                missing = True
+            else:
+                scores[x] = float(s)
+        if missing:
+            return _result(scores, prefer, "incomplete", extensions, factor, max_extensions)
         result = _result(scores, prefer, None, extensions, factor, max_extensions)
         if result["status"] == "interior" or extensions >= max_extensions:
             return result

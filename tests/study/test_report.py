@@ -105,7 +105,8 @@ def test_llava_contrasts_report_final_accuracy_and_steps_to_threshold_apart():
         diffs = [steps(row["a"], s) - steps(row["b"], s) for s in range(5)]
         mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
         half = T975[4] * std / math.sqrt(5)
-        _check(row["steps_to_constant_final"], row["steps_seeds"], (list(range(5)), mean, std, mean - half, mean + half))
+        _check(row["steps_to_constant_final"], row["steps_seeds"],
+               (list(range(5)), mean, std, mean - half, mean + half))
         for arm in (row["a"], row["b"]):
             never = sum(not any(e["acc"] >= goal[s] for e in runs[arm][s]["curve"]) for s in range(5))
             assert row["censored"][arm] == never

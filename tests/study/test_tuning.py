@@ -71,9 +71,11 @@ def test_grid_search_disallowed_points_ties_and_missing_results():
     # a flat score: ties go to the preferred point; at the low edge, one step down makes it interior
     flat = grid_search(lambda x: 0.5, [1.0, 4.0], prefer=1.0, factor=3.0, max_extensions=1)
     assert flat["best"] == 1.0 and flat["status"] == "interior" and min(flat["scores"]) == pytest.approx(1 / 3)
-    # a missing result (report only) stops the search
+    # a missing result (report only) ends the search with the points that have one
     missing = grid_search(lambda x: None if x > 5 else x, [1.0, 3.0, 10.0], prefer=1.0, max_extensions=2)
-    assert missing["status"] == "incomplete" and missing["best"] == 3.0
+    assert missing["status"] == "incomplete" and missing["best"] == 3.0 and missing["extensions"] == 0
+    first_missing = grid_search(lambda x: None if x < 1 else -x, [0.5, 1.0, 2.0], prefer=1.0, max_extensions=2)
+    assert first_missing["status"] == "incomplete" and first_missing["best"] == 1.0
     with pytest.raises(ValueError):
         grid_search(lambda x: x, [1.0], prefer=1.0, factor=1.0)
 
