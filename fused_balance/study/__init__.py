@@ -5,7 +5,8 @@
   GradNorm, MGDA, Pareto-LoRA and its ablations;
 - encoder+LLM study (``llava``): a tiny LLaVA, constant LR vs one-sided LoRA vs the
   BalanceScheduler (first-order, KL probe, auxiliary loss);
-- ``stats`` (paired t-intervals), ``report`` (generated summary, tables, PNGs), ``run`` (CLI).
+- ``tuning`` (settings chosen on the validation split), ``stats`` (paired t-intervals), ``report``
+  (generated summary, tables; ``plots``: PNGs), ``run`` (CLI).
 
 transformers, peft, matplotlib and tqdm are imported inside the functions that need them.
 """

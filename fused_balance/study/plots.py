@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from fused_balance.study.labels import arm_label as _label
+
 
 def _plt():
     import matplotlib
@@ -13,11 +15,6 @@ def _plt():
     matplotlib.use("Agg")  # files only
     import matplotlib.pyplot as plt
     return plt
-
-
-def _label(arm):
-    from fused_balance.study.report import ARM_LABELS
-    return ARM_LABELS.get(arm, arm)
 
 
 def plot_pictures(path: Path, family: str, runs: dict) -> None:

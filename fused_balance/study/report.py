@@ -7,19 +7,12 @@ import math
 import statistics
 from pathlib import Path
 
+from fused_balance.study.labels import ARM_LABELS
 from fused_balance.study.stats import mean_std, paired
 
 UNIFIED_METRICS = (("text_acc", "text token acc (%)", 100), ("cell_score", "image cell score (%)", 100),
                    ("fg_acc", "fg cells (%)", 100), ("psnr", "PSNR (dB)", 1), ("exact", "exact pictures (%)", 100),
                    ("image_loss", "image loss", 1))
-ARM_LABELS = {"vanilla": "vanilla LoRA", "static": "static reweighting", "gradnorm": "GradNorm",
-              "mgda": "MGDA", "pareto": "Pareto-LoRA (τ 5, per layer)",
-              "pareto_tau2": "Pareto-LoRA τ 2", "pareto_tau20": "Pareto-LoRA τ 20",
-              "pareto_tau100": "Pareto-LoRA τ 100", "pareto_group": "Pareto-LoRA per layer group",
-              "pareto_tensor": "Pareto-LoRA per tensor", "pareto_global": "Pareto-LoRA global",
-              "constant": "constant LR", "llm_only": "LLM-only LoRA", "encoder_only": "encoder-only LoRA",
-              "sched_first": "BalanceScheduler first-order", "sched_exact": "BalanceScheduler exact (KL probe)",
-              "sched_aux": "BalanceScheduler + auxiliary loss"}
 
 
 def _fmt(m, s, scale, digits=1):
@@ -102,6 +95,91 @@ def llava_tables(runs: dict, steps: int) -> dict:
     return table
 
 
+# Contrasts between variants, besides each arm against the reference arm: (A, B) read "A − B".
+UNIFIED_CONTRASTS = (("pareto", "static"), ("pareto", "gradnorm"), ("pareto", "mgda"))
+LLAVA_CONTRASTS = (("sched_exact", "sched_first"), ("sched_aux", "sched_first"), ("llm_only", "encoder_only"))
+CONTRAST_METRICS = (("text_acc", "Δ text acc (points)", 100, 1),
+                    ("cell_score", "Δ image cell score (points)", 100, 1), ("psnr", "Δ PSNR (dB)", 1, 2))
+
+
+def one_setting_pairs(specs: dict) -> list[tuple[str, str, str]]:
+    """(A, B, setting) for every two arms of the same kind whose specs differ in exactly one
+    setting: numeric settings read smaller − larger (τ 2 − τ 5), others later arm − earlier."""
+    pairs, names = [], list(specs)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            sa, sb = specs[first], specs[second]
+            if set(sa) != set(sb) or sa.get("kind") != sb.get("kind"):
+                continue
+            differ = [k for k in sa if sa[k] != sb[k]]
+            if len(differ) != 1:
+                continue
+            key = differ[0]
+            numeric = all(isinstance(v, (int, float)) for v in (sa[key], sb[key]))
+            a, b = (first, second) if numeric and sa[key] < sb[key] else (second, first)
+            pairs.append((a, b, key))
+    return pairs
+
+
+def paired_by_seed(runs: dict, a: str, b: str, value) -> tuple[list[int], dict] | None:
+    """Per-seed differences value(A run) − value(B run) over the seeds both arms ran, with
+    stats.paired's 95 % t-interval; None with fewer than two common seeds."""
+    left, right = ({r["seed"]: r for r in runs.get(arm, [])} for arm in (a, b))
+    seeds = sorted(set(left) & set(right))
+    if len(seeds) < 2:
+        return None
+    return seeds, paired([value(left[s]) for s in seeds], [value(right[s]) for s in seeds])
+
+
+def unified_contrasts(runs: dict) -> list[dict]:
+    """Paired differences between variants: the fixed method pairs (UNIFIED_CONTRASTS) and every
+    two arms that differ in one setting, on the final test metrics."""
+    specs = {arm: rs[0]["arm"] for arm, rs in runs.items() if rs and isinstance(rs[0].get("arm"), dict)}
+    pairs = [(a, b, None) for a, b in UNIFIED_CONTRASTS] + one_setting_pairs(specs)
+    out = []
+    for a, b, setting in pairs:
+        found = {key: paired_by_seed(runs, a, b, lambda r, key=key: r["final"][key]) for key, *_ in CONTRAST_METRICS}
+        if any(f is None for f in found.values()):  # an arm missing, or fewer than two common seeds
+            continue
+        row = {"a": a, "b": b, "setting": setting, "seeds": found["text_acc"][0],
+               **{key: f[1] for key, f in found.items()}}
+        if setting is not None:
+            row["values"] = [specs[a][setting], specs[b][setting]]
+        out.append(row)
+    return out
+
+
+def steps_to_reach(record: dict, goal: float) -> int | None:
+    """The first evaluated step whose accuracy reaches ``goal``; None if none does."""
+    return next((e["step"] for e in record["curve"] if e["acc"] >= goal), None)
+
+
+def llava_contrasts(runs: dict, steps: int) -> list[dict]:
+    """Paired differences between scheduler variants, final accuracy and steps-to-threshold
+    apart. The threshold is the constant-LR arm's final accuracy on the same seed; a seed that
+    never reaches it counts as the whole budget (``censored`` counts them per arm)."""
+    goal = {r["seed"]: r["final"]["acc"] for r in runs.get("constant", [])}
+    out = []
+    for a, b in LLAVA_CONTRASTS:
+        final = paired_by_seed(runs, a, b, lambda r: r["final"]["acc"])
+        if final is None:
+            continue
+        row = {"a": a, "b": b, "seeds": final[0], "acc": final[1]}
+        with_goal = {arm: [r for r in runs[arm] if r["seed"] in goal] for arm in (a, b)}
+
+        def steps_or_budget(r):
+            hit = steps_to_reach(r, goal[r["seed"]])
+            return steps if hit is None else hit
+
+        found = paired_by_seed(with_goal, a, b, steps_or_budget)
+        if found is not None:
+            row["steps_seeds"], row["steps_to_constant_final"] = found
+            row["censored"] = {arm: sum(steps_to_reach(r, goal[r["seed"]]) is None
+                                        for r in with_goal[arm] if r["seed"] in found[0]) for arm in (a, b)}
+        out.append(row)
+    return out
+
+
 def write_report(out: Path, results: dict, meta: dict, plots: bool = True) -> dict:
     config = meta["config"]
     tables = {"meta": meta, "unified": {}, "gradient_ratio": {}, "tuning": results["tuning"], "llava": None}
@@ -109,14 +187,37 @@ def write_report(out: Path, results: dict, meta: dict, plots: bool = True) -> di
         tables["unified"][family] = unified_tables(runs)
         tables["gradient_ratio"][family] = gradient_ratio(runs)
         tables.setdefault("branches", {})[family] = branch_fractions(runs)
+        tables.setdefault("contrasts", {})[family] = unified_contrasts(runs)
     if results["llava"]:
         tables["llava"] = llava_tables(results["llava"], config["llava"]["steps"])
+        tables["llava_contrasts"] = llava_contrasts(results["llava"], config["llava"]["steps"])
     (out / "tables.json").write_text(json.dumps(tables, indent=1))
     (out / "summary.md").write_text(summary_markdown(tables, config))
     if plots:
         from fused_balance.study import plots as study_plots
         study_plots.write_plots(out, results)
     return tables
+
+
+def _grid_text(name: str, grid: dict) -> str:
+    return ", ".join(f"{name}={x}: text {100 * s['text_acc']:.1f} %, cell score {100 * s['cell_score']:.1f} %"
+                     for x, s in grid.items()) or "nothing (no tuning run finished)"
+
+
+def _search_text(search: dict | None) -> str:
+    """Whether the tuned setting is bracketed by the grid (an edge choice only bounds the optimum)."""
+    if not search:
+        return "not searched"
+    if search["status"] == "interior":
+        how = f" after {search['extensions']} geometric extension(s) (×{search['factor']:g})"
+        return "the choice is interior to the searched grid" + (how if search["extensions"] else "")
+    if search["status"] == "incomplete":
+        return "the search is incomplete (tuning jobs missing)"
+    if search["edge"] == "both":
+        return "a single point, not searched"
+    side = {"low": "lower", "high": "upper"}[search["edge"]]
+    return (f"the choice is at the grid's **{side} edge** (the bound of {search['max_extensions']} geometric "
+            f"extension(s) ×{search['factor']:g} was hit): the optimum may lie beyond it")
 
 
 def _verdict(p) -> str:
@@ -156,13 +257,19 @@ def summary_markdown(tables: dict, config: dict) -> str:
                          f"≥ ×10 in {100 * ratio['fraction_above_10']:.0f} %); target ≥ ×10 {held}. Per layer: "
                          + ", ".join(f"{k.rsplit('.', 1)[-1] if k != 'other' else k} ×{v:.1f}"
                                      for k, v in ratio["per_layer_median"].items()) + ".")
-        tuning = tables["tuning"].get(family)
-        if tuning:
+        tuning = tables["tuning"].get(family) or {}
+        static, gradnorm = tuning.get("static"), tuning.get("gradnorm")
+        if static:
             lines.append("")
             lines.append(f"Static reweighting tuned on the validation split (tuning seed): image weight "
-                         f"**{tuning['chosen']:g}** chosen from " + ", ".join(
-                             f"w={w}: text {100 * s['text_acc']:.1f} %, cell score {100 * s['cell_score']:.1f} %"
-                             for w, s in tuning["grid"].items()) + " (best cell score with text within 2 % of w=1).")
+                         f"**{static['chosen']:g}** chosen from " + _grid_text("w", static["grid"])
+                         + " (best cell score with text within 2 % of w=1); " + _search_text(static["search"]) + ".")
+        if gradnorm:
+            lines.append("")
+            allowed = "" if gradnorm["allowed"] is not False else \
+                " — no α kept text within 2 % of w=1, so the default α is used"
+            lines.append(f"GradNorm's α tuned the same way: **α {gradnorm['chosen']:g}** chosen from "
+                         + _grid_text("α", gradnorm["grid"]) + allowed + "; " + _search_text(gradnorm["search"]) + ".")
         lines += ["", "| arm | " + " | ".join(label for _, label, _ in UNIFIED_METRICS) + " |",
                   "|---|" + "---|" * len(UNIFIED_METRICS)]
         for arm, row in table.items():
@@ -177,6 +284,7 @@ def summary_markdown(tables: dict, config: dict) -> str:
             t, c, p = row["delta_text_acc"], row["delta_cell_score"], row["delta_psnr"]
             lines.append(f"| {ARM_LABELS.get(arm, arm)} | {_interval(t['relative'], 100, 1, ' %')} | {_verdict(t)} | "
                          f"{_interval(c['relative'], 100, 1, ' %')} | {_verdict(c)} | {_interval(p, 1, 2)} | {_verdict(p)} |")
+        lines += _contrast_lines(tables.get("contrasts", {}).get(family, []))
         branches = tables.get("branches", {}).get(family, {})
         if branches:
             lines += ["", "What the balancers chose (every recorded step and segment, all seeds): " + "; ".join(
@@ -191,20 +299,60 @@ def summary_markdown(tables: dict, config: dict) -> str:
                   f"auxiliary weight {l['aux_weight']}. Accuracy: the one-word answer to a question about a "
                   "rendered scene (colour / shape at a place, or the count), evaluated every "
                   f"{l['eval_every']} steps.", "",
-                  "| arm | final accuracy (%) | Δ vs constant LR | excl. 0 | seeds reaching constant-LR final acc | "
-                  "steps to reach it (per seed) | mean fraction of the budget |",
-                  "|---|---|---|---|---|---|---|"]
+                  "Final accuracy:", "",
+                  "| arm | final accuracy (%) | Δ vs constant LR (points) | excl. 0 |", "|---|---|---|---|"]
         for arm, row in tables["llava"].items():
             d = row.get("delta_acc")
             lines.append(f"| {ARM_LABELS.get(arm, arm)} | {_fmt(*row['acc'], 100)} | "
-                         + (f"{_interval(d, 100, 1)} | {_verdict(d)}" if d else "— | —")
-                         + f" | {row.get('reached', '—')}/{row['n']} | "
-                         + ", ".join(str(x) if x is not None else "never" for x in row.get("steps_to_constant_final", []))
+                         + (f"{_interval(d, 100, 1)} | {_verdict(d)}" if d else "— | —") + " |")
+        lines += ["", "Steps to reach the constant-LR arm's final accuracy (same seed; evaluated every "
+                  f"{l['eval_every']} steps):", "",
+                  "| arm | seeds reaching it | steps (per seed) | mean fraction of the budget |", "|---|---|---|---|"]
+        for arm, row in tables["llava"].items():
+            lines.append(f"| {ARM_LABELS.get(arm, arm)} | {row.get('reached', '—')}/{row['n']} | "
+                         + ", ".join(str(x) if x is not None else "never"
+                                     for x in row.get("steps_to_constant_final", []))
                          + f" | {100 * row.get('mean_fraction_of_steps', math.nan):.0f} % |")
+        lines += _llava_contrast_lines(tables.get("llava_contrasts") or [], l["steps"])
         lines += ["", _scheduler_claim(tables["llava"])]
     lines += ["", "Files: tables.json (every number above), jobs/ (one JSON per arm and seed, with curves and "
               "histories), pictures_*.png, curves_*.png, grad_ratio_*.png, llava_kappa.png, llava_curves.png."]
     return "\n".join(lines) + "\n"
+
+
+def _contrast_label(row: dict) -> str:
+    return f"{ARM_LABELS.get(row['a'], row['a'])} − {ARM_LABELS.get(row['b'], row['b'])}"
+
+
+def _contrast_lines(rows: list[dict]) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "Paired differences between variants (A − B per seed: mean and 95 % t-interval of the "
+             "difference; points of accuracy, dB of PSNR):", "",
+             "| A − B | differs in | seeds | " + " | ".join(label for _, label, _, _ in CONTRAST_METRICS) + " |",
+             "|---|---|---|" + "---|" * len(CONTRAST_METRICS)]
+    for row in rows:
+        differs = "method" if row["setting"] is None else f"{row['setting']} " + " vs ".join(
+            f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in row["values"])
+        lines.append(f"| {_contrast_label(row)} | {differs} | {len(row['seeds'])} | " + " | ".join(
+            _interval(row[key], scale, digits) for key, _, scale, digits in CONTRAST_METRICS) + " |")
+    return lines
+
+
+def _llava_contrast_lines(rows: list[dict], steps: int) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", "Paired differences between variants (A − B per seed, mean and 95 % t-interval), final accuracy "
+             "and steps to the constant-LR final accuracy apart (a seed that never reaches it counts as the "
+             f"whole budget, {steps} steps; \"never\" gives how many seeds of A / B that is):", "",
+             "| A − B | seeds | Δ final accuracy (points) | Δ steps to constant-LR final acc | never (A / B) |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        st = row.get("steps_to_constant_final")
+        lines.append(f"| {_contrast_label(row)} | {len(row['seeds'])} | {_interval(row['acc'], 100, 1)} | "
+                     + (f"{_interval(st, 1, 0)} | {row['censored'][row['a']]} / {row['censored'][row['b']]}"
+                        if st else "— | —") + " |")
+    return lines
 
 
 def _pareto_claim(family: str, table: dict) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 
 UNIFIED = ("emu2", "chameleon")
-TUNING_SEED = 100  # static-reweighting tuning runs: their own seed, scored on the validation split
+TUNING_SEED = 100  # tuning runs (static weight, GradNorm α): their own seed, scored on the validation split
 
 _UNIFIED_MODEL = dict(hidden=32, layers=4, rank=8, visual_dim=16, visual_scale=0.25, lr=5e-3, clip=1.0,
                       batch_size=16, generation_fraction=0.5, max_objects=1, gradnorm_lr=0.025,
@@ -36,19 +37,23 @@ CONFIGS = {
     "tiny": dict(seeds=2, eval_examples=4, unified=dict(_UNIFIED_MODEL, steps=4, eval_every=4, diag_every=2),
                  emu2_arms=["vanilla", "static", "gradnorm", "pareto"],
                  chameleon_arms=["vanilla", "pareto"], static_grid={"emu2": [4.0], "chameleon": []},
+                 static_search=dict(factor=3.0, max_extensions=1), gradnorm_alpha_grid={"emu2": [1.5]},
                  llava=dict(_LLAVA_MODEL, steps=4, eval_every=2, batch_size=8, probe_size=8, exact_every=2),
                  llava_arms=["constant", "sched_exact"]),
     # `make demo`: a few minutes on 2 cores
     "quick": dict(seeds=3, eval_examples=32, unified=dict(_UNIFIED_MODEL, steps=200, eval_every=100, diag_every=5),
                   emu2_arms=["vanilla", "static", "gradnorm", "pareto"], chameleon_arms=["vanilla", "pareto"],
-                  static_grid={"emu2": [30.0], "chameleon": []},
+                  static_grid={"emu2": [30.0], "chameleon": []}, static_search=dict(factor=3.0, max_extensions=2),
+                  gradnorm_alpha_grid={"emu2": [0.5, 1.5, 3.0]},
                   llava=dict(_LLAVA_MODEL, steps=100, eval_every=10),
                   llava_arms=["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux"]),
-    # about 80 CPU-minutes: every ablation on the Emu2-style family (τ 2/20/100; segments per layer
+    # about 85 CPU-minutes: every ablation on the Emu2-style family (τ 2/20/100; segments per layer
     # group, per tensor, global), the Chameleon-style family vanilla vs Pareto-LoRA
     "full": dict(seeds=5, eval_examples=64, unified=dict(_UNIFIED_MODEL, steps=300, eval_every=150, diag_every=5),
                  emu2_arms=list(_MAIN_ARMS) + list(_ABLATIONS), chameleon_arms=["vanilla", "pareto"],
                  static_grid={"emu2": [3.0, 10.0, 30.0], "chameleon": [0.5, 2.0]},
+                 static_search=dict(factor=3.0, max_extensions=3),
+                 gradnorm_alpha_grid={"emu2": [0.0, 0.5, 1.5, 3.0]},
                  llava=dict(_LLAVA_MODEL, steps=200, eval_every=10),
                  llava_arms=["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux"]),
 }
@@ -99,28 +104,78 @@ def _run_job(path: Path, fn, settings: dict, report_only: bool = False) -> dict 
     return result
 
 
-def tune_static(out: Path, family: str, cfg: dict, grid: list[float], validation: dict, bar,
-                report_only: bool = False) -> dict:
-    """Static image weight from the grid (and 1 = vanilla) on the validation split, tuning seed:
-    the best validation image cell score among weights whose validation text accuracy stays
-    within 2 % (relative) of weight 1's."""
+def _tuning_job(out: Path, family: str, name: str, arm: dict, cfg: dict, validation: dict, bar,
+                report_only: bool) -> dict | None:
+    """One tuning run (tuning seed, validation split); None when missing in report-only mode."""
     from fused_balance.study.arms import train_unified
 
-    scores = {}
-    for w in [1.0] + list(grid):
-        arm = {"kind": "static", "image_weight": w}
-        r = _run_job(_job_path(out, f"{family}_tuning", f"w{w:g}", TUNING_SEED),
-                     lambda: train_unified(family, arm, TUNING_SEED, cfg, validation), {**cfg, **arm, "eval_examples": len(validation["generation"]["grid"])}, report_only)
-        bar.update(1)
+    r = _run_job(_job_path(out, f"{family}_tuning", name, TUNING_SEED),
+                 lambda: train_unified(family, arm, TUNING_SEED, cfg, validation),
+                 {**cfg, **arm, "eval_examples": len(validation["generation"]["grid"])}, report_only)
+    bar.update(1)
+    return r
+
+
+def tune_static(out: Path, family: str, cfg: dict, grid: list[float], validation: dict, bar,
+                report_only: bool = False, search: dict | None = None) -> dict:
+    """Static image weight from 1 (= vanilla) and the grid on the validation split, tuning seed:
+    the best validation image cell score among weights whose validation text accuracy stays
+    within 2 % (relative) of weight 1's. While the best weight is at the grid's edge the grid is
+    extended geometrically (``search``: factor, max_extensions; no extension for an empty grid:
+    the family is not tuned); ``search`` in the result says whether the choice is interior."""
+    from fused_balance.study.tuning import constrained_score, grid_search
+
+    search = search or {}
+    finals = {}
+
+    def final(w):
+        if w not in finals:
+            if w != 1.0 and w not in grid:  # an extension: one more job than planned
+                bar.total += 1
+            r = _tuning_job(out, family, f"w{w:g}", {"kind": "static", "image_weight": w}, cfg, validation, bar,
+                            report_only)
+            finals[w] = r and r["final"]
+        return finals[w]
+
+    if final(1.0) is None:  # report only, nothing tuned yet
+        return {"grid": {}, "chosen": 1.0, "search": None}
+    reference = finals[1.0]["text_acc"]
+    found = grid_search(lambda w: None if final(w) is None else constrained_score(final(w), reference),
+                        [1.0] + list(grid), prefer=1.0, factor=search.get("factor", 3.0),
+                        max_extensions=search.get("max_extensions", 0) if grid else 0)
+    return {"grid": {f"{w:g}": {"text_acc": finals[w]["text_acc"], "cell_score": finals[w]["cell_score"]}
+                     for w in found["scores"]},
+            "chosen": found["best"], "search": {k: v for k, v in found.items() if k not in ("scores", "best")}}
+
+
+def tune_gradnorm(out: Path, family: str, cfg: dict, alphas: list[float], validation: dict, reference_text,
+                  bar, report_only: bool = False) -> dict:
+    """GradNorm's α on the validation split, tuning seed, by the static weight's rule: the best
+    validation image cell score among α whose text accuracy stays within 2 % of vanilla's
+    (``reference_text``: weight 1 of the static tuning). The grid is not extended (α = 0 is its
+    natural lower end); ``search`` records whether the choice is at its edge, ``allowed`` whether
+    any α met the text condition (if none did, the default α is used)."""
+    from fused_balance.study.tuning import constrained_score, grid_search
+
+    default = cfg["gradnorm_alpha"]
+    if not alphas or reference_text is None:
+        return {"grid": {}, "chosen": default, "search": None, "allowed": None}
+    finals = {}
+
+    def score(a):
+        r = _tuning_job(out, family, f"gradnorm_a{a:g}", {"kind": "gradnorm", "alpha": a}, cfg, validation, bar,
+                        report_only)
         if r is None:
-            continue
-        scores[w] = {"text_acc": r["final"]["text_acc"], "cell_score": r["final"]["cell_score"]}
-    if 1.0 not in scores:  # report only, nothing tuned yet
-        return {"grid": {}, "chosen": 1.0}
-    reference = scores[1.0]["text_acc"]
-    allowed = [w for w, s in scores.items() if s["text_acc"] >= 0.98 * reference]
-    best = max(allowed, key=lambda w: (scores[w]["cell_score"], -abs(w - 1.0)))
-    return {"grid": {f"{w:g}": s for w, s in scores.items()}, "chosen": best}
+            return None
+        finals[a] = r["final"]
+        return constrained_score(r["final"], reference_text)
+
+    found = grid_search(score, alphas, prefer=default)
+    allowed = any(s > -math.inf for s in found["scores"].values())
+    return {"grid": {f"{a:g}": {"text_acc": finals[a]["text_acc"], "cell_score": finals[a]["cell_score"]}
+                     for a in found["scores"]},
+            "chosen": found["best"] if allowed else default, "allowed": allowed,
+            "search": {k: v for k, v in found.items() if k not in ("scores", "best")}}
 
 
 def main(args) -> int:
@@ -141,7 +196,8 @@ def main(args) -> int:
     started = time.perf_counter()
     ucfg, lcfg = config["unified"], config["llava"]
     n_eval = config["eval_examples"]
-    total = sum((len(config[f"{f}_arms"]) * len(seeds) + 1 + len(config["static_grid"][f]))
+    total = sum((len(config[f"{f}_arms"]) * len(seeds) + 1 + len(config["static_grid"][f])
+                 + (len(config["gradnorm_alpha_grid"].get(f, [])) if "gradnorm" in config[f"{f}_arms"] else 0))
                 for f in UNIFIED if f in studies) + (len(config["llava_arms"]) * len(seeds) if "llava" in studies else 0)
     bar = tqdm(total=total, desc=f"study ({args.size})", disable=args.no_progress, dynamic_ncols=True,
                file=sys.stderr)
@@ -152,13 +208,21 @@ def main(args) -> int:
         validation = make_split(VALIDATION_SEED, n_eval, ucfg["max_objects"])
         test = make_split(TEST_SEED, n_eval, ucfg["max_objects"])
         bar.set_postfix_str(f"{family} tuning")
-        tuning = tune_static(out, family, ucfg, config["static_grid"][family], validation, bar, args.report_only)
+        static = tune_static(out, family, ucfg, config["static_grid"][family], validation, bar, args.report_only,
+                             config["static_search"])
+        tuning = {"static": static}
+        if "gradnorm" in config[f"{family}_arms"]:
+            reference = static["grid"].get("1", {}).get("text_acc")  # weight 1 = vanilla on the tuning seed
+            tuning["gradnorm"] = tune_gradnorm(out, family, ucfg, config["gradnorm_alpha_grid"].get(family, []),
+                                               validation, reference, bar, args.report_only)
         results["tuning"][family] = tuning
         runs = {}
         for arm_name in _selected(config[f"{family}_arms"], args.arms):
             spec = dict(ARM_SPECS[arm_name])
             if spec["kind"] == "static":
-                spec["image_weight"] = tuning["chosen"]
+                spec["image_weight"] = tuning["static"]["chosen"]
+            elif spec["kind"] == "gradnorm":
+                spec["alpha"] = tuning["gradnorm"]["chosen"]
             for seed in seeds:
                 bar.set_postfix_str(f"{family} {arm_name} seed {seed}")
                 r = _run_job(_job_path(out, family, arm_name, seed),

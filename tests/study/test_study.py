@@ -32,10 +32,17 @@ def test_tiny_study_runs_twice_identically(tmp_path):
     assert cli_main(["study", "--tiny", "--out", str(second), "--no-progress", "--threads", "1",
                      "--no-plots"]) == 0
     jobs = _jobs(first)
-    # 2 seeds x (4 emu2 + 2 chameleon + 2 llava arms) + tuning (emu2: w 1 and 4; chameleon: w 1)
-    assert len(jobs) == 2 * (4 + 2 + 2) + 3
-    assert jobs == _jobs(second)
     tables = json.loads((first / "tables.json").read_text())
+    static = tables["tuning"]["emu2"]["static"]
+    assert static["search"]["status"] in ("interior", "edge") and static["search"]["extensions"] <= 1
+    # 2 seeds x (4 emu2 + 2 chameleon + 2 llava arms) + tuning (emu2: w 1, 4 and the grid's
+    # extensions, GradNorm α 1.5; chameleon: w 1)
+    assert len(jobs) == 2 * (4 + 2 + 2) + 3 + static["search"]["extensions"] + 1
+    assert jobs == _jobs(second)
+    gradnorm = tables["tuning"]["emu2"]["gradnorm"]
+    assert set(gradnorm["grid"]) == {"1.5"} and gradnorm["chosen"] == 1.5
+    assert all(j["arm"]["alpha"] == 1.5 for k, j in jobs.items() if k.startswith("jobs/emu2/gradnorm"))
+    assert {(c["a"], c["b"]) for c in tables["contrasts"]["emu2"]} == {("pareto", "static"), ("pareto", "gradnorm")}
     assert set(tables["unified"]) == {"emu2", "chameleon"}
     assert set(tables["unified"]["emu2"]) == {"vanilla", "static", "gradnorm", "pareto"}
     for row in tables["unified"]["emu2"].values():

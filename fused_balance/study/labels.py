@@ -1,0 +1,16 @@
+"""Display names of the study's arms (shared by the report and the plots, which must not import
+each other both ways)."""
+from __future__ import annotations
+
+ARM_LABELS = {"vanilla": "vanilla LoRA", "static": "static reweighting", "gradnorm": "GradNorm",
+              "mgda": "MGDA", "pareto": "Pareto-LoRA (τ 5, per layer)",
+              "pareto_tau2": "Pareto-LoRA τ 2", "pareto_tau20": "Pareto-LoRA τ 20",
+              "pareto_tau100": "Pareto-LoRA τ 100", "pareto_group": "Pareto-LoRA per layer group",
+              "pareto_tensor": "Pareto-LoRA per tensor", "pareto_global": "Pareto-LoRA global",
+              "constant": "constant LR", "llm_only": "LLM-only LoRA", "encoder_only": "encoder-only LoRA",
+              "sched_first": "BalanceScheduler first-order", "sched_exact": "BalanceScheduler exact (KL probe)",
+              "sched_aux": "BalanceScheduler + auxiliary loss"}
+
+
+def arm_label(arm: str) -> str:
+    return ARM_LABELS.get(arm, arm)
