@@ -197,6 +197,28 @@ class TensorStamp {
     return moved;
   }
 
+  // The live tensors' .grad in one word: 0 every one is its expected view (at the recorded
+  // address), 1 every one is None, 2 anything else (user tensors, a mix).
+  int64_t grads_state() const {
+    if (views_.size() != tensors_.size()) return all_live_grads_undefined() ? 1 : 2;
+    bool views = true, none = true;
+    for (size_t i = 0; i < tensors_.size() && (views || none); ++i) {
+      if (!is_live(i)) continue;
+      const at::Tensor& g = tensors_[i].grad();
+      none = none && !g.defined();
+      views = views && g.defined() && g.unsafeGetTensorImpl() == views_[i].unsafeGetTensorImpl() &&
+              g.data_ptr() == view_ptrs_[i];
+    }
+    return views ? 0 : (none ? 1 : 2);
+  }
+
+  // .grad = None for every live tensor (undoing attach_grads when they were None before).
+  void clear_grads() {
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      if (is_live(i)) tensors_[i].mutable_grad() = at::Tensor();
+    }
+  }
+
   // Whether every live tensor's .grad is its expected view, at the recorded address.
   bool grads_are_views() const {
     if (views_.size() != tensors_.size()) return false;
@@ -228,6 +250,13 @@ class TensorStamp {
                  t.requires_grad()};
   }
 
+  bool all_live_grads_undefined() const {
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      if (is_live(i) && tensors_[i].grad().defined()) return false;
+    }
+    return true;
+  }
+
   std::vector<at::Tensor> tensors_;  // share the callers' TensorImpls: .data = ... is seen, .grad set here is theirs
   std::vector<Entry> entries_;
   bool is_live(size_t i) const { return live_.empty() || live_[i]; }
@@ -251,6 +280,9 @@ void register_grad_slots(pybind11::module_& m) {
            "which tensors take (and are checked for) a .grad view; [] for all")
       .def("attach_grads", &TensorStamp::attach_grads,
            "point every .grad at its view; returns the tensors whose view no longer holds its address")
+      .def("grads_state", &TensorStamp::grads_state,
+           "the live tensors' .grad: 0 all their views, 1 all None, 2 anything else")
+      .def("clear_grads", &TensorStamp::clear_grads, "set every live tensor's .grad to None")
       .def("grads_are_views", &TensorStamp::grads_are_views,
            "whether every live tensor's .grad is its expected view at the recorded address");
 

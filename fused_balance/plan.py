@@ -128,9 +128,11 @@ class BalancePlan:
         self._stamp = self._buffer_stamp(buffer)
         self._grad_flat: torch.Tensor | None = None
         self._grad_views: list | None = None
+        self._scratch_flat: torch.Tensor | None = None  # combine_into_grads(accumulate=True)
         self._param_ptrs: torch.Tensor | None = None
         # [P] bool on the device: which parameters adamw_step updates (set_live rewrites it in place)
         self._live = torch.ones(P, dtype=torch.bool, device=buffer.device) if params is not None else None
+        self._live_list = [True] * P  # the same on the host
         from fused_balance import _extension
         self._watch = _extension.load().TensorStamp(params) if params is not None else None
 
@@ -307,13 +309,14 @@ class BalancePlan:
             self._watch.attach_grads()
         return self._grad_flat
 
-    def set_live(self, live) -> None:
+    def set_live(self, live, *, keep_dead_grads: bool = False) -> None:
         """Which parameters take a ``.grad`` view and are updated by ``adamw_step`` (P bools;
         None: all). The others keep their values, moments and step counts, and their ``.grad`` is
         left as it is, e.g. None for tensors no objective reached, which an optimizer then skips,
         except that one still holding this plan's view gets None (the view would hold a zero
-        combination an optimizer would step). Their combination is still written into the flat
-        buffer (zeros), unread."""
+        combination an optimizer would step), or, with ``keep_dead_grads``, a copy of what it
+        holds (its gradient kept, like after a backward that did not reach it). Their
+        combination is still written into the flat buffer (zeros), unread."""
         live = [] if live is None else [bool(x) for x in live]
         if live and len(live) != len(self.numels):
             raise ValueError(f"live must hold {len(self.numels)} flags, got {len(live)}")
@@ -322,9 +325,10 @@ class BalancePlan:
         if self._grad_views is not None and live:
             for p, view, alive in zip(self.params, self._grad_views, live):
                 if not alive and p.grad is view:
-                    p.grad = None
+                    p.grad = view.clone() if keep_dead_grads else None
         self._watch.set_live([] if all(live) else live)
-        flags = torch.tensor(live or [True] * len(self.numels), dtype=torch.bool)
+        self._live_list = live or [True] * len(self.numels)
+        flags = torch.tensor(self._live_list, dtype=torch.bool)
         device = self._buffer.device
         if self._live is None or self._live.device != device:
             self._live = flags.to(device)
@@ -337,16 +341,52 @@ class BalancePlan:
         address: one C++ loop)."""
         return self._grad_views is not None and self._watch.grads_are_views()
 
-    def combine_into_grads(self, result: PlanResult | None = None) -> PlanResult:
-        """Gram -> weights -> the combination written into the parameters' ``.grad`` (views of
-        one flat buffer, attached on first use and whenever a parameter's ``.grad`` is no longer
-        its view, e.g. after ``zero_grad(set_to_none=True)``). Nothing is written when a
-        gradient holds NaN/Inf (``found_inf``)."""
+    def grads_state(self) -> str:
+        """The live parameters' ``.grad`` in one C++ loop: ``"views"`` (every one is its view of
+        the flat buffer), ``"none"`` (every one is None) or ``"mixed"``."""
+        return ("views", "none", "mixed")[self._watch.grads_state()]
+
+    def clear_grads(self) -> None:
+        """``.grad = None`` for every live parameter (one C++ loop), e.g. to take back the views
+        a skipped step attached."""
+        self._watch.clear_grads()
+
+    def combine_into_grads(self, result: PlanResult | None = None, *, accumulate: bool = False) -> PlanResult:
+        """Gram -> weights -> the combination written into the live parameters' ``.grad`` (views
+        of one flat buffer, attached on first use and whenever a parameter's ``.grad`` is no
+        longer its view, e.g. after ``zero_grad(set_to_none=True)``). ``accumulate``: added to
+        the ``.grad`` a live parameter already holds, like ``loss.backward()`` (one flat add
+        while every ``.grad`` is its view; a user's own ``.grad`` tensor is added to in place;
+        a None one gets its view). Nothing is added or written when a gradient holds NaN/Inf
+        (``found_inf``), but views attached in place of None are left in place (holding zeros
+        when accumulating): take them back with ``clear_grads`` after reading ``found_inf``."""
         if result is None:
             result = self.weights()
-        if torch.compiler.is_compiling() or not self.grads_attached():
-            self.attach_grads()
-        self.combine_into(self._grad_flat, result.weights, result.found_inf)
+        if not accumulate:
+            if torch.compiler.is_compiling() or not self.grads_attached():
+                self.attach_grads()
+            self.combine_into(self._grad_flat, result.weights, result.found_inf)
+            return result
+        state = self.grads_state()
+        if state == "none":  # nothing to add to: the plain write
+            return self.combine_into_grads(result)
+        if state == "views":  # one flat add of the combination (zero on found_inf)
+            if self._scratch_flat is None or self._scratch_flat.shape != self._grad_flat.shape:
+                self._scratch_flat = torch.empty_like(self._grad_flat)
+            self._scratch_flat.zero_()
+            self.combine_into(self._scratch_flat, result.weights, result.found_inf)
+            self._grad_flat.add_(self._scratch_flat)
+            return result
+        # mixed: the combination into the flat buffer, then each live parameter's own .grad
+        held = [p.grad for p in self.params]
+        flat = self.attach_grads()
+        flat.zero_()
+        self.combine_into(flat, result.weights, result.found_inf)
+        for p, grad, view, alive in zip(self.params, held, self._grad_views, self._live_list):
+            if not alive:
+                continue
+            if grad is not None and grad is not view:
+                p.grad = grad.add_(view)
         return result
 
     # -- fused AdamW -------------------------------------------------------------------------

@@ -1,10 +1,13 @@
 """ParetoLoRA: multi-objective LoRA training step on top of any optimizer.
 
-Each step: every objective's gradient lands in a GradBank (one flat ``[K, N]`` buffer), one
-``fb.pareto_combine`` call computes the per-segment Gram, the policy's weights and writes the
-combination into ``p.grad``, then the wrapped optimizer steps (skipped, and counted, when a
-gradient held NaN/Inf). With ``optimizer="fused_adamw"`` the combination is never materialised:
-Gram -> weights -> ``fb.balanced_adamw_step``.
+Each step: every objective's gradient lands in a GradBank (one flat ``[K, N]`` buffer); a
+``fb.BalancePlan`` built once over the bank computes the per-segment Gram, the policy's weights
+and writes the combination into the live parameters' ``.grad`` (views of one flat buffer), then
+the wrapped optimizer steps (skipped, and counted, when a gradient held NaN/Inf). With
+``optimizer="fused_adamw"`` the combination is never materialised: Gram -> weights -> the plan's
+fused AdamW. ``step``, ``balance`` and ``backward`` all take the plan whenever the cpp kernels
+run on the parameters' device and no process group is sharded; otherwise the list API
+(``fb.pareto_combine``, ``fb.balanced_adamw_step``) does the same work.
 
 Distributed (``process_group=``): ``distributed="data"`` (each rank its own micro-batch: the
 bank's ``[K, N]`` buffer is averaged over the ranks in ONE all-reduce, in place, then every rank
@@ -348,16 +351,23 @@ class ParetoLoRA:
         Returns the fb.ParetoResult; with ``found_inf`` nothing was written (``.grad`` stays as
         it was; this costs one host read of the flag when a ``.grad`` had to be created)."""
         self._require_window()
+        took = None
         try:
-            res, fresh = self._write_balanced(accumulate)
+            if self._plan_usable():
+                res, undo = self._planned_write(accumulate, keep_dead_grads=True)
+                if undo is not None and bool(res.found_inf):  # views attached for nothing: take them back
+                    undo()
+                    took = False
+                res = self._history_result(res, always=True)
+            else:
+                res, fresh = self._write_balanced(accumulate)
+                if fresh and bool(res.found_inf):  # undo the .grad tensors created for this write
+                    for p in fresh:
+                        p.grad = None
+                    took = False
         except BaseException:
             self._drop_window()
             raise
-        took = None
-        if fresh and bool(res.found_inf):  # undo the .grad tensors created for this write
-            for p in fresh:
-                p.grad = None
-            took = False
         self._finish(res, None, took)
         return res
 
@@ -446,47 +456,73 @@ class ParetoLoRA:
             self._plan_live = None
         return self._plan
 
-    def _planned_step(self):
-        """Gram -> weights -> combine into ``.grad`` (or the fused AdamW) through the plan.
-        Returns the result (statistics in the list API's dtype, for the history) and whether
-        it stepped."""
+    def _planned_weights(self, keep_dead_grads: bool = False):
+        """The plan, the bank averaged over a data-parallel group, the weights, the live mask
+        (a tensor that left it keeps a copy of its ``.grad`` with ``keep_dead_grads``: balance
+        and backward leave unreached tensors' gradients alone; step replaces ``.grad``)."""
         plan = self._balance_plan()
         if self.process_group is not None:  # data parallel: every rank balances the mean bank
             average_gradients_([self.bank.buffer], self.process_group)  # one all-reduce, K·N
         res = plan.weights()
-        saved = None
         live = self._reach()[0]  # cached: rebuilt only when the reached set changes
         if self._plan_live != self._reach_cache[0]:
-            plan.set_live(live)
+            plan.set_live(live, keep_dead_grads=keep_dead_grads)
             self._plan_live = self._reach_cache[0]
+        return plan, res
+
+    def _planned_write(self, accumulate: bool, keep_dead_grads: bool = False):
+        """The combination into the live ``.grad`` through the plan (added to what they hold with
+        ``accumulate``). Returns the result and an undo for a skip: None when nothing needs
+        undoing (every ``.grad`` already was its view), else a callable putting back the ``.grad``
+        the write replaced (one C++ loop when they were None, as after ``zero_grad``)."""
+        plan, res = self._planned_weights(keep_dead_grads)
+        state = plan.grads_state()
+        undo = None
+        if state == "none":
+            undo = plan.clear_grads
+        elif state == "mixed":
+            saved = [p.grad for p in self.params]
+
+            def undo():
+                for p, g in zip(self.params, saved):
+                    p.grad = g
+        plan.combine_into_grads(res, accumulate=accumulate)
+        return res, undo
+
+    def _planned_step(self):
+        """Gram -> weights -> combine into ``.grad`` (or the fused AdamW) through the plan.
+        Returns the result (statistics in the list API's dtype, for the history) and whether
+        it stepped."""
         if self.fused:
+            plan, res = self._planned_weights()
             self.optimizer.planned_step(plan, res.weights, skip=res.found_inf)
-        else:
-            if not plan.grads_attached():  # attaching replaces .grad: restore it on a skip
-                saved = [p.grad for p in self.params]
-            plan.combine_into_grads(res)
+            took = not bool(res.found_inf)  # the one host read: step() reports whether it stepped
+            if not took:
+                self.optimizer.skipped_steps += 1
+            return self._history_result(res), took
+        res, undo = self._planned_write(accumulate=False)
         took = not bool(res.found_inf)  # the one host read: step() reports whether it stepped
-        if not took and self.fused:
-            self.optimizer.skipped_steps += 1
-        elif took and not self.fused:
-            try:
+        try:
+            if took:
                 self.optimizer.step()
-            except BaseException:  # .grad back to what it was (None after zero_grad) when cheap
-                if saved is not None:
-                    for p, g in zip(self.params, saved):
-                        p.grad = g
-                raise
-        elif saved is not None:
-            for p, g in zip(self.params, saved):
-                p.grad = g
-        if not self._records_this_step():  # the statistics only feed the history
-            return fb.ParetoResult(None, res.gram, res.weights, None, None, res.found_inf, res.branch), took
-        # the plan solves in float64; the history keeps the list API's dtype on every path
+        except BaseException:  # .grad back to what it was (None after zero_grad)
+            took = False
+            raise
+        finally:
+            if not took and undo is not None:
+                undo()
+        return self._history_result(res), took
+
+    def _history_result(self, res, always: bool = False):
+        """The plan's result as the list API gives it: statistics (when this step is recorded,
+        or ``always``) in the list API's dtype; the plan solves in float64."""
+        if not (always or self._records_this_step()):
+            return fb.ParetoResult(None, res.gram, res.weights, None, None, res.found_inf, res.branch)
         acc = torch.float64 if self.bank.dtype == torch.float64 else torch.float32
         big = torch.finfo(acc).max
         norms, cosines = (t.to(acc) for t in res.statistics())
         return fb.ParetoResult(None, res.gram.to(acc), res.weights.clamp(-big, big).to(acc),
-                               norms, cosines, res.found_inf, res.branch), took
+                               norms, cosines, res.found_inf, res.branch)
 
     def _require_window(self) -> None:
         if self._window == 0:

@@ -281,3 +281,47 @@ def test_an_unreached_tensor_keeps_the_planned_step(optimizer):
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("before", ["none", "views", "user"])
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_balance_and_backward_take_the_plan_and_equal_the_list_engine(before, accumulate):
+    """``backward`` (accumulate + balance, the Trainer's path) dispatches bank ops only and
+    writes what the list engine writes, starting from ``.grad`` None (after zero_grad), from the
+    previous balance's ``.grad`` (no zero_grad between: added to with accumulate) or from the
+    user's own ``.grad`` tensors; an unreached module keeps its ``.grad``; a NaN loss leaves
+    every ``.grad`` as it was."""
+    grads, ops = {}, []
+    for backend in ("cpp", "torch"):  # the plan, and the list engine as the reference
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        unused = torch.nn.Linear(8, 8)
+        named = list(model.named_parameters()) + [(f"unused.{n}", p) for n, p in unused.named_parameters()]
+        balancer = ParetoLoRA(named, None, backend=backend)
+        if before == "user":
+            for i, (_, p) in enumerate(named):
+                p.grad = torch.full_like(p, 0.1 * (i + 1))
+        for step in range(3):
+            x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
+            out = model(x)
+            batch = {"text": out[:, 0].pow(2).mean(), "image": (out[:, 1] - 1).pow(2).mean()}
+            recorded = _dispatched_fused_balance_ops(lambda: balancer.backward(batch, accumulate=accumulate))
+            if backend == "cpp":
+                ops += recorded
+            if before == "none":
+                balancer.zero_grad()
+        held = [None if p.grad is None else p.grad.clone() for _, p in named]
+        out = model(torch.randn(4, 8))
+        res = balancer.backward({"text": out[:, 0].sum() * float("nan"), "image": out[:, 1].sum()},
+                                accumulate=accumulate)
+        assert bool(res.found_inf)
+        for (_, p), h in zip(named, held):
+            assert (p.grad is None) == (h is None) and (h is None or torch.equal(p.grad, h))
+        grads[backend] = held
+    assert set(ops) <= {"bank_gram", "bank_combine_into", "policy_weights"} and "bank_combine_into" in ops, ops
+    for a, b in zip(grads["cpp"], grads["torch"]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    if before != "user":
+        assert grads["cpp"][-1] is None and grads["cpp"][-2] is None  # the unreached module

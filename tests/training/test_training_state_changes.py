@@ -441,3 +441,20 @@ def test_losses_of_another_model_are_refused_in_any_window_and_the_window_is_kep
     assert reference.step(losses(twin, 2))
     assert_same_params(model, twin)
     assert balancer.history[-1]["losses"].tolist() == reference.history[-1]["losses"].tolist()
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"], ids=["planned", "list"])
+def test_backward_leaves_a_tensor_unreached_in_this_window_as_it_was(backend):
+    """``backward`` adds like ``loss.backward()``: expert 1, reached in the first call only,
+    keeps the gradient that call gave it through the later calls (no zero_grad between), while
+    the reached tensors keep adding."""
+    model = Routed()
+    balancer = ParetoLoRA(model, None, backend=backend)
+    balancer.backward(model.losses(0, (0, 1)))
+    first = [p.grad.clone() for p in model.experts[1].parameters()]
+    trunk = model.trunk.weight.grad.clone()
+    for step in (1, 2):
+        balancer.backward(model.losses(step, (0,)))
+    assert balancer.dead_tensors == ["experts.1.weight", "experts.1.bias"]
+    assert all(torch.equal(p.grad, f) for p, f in zip(model.experts[1].parameters(), first))
+    assert not torch.equal(model.trunk.weight.grad, trunk)
