@@ -264,9 +264,11 @@ class BalancePlan:
         """(G [S, K, K] float64, found_inf 0-dim bool), one op, no host read."""
         return self._op["gram"](self._buffer_for_op(), self._ranges, self._seg_offsets, self.num_segments)
 
-    def weights(self) -> PlanResult:
-        """Gram -> the policy's weights, all on the device."""
-        G, found_inf = self.gram()
+    def weights(self, gram: tuple[torch.Tensor, torch.Tensor] | None = None) -> PlanResult:
+        """Gram -> the policy's weights, all on the device. ``gram``: the (G, found_inf) to solve
+        instead of this plan's own, e.g. the sum of every rank's ``gram()`` partials when each
+        rank holds shards of the gradients (``fused_balance.distributed.all_reduce_gram_``)."""
+        G, found_inf = self.gram() if gram is None else gram
         w, branch = policy_weights(G, self.policy, tau=self.tau, rescale=self.rescale)
         return PlanResult(G, w, branch, found_inf)
 

@@ -205,3 +205,23 @@ class DemoRows(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.rows[i]
+
+
+def dispatched_fused_balance_ops(fn) -> list[str]:
+    """The fused_balance ops ``fn`` dispatches (names like 'bank_gram'), recorded with a
+    TorchDispatchMode: how a test sees which engine a step took."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.name()
+            if name.startswith("fused_balance::"):
+                self.ops.append(name.split("::")[1].split(".")[0])
+            return func(*args, **(kwargs or {}))
+    with Record() as record:
+        fn()
+    return record.ops

@@ -6,7 +6,7 @@ and writes the combination into the live parameters' ``.grad`` (views of one fla
 the wrapped optimizer steps (skipped, and counted, when a gradient held NaN/Inf). With
 ``optimizer="fused_adamw"`` the combination is never materialised: Gram -> weights -> the plan's
 fused AdamW. ``step``, ``balance`` and ``backward`` all take the plan whenever the cpp kernels
-run on the parameters' device and no process group is sharded; otherwise the list API
+run on the parameters' device (any process group); otherwise the list API
 (``fb.pareto_combine``, ``fb.balanced_adamw_step``) does the same work.
 
 Distributed (``process_group=``): ``distributed="data"`` (each rank its own micro-batch: the
@@ -34,7 +34,7 @@ import torch
 
 import fused_balance as fb
 from fused_balance import _extension
-from fused_balance.distributed import average_gradients_, check_group
+from fused_balance.distributed import all_reduce_gram_, average_gradients_, check_group
 from fused_balance.policies import check_policy_args
 from fused_balance.training import _wrappers
 from fused_balance.training.bank import GradBank
@@ -433,18 +433,16 @@ class ParetoLoRA:
 
     # -- planned step (fb.BalancePlan): validated once, O(1) host work per step ----------------
     def _plan_usable(self) -> bool:
-        """The plan path needs the cpp kernels on the parameters' device, parameters in the
-        bank's dtype and no sharded process group (data parallel is fine: the bank is averaged
-        first, one all-reduce). Tensors no objective reached are left out through the plan's
-        live mask (no ``.grad`` view, not stepped by the fused AdamW). Otherwise the list API
-        runs (same numbers up to the plan's float64 Gram)."""
+        """The plan path needs the cpp kernels on the parameters' device and contiguous
+        parameters in the bank's dtype. Under a process group the bank is averaged first (data
+        parallel, one all-reduce) or the Gram partials are summed (sharded). Tensors no
+        objective reached are left out through the plan's live mask (no ``.grad`` view, not
+        stepped by the fused AdamW). Otherwise the list API runs (same numbers up to the
+        plan's float64 Gram)."""
         if self._plan_ok is None:
             device, dtype = self.params[0].device, self.params[0].dtype
             cpp = self.backend in (None, "auto", "cpp") and "cpp" in fb.available_backends(device)
-            # sharded tensors need the Gram's partial sums all-reduced: the list API does that
-            sharded = self.process_group is not None and self.distributed != "data"
-            self._plan_ok = cpp and not sharded and all(p.dtype == dtype and p.is_contiguous()
-                                                        for p in self.params)
+            self._plan_ok = cpp and all(p.dtype == dtype and p.is_contiguous() for p in self.params)
         return self._plan_ok
 
     def _balance_plan(self) -> "fb.BalancePlan":
@@ -461,9 +459,13 @@ class ParetoLoRA:
         (a tensor that left it keeps a copy of its ``.grad`` with ``keep_dead_grads``: balance
         and backward leave unreached tensors' gradients alone; step replaces ``.grad``)."""
         plan = self._balance_plan()
-        if self.process_group is not None:  # data parallel: every rank balances the mean bank
+        if self.process_group is None:
+            res = plan.weights()
+        elif self.distributed == "data":  # every rank balances the mean bank
             average_gradients_([self.bank.buffer], self.process_group)  # one all-reduce, K·N
-        res = plan.weights()
+            res = plan.weights()
+        else:  # each rank holds shards: the Gram partials are summed, (S·K·K + 1) float64
+            res = plan.weights(all_reduce_gram_(*plan.gram(), self.process_group))
         live = self._reach()[0]  # cached: rebuilt only when the reached set changes
         if self._plan_live != self._reach_cache[0]:
             plan.set_live(live, keep_dead_grads=keep_dead_grads)

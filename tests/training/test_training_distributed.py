@@ -18,8 +18,8 @@ import torch.distributed as dist
 
 import fused_balance as fb
 from fused_balance.training import ParetoLoRA
-from shared import (D_IN, REGRESSION_LR, needs_gloo, regression_batch, regression_net,
-                    regression_objectives, regression_optimizer, run_ranks, train_regression)
+from shared import (D_IN, REGRESSION_LR, dispatched_fused_balance_ops, needs_gloo, regression_batch,
+                    regression_net, regression_objectives, regression_optimizer, run_ranks, train_regression)
 
 WORLD = 2
 STEPS = 3
@@ -83,16 +83,29 @@ def _tensor_parallel(rank, fused, backend):
     named = [("layers.0.weight", w1), ("layers.0.bias", b1), ("layers.1.weight", w2), ("layers.1.bias", b2)]
     balancer = ParetoLoRA(named, make_optimizer(fused), backend=backend, lr=LR, weight_decay=0.01,
                           process_group=dist.group.WORLD, distributed="sharded")
+    ops, reduced = [], []  # the ops and the all-reduces (dtype, numel) of the balanced steps
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        reduced.append((str(tensor.dtype), tensor.numel()))
+        return original(tensor, *args, **kwargs)
     for step in range(STEPS):
         x, t = batch(step)
         partial = torch.tanh(x @ w1.T + b1) @ w2.T
         if rank == 0:
             partial = partial + b2
         y = all_reduce(partial, group=dist.group.WORLD)
-        balancer.step(objectives(y, t, scale=1.0 / WORLD))
+        losses = objectives(y, t, scale=1.0 / WORLD)
+        balancer.accumulate(losses)  # the model's own all-reduces (its backward) happen here
+        dist.all_reduce = counting
+        try:
+            ops += dispatched_fused_balance_ops(balancer.step)
+        finally:
+            dist.all_reduce = original
         balancer.zero_grad()
     return {"params": {n: p.detach().clone() for n, p in named},
-            "weights": [h["weights"] for h in balancer.history]}
+            "weights": [h["weights"] for h in balancer.history], "ops": ops, "reduced": reduced,
+            "segments": balancer.num_segments}
 
 
 def _scenarios(rank, world, backends) -> dict:
@@ -160,3 +173,7 @@ def test_sharded_pareto_lora_equals_the_unsharded_model(ranks, backend, fused):
         for w_got, h in zip(g["weights"], history):
             close(w_got, h["weights"])
         assert all(torch.equal(a, b) for a, b in zip(g["weights"], got[0]["weights"]))
+        if backend == "cpp":  # the plan, with one collective per step: the Gram partials and the flag
+            assert set(g["ops"]) <= {"bank_gram", "bank_combine_into", "bank_adamw_", "policy_weights"}, g["ops"]
+            S = g["segments"]
+            assert g["reduced"] == [("torch.float64", S * 2 * 2 + 1)] * STEPS

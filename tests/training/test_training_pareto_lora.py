@@ -10,6 +10,7 @@ import torch
 from fused_balance.demo.data import VOCAB, make_batch
 from fused_balance.demo.model import build_lora_model, modality_losses
 from fused_balance.training import BalancedAdamW, ParetoLoRA, layer_key, lora_parameters, segment_ids_for
+from shared import dispatched_fused_balance_ops
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -232,25 +233,6 @@ def test_fused_path_gets_the_range_rescue(scale):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def _dispatched_fused_balance_ops(fn):
-    """The fused_balance ops ``fn`` dispatches (names like 'bank_gram')."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            name = func.name()
-            if name.startswith("fused_balance::"):
-                self.ops.append(name.split("::")[1].split(".")[0])
-            return func(*args, **(kwargs or {}))
-    with Record() as record:
-        fn()
-    return record.ops
-
-
 @pytest.mark.parametrize("optimizer", ["torch-adamw", "fused"])
 def test_an_unreached_tensor_keeps_the_planned_step(optimizer):
     """A module no objective runs through (Emu3's VQ adapters): the step still takes the plan
@@ -271,7 +253,7 @@ def test_an_unreached_tensor_keeps_the_planned_step(optimizer):
             x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
             out = model(x)
             batch = {"text": out[:, 0].pow(2).mean(), "image": (out[:, 1] - 1).pow(2).mean()}
-            ops += _dispatched_fused_balance_ops(lambda: balancer.step(batch))
+            ops += dispatched_fused_balance_ops(lambda: balancer.step(batch))
             balancer.zero_grad()
         assert balancer.dead_tensors == ["unused.weight", "unused.bias"]
         assert all(p.grad is None and torch.equal(p, b) for p, b in zip(unused.parameters(), before))
@@ -305,7 +287,7 @@ def test_balance_and_backward_take_the_plan_and_equal_the_list_engine(before, ac
             x = torch.randn(4, 8, generator=torch.Generator().manual_seed(step))
             out = model(x)
             batch = {"text": out[:, 0].pow(2).mean(), "image": (out[:, 1] - 1).pow(2).mean()}
-            recorded = _dispatched_fused_balance_ops(lambda: balancer.backward(batch, accumulate=accumulate))
+            recorded = dispatched_fused_balance_ops(lambda: balancer.backward(batch, accumulate=accumulate))
             if backend == "cpp":
                 ops += recorded
             if before == "none":
