@@ -168,21 +168,48 @@ __device__ __forceinline__ T ldg_elem(const T* p) {
   else return __ldg(p);
 }
 
-template <int N, bool ReadOnly = false, typename T, typename A>
-__device__ __forceinline__ void load_elems(const T* ptr, A (&x)[N]) {
+// N elements of T as loaded, not yet converted (raw packs: a load in flight is not waited for
+// until unpack_elems reads it, so a caller can issue the next load first).
+template <int N, typename T>
+struct RawElems {
+  static constexpr int packs = N == 1 ? 1 : N / Pack16<T>::n;
+  static_assert(N == 1 || N % Pack16<T>::n == 0, "whole 16-byte packs");
+  uint4 pack[N == 1 ? 1 : packs];
+  T scalar;
+};
+
+template <int N, bool ReadOnly = false, typename T>
+__device__ __forceinline__ void load_raw(const T* ptr, RawElems<N, T>& raw) {
   if constexpr (N == 1) {
-    x[0] = to_acc<A>(ReadOnly ? ldg_elem(ptr) : *ptr);
+    raw.scalar = ReadOnly ? ldg_elem(ptr) : *ptr;
   } else {
-    constexpr int n = Pack16<T>::n;
-    static_assert(N % n == 0, "whole 16-byte packs");
 #pragma unroll
-    for (int q = 0; q < N / n; ++q) {
+    for (int q = 0; q < RawElems<N, T>::packs; ++q) {
       const uint4* pack = reinterpret_cast<const uint4*>(ptr) + q;
-      const uint4 u = ReadOnly ? __ldg(pack) : *pack;
-#pragma unroll
-      for (int j = 0; j < n; ++j) x[q * n + j] = Pack16<T>::template get<A>(u, j);
+      raw.pack[q] = ReadOnly ? __ldg(pack) : *pack;
     }
   }
+}
+
+template <int N, typename T, typename A>
+__device__ __forceinline__ void unpack_elems(const RawElems<N, T>& raw, A (&x)[N]) {
+  if constexpr (N == 1) {
+    x[0] = to_acc<A>(raw.scalar);
+  } else {
+    constexpr int n = Pack16<T>::n;
+#pragma unroll
+    for (int q = 0; q < N / n; ++q) {
+#pragma unroll
+      for (int j = 0; j < n; ++j) x[q * n + j] = Pack16<T>::template get<A>(raw.pack[q], j);
+    }
+  }
+}
+
+template <int N, bool ReadOnly = false, typename T, typename A>
+__device__ __forceinline__ void load_elems(const T* ptr, A (&x)[N]) {
+  RawElems<N, T> raw;
+  load_raw<N, ReadOnly>(ptr, raw);
+  unpack_elems(raw, x);
 }
 
 // One weak 128-bit global store (STG.E.128). A plain `*p = u` of a uint4 assembled from converted

@@ -187,18 +187,24 @@ __device__ __forceinline__ void load_segment_weights(const double* weights, int6
 // objective order (the roundings of combine_element), element by element whatever N is. N > 1
 // reads each row with 16-byte loads (g + k ld + i 16-byte aligned for every k); N == 1 is the
 // scalar path (misaligned chunks, heads and tails). The bank is only read: read-only cache loads.
+// Row k + 1 is loaded before row k is used, so two rows are in flight (K = 2 included).
 template <int N, typename A, typename T>
 __device__ __forceinline__ void combine_rows(const T* g, int64_t ld, int K, const A* ws, int64_t i, A (&d)[N]) {
   const T* gk = g + i;
+  RawElems<N, T> row, next;
+  load_raw<N, true>(gk, row);
+  if (K > 1) load_raw<N, true>(gk + ld, next);
   A x[N];
-  load_elems<N, true>(gk, x);
+  unpack_elems(row, x);
   const A w0 = ws[0];
 #pragma unroll
   for (int j = 0; j < N; ++j) d[j] = mul_rn(w0, x[j]);
 #pragma unroll 1
   for (int k = 1; k < K; ++k) {
     gk += ld;
-    load_elems<N, true>(gk, x);
+    row = next;
+    if (k + 1 < K) load_raw<N, true>(gk + ld, next);
+    unpack_elems(row, x);
     const A wk = ws[k];
 #pragma unroll
     for (int j = 0; j < N; ++j) d[j] = add_rn(d[j], mul_rn(wk, x[j]));
