@@ -108,6 +108,135 @@ __device__ __forceinline__ void store_vec<bf16_t>(bf16_t* ptr, const float (&x)[
 template <>
 __device__ __forceinline__ void store_vec<f16_t>(f16_t* ptr, const float (&x)[kVec]) { store_vec16(ptr, x); }
 
+// 16-byte accesses: N elements of T (N * sizeof(T) a multiple of 16) as 128-bit loads / stores
+// of raw bits, each element converted with to_acc / from_acc exactly as a scalar access is, so a
+// vector loop rounds like the scalar one. N == 1 is the plain scalar access (the tail). The
+// pointer must be 16-byte aligned when N > 1 (aligned16).
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+__device__ __forceinline__ uint32_t word_of(const uint4& u, int w) {
+  return w == 0 ? u.x : (w == 1 ? u.y : (w == 2 ? u.z : u.w));
+}
+__device__ __forceinline__ void set_word(uint4& u, int w, uint32_t x) {
+  if (w == 0) u.x = x;
+  else if (w == 1) u.y = x;
+  else if (w == 2) u.z = x;
+  else u.w = x;
+}
+
+// Element j of a 16-byte pack of T: its value in A, and its bits set from a value in A.
+template <typename T> struct Pack16;
+template <> struct Pack16<float> {
+  static constexpr int n = 4;
+  template <typename A> __device__ __forceinline__ static A get(const uint4& u, int j) {
+    return to_acc<A>(__uint_as_float(word_of(u, j)));
+  }
+  template <typename A> __device__ __forceinline__ static void put(uint4& u, int j, A x) {
+    set_word(u, j, __float_as_uint(from_acc<float>(x)));
+  }
+};
+template <> struct Pack16<double> {
+  static constexpr int n = 2;
+  template <typename A> __device__ __forceinline__ static A get(const uint4& u, int j) {
+    return to_acc<A>(__hiloint2double(int(word_of(u, 2 * j + 1)), int(word_of(u, 2 * j))));
+  }
+  template <typename A> __device__ __forceinline__ static void put(uint4& u, int j, A x) {
+    const double d = from_acc<double>(x);
+    set_word(u, 2 * j, uint32_t(__double2loint(d)));
+    set_word(u, 2 * j + 1, uint32_t(__double2hiint(d)));
+  }
+};
+template <typename H> struct Pack16Half {  // bf16_t, f16_t: two elements per 32-bit word
+  static constexpr int n = 8;
+  template <typename A> __device__ __forceinline__ static A get(const uint4& u, int j) {
+    return to_acc<A>(H{uint16_t(word_of(u, j / 2) >> (16 * (j % 2)))});
+  }
+  template <typename A> __device__ __forceinline__ static void put(uint4& u, int j, A x) {
+    const uint32_t bits = from_acc<H>(x).bits;
+    set_word(u, j / 2, j % 2 ? (word_of(u, j / 2) & 0xffffu) | (bits << 16) : bits);  // low half first
+  }
+};
+template <> struct Pack16<bf16_t> : Pack16Half<bf16_t> {};
+template <> struct Pack16<f16_t> : Pack16Half<f16_t> {};
+
+// ReadOnly: through the read-only data cache (ld.global.nc, __ldg), for data no thread of the
+// kernel writes (a bank the kernel only reads; the pointer arithmetic of the alignment tests
+// would otherwise keep the compiler from proving it from __restrict__).
+template <typename T>
+__device__ __forceinline__ T ldg_elem(const T* p) {
+  if constexpr (sizeof(T) == 2) return T{__ldg(reinterpret_cast<const unsigned short*>(p))};
+  else return __ldg(p);
+}
+
+// N elements of T as loaded, not yet converted (raw packs: a load in flight is not waited for
+// until unpack_elems reads it, so a caller can issue the next load first).
+template <int N, typename T>
+struct RawElems {
+  static constexpr int packs = N == 1 ? 1 : N / Pack16<T>::n;
+  static_assert(N == 1 || N % Pack16<T>::n == 0, "whole 16-byte packs");
+  uint4 pack[N == 1 ? 1 : packs];
+  T scalar;
+};
+
+template <int N, bool ReadOnly = false, typename T>
+__device__ __forceinline__ void load_raw(const T* ptr, RawElems<N, T>& raw) {
+  if constexpr (N == 1) {
+    raw.scalar = ReadOnly ? ldg_elem(ptr) : *ptr;
+  } else {
+#pragma unroll
+    for (int q = 0; q < RawElems<N, T>::packs; ++q) {
+      const uint4* pack = reinterpret_cast<const uint4*>(ptr) + q;
+      raw.pack[q] = ReadOnly ? __ldg(pack) : *pack;
+    }
+  }
+}
+
+template <int N, typename T, typename A>
+__device__ __forceinline__ void unpack_elems(const RawElems<N, T>& raw, A (&x)[N]) {
+  if constexpr (N == 1) {
+    x[0] = to_acc<A>(raw.scalar);
+  } else {
+    constexpr int n = Pack16<T>::n;
+#pragma unroll
+    for (int q = 0; q < N / n; ++q) {
+#pragma unroll
+      for (int j = 0; j < n; ++j) x[q * n + j] = Pack16<T>::template get<A>(raw.pack[q], j);
+    }
+  }
+}
+
+template <int N, bool ReadOnly = false, typename T, typename A>
+__device__ __forceinline__ void load_elems(const T* ptr, A (&x)[N]) {
+  RawElems<N, T> raw;
+  load_raw<N, ReadOnly>(ptr, raw);
+  unpack_elems(raw, x);
+}
+
+// One weak 128-bit global store (STG.E.128). A plain `*p = u` of a uint4 assembled from converted
+// elements is split by the compiler into narrower stores, and __stwb compiles to a strong
+// (STG.E.128.STRONG.SM) store. Global memory is addressed identically through generic pointers.
+__device__ __forceinline__ void store16(uint4* p, const uint4& u) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(u.x), "r"(u.y), "r"(u.z), "r"(u.w)
+               : "memory");
+}
+
+template <int N, typename T, typename A>
+__device__ __forceinline__ void store_elems(T* ptr, const A (&x)[N]) {
+  if constexpr (N == 1) {
+    *ptr = from_acc<T>(x[0]);
+  } else {
+    constexpr int n = Pack16<T>::n;
+    static_assert(N % n == 0, "whole 16-byte packs");
+#pragma unroll
+    for (int q = 0; q < N / n; ++q) {
+      uint4 u = make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+      for (int j = 0; j < n; ++j) Pack16<T>::template put<A>(u, j, x[q * n + j]);
+      store16(reinterpret_cast<uint4*>(ptr) + q, u);
+    }
+  }
+}
+
 // Element i of a tensor whose dtype is known only at run time (ElemType code), in math type A.
 template <typename A>
 __device__ __forceinline__ A load_as(const void* base, int32_t code, int64_t i) {

@@ -183,18 +183,57 @@ __device__ __forceinline__ void load_segment_weights(const double* weights, int6
   __syncthreads();
 }
 
-// sum_k ws[k] g[k ld + i]: each product and sum rounded in A, in objective order (the roundings
-// of combine_element).
-template <typename A, typename T>
-__device__ __forceinline__ A combine_rows(const T* g, int64_t ld, int K, const A* ws, int64_t i) {
-  A d = mul_rn(ws[0], to_acc<A>(g[i]));
+// Elements [i, i + N) of sum_k ws[k] g[k ld + .]: each product and sum rounded in A, in
+// objective order (the roundings of combine_element), element by element whatever N is. N > 1
+// reads each row with 16-byte loads (g + k ld + i 16-byte aligned for every k); N == 1 is the
+// scalar path (misaligned chunks, heads and tails). The bank is only read: read-only cache loads.
+// Row k + 1 is loaded before row k is used, so two rows are in flight (K = 2 included).
+template <int N, typename A, typename T>
+__device__ __forceinline__ void combine_rows(const T* g, int64_t ld, int K, const A* ws, int64_t i, A (&d)[N]) {
   const T* gk = g + i;
+  RawElems<N, T> row, next;
+  load_raw<N, true>(gk, row);
+  if (K > 1) load_raw<N, true>(gk + ld, next);
+  A x[N];
+  unpack_elems(row, x);
+  const A w0 = ws[0];
+#pragma unroll
+  for (int j = 0; j < N; ++j) d[j] = mul_rn(w0, x[j]);
 #pragma unroll 1
   for (int k = 1; k < K; ++k) {
     gk += ld;
-    d = add_rn(d, mul_rn(ws[k], to_acc<A>(*gk)));
+    row = next;
+    if (k + 1 < K) load_raw<N, true>(gk + ld, next);
+    unpack_elems(row, x);
+    const A wk = ws[k];
+#pragma unroll
+    for (int j = 0; j < N; ++j) d[j] = add_rn(d[j], mul_rn(wk, x[j]));
   }
-  return d;
+}
+
+// How a chunk's [0, len) is split for N-wide 16-byte accesses: elements [head, head + nvec N) in
+// vectors, [0, head) and the tail one by one. head (< 16 bytes of elements) aligns `lead`; the
+// chunk is vectorised only when every stream (`others_aligned`, tested at head) and every
+// bank row (rows ld elements apart) is 16-byte aligned there too. Uniform per block (it depends
+// on the chunk only), so no barrier is affected.
+struct VecSplit {
+  int64_t head, nvec;
+  // element j of the scalar remainder (j < len - nvec N)
+  __device__ __forceinline__ int64_t scalar_index(int64_t j, int N) const { return j < head ? j : j + nvec * N; }
+};
+
+template <int N, typename L, typename T>
+__device__ __forceinline__ int64_t align_head(const L* lead, int64_t len) {
+  static_assert(N * sizeof(L) >= 16 && N * sizeof(T) >= 16, "N elements fill 16-byte packs");
+  const int64_t h = int64_t(((16u - (reinterpret_cast<uintptr_t>(lead) & 15u)) & 15u) / sizeof(L));
+  return h < len ? h : len;
+}
+
+template <int N, typename T>
+__device__ __forceinline__ VecSplit vec_split(int64_t head, int64_t len, const T* bank_row, int64_t ld, int K,
+                                              bool others_aligned) {
+  const bool ok = others_aligned && aligned16(bank_row + head) && (K == 1 || (ld * int64_t(sizeof(T))) % 16 == 0);
+  return {head, ok ? (len - head) / N : 0};
 }
 
 template <typename T>
@@ -203,6 +242,7 @@ __global__ void __launch_bounds__(kThreads) combine_chunks(const T* __restrict__
                                                            const double* __restrict__ weights, T* __restrict__ out,
                                                            const bool* skip, TableBounds bounds) {
   using A = acc_t<T>;
+  constexpr int N = Pack16<T>::n;  // elements per 16-byte vector
   if (skip != nullptr && *skip) return;
   __shared__ A ws[kMaxObjectives];
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
@@ -211,7 +251,21 @@ __global__ void __launch_bounds__(kThreads) combine_chunks(const T* __restrict__
     const int64_t start = r[kColStart], len = r[kColLength];
     load_segment_weights<A>(weights, r[kColSegment], K, ws);
     const T* g = bank + start;
-    for (int64_t i = threadIdx.x; i < len; i += kThreads) out[start + i] = from_acc<T>(combine_rows(g, ld, K, ws, i));
+    T* o = out + start;
+    const int64_t head = align_head<N, T, T>(o, len);
+    const VecSplit split = vec_split<N>(head, len, g, ld, K, aligned16(o + head));
+    for (int64_t vi = threadIdx.x; vi < split.nvec; vi += kThreads) {
+      const int64_t i = head + vi * N;
+      A d[N];
+      combine_rows<N>(g, ld, K, ws, i, d);
+      store_elems<N>(o + i, d);
+    }
+    for (int64_t j = threadIdx.x; j < len - split.nvec * N; j += kThreads) {
+      const int64_t i = split.scalar_index(j, N);
+      A d[1];
+      combine_rows<1>(g, ld, K, ws, i, d);
+      store_elems<1>(o + i, d);
+    }
   }
 }
 
@@ -235,6 +289,26 @@ void bank_combine_into_cuda(const at::Tensor& bank, const at::Tensor& weights, c
 }
 
 // -------------------------------------------------------------------------------- AdamW
+// Elements [i, i + N) of a chunk: the combined gradient, rounded through T, then the AdamW update
+// of the parameter and its moments, element by element (N > 1: 16-byte accesses, every pointer
+// 16-byte aligned at i; N == 1: the scalar path). The parameter and moments are loaded before the
+// K rows are read, so all loads are in flight together; the arithmetic is the scalar one.
+template <int N, typename T, typename GA, typename PT, typename A>
+__device__ __forceinline__ void adamw_elems(const T* g, int64_t ld, int K, const GA* ws, PT* p, PT* m, PT* v,
+                                            int64_t i, const AdamWConsts<A>& consts) {
+  A pa[N], ma[N], va[N];
+  load_elems<N>(p + i, pa);
+  load_elems<N>(m + i, ma);
+  load_elems<N>(v + i, va);
+  GA d[N];
+  combine_rows<N>(g, ld, K, ws, i, d);
+#pragma unroll
+  for (int j = 0; j < N; ++j) adamw_update(pa[j], ma[j], va[j], A(round_through<T>(d[j])), consts);
+  store_elems<N>(p + i, pa);
+  store_elems<N>(m + i, ma);
+  store_elems<N>(v + i, va);
+}
+
 // T: gradient dtype, PT: parameter / moment dtype. Per chunk, the segment's weights and the
 // constants of (group, step count) (from the per-parameter step counts and the hyper table in
 // device memory) are set up once; the element loop reads only the data. Parameters whose `live`
@@ -249,6 +323,8 @@ __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ b
                                                          const bool* __restrict__ live, TableBounds bounds) {
   using GA = acc_t<T>;
   using A = acc_t<PT>;
+  // elements per vector: 16 bytes of the narrower of T and PT (the wider one takes two packs)
+  constexpr int N = Pack16<T>::n > Pack16<PT>::n ? Pack16<T>::n : Pack16<PT>::n;
   if (skip != nullptr && *skip) return;
   __shared__ GA ws[kMaxObjectives];
   __shared__ AdamWConsts<A> group_consts;
@@ -275,14 +351,15 @@ __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ b
     const AdamWConsts<A>& consts = group_consts;  // read from shared memory: no registers held
     PT* p = reinterpret_cast<PT*>(param_ptrs[r[kColParam]]) + r[kColParamOffset];
     const T* g = bank + start;
-    for (int64_t i = threadIdx.x; i < len; i += kThreads) {
-      const GA d = round_through<T>(combine_rows(g, ld, K, ws, i));
-      A pa = to_acc<A>(p[i]), ma = to_acc<A>(m[start + i]), va = to_acc<A>(v[start + i]);
-      adamw_update(pa, ma, va, A(d), consts);
-      p[i] = from_acc<PT>(pa);
-      m[start + i] = from_acc<PT>(ma);
-      v[start + i] = from_acc<PT>(va);
-    }
+    PT* mc = m + start;
+    PT* vc = v + start;
+    const int64_t head = align_head<N, PT, T>(mc, len);
+    const VecSplit split = vec_split<N>(head, len, g, ld, K, aligned16(mc + head) && aligned16(vc + head) &&
+                                                                    aligned16(p + head));
+    for (int64_t vi = threadIdx.x; vi < split.nvec; vi += kThreads)
+      adamw_elems<N, T>(g, ld, K, ws, p, mc, vc, head + vi * N, consts);
+    for (int64_t j = threadIdx.x; j < len - split.nvec * N; j += kThreads)
+      adamw_elems<1, T>(g, ld, K, ws, p, mc, vc, split.scalar_index(j, N), consts);
   }
 }
 

@@ -140,3 +140,50 @@ def test_device_code_is_not_contracted_into_fma_as_the_host_is_not(tmp_path):
                           timeout=120).stdout
     assert "DMUL" in sass and "DADD" in sass, sass[-2000:]
     assert "DFMA" not in sass, sass[-2000:]
+
+
+def sass_by_function(sass: str) -> dict:
+    """{mangled kernel name: its SASS} from ``cuobjdump -sass`` output."""
+    parts = re.split(r"^\s*Function : (\S+)\s*$", sass, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_sass_by_function_splits_kernels():
+    sass = ("\tcode for sm_90\n\t\tFunction : _Z1av\n\t/*0000*/ LDG.E.128 R4, desc[UR4][R2.64] ;\n"
+            "\t\t..........\n\n\t\tFunction : _Z1bv\n\t/*0000*/ LDG.E R4, desc[UR4][R2.64] ;\n")
+    found = sass_by_function(sass)
+    assert list(found) == ["_Z1av", "_Z1bv"]
+    assert "LDG.E.128" in found["_Z1av"] and "LDG.E.128" not in found["_Z1bv"]
+
+
+# The plan's bank kernels (plan_cuda.cu), by mangled template arguments: float32, float64, bf16, fp16
+# gradients (combine), and (gradient, parameter) dtype pairs (AdamW).
+BANK_KERNEL = re.compile(r"(combine_chunks|adamw_chunks)I(\w+?)EEvPK")
+
+
+def test_plan_bank_kernels_move_data_in_128_bit_accesses(tmp_path):
+    """combine_chunks and adamw_chunks stream every element of the bank, the output and the AdamW
+    state once: they are bandwidth-bound only if the element loop issues 16-byte loads and stores
+    (LDG.E.128 / STG.E.128 in the sm_90 SASS, as the list API's combine_kernel); one element per
+    thread and access leaves them latency-bound (no LDG.E.128 at all)."""
+    nvcc, cuobjdump = _nvcc(), _cuobjdump()
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("nvcc or cuobjdump not found")
+    source = Path(_extension.CSRC_DIR) / "plan_cuda.cu"
+    _compile(nvcc, _compile_flags(), source, "sm_90", tmp_path)
+    cubin = tmp_path / "plan_cuda.sm_90.cubin"
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True,
+                          timeout=300).stdout
+    kernels = {}
+    for name, code in sass_by_function(sass).items():
+        if m := BANK_KERNEL.search(name):
+            kernels[(m.group(1), m.group(2))] = code
+    assert ("combine_chunks", "f") in kernels and ("adamw_chunks", "ff") in kernels, sorted(kernels)
+    assert sum(k == "combine_chunks" for k, _ in kernels) == 4, sorted(kernels)
+    assert sum(k == "adamw_chunks" for k, _ in kernels) == 16, sorted(kernels)
+    counts = {key: (len(re.findall(r"\bLDG\.E\.128\b", code)), len(re.findall(r"\bSTG\.E\.128\b", code)))
+              for key, code in kernels.items()}
+    print("\n".join(f"{k:15} {t:24} {ld:3} LDG.E.128 {st:3} STG.E.128" for (k, t), (ld, st) in
+                    sorted(counts.items())), file=sys.stderr)
+    scalar_only = {key: c for key, c in counts.items() if c[0] == 0 or c[1] == 0}
+    assert not scalar_only, f"no 128-bit global load or store in {sorted(scalar_only)}"
