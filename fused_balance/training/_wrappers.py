@@ -8,8 +8,9 @@
   DDP at forward time) and averages the bank's ``[K, N]`` buffer itself in one all-reduce over
   DDP's process group (``distributed="data"``): K·N·esize bytes per step, once.
 - ``torch.compile`` (``_orig_mod``): looked through.
-- FSDP (``fully_shard`` / ``FullyShardedDataParallel``): not driven by ParetoLoRA; a clear error
-  names the supported hand-written recipe (``FSDP_RECIPE``).
+- FSDP2 (``fully_shard``): its parameters are DTensors; ParetoLoRA balances their local shards
+  and sums the Gram partials over the shard group (``fsdp2_shard_group``). FSDP1
+  (``FullyShardedDataParallel``) and DeepSpeed raise, naming the FSDP2 route (``FSDP_RECIPE``).
 
 Names: parameter names are taken relative to the innermost model and a prefix shared by every
 name (``module.``, ``_orig_mod.``, PEFT's ``base_model.model.``) is dropped, so segment and
@@ -22,19 +23,54 @@ from typing import Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["unwrap", "canonical_names", "check_not_fsdp", "adopt_ddp", "check_ddp_quiet",
-           "FSDP_RECIPE"]
+__all__ = ["unwrap", "canonical_names", "check_not_fsdp", "fsdp2_shard_group", "adopt_ddp",
+           "check_ddp_quiet", "FSDP_RECIPE"]
 
 _SHARED_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 
 FSDP_RECIPE = (
-    "ParetoLoRA does not drive FSDP-sharded (DTensor) parameters. Supported recipe: one "
-    "backward per objective (FSDP reduce-scatters it into p.grad), copy "
-    "[p.grad.to_local() for p in params] out per objective, then "
-    "fb.pareto_combine(local_grads, segment_ids, process_group=<the shard group>, "
-    "distributed='sharded', out=[p.grad.to_local() for p in params]) and step the optimizer "
-    "(see fused_balance.distributed and the README's 'Multi-GPU / multi-node' section). "
-    "For replicated models use DistributedDataParallel, which ParetoLoRA supports directly.")
+    "ParetoLoRA drives FSDP2 (torch.distributed.fsdp.fully_shard) directly: pass the fully_shard "
+    "model and a torch optimizer (accelerate and the Trainer use FSDP2 with fsdp_version: 2). "
+    "For replicated models use DistributedDataParallel, which ParetoLoRA also supports directly.")
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor: nothing can be sharded
+        return None
+    return DTensor
+
+
+def fsdp2_shard_group(named) -> "torch.distributed.ProcessGroup | None":
+    """The process group over which FSDP2 (``fully_shard``) parameters are sharded: the mesh
+    dimension their one ``Shard`` placement is on (a 1-D mesh, or HSDP's (replicate, shard)
+    mesh, where FSDP has already all-reduced over the replicas). None when no parameter is a
+    DTensor. Other layouts (a mix of DTensors and plain tensors, several sharded dimensions as
+    in FSDP + tensor parallel, parameters on different meshes) raise NotImplementedError."""
+    DTensor = _dtensor_type()
+    if DTensor is None:
+        return None
+    sharded = [(n, p) for n, p in named if isinstance(p, DTensor)]
+    if not sharded:
+        return None
+    if len(sharded) != len(named):
+        plain = next(n for n, p in named if not isinstance(p, DTensor))
+        raise NotImplementedError(f"parameter {plain!r} is a plain tensor but {sharded[0][0]!r} is a DTensor: "
+                                  "ParetoLoRA balances either FSDP2-sharded parameters only or none")
+    from torch.distributed.tensor import Replicate, Shard
+    mesh, dims = sharded[0][1].device_mesh, set()
+    for name, p in sharded:
+        shard_dims = [d for d, placement in enumerate(p.placements) if isinstance(placement, Shard)]
+        others_replicated = all(isinstance(pl, (Shard, Replicate)) for pl in p.placements)
+        if p.device_mesh != mesh or len(shard_dims) != 1 or not others_replicated:
+            raise NotImplementedError(f"parameter {name!r} is a DTensor with placements {p.placements} on "
+                                      f"{p.device_mesh}: ParetoLoRA balances FSDP2 / HSDP parameters (one sharded "
+                                      "mesh dimension, the others replicated, one mesh for all)")
+        dims.add(shard_dims[0])
+    if len(dims) != 1:
+        raise NotImplementedError(f"parameters are sharded over different mesh dimensions {sorted(dims)}")
+    return mesh.get_group(dims.pop())
 
 
 def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:
@@ -53,22 +89,23 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | N
 
 
 def check_not_fsdp(model_or_params) -> None:
-    """Raise (naming the supported recipe) for an FSDP-wrapped module or sharded parameters."""
+    """Raise, naming the FSDP2 route, for wrappers ParetoLoRA does not drive: FSDP1
+    (``FullyShardedDataParallel``) and DeepSpeed (its engine, or ZeRO-3 partitioned
+    parameters). FSDP2 (``fully_shard``) is driven (``fsdp2_shard_group``)."""
     if isinstance(model_or_params, torch.nn.Module):
-        from torch.distributed import fsdp
-        kinds = tuple(getattr(fsdp, name) for name in ("FSDPModule", "FullyShardedDataParallel")
-                      if hasattr(fsdp, name))
-        if isinstance(model_or_params, kinds):
-            raise NotImplementedError(f"{type(model_or_params).__name__}: {FSDP_RECIPE}")
-        return
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without DTensor: nothing can be sharded
+        try:
+            from torch.distributed.fsdp import FullyShardedDataParallel
+        except ImportError:
+            FullyShardedDataParallel = ()
+        if isinstance(model_or_params, FullyShardedDataParallel):
+            raise NotImplementedError(f"FullyShardedDataParallel (FSDP1) is not driven by ParetoLoRA. {FSDP_RECIPE}")
+        if type(model_or_params).__name__ == "DeepSpeedEngine":
+            raise NotImplementedError(f"DeepSpeed is not driven by ParetoLoRA. {FSDP_RECIPE}")
         return
     for name, p in model_or_params:
-        if isinstance(p, DTensor):
-            raise NotImplementedError(f"parameter {name!r} is a DTensor (FSDP2 fully_shard or "
-                                      f"tensor parallel): {FSDP_RECIPE}")
+        if hasattr(p, "ds_id"):  # ZeRO-3 partitions parameters in place
+            raise NotImplementedError(f"parameter {name!r} is partitioned by DeepSpeed ZeRO: not driven by "
+                                      f"ParetoLoRA. {FSDP_RECIPE}")
 
 
 def canonical_names(names: Sequence[str]) -> list[str]:

@@ -24,9 +24,24 @@ import torch
 from fused_balance import _extension
 from fused_balance._grad_slots import grad_slots, is_native
 
-__all__ = ["GradBank", "FILL_MODES", "check_params"]
+__all__ = ["GradBank", "FILL_MODES", "check_params", "local_shard"]
 
 FILL_MODES = ("backward", "batched")
+
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch without DTensor: nothing is sharded
+    DTensor = None
+
+
+def local_shard(p: torch.Tensor) -> torch.Tensor:
+    """The tensor this process holds of ``p``: the local shard of a DTensor (FSDP2's
+    ``fully_shard`` parameters; the same memory, no copy), else ``p`` itself."""
+    if DTensor is not None and isinstance(p, DTensor):
+        with torch.no_grad():
+            return p.to_local()
+    return p
 
 
 def check_trainable(p, label: str, frozen_consequence: str) -> None:
@@ -97,10 +112,13 @@ class GradBank:
                                 "pass dtype= (the backward mode needs the parameters' own dtype)")
             dtype = params[0].dtype
         self.params = params
+        # FSDP2 (fully_shard) parameters are DTensors: the bank holds each one's local shard
+        self.tensors = [local_shard(p) for p in params]
+        self.sharded = any(t is not p for t, p in zip(self.tensors, params))
         self.num_objectives = num_objectives
         self.mode = mode
         self.dtype = dtype
-        self.numels = [p.numel() for p in params]
+        self.numels = [t.numel() for t in self.tensors]
         self.offsets = [0]
         for n in self.numels:
             self.offsets.append(self.offsets[-1] + n)
@@ -118,8 +136,8 @@ class GradBank:
 
     def _make_views(self) -> None:
         self.grads: list[list[torch.Tensor]] = [
-            [self._buffer[k, self.offsets[i]:self.offsets[i + 1]].view(p.shape)
-             for i, p in enumerate(self.params)]
+            [self._buffer[k, self.offsets[i]:self.offsets[i + 1]].view(t.shape)
+             for i, t in enumerate(self.tensors)]
             for k in range(self.num_objectives)]
         self._slots = None  # they hold the old views
 
@@ -179,7 +197,9 @@ class GradBank:
         if not accumulate:
             self.buffer.zero_()
             slots.begin_window()
-        if mode == "backward":
+        if self.sharded:  # FSDP2 writes its reduce-scattered shards into a DTensor .grad
+            self.last_fill_reached_any = self._fill_from_shards(slots, losses, retain_graph)
+        elif mode == "backward":
             self.last_fill_reached_any = self._fill_backward(slots, losses, retain_graph)
         else:
             self.last_fill_reached_any = self._fill_batched(slots, losses, retain_graph)
@@ -246,6 +266,29 @@ class GradBank:
         finally:
             slots.restore()
         return reached
+
+    def _fill_from_shards(self, slots, losses, retain_graph) -> bool:
+        """One backward per objective with every ``.grad`` None; FSDP2 reduce-scatters each
+        parameter's gradient into a DTensor ``.grad`` whose local shard is copied into the
+        bank (one foreach copy per objective); the user's ``.grad`` come back afterwards."""
+        live = [k for k, loss in enumerate(losses) if loss.requires_grad]
+        saved = [p.grad for p in self.params]
+        hit = set()
+        try:
+            for j, k in enumerate(live):
+                for p in self.params:
+                    p.grad = None
+                losses[k].reshape(()).backward(retain_graph=retain_graph or j < len(live) - 1)
+                arrived = [(i, local_shard(p.grad)) for i, p in enumerate(self.params) if p.grad is not None]
+                if arrived:
+                    with torch.no_grad():
+                        torch._foreach_add_([self.grads[k][i] for i, _ in arrived], [g for _, g in arrived])
+                hit.update(i for i, _ in arrived)
+        finally:
+            for p, g in zip(self.params, saved):
+                p.grad = g
+        slots.mark(sorted(hit))
+        return bool(hit)
 
     def _grad_slots(self, window_start: bool):
         """The backward fill's .grad bookkeeping, which also tracks the window's reach. Built on

@@ -37,6 +37,7 @@ from fused_balance import _extension
 from fused_balance.distributed import all_reduce_gram_, average_gradients_, check_group
 from fused_balance.policies import check_policy_args
 from fused_balance.training import _wrappers
+from fused_balance.training._fsdp import DTensorGrads
 from fused_balance.training.bank import GradBank
 from fused_balance.training.optim import BalancedAdamW
 from fused_balance.training.segments import layer_key, lora_parameters, named_parameters_of, segment_ids_for
@@ -82,8 +83,10 @@ class ParetoLoRA:
     optimizer then sees the same balanced gradient on every rank, so the ranks stay identical.
     A DistributedDataParallel model (also accelerate's / the Trainer's wrapper) is detected:
     its process group is used, DDP's own gradient averaging is switched off and the bank is
-    averaged once per step instead (see ``attach``). FSDP-sharded (DTensor) parameters raise
-    NotImplementedError naming the supported recipe.
+    averaged once per step instead (see ``attach``). An FSDP2 model (``fully_shard``, also
+    accelerate's / the Trainer's with ``fsdp_version: 2``) needs no argument either: its local
+    shards are balanced, the Gram partials summed over its shard group (one all-reduce of
+    S·K·K + 1 float64 per step besides FSDP's own collectives), with a torch optimizer.
 
     Tensors no objective reached in a step's window (``dead_tensors``, e.g. LoRA on a VQ model
     that token losses never run through, or an expert no token was routed to) are neither
@@ -123,9 +126,18 @@ class ParetoLoRA:
             if not objectives or len(set(objectives)) != len(list(objectives)):
                 raise ValueError(f"objectives must be distinct names, at least one: {objectives!r}")
         self.history_limit = _history_limit(history_limit)
-        self.process_group, self.distributed = process_group, distributed
         self.named_params = _named(model_or_params)
         self.params = [p for _, p in self.named_params]
+        # FSDP2 (fully_shard): the local shards are balanced, the Gram summed over the shard group
+        shard_group = _wrappers.fsdp2_shard_group(self.named_params)
+        if shard_group is not None:
+            if process_group is not None and process_group is not shard_group:
+                raise ValueError("the parameters are FSDP2-sharded: their shard group is used; leave "
+                                 "process_group out")
+            process_group, distributed = shard_group, "sharded"
+        self.process_group, self.distributed = process_group, distributed
+        self._fsdp = shard_group is not None
+        self._dtensor_grads = None  # FSDP2: the DTensor gradients the plan writes (_fsdp.DTensorGrads)
         _check_backend(backend, self.params[0].device)
         self.segment_ids, self.segment_names = segment_ids_for(self.named_params, segments)
         self.segments_rule = segments if isinstance(segments, str) else "callable"
@@ -148,6 +160,9 @@ class ParetoLoRA:
                                 "not a torch optimizer")
         self.optimizer = optimizer
         self.fused = isinstance(optimizer, BalancedAdamW)
+        if self._fsdp and self.fused:
+            raise NotImplementedError("the fused AdamW does not step FSDP2 (DTensor) parameters yet: use a torch "
+                                      "optimizer, e.g. torch.optim.AdamW(model.parameters())")
         if optimizer is not None:
             self._check_optimizer_holds_params(optimizer)
         if self.fused:  # grads must follow the optimizer's parameter order
@@ -176,6 +191,10 @@ class ParetoLoRA:
         self._stepped_live = None  # (_reach_cache key, live mask) of the last list-path step
         self._ddp = None
         self._watch = None  # the parameters' TensorStamp (frozen-later check), once the extension loads
+        if self._fsdp and not self._plan_usable():
+            raise NotImplementedError(f"FSDP2 parameters are balanced by the cpp kernels' plan, which cannot run "
+                                      f"here (backend {backend!r}, parameters {self.params[0].dtype} on "
+                                      f"{self.params[0].device}, all of one dtype and contiguous)")
         if isinstance(model_or_params, torch.nn.Module):
             self.attach(model_or_params)  # last: every other check has passed
 
@@ -339,7 +358,8 @@ class ParetoLoRA:
             # gathered before; say so before a step.
             raise ValueError(f"the losses {self.objectives} reached none of the {len(self.params)} balanced "
                              "parameters: are they computed from the forward of the model ParetoLoRA was "
-                             "built on?")
+                             "built on (and was it not wrapped by fully_shard since, which replaces the "
+                             "parameters)?")
         self.bank.flag_nonfinite(loss_list)
         values = torch.stack([loss.detach().reshape(()).float() for loss in loss_list])
         self._window_losses = values if self._window == 0 else self._window_losses + values
@@ -448,8 +468,8 @@ class ParetoLoRA:
     def _balance_plan(self) -> "fb.BalancePlan":
         key = (self.bank, self.policy, self.tau, self.rescale)  # load_state_dict may change the policy
         if self._plan is None or self._plan_key != key:  # built once per bank and policy
-            self._plan = fb.BalancePlan(self.bank, self.segment_ids, policy=self.policy, tau=self.tau,
-                                        rescale=self.rescale)
+            self._plan = fb.BalancePlan(self.bank, self.segment_ids, params=self.bank.tensors, policy=self.policy,
+                                        tau=self.tau, rescale=self.rescale)
             self._plan_key = key
             self._plan_live = None
         return self._plan
@@ -478,6 +498,10 @@ class ParetoLoRA:
         undoing (every ``.grad`` already was its view), else a callable putting back the ``.grad``
         the write replaced (one C++ loop when they were None, as after ``zero_grad``)."""
         plan, res = self._planned_weights(keep_dead_grads)
+        if self._fsdp:  # DTensor gradients over the plan's flat buffer
+            if self._dtensor_grads is None or self._dtensor_grads.plan is not plan:
+                self._dtensor_grads = DTensorGrads(self.params, plan)
+            return res, self._dtensor_grads.write(res, self._reach()[0], accumulate)
         state = plan.grads_state()
         undo = None
         if state == "none":

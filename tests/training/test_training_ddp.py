@@ -8,7 +8,8 @@ shared ``run_ranks`` helper of tests/shared.py):
 - ``accelerate`` (``Accelerator(cpu=True)``, MULTI_CPU): ``ParetoLoRA(accelerator.prepare(model))``.
 - ``BalancedTrainer`` with the Trainer's own DDP (the env vars torchrun sets, ``use_cpu=True``,
   ``ddp_backend="gloo"``) on the tiny PEFT demo model.
-- FSDP2 (``fully_shard``): a clear NotImplementedError at construction naming the recipe.
+- FSDP2 (``fully_shard``): accepted with a torch optimizer; the fused AdamW is refused at
+  construction (test_training_fsdp2.py trains FSDP2 models).
 
 After 5 steps every rank holds the same bits, equal to one process on the whole (concatenated)
 batch within rtol 1e-5 (the Trainer runs: in float64, normwise, see TRAINER_NORMWISE); the
@@ -162,15 +163,17 @@ def _trainer(rank, world, outdir, accumulation=1, dtype=torch.float64):
 
 
 def _fsdp2(rank, world):
-    """fully_shard turns parameters into DTensors: ParetoLoRA refuses at construction, naming
-    the hand-written recipe (tests/core/test_distributed.py checks that recipe)."""
+    """fully_shard turns parameters into DTensors: ParetoLoRA drives them with a torch optimizer
+    (tests/training/test_training_fsdp2.py trains them) and refuses the fused AdamW at
+    construction, naming the torch optimizer."""
     from torch.distributed.fsdp import fully_shard
     net = Net()
     fully_shard(net)
     errors = []
     for target in (net, list(net.named_parameters())):
+        ParetoLoRA(target, make_optimizer(False))
         try:
-            ParetoLoRA(target, make_optimizer(False))
+            ParetoLoRA(target, make_optimizer(True))
             errors.append(None)
         except NotImplementedError as exc:
             errors.append(str(exc))
@@ -342,10 +345,10 @@ def test_ddp_setups_that_cannot_be_correct_are_refused(ranks2):
         assert r["refusals"]["sync_untouched"]
 
 
-def test_fsdp2_is_refused_at_construction_naming_the_recipe(ranks2):
+def test_fsdp2_is_driven_with_a_torch_optimizer_and_the_fused_adamw_refused(ranks2):
     for r in ranks2:
         for error in r["fsdp2"]["errors"]:
-            assert error is not None and "fb.pareto_combine" in error and "sharded" in error
+            assert error is not None and "torch optimizer" in error
 
 
 @pytest.mark.skipif(not HAVE_ACCELERATE, reason="accelerate is not installed")
