@@ -2,7 +2,11 @@
 // sum_k w[seg(p), k] g_k[p] is formed in registers and fed to torch.optim.AdamW's update in one
 // launch over the metadata table of cuda_launch.cuh; params and moments are read and written
 // once, in their own dtypes. The element update is multi_tensor.h's adamw_update, shared with the
-// CPU kernels. Registers its own op (see gram_cuda.cu).
+// CPU kernels. When the moments share the parameters' dtype (the usual case), adamw_kernel is
+// compiled per (gradient, parameter) dtype pair and reads each chunk's gradient pointers once,
+// into shared memory, with 16-byte accesses where the chunk is aligned; otherwise
+// adamw_mixed_kernel switches on the dtype codes per element. Both round alike, bit for bit.
+// Registers its own op (see gram_cuda.cu).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -20,12 +24,111 @@ namespace fused_balance {
 namespace cuda {
 namespace {
 
-// T: gradient dtype; A: math type (double for fp64 params, else float). The combined gradient is
-// formed in registers; params / moments are read and written once, in their own dtypes.
-template <typename T, typename A>
+// The fast path: T the gradients' dtype, PT the parameters' and both moments' (one dtype for the
+// three, the common case). Per chunk, the K gradient pointers of the chunk and the segment's K
+// weights are read once from the metadata table into shared memory (dynamic: K entries of each);
+// the element loop then reads only data, with no run-time dtype switch, in 16-byte accesses where
+// every stream of the chunk is 16-byte aligned (scalar head and tail). The arithmetic is the
+// scalar one, element by element: combine_element's order and roundings (products and sums in
+// acc_t<T>, objective order), round_through<T>, adamw_update in acc_t<PT>.
+constexpr int64_t kSharedBytes = 48 * 1024;  // dynamic shared memory without an opt-in
+
+template <typename T>
+constexpr int64_t shared_bytes_for(int64_t K) {
+  return K * int64_t(sizeof(const T*) + sizeof(acc_t<T>));
+}
+
+// Elements [i, i + N) of sum_k ws[k] g_k: gs[k] + i 16-byte aligned for every k when N > 1;
+// N == 1 is the scalar access. Row k + 1 is loaded before row k is used.
+template <int N, typename T, typename GA>
+__device__ __forceinline__ void combine_ptrs(const T* const* gs, const GA* ws, int K, int64_t i, GA (&d)[N]) {
+  RawElems<N, T> row, next;
+  load_raw<N>(global_ptr(gs[0]) + i, row);
+  if (K > 1) load_raw<N>(global_ptr(gs[1]) + i, next);
+  GA x[N];
+  unpack_elems(row, x);
+  const GA w0 = ws[0];
+#pragma unroll
+  for (int j = 0; j < N; ++j) d[j] = mul_rn(w0, x[j]);
+#pragma unroll 1
+  for (int k = 1; k < K; ++k) {
+    row = next;
+    if (k + 1 < K) load_raw<N>(global_ptr(gs[k + 1]) + i, next);
+    unpack_elems(row, x);
+    const GA wk = ws[k];
+#pragma unroll
+    for (int j = 0; j < N; ++j) d[j] = add_rn(d[j], mul_rn(wk, x[j]));
+  }
+}
+
+// Elements [i, i + N) of a chunk: the combined gradient rounded through T, then the AdamW update
+// of the parameter and its moments (loaded after the combination: fewer registers live across
+// the K loop).
+template <int N, typename T, typename PT, typename GA, typename A>
+__device__ __forceinline__ void adamw_elems(const T* const* gs, const GA* ws, int K, PT* p, PT* m, PT* v,
+                                            int64_t i, const AdamWConsts<A>& consts) {
+  GA d[N];
+  combine_ptrs<N>(gs, ws, K, i, d);
+  A pa[N], ma[N], va[N];
+  load_elems<N>(p + i, pa);
+  load_elems<N>(m + i, ma);
+  load_elems<N>(v + i, va);
+#pragma unroll
+  for (int j = 0; j < N; ++j) adamw_update(pa[j], ma[j], va[j], A(round_through<T>(d[j])), consts);
+  store_elems<N>(p + i, pa);
+  store_elems<N>(m + i, ma);
+  store_elems<N>(v + i, va);
+}
+
+template <typename T, typename PT>
 __global__ void __launch_bounds__(kThreads) adamw_kernel(Meta meta, int64_t num_chunks, const acc_t<T>* weights,
-                                                         const bool* skip, int32_t p_code, int32_t m_code,
-                                                         int32_t v_code, AdamWConsts<A> base) {
+                                                         const bool* skip, AdamWConsts<acc_t<PT>> base) {
+  using GA = acc_t<T>;
+  using A = acc_t<PT>;
+  // elements per vector: 16 bytes of the narrower of T and PT (the wider one takes two packs)
+  constexpr int N = Pack16<T>::n > Pack16<PT>::n ? Pack16<T>::n : Pack16<PT>::n;
+  if (skip != nullptr && *skip) return;  // uniform per block: before any barrier
+  extern __shared__ int64_t shared_words[];  // [K] gradient pointers, then [K] weights
+  const T** gs = reinterpret_cast<const T**>(shared_words);
+  GA* ws = reinterpret_cast<GA*>(shared_words + meta.K);
+  const int K = meta.K;
+  for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {  // uniform per block
+    const auto [p, start, len, g, w] = weighted_chunk<T>(meta, c, weights);
+    AdamWConsts<A> consts = base;
+    consts.decay = A(meta.decay[p]);
+    consts.step_size = A(meta.step_size[p]);
+    PT* param = global_ptr(reinterpret_cast<PT*>(meta.out_ptrs[p])) + start;
+    PT* exp_avg = global_ptr(reinterpret_cast<PT*>(meta.exp_avg_ptrs[p])) + start;
+    PT* exp_avg_sq = global_ptr(reinterpret_cast<PT*>(meta.exp_avg_sq_ptrs[p])) + start;
+    // head elements align exp_avg to 16 bytes; the chunk is vectorised when every other stream is
+    // 16-byte aligned there too (decided by the whole block in the barrier that publishes gs / ws).
+    const int64_t lead = int64_t(((16u - (reinterpret_cast<uintptr_t>(exp_avg) & 15u)) & 15u) / sizeof(PT));
+    const int64_t head = lead < len ? lead : len;
+    bool ok = aligned16(param + head) && aligned16(exp_avg_sq + head);
+    __syncthreads();  // the previous chunk's readers of gs / ws are done
+    for (int k = threadIdx.x; k < K; k += kThreads) {
+      const T* gk = g[k];
+      gs[k] = gk;
+      ws[k] = w[k];
+      ok = ok && aligned16(gk + head);
+    }
+    const bool vec = __syncthreads_and(ok) != 0;
+    const int64_t nvec = vec ? (len - head) / N : 0;
+    for (int64_t vi = threadIdx.x; vi < nvec; vi += kThreads)
+      adamw_elems<N, T>(gs, ws, K, param, exp_avg, exp_avg_sq, head + vi * N, consts);
+    for (int64_t j = threadIdx.x; j < len - nvec * N; j += kThreads)
+      adamw_elems<1, T>(gs, ws, K, param, exp_avg, exp_avg_sq, j < head ? j : j + nvec * N, consts);
+  }
+}
+
+// The general path (moments in a dtype other than the parameters', or more objectives than the
+// shared table holds): T the gradient dtype, A the math type (double for fp64 params, else
+// float); every element reads its gradients through the table and switches on the dtype codes.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) adamw_mixed_kernel(Meta meta, int64_t num_chunks,
+                                                               const acc_t<T>* weights, const bool* skip,
+                                                               int32_t p_code, int32_t m_code, int32_t v_code,
+                                                               AdamWConsts<A> base) {
   using GA = acc_t<T>;
   if (skip != nullptr && *skip) return;
   const int K = meta.K;
@@ -82,12 +185,21 @@ void balanced_adamw_cuda(at::TensorList grads, const at::Tensor& weights, at::In
     with_type(g.code, [&](auto tag) {
       using T = decltype(tag);
       const auto* wp = static_cast<const acc_t<T>*>(w.data_ptr());
-      if (p_code == kFloat64) {
+      const int64_t shared = shared_bytes_for<T>(g.K);
+      if (m_code == p_code && v_code == p_code && shared <= kSharedBytes) {
+        with_type(p_code, [&](auto ptag) {
+          using PT = decltype(ptag);
+          const auto base = make_adamw_consts<acc_t<PT>>(0.0, 0.0, beta1, beta2, eps, step);
+          adamw_kernel<T, PT><<<grid, kThreads, size_t(shared), stream>>>(meta, C, wp, skip_ptr, base);
+        });
+      } else if (p_code == kFloat64) {
         const auto base = make_adamw_consts<double>(0.0, 0.0, beta1, beta2, eps, step);
-        adamw_kernel<T, double><<<grid, kThreads, 0, stream>>>(meta, C, wp, skip_ptr, p_code, m_code, v_code, base);
+        adamw_mixed_kernel<T, double><<<grid, kThreads, 0, stream>>>(meta, C, wp, skip_ptr, p_code, m_code, v_code,
+                                                                     base);
       } else {
         const auto base = make_adamw_consts<float>(0.0, 0.0, beta1, beta2, eps, step);
-        adamw_kernel<T, float><<<grid, kThreads, 0, stream>>>(meta, C, wp, skip_ptr, p_code, m_code, v_code, base);
+        adamw_mixed_kernel<T, float><<<grid, kThreads, 0, stream>>>(meta, C, wp, skip_ptr, p_code, m_code, v_code,
+                                                                    base);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

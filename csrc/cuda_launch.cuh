@@ -159,6 +159,14 @@ template <typename H> struct Pack16Half {  // bf16_t, f16_t: two elements per 32
 template <> struct Pack16<bf16_t> : Pack16Half<bf16_t> {};
 template <> struct Pack16<f16_t> : Pack16Half<f16_t> {};
 
+// p, known to address global memory: a pointer read from memory (a metadata table, shared
+// memory) is generic to the compiler, and generic accesses (LD.E / ST.E) replace LDG / STG.
+template <typename T>
+__device__ __forceinline__ T* global_ptr(T* p) {
+  __builtin_assume(__isGlobal(p));
+  return p;
+}
+
 // ReadOnly: through the read-only data cache (ld.global.nc, __ldg), for data no thread of the
 // kernel writes (a bank the kernel only reads; the pointer arithmetic of the alignment tests
 // would otherwise keep the compiler from proving it from __restrict__).

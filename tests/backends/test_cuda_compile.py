@@ -21,7 +21,7 @@ from fused_balance import _extension
 ROOT = Path(__file__).resolve().parents[2]
 ARCHS = ("sm_80", "sm_90")
 # Spill bytes (stores or loads) per thread allowed in any kernel: 8, today's worst (the fp64
-# adamw_kernel<double, float> on sm_80; 4 B in combine_kernel<double> on sm_90 and two
+# adamw_mixed_kernel<double, float> on sm_80; 4 B in combine_kernel<double> on sm_90 and two
 # plan_cuda adamw_chunks half-precision instances on sm_80): a register or two parked by ptxas,
 # not a spilled tile. Anything larger fails.
 MAX_SPILL_BYTES = 8
@@ -187,3 +187,35 @@ def test_plan_bank_kernels_move_data_in_128_bit_accesses(tmp_path):
                     sorted(counts.items())), file=sys.stderr)
     scalar_only = {key: c for key, c in counts.items() if c[0] == 0 or c[1] == 0}
     assert not scalar_only, f"no 128-bit global load or store in {sorted(scalar_only)}"
+
+
+# The list API's AdamW fast path (adamw_cuda.cu), by mangled (gradient, state) dtypes; not
+# adamw_mixed_kernel, the general path for moments in another dtype than the parameters'.
+LIST_ADAMW_KERNEL = re.compile(r"(?<=\d)adamw_kernelI(\w+?)EEvNS0_4Meta")
+
+
+def test_list_adamw_kernel_element_loop_is_typed_and_vectorised(tmp_path):
+    """adamw_kernel is compiled per (gradient, parameter/moment) dtype pair: its element loop has
+    no run-time dtype switch (no BRX jump table, as load_as / store_as compile to), reaches the
+    data through global pointers read once per chunk (no generic LD.E / ST.E, which pointers read
+    per element from the table or from shared memory become), and moves the data in 16-byte
+    accesses (LDG.E.128 / STG.E.128 in the sm_90 SASS, as the plan's adamw_chunks)."""
+    nvcc, cuobjdump = _nvcc(), _cuobjdump()
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("nvcc or cuobjdump not found")
+    source = Path(_extension.CSRC_DIR) / "adamw_cuda.cu"
+    _compile(nvcc, _compile_flags(), source, "sm_90", tmp_path)
+    cubin = tmp_path / "adamw_cuda.sm_90.cubin"
+    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True,
+                          timeout=300).stdout
+    kernels = {m.group(1): code for name, code in sass_by_function(sass).items()
+               if (m := LIST_ADAMW_KERNEL.search(name))}
+    assert "ff" in kernels, sorted(kernels)
+    patterns = {"LDG.E.128": r"\bLDG\.E\.128\b", "STG.E.128": r"\bSTG\.E\.128\b", "BRX": r"\bBRX\b",
+                "LD.E*": r"(?<![\w.])LD\.E\b", "ST.E*": r"(?<![\w.])ST\.E\b"}  # LD.E*: generic, any width
+    ops = {t: {op: len(re.findall(pattern, code)) for op, pattern in patterns.items()} for t, code in kernels.items()}
+    print("\n".join(f"adamw_kernel {t:24} {c}" for t, c in sorted(ops.items())), file=sys.stderr)
+    bad = {t: c for t, c in ops.items()
+           if c["LDG.E.128"] == 0 or c["STG.E.128"] == 0 or c["BRX"] or c["LD.E*"] or c["ST.E*"]}
+    assert not bad, f"scalar, generic or dtype-switching accesses in {bad}"
+    assert len(kernels) == 16, sorted(kernels)  # 4 gradient x 4 parameter dtypes
