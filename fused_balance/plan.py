@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 
 from fused_balance._dtypes import SUPPORTED_DTYPES
-from fused_balance.policies import check_policy_args, gram_statistics, policy_weights
+from fused_balance.policies import check_policy_args, gram_statistics, resolve_policy, solve
+from fused_balance.solvers import rounding_of
 
 __all__ = ["BalancePlan", "PlanResult", "PLAN_CHUNK_ELEMS"]
 
@@ -112,6 +113,9 @@ class BalancePlan:
         self.segment_ids, self.num_segments = _segment_list(segments, P)
         self.rescale = check_policy_args(policy, tau, rescale)
         self.policy, self.tau = policy, float(tau)
+        # resolved once: weights() solves with it and validates nothing per call
+        self._policy_fn = resolve_policy(policy, tau=self.tau, rescale=self.rescale,
+                                         rounding=rounding_of(torch.float64))
         if params is not None:
             params = list(params)
             if len(params) != P:
@@ -269,7 +273,7 @@ class BalancePlan:
         instead of this plan's own, e.g. the sum of every rank's ``gram()`` partials when each
         rank holds shards of the gradients (``fused_balance.distributed.all_reduce_gram_``)."""
         G, found_inf = self.gram() if gram is None else gram
-        w, branch = policy_weights(G, self.policy, tau=self.tau, rescale=self.rescale)
+        w, branch = solve(G, self._policy_fn, self.policy)
         return PlanResult(G, w, branch, found_inf)
 
     def combine_into(self, out: torch.Tensor, weights: torch.Tensor, skip: torch.Tensor | None = None) -> None:

@@ -24,7 +24,7 @@ from fused_balance.solvers import clean_gram, min_norm_float64, rounding_of
 __all__ = ["POLICIES", "BRANCH_SUM", "BRANCH_RESCALE", "BRANCH_CONFLICT", "BRANCH_NAMES",
            "BuiltinPolicy", "SumPolicy", "MGDAPolicy", "ParetoLoRAPolicy", "MMParetoPolicy",
            "register_policy", "registered_policies", "resolve_policy", "gram_statistics",
-           "policy_weights", "check_policy_args", "restore_sum_magnitude", "any_active_pair"]
+           "policy_weights", "solve", "check_policy_args", "restore_sum_magnitude", "any_active_pair"]
 
 BRANCH_SUM, BRANCH_RESCALE, BRANCH_CONFLICT = 0, 1, 2
 BRANCH_NAMES = {BRANCH_SUM: "sum", BRANCH_RESCALE: "rescale", BRANCH_CONFLICT: "conflict"}
@@ -301,7 +301,13 @@ def policy_weights(G: torch.Tensor, policy="pareto_lora", *, tau: float = 5.0,
     in fp32 (fp64 for an fp64 Gram), saturated at the dtype's largest value.
     """
     G = check_gram(G)
-    fn = resolve_policy(policy, tau=tau, rescale=rescale, rounding=rounding_of(G.dtype))
+    return solve(G, resolve_policy(policy, tau=tau, rescale=rescale, rounding=rounding_of(G.dtype)), policy)
+
+
+def solve(G: torch.Tensor, fn: PolicyFn, label=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``policy_weights`` for a checked Gram and a policy already resolved (``resolve_policy``):
+    no argument is validated again, so a caller that solves every step (BalancePlan) resolves
+    once. ``label`` names the policy in errors about a callable's output."""
     out_dtype = torch.float64 if G.dtype == torch.float64 else torch.float32
     if isinstance(fn, BuiltinPolicy) and _native_available(G):
         # The op cleans the Gram, decides `active` and casts the weights itself.
@@ -312,6 +318,6 @@ def policy_weights(G: torch.Tensor, policy="pareto_lora", *, tau: float = 5.0,
     if isinstance(fn, BuiltinPolicy):
         weights, branch = fn.reference(G, active)
     else:
-        weights, branch = _check_policy_output(fn(G, active), S, K, policy, G)
+        weights, branch = _check_policy_output(fn(G, active), S, K, label if label is not None else fn, G)
     big = torch.finfo(out_dtype).max  # weights beyond the dtype's range saturate, never inf
     return weights.to(torch.float64).clamp(-big, big).to(out_dtype), branch

@@ -6,7 +6,8 @@ Contenders: ours through the list API (``fb.pareto_combine(..., out=)``, ``fb.ba
 ours through a BalancePlan (Gram -> pareto_lora weights -> combine into ``.grad``; the same with
 the fused AdamW), the per-tensor loop (the torch reference backend's pareto_combine), foreach
 (``torch._foreach_norm`` of the K·P gradients: one foreach op, a lower bound of a foreach-built
-Gram) and ``torch._fused_adamw_`` on the same P tensors.
+Gram) and ``torch._fused_adamw_`` on the same P tensors; and a whole training step on the same
+P tensors by hand and through ``ParetoLoRA.step``, whose difference is the balancer's overhead.
 
     python -m fused_balance.benchmarking.overhead [--device cpu|cuda] [--threads 1]
 """
@@ -34,7 +35,11 @@ CONTENDERS = {
     "per_tensor_loop": "per-tensor loop (torch reference pareto_combine)",
     "foreach_norm": "foreach: torch._foreach_norm of the K·P gradients",
     "torch_fused_adamw": "torch._fused_adamw_ (P tensors)",
+    "step_by_hand": "two backward passes + torch AdamW.step + zero_grad, by hand",
+    "paretolora_step": "ParetoLoRA.step (torch AdamW) + zero_grad, the same passes",
 }
+# the derived row: what ParetoLoRA.step adds to the same backward passes and optimizer step
+STEP_OVERHEAD = "ParetoLoRA.step overhead (the two rows above, subtracted)"
 
 
 def _setup(P: int, device: torch.device):
@@ -92,7 +97,42 @@ def _contenders(P: int, device: torch.device) -> dict:
     fns["torch_fused_adamw"] = lambda: torch._fused_adamw_(
         t_params, t_grads, t_m, t_v, [], t_steps, lr=1e-6, beta1=0.9, beta2=0.999, weight_decay=0.0,
         eps=1e-8, amsgrad=False, maximize=False)
+    fns["step_by_hand"], fns["paretolora_step"] = _training_steps(P, device)
     return fns
+
+
+def _training_steps(P: int, device: torch.device):
+    """A training step on P tiny LoRA-like tensors, by hand and through ParetoLoRA (the same
+    losses, backward passes and torch AdamW): their difference is the balancer's overhead."""
+    from fused_balance.training import ParetoLoRA
+
+    gen = torch.Generator().manual_seed(P + 1)
+    steps = []
+    for balanced in (False, True):
+        params = [torch.nn.Parameter(torch.randn(ELEMS, generator=gen).to(device)) for _ in range(P)]
+        text = torch.randn(P * ELEMS, generator=gen).to(device)
+        image = (torch.randn(P * ELEMS, generator=gen) * 0.01).to(device)
+        optimizer = torch.optim.AdamW(params, lr=1e-6)
+
+        def losses(params=params, text=text, image=image):
+            x = torch.cat(params)
+            return {"text": (x * text).sum(), "image": (x * image).sum()}
+        if balanced:
+            named = [(f"model.layers.{i // TENSORS_PER_SEGMENT}.lora.{i}", p) for i, p in enumerate(params)]
+            balancer = ParetoLoRA(named, optimizer, policy="pareto_lora", segments="layer")
+
+            def step(balancer=balancer, losses=losses):
+                balancer.step(losses())
+                balancer.zero_grad()
+        else:
+            def step(optimizer=optimizer, losses=losses):
+                pair = losses()
+                pair["text"].backward(retain_graph=True)
+                pair["image"].backward()
+                optimizer.step()
+                optimizer.zero_grad()
+        steps.append(step)
+    return steps
 
 
 def _sync(device: torch.device) -> None:
@@ -153,7 +193,20 @@ def markdown(result: dict) -> list[str]:
         cells = [f"{row[P] * 1e6:.0f}" if P in row else "–" for P in counts]
         growth = (f"{row[counts[-1]] / row[counts[0]]:.2f}×" if counts[0] in row and counts[-1] in row else "–")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {growth} |")
+    overhead = step_overhead(result)
+    if overhead:
+        fused = result["seconds"].get("torch_fused_adamw", {})
+        lines.append(f"| {STEP_OVERHEAD} | " + " | ".join(
+            f"{overhead[P] * 1e6:.0f} ({overhead[P] / fused[P]:.2f}× torch._fused_adamw_)" if P in fused
+            else f"{overhead[P] * 1e6:.0f}" for P in counts) + " | – |")
     return lines + [""]
+
+
+def step_overhead(result: dict) -> dict:
+    """Per P: seconds ParetoLoRA.step adds to the same passes and optimizer step by hand."""
+    seconds = result["seconds"]
+    hand, balanced = seconds.get("step_by_hand", {}), seconds.get("paretolora_step", {})
+    return {P: balanced[P] - hand[P] for P in result["counts"] if P in hand and P in balanced}
 
 
 def main(argv=None) -> int:

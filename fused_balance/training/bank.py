@@ -209,17 +209,19 @@ class GradBank:
             self.reached_version += 1
         return self
 
-    def flag_nonfinite(self, losses: Sequence[torch.Tensor]) -> None:
+    def flag_nonfinite(self, losses: Sequence[torch.Tensor] | torch.Tensor) -> None:
         """Turn one element of objective k's row into NaN when loss k is NaN/Inf (decided on the
         device, no host read), so the Gram reports ``found_inf`` and nothing is stepped, exactly
         as for a non-finite gradient. A loss can be infinite while its gradient is finite (a
         cross-entropy whose target logit was masked to the dtype's minimum). The flag travels
-        with the gradients: averaged or all-reduced across ranks, it makes every rank skip."""
+        with the gradients: averaged or all-reduced across ranks, it makes every rank skip.
+        ``losses``: the K losses, or their values stacked in a [K] tensor."""
         if self.numel == 0:
             return
-        finite = torch.isfinite(torch.stack([loss.detach().reshape(()) for loss in losses]))
-        poison = torch.where(finite, 0.0, float("nan")).to(self.buffer.dtype)
-        self.buffer[:, 0].add_(poison)
+        values = losses if isinstance(losses, torch.Tensor) else \
+            torch.stack([loss.detach().reshape(()) for loss in losses])
+        poison = values.detach() - values.detach()  # 0 where finite, NaN where NaN or +-Inf
+        self.buffer[:, 0].add_(poison.to(self.buffer.dtype))
 
     def check_losses(self, losses, names: Sequence[str] | None = None) -> list[torch.Tensor]:
         """The K losses as a list, checked (before anything is written): floating scalar

@@ -35,7 +35,7 @@ import torch
 import fused_balance as fb
 from fused_balance import _extension
 from fused_balance.distributed import all_reduce_gram_, average_gradients_, check_group
-from fused_balance.policies import check_policy_args
+from fused_balance.policies import check_policy_args, gram_statistics
 from fused_balance.training import _wrappers
 from fused_balance.training._fsdp import DTensorGrads
 from fused_balance.training.bank import GradBank
@@ -292,13 +292,16 @@ class ParetoLoRA:
     def _records_this_step(self) -> bool:
         return self.record_history and self.step_count % self.history_every == 0
 
-    def _record(self, losses, norms, cosines, weights, branch, found_inf, took_step) -> dict | None:
+    def _record(self, losses, gram, norms, cosines, weights, branch, found_inf, took_step) -> dict | None:
         """Append this step's entry (every ``history_every`` steps); returns it, or None."""
         if not self._records_this_step():
             return None
-        entry = {"step": self.step_count, "losses": losses,
-                 "norms": norms.detach(), "cosines": cosines.detach(), "weights": weights.detach(),
+        entry = {"step": self.step_count, "losses": losses, "weights": weights.detach(),
                  "branch": branch.detach(), "found_inf": found_inf.detach(), "stepped": took_step}
+        if norms is None:  # a plan result: statistics from its float64 Gram when the history is read
+            entry["_gram"] = gram.detach()
+        else:
+            entry["norms"], entry["cosines"] = norms.detach(), cosines.detach()
         key, dead = self._reach_cache[0], self._reach_cache[4]
         if key != self._dead_reported and dead != self._dead_names:  # once, again on a change
             entry["dead"] = list(dead)
@@ -360,8 +363,8 @@ class ParetoLoRA:
                              "parameters: are they computed from the forward of the model ParetoLoRA was "
                              "built on (and was it not wrapped by fully_shard since, which replaces the "
                              "parameters)?")
-        self.bank.flag_nonfinite(loss_list)
-        values = torch.stack([loss.detach().reshape(()).float() for loss in loss_list])
+        values = torch.stack([loss.detach().reshape(()) for loss in loss_list]).float()
+        self.bank.flag_nonfinite(values)
         self._window_losses = values if self._window == 0 else self._window_losses + values
         self._window += 1
 
@@ -540,15 +543,20 @@ class ParetoLoRA:
         return self._history_result(res), took
 
     def _history_result(self, res, always: bool = False):
-        """The plan's result as the list API gives it: statistics (when this step is recorded,
-        or ``always``) in the list API's dtype; the plan solves in float64."""
-        if not (always or self._records_this_step()):
+        """The plan's result as the list API gives it (statistics in the list API's dtype; the
+        plan solves in float64) when ``always``; else the raw float64 Gram and weights, which
+        the history turns into statistics only when it is read (``_in_list_dtype``)."""
+        if not always:
             return fb.ParetoResult(None, res.gram, res.weights, None, None, res.found_inf, res.branch)
+        gram, weights, norms, cosines = self._in_list_dtype(res.gram, res.weights)
+        return fb.ParetoResult(None, gram, weights, norms, cosines, res.found_inf, res.branch)
+
+    def _in_list_dtype(self, gram, weights):
+        """(gram, weights, norms, cosines) of a float64 plan result, in the list API's dtype."""
         acc = torch.float64 if self.bank.dtype == torch.float64 else torch.float32
         big = torch.finfo(acc).max
-        norms, cosines = (t.to(acc) for t in res.statistics())
-        return fb.ParetoResult(None, res.gram.to(acc), res.weights.clamp(-big, big).to(acc),
-                               norms, cosines, res.found_inf, res.branch)
+        norms, cosines = (t.to(acc) for t in gram_statistics(gram))
+        return gram.to(acc), weights.clamp(-big, big).to(acc), norms, cosines
 
     def _require_window(self) -> None:
         if self._window == 0:
@@ -612,7 +620,7 @@ class ParetoLoRA:
     def _finish(self, res, stepped, took) -> None:
         """History entry, counters and the non-finite-loss report; closes the bank's window."""
         losses, self._window_losses, self._window = self._window_losses, None, 0
-        entry = self._record(losses, res.norms, res.cosines, res.weights, res.branch, res.found_inf,
+        entry = self._record(losses, res.gram, res.norms, res.cosines, res.weights, res.branch, res.found_inf,
                              stepped)
         if took is False:  # a skip the host already knows about: name the objectives at fault
             self.skipped_steps += 1
@@ -660,6 +668,9 @@ class ParetoLoRA:
         pending = min(self._history_on_device, len(self._history))
         for i in range(len(self._history) - pending, len(self._history)):
             entry = self._history[i]
+            if "_gram" in entry:  # a planned step's: its statistics, computed once, here
+                gram, entry["weights"], entry["norms"], entry["cosines"] = self._in_list_dtype(
+                    entry.pop("_gram"), entry["weights"])
             for key, value in entry.items():
                 if isinstance(value, torch.Tensor) and value.device.type != "cpu":
                     entry[key] = value.cpu()
