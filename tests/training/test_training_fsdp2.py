@@ -50,13 +50,19 @@ def _count_collectives(fn):
     return record.calls
 
 
-def _fsdp2_regression(rank, world):
+def _fsdp2_regression(rank, world, hsdp=False):
+    """``hsdp``: a (replicate, shard) = (2, world / 2) mesh: FSDP all-reduces over the replicas,
+    the balancer sums the Gram partials over the shard dimension only."""
     from torch.distributed.fsdp import fully_shard
 
     model = regression_net()
+    mesh = None
+    if hsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
     balancer = ParetoLoRA(model, torch.optim.AdamW(model.parameters(), lr=REGRESSION_LR, weight_decay=0.01))
     traffic, ops = [], []
     for step in range(STEPS):
@@ -112,7 +118,10 @@ def _fsdp2_llava(rank, world):
 
 
 def _scenarios(rank, world, backends):
-    return {"regression": _fsdp2_regression(rank, world), "llava": _fsdp2_llava(rank, world)}
+    results = {"regression": _fsdp2_regression(rank, world), "llava": _fsdp2_llava(rank, world)}
+    if world == 4:
+        results["hsdp"] = _fsdp2_regression(rank, world, hsdp=True)
+    return results
 
 
 _RESULTS: dict = {}
@@ -127,12 +136,13 @@ def _ranks(world, tmp_path_factory):
     return _RESULTS[world]
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_fsdp2_pareto_lora_equals_one_process_on_the_whole_batch(world, tmp_path_factory):
+@pytest.mark.parametrize("world, layout", [(2, "regression"), (4, "regression"), (4, "hsdp")],
+                         ids=["2-ranks", "4-ranks", "hsdp-2x2"])
+def test_fsdp2_pareto_lora_equals_one_process_on_the_whole_batch(world, layout, tmp_path_factory):
     ranks = _ranks(world, tmp_path_factory)
     want, history = train_regression(STEPS, batch, fused=False)
     for r in ranks:
-        got = r["regression"]
+        got = r[layout]
         moved = False
         for name, value in want.items():
             torch.testing.assert_close(got["params"][name], value, rtol=1e-5, atol=1e-6)
@@ -149,8 +159,7 @@ def test_fsdp2_pareto_lora_equals_one_process_on_the_whole_batch(world, tmp_path
             # FSDP's own: gradients reduce-scattered once per objective and FSDP group (2 layers)
             assert sum(1 for c in calls if "reduce_scatter" in c[0]) == 2 * 2, calls
     for name in want:  # every rank holds the same full parameters
-        assert all(torch.equal(r["regression"]["params"][name], ranks[0]["regression"]["params"][name])
-                   for r in ranks)
+        assert all(torch.equal(r[layout]["params"][name], ranks[0][layout]["params"][name]) for r in ranks)
 
 
 @pytest.mark.parametrize("world", [2, 4])
