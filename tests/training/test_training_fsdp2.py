@@ -78,6 +78,40 @@ def _fsdp2_regression(rank, world, hsdp=False):
             "weights": [h["weights"] for h in balancer.history]}
 
 
+def _accumulating(model, balancer, rows_of, steps=4, nan_step=2):
+    """Two micro-batches per step; in step ``nan_step`` the second one's text loss is NaN on the
+    last rank (or everywhere when ``rows_of`` takes the whole batch): every rank skips it.
+    Returns the parameters (full) and what each step returned."""
+    took = []
+    for step in range(steps):
+        for micro in range(2):
+            x, t = batch(10 * step + micro)
+            losses = regression_objectives(model(rows_of(x)), rows_of(t))
+            if step == nan_step and micro == 1 and rows_of.poisoned:
+                losses["text"] = losses["text"] * float("nan")
+            balancer.accumulate(losses)
+        took.append(balancer.step())
+        balancer.zero_grad()
+    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # noqa: E731
+    return {n: full(p).detach().clone() for n, p in model.named_parameters()}, took
+
+
+def _fsdp2_accumulating(rank, world):
+    from torch.distributed.fsdp import fully_shard
+
+    model = regression_net()
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    balancer = ParetoLoRA(model, torch.optim.AdamW(model.parameters(), lr=REGRESSION_LR, weight_decay=0.01))
+
+    def rows_of(x):
+        return x.chunk(world)[rank]
+    rows_of.poisoned = rank == world - 1
+    params, took = _accumulating(model, balancer, rows_of)
+    return {"params": params, "took": took, "skipped": balancer.skipped_steps}
+
+
 LLAVA_ROWS = 2  # per rank
 
 
@@ -118,7 +152,8 @@ def _fsdp2_llava(rank, world):
 
 
 def _scenarios(rank, world, backends):
-    results = {"regression": _fsdp2_regression(rank, world), "llava": _fsdp2_llava(rank, world)}
+    results = {"regression": _fsdp2_regression(rank, world), "llava": _fsdp2_llava(rank, world),
+               "accumulating": _fsdp2_accumulating(rank, world)}
     if world == 4:
         results["hsdp"] = _fsdp2_regression(rank, world, hsdp=True)
     return results
@@ -180,6 +215,27 @@ def test_fsdp2_llava_with_peft_lora_equals_one_process(world, tmp_path_factory):
         assert got.keys() == want.keys() and len(want) > 10
         for name, value in want.items():
             torch.testing.assert_close(got[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_accumulation_and_a_nan_on_one_rank_equal_one_process(world, tmp_path_factory):
+    """Two accumulated micro-batches per step; a NaN loss on one rank makes every rank skip that
+    step (found_inf travels with the Gram partials); the rest equals one process."""
+    ranks = _ranks(world, tmp_path_factory)
+    model = regression_net()
+    balancer = ParetoLoRA(model, torch.optim.AdamW(model.parameters(), lr=REGRESSION_LR, weight_decay=0.01))
+
+    def whole(x):
+        return x
+    whole.poisoned = True
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        want, took = _accumulating(model, balancer, whole)
+    assert took == [True, True, False, True]
+    for r in ranks:
+        got = r["accumulating"]
+        assert got["took"] == took and got["skipped"] == 1
+        for name, value in want.items():
+            torch.testing.assert_close(got["params"][name], value, rtol=1e-5, atol=1e-6)
 
 
 def test_deepspeed_is_refused_naming_the_fsdp2_route():
