@@ -39,7 +39,7 @@ CONTENDERS = {
     "paretolora_step": "ParetoLoRA.step (torch AdamW) + zero_grad, the same passes",
 }
 # the derived row: what ParetoLoRA.step adds to the same backward passes and optimizer step
-STEP_OVERHEAD = "ParetoLoRA.step overhead (the two rows above, subtracted)"
+STEP_OVERHEAD = "ParetoLoRA.step overhead (the two rows above: median of the per-round differences)"
 
 
 def _setup(P: int, device: torch.device):
@@ -158,6 +158,7 @@ def run_overhead(device="cpu", counts=OVERHEAD_COUNTS, rounds: int = 5, round_s:
     """Median seconds per call of every contender at every P (interleaved rounds)."""
     device = torch.device(device)
     table: dict = {name: {} for name in CONTENDERS}
+    paired: dict = {}
     for P in counts:
         fns = _contenders(P, device)
         for fn in fns.values():  # warm-up: builds, caches, first launches
@@ -169,6 +170,8 @@ def run_overhead(device="cpu", counts=OVERHEAD_COUNTS, rounds: int = 5, round_s:
             names = names[r % len(names):] + names[:r % len(names)]
             for name in names:
                 samples[name].append(_time_per_call(fns[name], device, round_s))
+        for name in ("step_by_hand", "paretolora_step"):  # kept per round: paired differences
+            paired.setdefault(name, {})[P] = list(samples[name])
         for name, xs in samples.items():
             xs.sort()
             table[name][P] = xs[len(xs) // 2]
@@ -176,7 +179,7 @@ def run_overhead(device="cpu", counts=OVERHEAD_COUNTS, rounds: int = 5, round_s:
             progress(f"overhead P={P}: plan step {table['plan_step'][P] * 1e6:.0f} us, "
                      f"list pareto_combine {table['list_pareto_combine'][P] * 1e6:.0f} us")
     return {"device": str(device), "threads": torch.get_num_threads(), "counts": list(counts),
-            "elements_per_tensor": ELEMS, "objectives": K, "seconds": table,
+            "elements_per_tensor": ELEMS, "objectives": K, "seconds": table, "step_rounds": paired,
             "labels": dict(CONTENDERS)}
 
 
@@ -203,10 +206,17 @@ def markdown(result: dict) -> list[str]:
 
 
 def step_overhead(result: dict) -> dict:
-    """Per P: seconds ParetoLoRA.step adds to the same passes and optimizer step by hand."""
-    seconds = result["seconds"]
-    hand, balanced = seconds.get("step_by_hand", {}), seconds.get("paretolora_step", {})
-    return {P: balanced[P] - hand[P] for P in result["counts"] if P in hand and P in balanced}
+    """Per P: seconds ParetoLoRA.step adds to the same passes and optimizer step by hand, the
+    median of the per-round differences (the two ran back to back in every round: a paired
+    difference, far less noisy than the difference of two medians of ~15 ms steps)."""
+    rounds = result.get("step_rounds", {})
+    hand, balanced = rounds.get("step_by_hand", {}), rounds.get("paretolora_step", {})
+    out = {}
+    for P in result["counts"]:
+        if P in hand and P in balanced:
+            diffs = sorted(b - h for b, h in zip(balanced[P], hand[P]))
+            out[P] = diffs[len(diffs) // 2]
+    return out
 
 
 def main(argv=None) -> int:
