@@ -292,7 +292,9 @@ void bank_combine_into_cuda(const at::Tensor& bank, const at::Tensor& weights, c
 // Elements [i, i + N) of a chunk: the combined gradient, rounded through T, then the AdamW update
 // of the parameter and its moments, element by element (N > 1: 16-byte accesses, every pointer
 // 16-byte aligned at i; N == 1: the scalar path). The parameter and moments are loaded before the
-// K rows are read, so all loads are in flight together; the arithmetic is the scalar one.
+// K rows are read, so all loads are in flight together; the arithmetic is the scalar one. (The
+// list kernel's twin in adamw_cuda.cu loads them after its combination instead: here that order
+// spills on sm_80, there the other one raises register pressure; keep the two orders.)
 template <int N, typename T, typename GA, typename PT, typename A>
 __device__ __forceinline__ void adamw_elems(const T* g, int64_t ld, int K, const GA* ws, PT* p, PT* m, PT* v,
                                             int64_t i, const AdamWConsts<A>& consts) {

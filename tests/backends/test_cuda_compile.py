@@ -156,6 +156,17 @@ def test_sass_by_function_splits_kernels():
     assert "LDG.E.128" in found["_Z1av"] and "LDG.E.128" not in found["_Z1bv"]
 
 
+def _sm90_sass(source_name: str, tmp_path) -> str:
+    """The sm_90 SASS of one csrc/*.cu file (nvcc, then cuobjdump); skips without the tools."""
+    nvcc, cuobjdump = _nvcc(), _cuobjdump()
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("nvcc or cuobjdump not found")
+    _compile(nvcc, _compile_flags(), Path(_extension.CSRC_DIR) / source_name, "sm_90", tmp_path)
+    cubin = tmp_path / (Path(source_name).stem + ".sm_90.cubin")
+    return subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True,
+                          timeout=300).stdout
+
+
 # The plan's bank kernels (plan_cuda.cu), by mangled template arguments: float32, float64, bf16, fp16
 # gradients (combine), and (gradient, parameter) dtype pairs (AdamW).
 BANK_KERNEL = re.compile(r"(combine_chunks|adamw_chunks)I(\w+?)EEvPK")
@@ -166,14 +177,7 @@ def test_plan_bank_kernels_move_data_in_128_bit_accesses(tmp_path):
     state once: they are bandwidth-bound only if the element loop issues 16-byte loads and stores
     (LDG.E.128 / STG.E.128 in the sm_90 SASS, as the list API's combine_kernel); one element per
     thread and access leaves them latency-bound (no LDG.E.128 at all)."""
-    nvcc, cuobjdump = _nvcc(), _cuobjdump()
-    if nvcc is None or cuobjdump is None:
-        pytest.skip("nvcc or cuobjdump not found")
-    source = Path(_extension.CSRC_DIR) / "plan_cuda.cu"
-    _compile(nvcc, _compile_flags(), source, "sm_90", tmp_path)
-    cubin = tmp_path / "plan_cuda.sm_90.cubin"
-    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True,
-                          timeout=300).stdout
+    sass = _sm90_sass("plan_cuda.cu", tmp_path)
     kernels = {}
     for name, code in sass_by_function(sass).items():
         if m := BANK_KERNEL.search(name):
@@ -200,14 +204,7 @@ def test_list_adamw_kernel_element_loop_is_typed_and_vectorised(tmp_path):
     data through global pointers read once per chunk (no generic LD.E / ST.E, which pointers read
     per element from the table or from shared memory become), and moves the data in 16-byte
     accesses (LDG.E.128 / STG.E.128 in the sm_90 SASS, as the plan's adamw_chunks)."""
-    nvcc, cuobjdump = _nvcc(), _cuobjdump()
-    if nvcc is None or cuobjdump is None:
-        pytest.skip("nvcc or cuobjdump not found")
-    source = Path(_extension.CSRC_DIR) / "adamw_cuda.cu"
-    _compile(nvcc, _compile_flags(), source, "sm_90", tmp_path)
-    cubin = tmp_path / "adamw_cuda.sm_90.cubin"
-    sass = subprocess.run([cuobjdump, "-sass", str(cubin)], capture_output=True, text=True, check=True,
-                          timeout=300).stdout
+    sass = _sm90_sass("adamw_cuda.cu", tmp_path)
     kernels = {m.group(1): code for name, code in sass_by_function(sass).items()
                if (m := LIST_ADAMW_KERNEL.search(name))}
     assert "ff" in kernels, sorted(kernels)
