@@ -50,6 +50,18 @@ _COLUMNS = 6  # multi_tensor.h: PlanColumn
 _GROUP_COLUMN = 5  # multi_tensor.h: kColGroup
 
 
+def _host_to(host: torch.Tensor, device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """A host-built table on ``device``: written into ``out`` in place when it has the same shape
+    and device (a captured CUDA graph keeps reading ``out``), else a new tensor; to a GPU from
+    pinned memory without blocking (no host synchronisation)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    if out is not None and out.shape == host.shape and out.device == device:
+        return out.copy_(host, non_blocking=True)
+    return host.to(device, non_blocking=True)
+
+
 @dataclass
 class PlanResult:
     """One planned balancing pass; every field is a tensor on the bank's device."""
@@ -203,8 +215,7 @@ class BalancePlan:
         self.groups = groups
         self.num_groups = max(groups) + 1
         column = torch.tensor([groups[p] for p in self._chunk_params], dtype=torch.long)
-        self._chunks[:, _GROUP_COLUMN].copy_(column.pin_memory() if device.type == "cuda" else column,
-                                            non_blocking=True)
+        _host_to(column, device, out=self._chunks[:, _GROUP_COLUMN])
 
     @staticmethod
     def _buffer_stamp(buffer: torch.Tensor) -> tuple:
@@ -334,13 +345,9 @@ class BalancePlan:
                     p.grad = view.clone() if keep_dead_grads else None
         self._watch.set_live([] if all(live) else live)
         self._live_list = live or [True] * len(self.numels)
-        flags = torch.tensor(self._live_list, dtype=torch.bool)
-        device = self._buffer.device
-        if self._live is None or self._live.device != device:
-            self._live = flags.to(device)
-            self._tables_stream = None
-        else:  # in place: a captured step reads the new mask
-            self._live.copy_(flags.pin_memory() if device.type == "cuda" else flags, non_blocking=True)
+        live = _host_to(torch.tensor(self._live_list, dtype=torch.bool), self._buffer.device, out=self._live)
+        if live is not self._live:  # a new table: not yet marked as read by any stream
+            self._live, self._tables_stream = live, None
 
     def grads_attached(self) -> bool:
         """Whether every (live) parameter's ``.grad`` is its view of the flat buffer (object and
@@ -412,13 +419,10 @@ class BalancePlan:
                     raise TypeError(f"adamw_step needs contiguous parameters of one dtype on the bank's "
                                     f"device, each of its planned size; parameter {i} is {p.dtype} "
                                     f"{tuple(p.shape)} on {p.device} (the plan has {n} elements)")
-            ptrs = torch.tensor([p.data_ptr() for p in self.params], dtype=torch.long)
-            if self._param_ptrs is not None and self._param_ptrs.device == device:
-                self._param_ptrs.copy_(ptrs.pin_memory() if device.type == "cuda" else ptrs,
-                                       non_blocking=True)
-            else:
-                self._param_ptrs = ptrs.to(device)
-                self._tables_stream = None
+            ptrs = _host_to(torch.tensor([p.data_ptr() for p in self.params], dtype=torch.long), device,
+                            out=self._param_ptrs)
+            if ptrs is not self._param_ptrs:  # a new table: not yet marked as read by any stream
+                self._param_ptrs, self._tables_stream = ptrs, None
             self._watch.record()
         return self._param_ptrs
 
@@ -458,13 +462,7 @@ class BalancePlan:
         """The ``[G, 5]`` float64 table from (lr, weight_decay, beta1, beta2, eps) rows; written
         into ``out`` in place when it has that shape (a captured step keeps reading ``out``).
         To a GPU it goes from pinned memory without blocking: no host synchronisation."""
-        host = torch.tensor([[float(x) for x in r] for r in rows], dtype=torch.float64)
-        device = torch.device(device)
-        if device.type == "cuda":
-            host = host.pin_memory()
-        if out is not None and out.shape == host.shape and out.device == device:
-            return out.copy_(host, non_blocking=True)
-        return host.to(device, non_blocking=True)
+        return _host_to(torch.tensor([[float(x) for x in r] for r in rows], dtype=torch.float64), device, out)
 
     def views(self, flat: torch.Tensor) -> list:
         """Per-parameter views (parameter shapes) of a flat buffer laid out like a bank row."""

@@ -9,7 +9,7 @@
   DDP's process group (``distributed="data"``): K·N·esize bytes per step, once.
 - ``torch.compile`` (``_orig_mod``): looked through.
 - FSDP2 (``fully_shard``): its parameters are DTensors; ParetoLoRA balances their local shards
-  and sums the Gram partials over the shard group (``fsdp2_shard_group``). FSDP1
+  and sums the Gram partials over the shard group (``_fsdp.shard_group``). FSDP1
   (``FullyShardedDataParallel``) and DeepSpeed raise, naming the FSDP2 route (``FSDP_RECIPE``).
 
 Names: parameter names are taken relative to the innermost model and a prefix shared by every
@@ -23,8 +23,7 @@ from typing import Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["unwrap", "canonical_names", "check_not_fsdp", "fsdp2_shard_group", "adopt_ddp",
-           "check_ddp_quiet", "FSDP_RECIPE"]
+__all__ = ["unwrap", "canonical_names", "check_not_fsdp", "adopt_ddp", "check_ddp_quiet", "FSDP_RECIPE"]
 
 _SHARED_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 
@@ -32,45 +31,6 @@ FSDP_RECIPE = (
     "ParetoLoRA drives FSDP2 (torch.distributed.fsdp.fully_shard) directly: pass the fully_shard "
     "model and a torch optimizer (accelerate and the Trainer use FSDP2 with fsdp_version: 2). "
     "For replicated models use DistributedDataParallel, which ParetoLoRA also supports directly.")
-
-
-def _dtensor_type():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without DTensor: nothing can be sharded
-        return None
-    return DTensor
-
-
-def fsdp2_shard_group(named) -> "torch.distributed.ProcessGroup | None":
-    """The process group over which FSDP2 (``fully_shard``) parameters are sharded: the mesh
-    dimension their one ``Shard`` placement is on (a 1-D mesh, or HSDP's (replicate, shard)
-    mesh, where FSDP has already all-reduced over the replicas). None when no parameter is a
-    DTensor. Other layouts (a mix of DTensors and plain tensors, several sharded dimensions as
-    in FSDP + tensor parallel, parameters on different meshes) raise NotImplementedError."""
-    DTensor = _dtensor_type()
-    if DTensor is None:
-        return None
-    sharded = [(n, p) for n, p in named if isinstance(p, DTensor)]
-    if not sharded:
-        return None
-    if len(sharded) != len(named):
-        plain = next(n for n, p in named if not isinstance(p, DTensor))
-        raise NotImplementedError(f"parameter {plain!r} is a plain tensor but {sharded[0][0]!r} is a DTensor: "
-                                  "ParetoLoRA balances either FSDP2-sharded parameters only or none")
-    from torch.distributed.tensor import Replicate, Shard
-    mesh, dims = sharded[0][1].device_mesh, set()
-    for name, p in sharded:
-        shard_dims = [d for d, placement in enumerate(p.placements) if isinstance(placement, Shard)]
-        others_replicated = all(isinstance(pl, (Shard, Replicate)) for pl in p.placements)
-        if p.device_mesh != mesh or len(shard_dims) != 1 or not others_replicated:
-            raise NotImplementedError(f"parameter {name!r} is a DTensor with placements {p.placements} on "
-                                      f"{p.device_mesh}: ParetoLoRA balances FSDP2 / HSDP parameters (one sharded "
-                                      "mesh dimension, the others replicated, one mesh for all)")
-        dims.add(shard_dims[0])
-    if len(dims) != 1:
-        raise NotImplementedError(f"parameters are sharded over different mesh dimensions {sorted(dims)}")
-    return mesh.get_group(dims.pop())
 
 
 def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:
@@ -91,7 +51,7 @@ def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | N
 def check_not_fsdp(model_or_params) -> None:
     """Raise, naming the FSDP2 route, for wrappers ParetoLoRA does not drive: FSDP1
     (``FullyShardedDataParallel``) and DeepSpeed (its engine, or ZeRO-3 partitioned
-    parameters). FSDP2 (``fully_shard``) is driven (``fsdp2_shard_group``)."""
+    parameters). FSDP2 (``fully_shard``) is driven (``_fsdp.shard_group``)."""
     if isinstance(model_or_params, torch.nn.Module):
         try:
             from torch.distributed.fsdp import FullyShardedDataParallel

@@ -23,25 +23,11 @@ import torch
 
 from fused_balance import _extension
 from fused_balance._grad_slots import grad_slots, is_native
+from fused_balance.training._fsdp import local_shard
 
-__all__ = ["GradBank", "FILL_MODES", "check_params", "local_shard"]
+__all__ = ["GradBank", "FILL_MODES", "check_params"]
 
 FILL_MODES = ("backward", "batched")
-
-
-try:
-    from torch.distributed.tensor import DTensor
-except ImportError:  # a torch without DTensor: nothing is sharded
-    DTensor = None
-
-
-def local_shard(p: torch.Tensor) -> torch.Tensor:
-    """The tensor this process holds of ``p``: the local shard of a DTensor (FSDP2's
-    ``fully_shard`` parameters; the same memory, no copy), else ``p`` itself."""
-    if DTensor is not None and isinstance(p, DTensor):
-        with torch.no_grad():
-            return p.to_local()
-    return p
 
 
 def check_trainable(p, label: str, frozen_consequence: str) -> None:
@@ -271,8 +257,8 @@ class GradBank:
 
     def _fill_from_shards(self, slots, losses, retain_graph) -> bool:
         """One backward per objective with every ``.grad`` None; FSDP2 reduce-scatters each
-        parameter's gradient into a DTensor ``.grad`` whose local shard is copied into the
-        bank (one foreach copy per objective); the user's ``.grad`` come back afterwards."""
+        parameter's gradient into a DTensor ``.grad`` whose local shard is added into the
+        bank (one foreach add per objective); the user's ``.grad`` come back afterwards."""
         live = [k for k, loss in enumerate(losses) if loss.requires_grad]
         saved = [p.grad for p in self.params]
         hit = set()

@@ -37,6 +37,7 @@ from fused_balance import _extension
 from fused_balance.distributed import all_reduce_gram_, average_gradients_, check_group
 from fused_balance.policies import check_policy_args, gram_statistics
 from fused_balance.training import _wrappers
+from fused_balance.training import _fsdp
 from fused_balance.training._fsdp import DTensorGrads
 from fused_balance.training.bank import GradBank
 from fused_balance.training.optim import BalancedAdamW
@@ -129,7 +130,7 @@ class ParetoLoRA:
         self.named_params = _named(model_or_params)
         self.params = [p for _, p in self.named_params]
         # FSDP2 (fully_shard): the local shards are balanced, the Gram summed over the shard group
-        shard_group = _wrappers.fsdp2_shard_group(self.named_params)
+        shard_group = _fsdp.shard_group(self.named_params)
         if shard_group is not None:
             if process_group is not None and process_group is not shard_group:
                 raise ValueError("the parameters are FSDP2-sharded: their shard group is used; leave "
