@@ -20,7 +20,7 @@ import torch
 
 import fused_balance as fb
 
-__all__ = ["OVERHEAD_COUNTS", "run_overhead", "markdown", "plot"]
+__all__ = ["OVERHEAD_COUNTS", "run_overhead", "markdown"]
 
 OVERHEAD_COUNTS = (28, 448, 5000)
 ELEMS = 4

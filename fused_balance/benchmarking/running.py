@@ -7,7 +7,7 @@ import json
 import time
 import torch
 
-from fused_balance.benchmarking import contenders as C
+from fused_balance.benchmarking import contenders as C, oracles
 from fused_balance.benchmarking.planning import (DTYPE_NAMES, LARGE_PROBLEM_STAGES, SCALING_AFTER_CASES,
                                                  SCALING_CONTENDERS, SuiteOptions, case_stages, choose_ours,
                                                  plan_cases, scaling_plan)
@@ -127,11 +127,11 @@ def build_case(problem, grads, device, contenders) -> tuple[C.Case, dict]:
     the float64 references ours is checked against."""
     K, dtype = len(grads), grads[0][0].dtype
     case = C.Case(problem, K, dtype, torch.device(device), grads)
-    exact = {"gram": C.exact_gram(grads)}
-    exact["weights"] = w_exact = C.exact_min_norm_weights(exact["gram"])
+    exact = {"gram": oracles.exact_gram(grads)}
+    exact["weights"] = w_exact = oracles.exact_min_norm_weights(exact["gram"])
     case.gram_in = exact["gram"].to(device=device, dtype=torch.float32)[None]
     case.weights_in = torch.tensor([w_exact], dtype=torch.float32, device=device)
-    exact["weights_of_gram_in"] = C.exact_min_norm_weights(case.gram_in[0].double())
+    exact["weights_of_gram_in"] = oracles.exact_min_norm_weights(case.gram_in[0].double())
     for c in contenders:   # what each of our entries must reproduce in pareto_combine
         if c.is_ours:
             exact[f"weights_{c.name}"] = w_exact

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fused_balance.benchmarking import add_arguments, main
-from fused_balance.benchmarking import contenders as C
+from fused_balance.benchmarking import contenders as C, oracles
 from fused_balance.benchmarking.problems import (get_problem, make_gradients, make_params,
                                                  synthetic_problem)
 from fused_balance.benchmarking.roofline import StageBytes, roofline_seconds, stage_bytes
@@ -299,11 +299,11 @@ def test_exact_min_norm_weights_satisfy_kkt(K):
         if trial % 3 == 0:
             A[1] = -0.5 * A[0]          # opposite gradients: the optimum is an interior point
         G = (A @ A.T).tolist()
-        w = C.exact_min_norm_weights(G)
+        w = oracles.exact_min_norm_weights(G)
         assert abs(sum(w) - 1) < 1e-12 and min(w) >= 0
         assert _kkt_ok(G, w)
         # the classic Frank-Wolfe solver gets close (it converges like 1/t), never below
-        fw = C.frank_wolfe_min_norm(G, max_iter=2000, tol=1e-12)
+        fw = oracles.frank_wolfe_min_norm(G, max_iter=2000, tol=1e-12)
         scale = max(G[i][i] for i in range(K))
         assert value(G, fw) >= value(G, w) - 1e-12 * scale
         assert value(G, fw) <= value(G, w) + 1e-3 * scale

@@ -5,6 +5,7 @@ root, ``PYTHONPATH=<repo>``), a top-level package of ours with an ``__init__.py`
 installed distribution of the same name: the top-level ``kernels/`` once hid Hugging Face's
 ``kernels``, which transformers imports, and every ``python -m pytest`` broke at collection.
 """
+import importlib
 import importlib.metadata
 import os
 import subprocess
@@ -102,3 +103,25 @@ def test_top_level_kernels_is_a_namespace_portion_reached_as_fused_balance_kerne
     assert link.is_symlink() and link.resolve() == (REPO / "kernels").resolve()
     import fused_balance.kernels as package
     assert [Path(p).resolve() for p in package.__path__] == [(REPO / "kernels").resolve()]
+
+
+def _library_modules() -> list[str]:
+    """Every module of the package that imports without optional extras (triton kernels aside:
+    importing them loads Triton, which has its own tests)."""
+    root = Path(__file__).resolve().parents[2] / "fused_balance"
+    names = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).with_suffix("")
+        if "kernels" in rel.parts:
+            continue
+        parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+        names.append(".".join(parts))
+    return names
+
+
+@pytest.mark.parametrize("module", _library_modules())
+def test_every_name_in_a_module_all_exists(module):
+    """``from module import *`` must not fail on a name the module promises but does not define."""
+    mod = importlib.import_module(module)
+    missing = [name for name in getattr(mod, "__all__", ()) if not hasattr(mod, name)]
+    assert not missing, f"{module}.__all__ names undefined {missing}"
