@@ -68,11 +68,11 @@ _NVCC_FLAGS = [
 _lock = threading.Lock()
 _module = None
 _last_build_seconds: float | None = None
-_plan_cache: "_Plan | None" = None
+_spec_cache: "_BuildSpec | None" = None
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _BuildSpec:
     cuda: bool
     cuda_home: str | None
     cuda_reason: str
@@ -129,11 +129,11 @@ def _cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "fused_balance"
 
 
-def _plan(cpu_only_reason: str | None = None) -> _Plan:
+def _build_spec(cpu_only_reason: str | None = None) -> _BuildSpec:
     """The build to use (cached); cpu_only_reason replaces it with a CPU-only build."""
-    global _plan_cache
-    if _plan_cache is not None and cpu_only_reason is None:
-        return _plan_cache
+    global _spec_cache
+    if _spec_cache is not None and cpu_only_reason is None:
+        return _spec_cache
     cuda_home, reason = _find_cuda() if cpu_only_reason is None else (None, cpu_only_reason)
     cuda = cuda_home is not None
     sources = sorted(str(p) for p in CSRC_DIR.glob("*.cpp"))
@@ -154,13 +154,13 @@ def _plan(cpu_only_reason: str | None = None) -> _Plan:
                         sys.version_info[:2])).encode())
     tag = f"torch{torch.__version__}-{'cu' + torch.version.cuda if cuda else 'cpu'}-{digest.hexdigest()[:16]}"
     tag = re.sub(r"[^A-Za-z0-9._-]", "_", tag)
-    _plan_cache = _Plan(cuda, cuda_home, reason, tuple(sources), tuple(cflags), tuple(cuda_cflags),
+    _spec_cache = _BuildSpec(cuda, cuda_home, reason, tuple(sources), tuple(cflags), tuple(cuda_cflags),
                         _cache_root() / tag)
-    return _plan_cache
+    return _spec_cache
 
 
-def _library_path(plan: _Plan) -> Path:
-    return plan.build_dir / f"{EXTENSION_NAME}{'.pyd' if os.name == 'nt' else '.so'}"
+def _library_path(spec: _BuildSpec) -> Path:
+    return spec.build_dir / f"{EXTENSION_NAME}{'.pyd' if os.name == 'nt' else '.so'}"
 
 
 # Written after a build succeeded: its presence (not the library file, which the linker writes in
@@ -174,13 +174,13 @@ _BUILD_LOCK = "fused_balance.build-lock"
 _DEFAULT_WAIT_S = 1800.0
 
 
-def _is_finished(plan: _Plan) -> bool:
-    return (plan.build_dir / _FINISHED).exists() and _library_path(plan).exists()
+def _is_finished(spec: _BuildSpec) -> bool:
+    return (spec.build_dir / _FINISHED).exists() and _library_path(spec).exists()
 
 
 def is_built() -> bool:
     """Whether the extension is loaded or compiled on disk for the current sources (never builds)."""
-    return _module is not None or _is_finished(_plan())
+    return _module is not None or _is_finished(_build_spec())
 
 
 def _import_cpp_extension():
@@ -267,41 +267,41 @@ class _BuildLock:
         self.file.close()
 
 
-def _compile(plan: _Plan, verbose: bool):
-    library = _library_path(plan)
+def _compile(spec: _BuildSpec, verbose: bool):
+    library = _library_path(spec)
     # A finished build is imported directly, wherever the sources lie: the folder is keyed on their
     # content, so a checkout and an installed wheel share it (ninja would rebuild whenever the
     # sources' path differs from the one recorded in build.ninja).
-    if _is_finished(plan):
+    if _is_finished(spec):
         try:
             return _import_built(library)
         except ImportError:
             pass  # a damaged file: rebuild it below
-    with _BuildLock(plan.build_dir):
-        finished = plan.build_dir / _FINISHED
-        if _is_finished(plan):  # another process built it while we waited
+    with _BuildLock(spec.build_dir):
+        finished = spec.build_dir / _FINISHED
+        if _is_finished(spec):  # another process built it while we waited
             try:
                 return _import_built(library)
             except ImportError:
                 pass
         finished.unlink(missing_ok=True)
         cpp_extension = _import_cpp_extension()
-        if plan.cuda:
+        if spec.cuda:
             # torch guesses the toolkit from `which nvcc` at import time, which may be a wrapper
             # script outside the toolkit: point both the environment and the module at the real root.
-            os.environ["CUDA_HOME"] = plan.cuda_home
-            cpp_extension.CUDA_HOME = plan.cuda_home
+            os.environ["CUDA_HOME"] = spec.cuda_home
+            cpp_extension.CUDA_HOME = spec.cuda_home
         module = cpp_extension.load(
             name=EXTENSION_NAME,
-            sources=list(plan.sources),
-            extra_cflags=list(plan.cflags),
-            extra_cuda_cflags=list(plan.cuda_cflags),
+            sources=list(spec.sources),
+            extra_cflags=list(spec.cflags),
+            extra_cuda_cflags=list(spec.cuda_cflags),
             extra_ldflags=list(_LD_FLAGS),
-            build_directory=str(plan.build_dir),
-            with_cuda=plan.cuda,
+            build_directory=str(spec.build_dir),
+            with_cuda=spec.cuda,
             verbose=verbose and os.environ.get("FUSED_BALANCE_VERBOSE_BUILD", "") not in ("", "0"),
         )
-        finished.write_text(f"{plan.build_dir.name}\n")
+        finished.write_text(f"{spec.build_dir.name}\n")
         return module
 
 
@@ -312,26 +312,26 @@ def build(verbose: bool = True):
     with _lock:
         if _module is not None:
             return _module
-        plan = _plan()
-        fresh = not _is_finished(plan)
+        spec = _build_spec()
+        fresh = not _is_finished(spec)
         if verbose and fresh:
-            what = "C++/CUDA" if plan.cuda else "C++ (CPU only: " + plan.cuda_reason + ")"
+            what = "C++/CUDA" if spec.cuda else "C++ (CPU only: " + spec.cuda_reason + ")"
             print(f"fused_balance: building the {what} extension (first use, a few minutes) "
-                  f"in {plan.build_dir} ...", file=sys.stderr, flush=True)
+                  f"in {spec.build_dir} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         try:
-            module = _compile(plan, verbose)
+            module = _compile(spec, verbose)
         except TimeoutError:
             raise  # waited too long for another process's build: not a CUDA failure
         except Exception as exc:
-            if not plan.cuda:
+            if not spec.cuda:
                 raise
             # Keep the CPU kernels usable; the reason is reported by build_info() and the tests
             # fail when a toolkit exists but CUDA was not compiled.
             print(f"fused_balance: the CUDA build failed ({type(exc).__name__}: {exc}); "
                   "building the CPU kernels only", file=sys.stderr, flush=True)
-            plan = _plan(cpu_only_reason=f"CUDA build failed: {type(exc).__name__}: {str(exc)[:500]}")
-            module = _compile(plan, verbose)
+            spec = _build_spec(cpu_only_reason=f"CUDA build failed: {type(exc).__name__}: {str(exc)[:500]}")
+            module = _compile(spec, verbose)
         _last_build_seconds = time.perf_counter() - start
         if verbose and fresh:
             print(f"fused_balance: extension built in {_last_build_seconds:.0f} s "
@@ -362,7 +362,7 @@ def _predicted_cpu_isa() -> str:
 def build_info() -> dict:
     """What was (or would be) built: for `fused-balance info`. Loads an already-compiled extension
     (cheap) but never compiles."""
-    plan = _plan()
+    spec = _build_spec()
     built = is_built()
     module = None
     if built:
@@ -370,20 +370,20 @@ def build_info() -> dict:
             module = load()
         except Exception as exc:  # a broken cached build must not break `info`
             return {"built": False, "error": f"{type(exc).__name__}: {exc}", "cuda_compiled": False,
-                    "cuda_reason": plan.cuda_reason, "cuda_archs": [], "cpu_isa": _predicted_cpu_isa(),
-                    "build_dir": str(plan.build_dir)}
-        plan = _plan()  # a failed CUDA build replaces the plan
+                    "cuda_reason": spec.cuda_reason, "cuda_archs": [], "cpu_isa": _predicted_cpu_isa(),
+                    "build_dir": str(spec.build_dir)}
+        spec = _build_spec()  # a failed CUDA build replaces the spec
     cuda_compiled = bool(module.cuda_compiled()) if module is not None else False
     return {
         "built": built,
         "cuda_compiled": cuda_compiled,
-        "cuda_planned": plan.cuda,
-        "cuda_reason": plan.cuda_reason if (cuda_compiled or not plan.cuda or not built)
+        "cuda_planned": spec.cuda,
+        "cuda_reason": spec.cuda_reason if (cuda_compiled or not spec.cuda or not built)
         else "toolkit found but the loaded build has no CUDA kernels",
-        "cuda_archs": list(CUDA_ARCHS) if (cuda_compiled or (plan.cuda and not built)) else [],
+        "cuda_archs": list(CUDA_ARCHS) if (cuda_compiled or (spec.cuda and not built)) else [],
         "cpu_isa": module.cpu_isa() if module is not None else _predicted_cpu_isa(),
         "cpu_isas_supported": list(module.supported_cpu_isas()) if module is not None else None,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "build_dir": str(plan.build_dir),
+        "build_dir": str(spec.build_dir),
         "build_seconds": _last_build_seconds,
     }

@@ -306,10 +306,10 @@ def availability(device: torch.device) -> tuple[bool, str]:
             if info["cuda_compiled"]:
                 return True, "CUDA kernels (built)"
             return False, f"the extension has no CUDA kernels: {info['cuda_reason']}"
-        plan = _extension._plan()
-        if plan.cuda:
+        spec = _extension._build_spec()
+        if spec.cuda:
             return True, "CUDA kernels (built on first use, a few minutes)"
-        return False, f"no CUDA kernels can be built: {plan.cuda_reason}"
+        return False, f"no CUDA kernels can be built: {spec.cuda_reason}"
     return False, f"no kernels for device type {device.type!r}"
 
 

@@ -194,7 +194,7 @@ class DemoRows(torch.utils.data.Dataset):
     """``n`` rows of the demo's interleaved text/image data, as a Trainer dataset."""
 
     def __init__(self, n: int):
-        from fused_balance.demo.data import make_batch
+        from tiny_unified import make_batch
 
         rows = make_batch(n, torch.Generator().manual_seed(0), 0.5)
         self.rows = [{"input_ids": rows["input_ids"][i], "attention_mask": rows["attention_mask"][i]}

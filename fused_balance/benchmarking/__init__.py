@@ -2,7 +2,7 @@
 against the ways people compute them today (per-tensor loops, flatten+concatenate, foreach,
 torch.compile, TorchJD), on LoRA adapter shapes of real models.
 
-The CLI calls ``add_arguments(parser)`` and ``main(args)``. Modules: planning (what runs),
+The CLI calls ``add_arguments(parser)`` and ``main(args)``. Modules: suite (what runs),
 running (runs it), results (checks, roofline, targets), report and plots (formatting).
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def _options(args):
     import torch
 
-    from fused_balance.benchmarking.planning import DTYPES, SuiteOptions
+    from fused_balance.benchmarking.suite import DTYPES, SuiteOptions
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda, but torch sees no GPU here")

@@ -7,7 +7,7 @@ import math
 import torch
 
 from fused_balance.benchmarking import contenders as C
-from fused_balance.benchmarking.planning import DTYPES, HEADLINE
+from fused_balance.benchmarking.suite import DTYPES, HEADLINE
 from fused_balance.benchmarking.problems import make_params
 from fused_balance.benchmarking.roofline import StageBytes, roofline_seconds
 

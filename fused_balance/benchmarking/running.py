@@ -1,5 +1,5 @@
 """Run the benchmark: cases x stages x contenders, checked, timed interleaved, with memory and
-scaling sweeps; write results.json, results.md and the plots. What to run comes from planning.py,
+scaling sweeps; write results.json, results.md and the plots. What to run comes from suite.py,
 what the numbers mean from results.py; report.py and plots.py only format them."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import torch
 
 from fused_balance.benchmarking import contenders as C, oracles
-from fused_balance.benchmarking.planning import (DTYPE_NAMES, LARGE_PROBLEM_STAGES, SCALING_AFTER_CASES,
+from fused_balance.benchmarking.suite import (DTYPE_NAMES, LARGE_PROBLEM_STAGES, SCALING_AFTER_CASES,
                                                  SCALING_CONTENDERS, SuiteOptions, case_stages, choose_ours,
                                                  plan_cases, scaling_plan)
 from fused_balance.benchmarking.problems import get_problem, make_gradients, synthetic_problem

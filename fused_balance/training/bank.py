@@ -12,8 +12,8 @@ Two ways to fill it, giving the same numbers:
 - ``"batched"``: one ``torch.autograd.grad`` of the stacked losses with ``grad_outputs=eye(K)``
   and ``is_grads_batched=True`` (vmap over the backward), then one copy per tensor into the bank.
 
-On the demo model (CPU, 2 cores) ``"backward"`` is the faster of the two (see the report in
-``fused_balance.demo``), so it is the default.
+On the tests' tiny unified model (CPU, 2 cores) ``"backward"`` is the faster of the two, so it
+is the default.
 """
 from __future__ import annotations
 

@@ -566,10 +566,10 @@ def test_cuda_adamw_matches_cpu(dtype):
 def _isolated_cache(tmp_path):
     """A build cache of its own holding this process's finished build (the library and its
     'finished' marker), plus the lock file torch >= 2.14 leaves behind after every build."""
-    built = _extension._plan().build_dir
+    built = _extension._build_spec().build_dir
     folder = tmp_path / "cache" / built.name
     folder.mkdir(parents=True)
-    library = _extension._library_path(_extension._plan())
+    library = _extension._library_path(_extension._build_spec())
     (folder / library.name).write_bytes(library.read_bytes())
     (folder / _extension._FINISHED).write_text(built.name)
     (folder / "lock").touch()

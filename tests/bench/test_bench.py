@@ -16,7 +16,7 @@ from fused_balance.benchmarking import contenders as C, oracles
 from fused_balance.benchmarking.problems import (get_problem, make_gradients, make_params,
                                                  synthetic_problem)
 from fused_balance.benchmarking.roofline import StageBytes, roofline_seconds, stage_bytes
-from fused_balance.benchmarking.planning import SuiteOptions, choose_ours
+from fused_balance.benchmarking.suite import SuiteOptions, choose_ours
 from fused_balance.benchmarking.results import tolerance
 from fused_balance.benchmarking.running import build_case, run_stage
 from fused_balance.benchmarking.timing import (interleaved_times, median, paired_ratio,

@@ -272,8 +272,7 @@ def test_cuda_policy_solve_matches_cpu_and_never_syncs(K):
 
 
 def test_pareto_lora_trainer_takes_a_callable_policy_and_records_its_branch():
-    from fused_balance.demo.data import VOCAB, make_batch
-    from fused_balance.demo.model import build_lora_model, modality_losses
+    from tiny_unified import VOCAB, make_batch, build_lora_model, modality_losses
     from fused_balance.training import ParetoLoRA
 
     model = build_lora_model(VOCAB.size, hidden=32, layers=1, heads=2, rank=4, seed=0).to(torch.float64)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from fused_balance.demo.data import VOCAB, make_batch
+from tiny_unified import VOCAB, make_batch
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -32,8 +32,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def build(scenario):
     import fused_balance as fb
-    from fused_balance.demo.data import VOCAB
-    from fused_balance.demo.model import build_lora_model
+    from tiny_unified import VOCAB, build_lora_model
     from fused_balance.training import BalanceScheduler, ParetoLoRA, lora_parameters
 
     backend = "cpp" if "cpp" in fb.available_backends("cpu") else "torch"
@@ -52,8 +51,7 @@ def build(scenario):
 
 def train(model, balancer, scheduler, steps):
     """Every step draws its batch and loss weighting from the GLOBAL generators."""
-    from fused_balance.demo.data import make_batch
-    from fused_balance.demo.model import modality_losses
+    from tiny_unified import make_batch, modality_losses
 
     for _ in steps:
         seed = int(torch.randint(0, 2 ** 31 - 1, ()))

@@ -37,8 +37,7 @@ def test_fill_matches_autograd(mode):
 
 
 def test_modes_agree_and_grads_restored_on_demo_model():
-    from fused_balance.demo.data import VOCAB, make_batch
-    from fused_balance.demo.model import build_lora_model, modality_losses
+    from tiny_unified import VOCAB, make_batch, build_lora_model, modality_losses
     from fused_balance.training import lora_parameters
 
     warnings.filterwarnings("ignore", category=FutureWarning)

@@ -206,7 +206,7 @@ def _scenarios(rank, world, backends):
 def trainer_objectives(model, inputs, outputs):
     """Token sums over a constant count (every row has the same length): the mean of the
     ranks' losses is the loss of the whole batch."""
-    from fused_balance.demo.data import VOCAB
+    from tiny_unified import VOCAB
     logits = outputs.logits[:, :-1]
     labels = inputs["input_ids"][:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -232,8 +232,7 @@ TRAINER_NORMWISE = 1e-6
 
 
 def trainer_start_params():
-    from fused_balance.demo.data import VOCAB
-    from fused_balance.demo.model import build_lora_model
+    from tiny_unified import VOCAB, build_lora_model
     model = build_lora_model(VOCAB.size, hidden=16, layers=2, heads=2, rank=2, seed=0).double()
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -243,8 +242,7 @@ def run_trainer(world, per_device_batch, output_dir, accumulation=1, dtype=torch
     consecutive slices of each global batch, like one process on the whole batch; with
     ``accumulation`` micro-batches per optimizer step, each rank's slice is split further."""
     import transformers
-    from fused_balance.demo.data import VOCAB
-    from fused_balance.demo.model import build_lora_model
+    from tiny_unified import VOCAB, build_lora_model
     from fused_balance.training.hf import BalancedTrainer
 
     model = build_lora_model(VOCAB.size, hidden=16, layers=2, heads=2, rank=2, seed=0).to(dtype)

@@ -107,8 +107,7 @@ def test_our_part_is_thread_count_invariant(backend, fused):
 
 # ----------------------------------------------------------------------------- a PEFT Llama
 def train_llama(fused, backend, threads=1):
-    from fused_balance.demo.data import VOCAB, make_batch
-    from fused_balance.demo.model import build_lora_model, modality_losses
+    from tiny_unified import VOCAB, make_batch, build_lora_model, modality_losses
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -132,8 +131,7 @@ def test_same_seed_same_bits_on_a_peft_llama(fused):
 
 
 def train_llama_initial():
-    from fused_balance.demo.data import VOCAB
-    from fused_balance.demo.model import build_lora_model
+    from tiny_unified import VOCAB, build_lora_model
     from fused_balance.training import lora_parameters
 
     model = build_lora_model(VOCAB.size, hidden=32, layers=2, heads=2, rank=4, seed=0)

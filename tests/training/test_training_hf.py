@@ -5,8 +5,7 @@ import pytest
 import torch
 
 import fused_balance as fb
-from fused_balance.demo.data import VOCAB
-from fused_balance.demo.model import build_lora_model
+from tiny_unified import VOCAB, build_lora_model
 from fused_balance.training import lora_parameters, segment_ids_for
 from shared import DemoRows
 

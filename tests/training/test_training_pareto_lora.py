@@ -7,8 +7,7 @@ import warnings
 import pytest
 import torch
 
-from fused_balance.demo.data import VOCAB, make_batch
-from fused_balance.demo.model import build_lora_model, modality_losses
+from tiny_unified import VOCAB, make_batch, build_lora_model, modality_losses
 from fused_balance.training import BalancedAdamW, ParetoLoRA, layer_key, lora_parameters, segment_ids_for
 from shared import dispatched_fused_balance_ops
 
@@ -89,9 +88,9 @@ def test_grad_equals_hand_computed_per_layer_combination(policy, tau):
     params = [p for _, p in named]
     batch = make_batch(6, torch.Generator().manual_seed(0))
 
-    def objectives():  # partly aligned (0.3 text in the second): layers differ in cosine sign
+    def objectives():  # partly aligned (0.1 text in the second): layers differ in cosine sign
         losses, _ = modality_losses(model, batch)
-        return {"text": losses["text"], "image": 0.3 * losses["text"] + losses["image"]}
+        return {"text": losses["text"], "image": 0.1 * losses["text"] + losses["image"]}
 
     losses = objectives()
     per_objective = [torch.autograd.grad(losses[k], params, retain_graph=True) for k in ("text", "image")]

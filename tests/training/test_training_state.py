@@ -6,8 +6,7 @@ import warnings
 import pytest
 import torch
 
-from fused_balance.demo.data import VOCAB, make_batch
-from fused_balance.demo.model import build_lora_model, modality_losses
+from tiny_unified import VOCAB, make_batch, build_lora_model, modality_losses
 from fused_balance.training import BalanceScheduler, ParetoLoRA, lora_parameters
 
 warnings.filterwarnings("ignore", category=FutureWarning)

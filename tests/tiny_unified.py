@@ -1,19 +1,16 @@
-"""Synthetic interleaved text-image data for the demo, made in code.
+"""The tests' tiny unified text+image model and its data, made in code (a fixture, not library code).
 
-A picture is a 4x4 grid of patches holding a coloured 2x2 shape in one quadrant (or up to
-``max_objects`` shapes in different quadrants).
-Each patch becomes one discrete image token (as a VQ tokenizer's code would be, in a
-Chameleon-style unified model); a code names the patch position and its colour, 16 x 7 codes. Its caption says what is where,
-in one of several phrasings ("a red cross in the top left", "in the top left there is a red
-cross", ...), so captions keep some entropy (a text gradient that never vanishes) while the
-picture is fully determined by the caption.
-
-Two directions, as in instruction tuning of a unified model:
+Data: the study's synthetic scenes (``fused_balance.study.data.sample_scene``: a 4x4 grid holding
+coloured 2x2 shapes, and a caption in one of several phrasings), tokenised Chameleon-style: each
+cell becomes one discrete image token naming its position and colour (16 x 7 codes), next to the
+caption's words. Two directions, as in instruction tuning of a unified model:
 - generation:    <bos> <draw> caption <boi> 16 image codes <eoi> <eos>
 - understanding: <bos> <describe> <boi> 16 image codes <eoi> caption <eos>
-Targets are every next token except the input picture of the understanding direction. Text
-targets (captions, in both directions, plus the closing tokens) outnumber the image targets, so
-with the usual token-mean loss the text objective dominates the gradient.
+Targets are every next token except the input picture of the understanding direction; text
+targets outnumber image targets, so with the usual token-mean loss the text objective dominates.
+
+Model: a randomly initialised LlamaForCausalLM from a config (no download) with PEFT LoRA on
+every linear layer of the decoder; embeddings and head trained too (``modules_to_save``).
 """
 from __future__ import annotations
 
@@ -21,30 +18,17 @@ from dataclasses import dataclass
 
 import torch
 
-GRID = 4
-SHAPE = 2
+from fused_balance.study.data import CELLS, COLOURS, WORDS, sample_scene
+
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<draw>", "<describe>"]
-COLOURS = ["red", "green", "blue", "yellow", "purple", "orange"]
-SHAPES = {  # 2x2 masks, row-major
-    "square": "1111",
-    "diagonal": "1001",
-    "slash": "0110",
-    "corner": "1110",
-    "stripe": "1100",
-    "pillar": "1010",
-}
-PLACES = {"top left": (0, 0), "top right": (0, SHAPE), "bottom left": (SHAPE, 0),
-          "bottom right": (SHAPE, SHAPE)}
-FILLER = ["a", "an", "there", "is", "in", "the", "at", "has", "and", "picture", "shows", "with",
-          "empty", "rest", "of", "it", ".", "corner"]
-WORDS = sorted(set(FILLER) | set(COLOURS) | set(SHAPES) | {w for p in PLACES for w in p.split()})
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 @dataclass(frozen=True)
 class Vocab:
     """Token ids: specials, then text words, then image codes (patch position x colour)."""
 
-    words: tuple = tuple(WORDS)
+    words: tuple = WORDS
 
     @property
     def text_offset(self) -> int:
@@ -61,7 +45,7 @@ class Vocab:
 
     @property
     def num_image_codes(self) -> int:
-        return GRID * GRID * (1 + len(COLOURS))
+        return CELLS * (1 + len(COLOURS))
 
     def image_code(self, cell: int, colour: int) -> int:
         """Token of patch ``cell`` (row-major) with colour index ``colour`` (0 = background)."""
@@ -85,47 +69,14 @@ class Vocab:
 
 
 VOCAB = Vocab()
-_TEMPLATES = [
-    lambda c, s, p: f"a {c} {s} in the {p}",
-    lambda c, s, p: f"there is a {c} {s} at the {p}",
-    lambda c, s, p: f"in the {p} there is a {c} {s}",
-    lambda c, s, p: f"the {p} corner has a {c} {s}",
-]
-
-
-def _caption(objects, rng: torch.Generator) -> list[str]:
-    parts = []
-    for colour, shape, place in objects:
-        t = _TEMPLATES[int(torch.randint(len(_TEMPLATES), (1,), generator=rng))]
-        parts.append(t(colour, shape, place))
-    text = " and ".join(parts)
-    if int(torch.randint(3, (1,), generator=rng)) == 0:
-        text += " . the rest of the picture is empty"
-    return text.split()
-
-
-def _picture(objects) -> list[int]:
-    grid = [[0] * GRID for _ in range(GRID)]
-    for colour, shape, place in objects:
-        r0, c0 = PLACES[place]
-        code = 1 + COLOURS.index(colour)
-        for i, bit in enumerate(SHAPES[shape]):
-            if bit == "1":
-                grid[r0 + i // SHAPE][c0 + i % SHAPE] = code
-    return [VOCAB.image_code(cell, v) for cell, v in enumerate(c for row in grid for c in row)]
 
 
 def sample_example(rng: torch.Generator, generation: bool, max_objects: int = 1) -> tuple[list[int], list[int]]:
     """(token ids, target mask: 1 where the token is predicted from its prefix)."""
-    n_objects = 1 + int(torch.randint(max_objects, (1,), generator=rng))
-    places = list(PLACES)
-    order = torch.randperm(len(places), generator=rng).tolist()[:n_objects]
-    objects = [(COLOURS[int(torch.randint(len(COLOURS), (1,), generator=rng))],
-                list(SHAPES)[int(torch.randint(len(SHAPES), (1,), generator=rng))],
-                places[i]) for i in sorted(order)]
-    caption = [VOCAB.word(w) for w in _caption(objects, rng)]
-    picture = _picture(objects)
+    scene = sample_scene(rng, max_objects)
     v = VOCAB
+    caption = [v.word(w) for w in scene.caption]
+    picture = [v.image_code(cell, colour) for cell, colour in enumerate(scene.grid)]
     if generation:
         ids = [v.special("<bos>"), v.special("<draw>")] + caption + [v.special("<boi>")] + picture \
             + [v.special("<eoi>"), v.special("<eos>")]
@@ -171,3 +122,52 @@ def make_split(num_examples: int, seed: int, batch_size: int = 64,
         batches.append(make_batch(n, rng, generation_fraction, max_objects))
         left -= n
     return batches
+
+
+def build_base_model(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                     max_positions: int = 128, seed: int = 0):
+    """A randomly initialised LlamaForCausalLM from a config (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, max_position_embeddings=max_positions,
+                         tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                         attn_implementation="eager")
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def build_lora_model(vocab_size: int, *, hidden: int = 64, layers: int = 2, heads: int = 4,
+                     rank: int = 8, alpha: int = 16, train_embeddings: bool = True,
+                     max_positions: int = 128, seed: int = 0):
+    """The base model wrapped with LoRA on all linear layers of the decoder. The embedding
+    table and the output head are trained too (``modules_to_save``), as they must be when a
+    vocabulary gains image tokens."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build_base_model(vocab_size, hidden=hidden, layers=layers, heads=heads,
+                            max_positions=max_positions, seed=seed)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS,
+                        modules_to_save=["embed_tokens", "lm_head"] if train_embeddings else None,
+                        init_lora_weights=True)
+    torch.manual_seed(seed + 1)
+    return get_peft_model(base, config)
+
+
+def modality_losses(model, batch: dict, *, text_weight: float = 1.0) -> tuple[dict, torch.Tensor]:
+    """({"text": L_text, "image": L_image}, logits). Each objective sums the cross-entropy of its
+    target tokens and divides by the number of all target tokens, so L_text + L_image is the
+    usual token-mean LM loss (``text_weight`` scales the text part)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels = batch["labels_next"]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                          reduction="none").view_as(labels)
+    count = (batch["text_mask"] | batch["image_mask"]).sum().clamp(min=1)
+    text = (nll * batch["text_mask"]).sum() / count
+    image = (nll * batch["image_mask"]).sum() / count
+    return {"text": text_weight * text, "image": image}, logits
