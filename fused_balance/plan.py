@@ -360,6 +360,11 @@ class BalancePlan:
         if live is not self._live:  # a new table: not yet marked as read by any stream
             self._live, self._tables_stream = live, None
 
+    @property
+    def live(self) -> list:
+        """The P live flags on the host (``set_live`` replaces the list, never changes it)."""
+        return self._live_list
+
     def grads_attached(self) -> bool:
         """Whether every (live) parameter's ``.grad`` is its view of the flat buffer (object and
         address: one C++ loop)."""

@@ -3,13 +3,15 @@ torch.ops.fused_balance.triton_*, with the C++ ops' schemas; an import failure o
 reported by ``availability``). Its bank ops (BalancePlan's) come from ``fused_balance.kernels.bank``
 when that module is there; without it the backend has none (``BANK_OPS_MISSING`` says why) and a
 plan asked for ``backend="triton"`` raises."""
+import importlib
+
 from fused_balance.kernels.backend import (availability, balanced_adamw_, combine,  # noqa: F401
                                            combine_into, describe, gram)
 
 name = "triton"
 
 try:
-    from fused_balance.kernels import bank as _bank_kernels
+    _bank_kernels = importlib.import_module("fused_balance.kernels.bank")
     BANK_OPS_MISSING = None
 except Exception as exc:  # a missing Triton must not break the list ops' backend
     missing = isinstance(exc, ModuleNotFoundError) and exc.name == "fused_balance.kernels.bank"

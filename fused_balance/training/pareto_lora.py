@@ -488,7 +488,9 @@ class ParetoLoRA:
             plan, res = self._planned_weights()
             self.optimizer.planned_step(plan, res.weights, skip=res.found_inf)
             took = not bool(res.found_inf)  # the one host read: step() reports whether it stepped
-            if not took:
+            if took:
+                self.optimizer.publish_planned_state()
+            else:
                 self.optimizer.skipped_steps += 1
             return self._history_result(res), took
         res, undo = self._planned_write(accumulate=False)
