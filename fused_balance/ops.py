@@ -20,7 +20,8 @@ compares the two). Every family gets from this module, written once:
 The C++ library also holds the plan ops (bank_gram, bank_combine_into, bank_adamw_: one [K, N]
 bank and a chunk table built once, used by fused_balance.plan.BalancePlan; no autograd) and the
 policy solve (policy_weights); their fake kernels are here too. The functions ``gram`` ...
-``balanced_adamw_`` of this module are the ``cpp`` backend's (fused_balance.backends.cpp).
+``balanced_adamw_`` and ``bank_gram`` ... ``bank_adamw_`` of this module are the ``cpp``
+backend's (fused_balance.backends.cpp).
 """
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ import torch
 from fused_balance import _extension
 from fused_balance._dtypes import accumulate_dtype
 
-__all__ = ["LIST_OP_SCHEMAS", "define_family", "ListOps", "availability", "gram", "combine", "combine_into", "balanced_adamw_", "plan_ops", "policy_op_available", "cpu_isa",
+__all__ = ["LIST_OP_SCHEMAS", "define_family", "ListOps", "availability", "gram", "combine", "combine_into", "balanced_adamw_", "bank_gram", "bank_combine_into",
+           "bank_adamw_", "policy_op_available", "cpu_isa",
            "set_cpu_isa"]
 
 NAMESPACE = "fused_balance"
@@ -325,12 +327,32 @@ gram, combine, combine_into, balanced_adamw_ = (
 
 
 # ------------------------------------------------------------------------------- plan ops
-# BalancePlan's ops (fused_balance.plan): the [K, N] bank and a chunk table built once. Called
-# as OpOverloads resolved once, so a planned step pays no lookup and traces under torch.compile.
-def plan_ops() -> dict:
-    ops = _ops()
-    return {"gram": ops.bank_gram.default, "combine_into": ops.bank_combine_into.default,
-            "adamw_": ops.bank_adamw_.default}
+# BalancePlan's ops (fused_balance.plan): the [K, N] bank and a chunk table built once; the bank
+# functions of the backend contract (fused_balance.backends). OpOverloads resolved once, so a
+# planned step pays no lookup and traces under torch.compile.
+_bank_ops = None
+
+
+def _bank() -> tuple:
+    """(bank_gram, bank_combine_into, bank_adamw_) of the extension (built on first use)."""
+    global _bank_ops
+    if _bank_ops is None:
+        ops = _ops()
+        _bank_ops = (ops.bank_gram.default, ops.bank_combine_into.default, ops.bank_adamw_.default)
+    return _bank_ops
+
+
+def bank_gram(bank, chunks, seg_offsets, num_segments):
+    return _bank()[0](bank, chunks, seg_offsets, num_segments)
+
+
+def bank_combine_into(bank, weights, chunks, out, skip):
+    _bank()[1](bank, weights, chunks, out, skip)
+
+
+def bank_adamw_(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip, live, *, params=None):
+    """The parameters are written through ``param_ptrs`` (``params`` is not read)."""
+    _bank()[2](bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip, live)
 
 
 # ------------------------------------------------------------------------- CPU kernel path

@@ -1,5 +1,10 @@
 """BalancePlan: a balanced step whose per-call host work does not grow with the tensor count.
 
+The one engine of the training layer (ParetoLoRA, BalancedTrainer, BalancedAdamW under
+ParetoLoRA), on every backend: its passes are the backend's three bank ops (``bank_gram``,
+``bank_combine_into``, ``bank_adamw_``; the contract is in ``fused_balance.backends``), the
+backend resolved once at construction (``backend=``: None / "auto", "cpp", "torch", "triton").
+
 The list API (``fb.gram``, ``fb.pareto_combine``, ...) takes K x P tensors per call and checks
 them every time. A plan is built ONCE from the ``[K, N]`` gradient bank (a GradBank's buffer:
 row k holds objective k's gradients of all P parameters, end to end) and the segments; it
@@ -24,7 +29,8 @@ Nothing here reads the device, so a planned step can be captured in a CUDA graph
 with ``torch.compile(fullgraph=True)``. Storage changes are noticed on every call: the bank's
 address, shape, dtype and device, and every parameter's address, dtype, device and size and every
 ``.grad`` view (object and address), compared in one C++ loop (``TensorStamp``: about a
-microsecond at 448 tensors). A moved bank is re-addressed (the table holds offsets only; a new
+microsecond at 448 tensors; a Python loop when the extension is not loaded, e.g. torch backend
+only). A moved bank is re-addressed (the table holds offsets only; a new
 device gets the table copied once), a changed shape raises; a moved parameter (``p.data = ...``,
 ``module.to()``, ``load_state_dict(assign=True)``) gets its address rewritten into the pointer
 table in place; a dtype change raises before anything is written; a ``.grad`` that is no longer
@@ -37,7 +43,10 @@ from dataclasses import dataclass
 
 import torch
 
+from fused_balance import _extension
 from fused_balance._dtypes import SUPPORTED_DTYPES
+from fused_balance._grad_slots import tensor_stamp
+from fused_balance.backends import resolve_backend
 from fused_balance.policies import check_policy_args, gram_statistics, resolve_policy, solve
 from fused_balance.solvers import rounding_of
 
@@ -88,10 +97,12 @@ class BalancePlan:
     ``numels`` (P ints, the parameters' sizes laid end to end in each row). ``params``: the P
     parameters (needed by ``combine_into_grads`` and ``adamw_step``; a GradBank brings its own).
     segments: None, "tensor" or P segment ids. groups: P hyper-parameter group ids (AdamW).
+    backend: whose bank ops run the passes (None: the default of ``fb.use_backend``; "auto": the
+    fastest with bank ops on the bank's device), resolved once (``self.backend``: the module).
     """
 
     def __init__(self, bank, segments=None, *, numels=None, params=None, policy: str = "pareto_lora",
-                 tau: float = 5.0, rescale: str | None = None, groups=None):
+                 tau: float = 5.0, rescale: str | None = None, groups=None, backend: str | None = None):
         if isinstance(bank, torch.Tensor):
             if numels is None:
                 raise TypeError("a bank tensor needs numels= (the P parameter sizes of a row)")
@@ -137,8 +148,9 @@ class BalancePlan:
                     raise ValueError(f"parameter {i} does not have the {n} elements of its bank range")
         self.params = params
         self.groups = self._check_groups(groups, P)
-        from fused_balance.ops import plan_ops  # the C++ extension: built on first use
-        self._op = plan_ops()
+        self.backend = resolve_backend(backend, buffer.device, bank_ops=True)
+        if self.backend.name == "cpp":  # its ops live in the extension: built now (first use), and
+            _extension.load()  # the storage checks below then run in C++
         self._buffer = buffer
         self._build_table(buffer.device)
         self._stamp = self._buffer_stamp(buffer)
@@ -149,8 +161,7 @@ class BalancePlan:
         # [P] bool on the device: which parameters adamw_step updates (set_live rewrites it in place)
         self._live = torch.ones(P, dtype=torch.bool, device=buffer.device) if params is not None else None
         self._live_list = [True] * P  # the same on the host
-        from fused_balance import _extension
-        self._watch = _extension.load().TensorStamp(params) if params is not None else None
+        self._watch = tensor_stamp(params) if params is not None else None
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod
@@ -277,7 +288,7 @@ class BalancePlan:
     # -- the passes --------------------------------------------------------------------------
     def gram(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(G [S, K, K] float64, found_inf 0-dim bool), one op, no host read."""
-        return self._op["gram"](self._buffer_for_op(), self._ranges, self._seg_offsets, self.num_segments)
+        return self.backend.bank_gram(self._buffer_for_op(), self._ranges, self._seg_offsets, self.num_segments)
 
     def weights(self, gram: tuple[torch.Tensor, torch.Tensor] | None = None) -> PlanResult:
         """Gram -> the policy's weights, all on the device. ``gram``: the (G, found_inf) to solve
@@ -291,7 +302,7 @@ class BalancePlan:
         """out[start:end] = sum_k weights[seg, k] * bank[k, start:end] for every chunk; ``out``
         is a flat buffer laid out like a bank row. Nothing is written when ``skip`` holds True."""
         self._check_weights(weights)
-        self._op["combine_into"](self._buffer_for_op(), weights, self._ranges, out, skip)
+        self.backend.bank_combine_into(self._buffer_for_op(), weights, self._ranges, out, skip)
 
     def _check_weights(self, weights: torch.Tensor) -> None:
         """The kernels index weights[segment] and hyper[group] from the table: O(1) shape checks
@@ -348,6 +359,11 @@ class BalancePlan:
         live = _host_to(torch.tensor(self._live_list, dtype=torch.bool), self._buffer.device, out=self._live)
         if live is not self._live:  # a new table: not yet marked as read by any stream
             self._live, self._tables_stream = live, None
+
+    @property
+    def live(self) -> list:
+        """The P live flags on the host (``set_live`` replaces the list, never changes it)."""
+        return self._live_list
 
     def grads_attached(self) -> bool:
         """Whether every (live) parameter's ``.grad`` is its view of the flat buffer (object and
@@ -445,8 +461,8 @@ class BalancePlan:
             # the kernel writes the parameters as the moments' dtype: refuse, never corrupt
             raise TypeError(f"the parameters are {self.params[0].dtype} but the moments {exp_avg.dtype} "
                             "(parameters converted since the state was made?)")
-        self._op["adamw_"](self._buffer_for_op(), weights, self._chunks, ptrs, exp_avg, exp_avg_sq, hyper, step,
-                           skip, self._live)
+        self.backend.bank_adamw_(self._buffer_for_op(), weights, self._chunks, ptrs, exp_avg, exp_avg_sq, hyper,
+                                 step, skip, self._live, params=self.params)
 
     def new_adamw_state(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Zeroed flat (exp_avg, exp_avg_sq) in the parameters' dtype and zero ``[P]`` step counts."""

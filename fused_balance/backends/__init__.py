@@ -40,6 +40,31 @@ Kernel backends expose their kernels as ops with the four schemas of ``fused_bal
 (``LIST_OP_SCHEMAS``, the C++ ops' own), and take the fake kernels, autograd and these functions
 from there (``ops.define_family``, ``ops.ListOps``).
 
+Bank ops (BalancePlan's engine; every backend that has them runs a plan, ``bank_backends``): one
+``[K, N]`` bank (row k: objective k's gradients of all P parameters end to end, rows contiguous)
+and an int64 ``[C, 6]`` chunk table built once by ``fused_balance.BalancePlan`` (columns: start in
+the row, length <= PLAN_CHUNK_ELEMS, segment, parameter, offset in the parameter, group; the
+Gram's and combine's table holds ranges, AdamW's one row per parameter chunk). Exactly the C++
+ops' semantics (csrc/plan_cpu.cpp); no host read, so a planned step can be captured:
+
+- ``bank_gram(bank, chunks, seg_offsets, num_segments) -> (G [S, K, K] float64, found_inf)``:
+  every product and sum in float64 (so ``found_inf``, a 0-dim bool on the device, is raised only
+  by a real NaN/Inf); ``seg_offsets`` [S + 1]: the table's chunks grouped by segment.
+- ``bank_combine_into(bank, weights, chunks, out, skip)``: ``out[c] = sum_k w[seg, k] bank[k, c]``
+  for every covered column c of the flat ``out`` (bank dtype), in the accumulate dtype in
+  objective order, the ``[S, K]`` weights rounded once to it (saturating at fp32's range for
+  non-fp64 banks); nothing written when ``skip`` holds True.
+- ``bank_adamw_(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip, live,
+  *, params)``: AdamW on that combination. ``exp_avg`` / ``exp_avg_sq``: flat, laid out like a
+  bank row, in the parameters' dtype; ``hyper``: float64 ``[G, 5]`` (lr, weight_decay, beta1,
+  beta2, eps per group); ``step``: float32 ``[P]`` steps taken so far, incremented where
+  stepped; ``live``: None or bool ``[P]``, the parameters updated; ``param_ptrs``: int64 ``[P]``
+  addresses of the P contiguous parameters, rewritten in place by the plan whenever one moved;
+  ``params``: those P tensors, for backends that cannot write through addresses (the cpp and
+  triton backends ignore it). Constants computed in float64 as Python does and rounded once.
+
+A backend module without them (``BANK_OPS_MISSING``: why) cannot run a plan.
+
 Low-precision AdamW rounding rule (every backend): the combined gradient is accumulated in the
 accumulate dtype and rounded to the gradients' dtype, then AdamW runs in the parameters'
 accumulate dtype; m and v are bitwise equal across backends on the same device.
@@ -51,7 +76,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
-__all__ = ["Backend", "available_backends", "use_backend", "current_backend", "get_backend", "resolve_backend",
+__all__ = ["Backend", "available_backends", "bank_backends", "bank_ops_missing", "use_backend", "current_backend", "get_backend", "resolve_backend",
            "backend_report", "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("torch", "cpp", "triton")
@@ -87,6 +112,17 @@ class Backend(Protocol):
                         exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
                         lrs: list[float], weight_decays: list[float], beta1: float, beta2: float,
                         eps: float, step: int, skip: torch.Tensor | None) -> None: ...
+
+
+BANK_FUNCTIONS = ("bank_gram", "bank_combine_into", "bank_adamw_")
+
+
+def bank_ops_missing(backend) -> str | None:
+    """None when the backend module provides the bank ops (above), else why not."""
+    if all(hasattr(backend, f) for f in BANK_FUNCTIONS):
+        return None
+    return getattr(backend, "BANK_OPS_MISSING", None) or f"backend {backend.name!r} has no bank ops"
+
 
 _default = {"name": "auto"}
 
@@ -127,6 +163,11 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [n for n in BACKEND_NAMES if availability(n, device)[0]]
 
 
+def bank_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run a BalancePlan (bank ops) on tensors of ``device`` here."""
+    return [n for n in available_backends(device) if bank_ops_missing(get_backend(n)) is None]
+
+
 def backend_report() -> dict[str, dict[str, tuple[bool, str]]]:
     """For every backend and device type: (available, reason). Used by `fused-balance info`."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -144,19 +185,25 @@ def current_backend() -> str:
     return _default["name"]
 
 
-def resolve_backend(name: str | None, device: torch.device) -> Backend:
+def resolve_backend(name: str | None, device: torch.device, *, bank_ops: bool = False) -> Backend:
     """The backend (a module with a ``name``) to run on ``device``: ``name`` (None means the default set by
-    use_backend), with 'auto' picking the fastest one available for the device type."""
+    use_backend), with 'auto' picking the fastest one available for the device type. ``bank_ops``:
+    one that provides the bank ops (a BalancePlan's)."""
     name = name or _default["name"]
     if name == "auto":
         for candidate in _AUTO_ORDER.get(device.type, ("torch",)):
             ok, _ = availability(candidate, device)
-            if ok:
+            if ok and not (bank_ops and bank_ops_missing(get_backend(candidate))):
                 return get_backend(candidate)
         return get_backend("torch")
     ok, reason = availability(name, device)
     if not ok:
         raise RuntimeError(f"backend {name!r} cannot run on {device.type} tensors here: {reason}")
-    return get_backend(name)
+    backend = get_backend(name)
+    missing = bank_ops_missing(backend) if bank_ops else None
+    if missing:
+        raise RuntimeError(f"backend {name!r} cannot run a BalancePlan: {missing}; choose one of "
+                           f"{bank_backends(device)} (or None / 'auto')")
+    return backend
 
 

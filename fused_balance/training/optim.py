@@ -228,12 +228,21 @@ class BalancedAdamW(torch.optim.Optimizer):
         (``load_state_dict``). Only the plan's live parameters (``plan.set_live``) are stepped.
         Hyper-parameters are read from a device table refreshed when a group changes (O(groups)).
         ``skipped_steps`` is not counted here (that would need a host read): callers that read
-        ``skip`` count it."""
+        ``skip`` count it, and call ``publish_planned_state`` when it was False. A parameter's
+        state appears in ``state`` once it was stepped, as in torch's AdamW."""
         flat = getattr(self, "_flat", None)
         if flat is None or flat.plan is not plan or not flat.intact(self.state):
             flat = self._flat = _FlatState.adopt(self, plan)
         plan.adamw_step(weights, flat.exp_avg, flat.exp_avg_sq, flat.hyper_for(self.param_groups),
                         flat.step, skip)
+        if skip is None:
+            flat.publish_live(self)
+
+    def publish_planned_state(self) -> None:
+        """After a planned step known to be taken: the state of the parameters it stepped for the
+        first time joins ``state`` (O(P) only when the plan's live set changed)."""
+        self._flat.publish_live(self)
+
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -269,9 +278,11 @@ class _FlatState:
     """BalancedAdamW's state in the plan's layout: flat moments, a [P] step-count tensor, a hyper
     table."""
 
-    def __init__(self, plan, exp_avg, exp_avg_sq, step, m_views, v_views, step_views):
+    def __init__(self, plan, exp_avg, exp_avg_sq, step, m_views, v_views, step_views, published):
         self.plan, self.exp_avg, self.exp_avg_sq, self.step = plan, exp_avg, exp_avg_sq, step
         self.m_views, self.v_views, self.step_views = m_views, v_views, step_views
+        self.published = published  # per parameter: is its state in the optimizer's (views of these)?
+        self._live_seen = None  # the plan's live list publish_live last saw
         self._hyper_key = None
         self._hyper = None
 
@@ -296,14 +307,34 @@ class _FlatState:
                 m.copy_(st["exp_avg"])
                 v.copy_(st["exp_avg_sq"])
         step_views = list(step.unbind(0))  # each parameter's 0-dim "step", as torch's AdamW keeps it
-        for p, st, m, v, t in zip(plan.params, states, m_views, v_views, step_views):
-            optimizer.state[p] = {**(st or {}), "step": t, "exp_avg": m, "exp_avg_sq": v}
-        return cls(plan, exp_avg, exp_avg_sq, step, m_views, v_views, step_views)
+        # A parameter's state is published when it is first stepped (publish_live), as in torch's AdamW
+        published = [bool(st) for st in states]
+        for p, st, m, v, t, shown in zip(plan.params, states, m_views, v_views, step_views, published):
+            if shown:
+                optimizer.state[p] = {**(st or {}), "step": t, "exp_avg": m, "exp_avg_sq": v}
+        return cls(plan, exp_avg, exp_avg_sq, step, m_views, v_views, step_views, published)
+
+    def publish_live(self, optimizer: "BalancedAdamW") -> None:
+        """The state of parameters that joined the plan's live set, put in the optimizer's
+        state (O(P) only when the live set changed)."""
+        live = self.plan.live
+        if live is self._live_seen:
+            return
+        for i, (p, alive) in enumerate(zip(self.plan.params, live)):
+            if alive and not self.published[i]:
+                optimizer.state[p] = {"step": self.step_views[i], "exp_avg": self.m_views[i],
+                                      "exp_avg_sq": self.v_views[i]}
+                self.published[i] = True
+        self._live_seen = live
 
     def intact(self, state) -> bool:
         """O(1): the first and last parameter's state still are this layout's tensors."""
         for i in (0, -1):
             st = state.get(self.plan.params[i])
+            if not self.published[i]:
+                if st:
+                    return False
+                continue
             if not st or st.get("exp_avg") is not self.m_views[i] or st.get("exp_avg_sq") is not self.v_views[i] \
                     or st.get("step") is not self.step_views[i]:
                 return False

@@ -5,9 +5,9 @@ Each step: every objective's gradient lands in a GradBank (one flat ``[K, N]`` b
 and writes the combination into the live parameters' ``.grad`` (views of one flat buffer), then
 the wrapped optimizer steps (skipped, and counted, when a gradient held NaN/Inf). With
 ``optimizer="fused_adamw"`` the combination is never materialised: Gram -> weights -> the plan's
-fused AdamW. ``step``, ``balance`` and ``backward`` all take the plan whenever the cpp kernels
-run on the parameters' device (any process group); otherwise the list API
-(``fb.pareto_combine``, ``fb.balanced_adamw_step``) does the same work.
+fused AdamW. ``step``, ``balance`` and ``backward`` all take the plan, whatever the backend (its
+bank ops: ``fused_balance.backends``) and process group: one engine. The list API
+(``fb.pareto_combine``, ``fb.balanced_adamw_step``) is for custom loops.
 
 Distributed (``process_group=``): ``distributed="data"`` (each rank its own micro-batch: the
 bank's ``[K, N]`` buffer is averaged over the ranks in ONE all-reduce, in place, then every rank
@@ -34,6 +34,7 @@ import torch
 
 import fused_balance as fb
 from fused_balance import _extension
+from fused_balance.backends import bank_backends, bank_ops_missing, get_backend
 from fused_balance.distributed import all_reduce_gram_, average_gradients_, check_group
 from fused_balance.policies import check_policy_args, gram_statistics
 from fused_balance.training import _wrappers
@@ -54,10 +55,33 @@ def _named(model_or_params) -> list[tuple[str, torch.Tensor]]:
 
 
 def _check_backend(backend, device) -> None:
-    """Fail at construction, not halfway through the first step."""
-    if backend not in (None, "auto") and backend not in fb.available_backends(device):
+    """Fail at construction, not halfway through the first step: the backend must run here and
+    have bank ops (the plan's)."""
+    if backend in (None, "auto"):
+        return
+    if backend not in fb.available_backends(device):
         raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors here; available: "
                          f"{fb.available_backends(device)} (or None / 'auto')")
+    missing = bank_ops_missing(get_backend(backend))
+    if missing:
+        raise ValueError(f"backend {backend!r} cannot run ParetoLoRA's plan: {missing}; choose one of "
+                         f"{bank_backends(device)} (or None / 'auto')")
+
+
+def _check_layout(named, fused: bool) -> None:
+    """What the plan cannot balance, refused at construction with the fix: parameters of several
+    dtypes (one [K, N] bank holds them all), and non-contiguous ones under the fused AdamW
+    (written through a pointer table, element by element of a flat range)."""
+    dtypes = sorted({str(p.dtype) for _, p in named})
+    if len(dtypes) > 1:
+        raise TypeError(f"the balanced parameters have several dtypes {dtypes}: ParetoLoRA keeps them in one "
+                        "gradient bank; convert them to one dtype (e.g. model.to(torch.bfloat16)) or balance "
+                        "each dtype's parameters with a ParetoLoRA of its own")
+    if fused:
+        strided = [name for name, p in named if not p.is_contiguous()]
+        if strided:
+            raise ValueError(f"the fused AdamW writes contiguous parameters only; {strided[0]!r} is not: make "
+                             "it contiguous (p.data = p.data.contiguous()) or use a torch optimizer")
 
 
 def _history_limit(value) -> int | None:
@@ -166,36 +190,27 @@ class ParetoLoRA:
                                       "optimizer, e.g. torch.optim.AdamW(model.parameters())")
         if optimizer is not None:
             self._check_optimizer_holds_params(optimizer)
-        if self.fused:  # grads must follow the optimizer's parameter order
-            position = {id(p): i for i, p in enumerate(self.params)}
-            try:
-                self._fused_order = [position[id(p)] for p in optimizer.flat_params()]
-            except KeyError:
-                raise ValueError("the BalancedAdamW holds parameters ParetoLoRA does not balance") from None
-            self._fused_segments = [self.segment_ids[i] for i in self._fused_order]
+        _check_layout(self.named_params, self.fused)
+        if self.fused:  # the plan's fused AdamW steps exactly the balanced parameters
+            balanced = {id(p) for p in self.params}
+            if any(id(p) not in balanced for p in optimizer.flat_params()):
+                raise ValueError("the BalancedAdamW holds parameters ParetoLoRA does not balance")
             self._fused_groups = self._group_sizes()
         self.bank: GradBank | None = None
         self.step_count = 0
         self.skipped_steps = 0
         self._history: deque = deque(maxlen=self.history_limit)
         self._history_on_device = 0  # trailing entries whose tensors still live on the device
-        self._scratch: list[torch.Tensor] | None = None
         self._window = 0  # micro-batches accumulated in the bank since the last balance
         self._window_losses: torch.Tensor | None = None  # their losses, summed, on the device
         self._reach_cache: tuple | None = None  # what depends on bank.reached (see _reach)
-        self._sink_key, self._sink_list = None, []
         self._dead_reported = None  # the _reach_cache key last looked at by _record
         self._dead_names: list[str] = []  # the dead tensors last named in the history
         self._warned_nonfinite = False
-        self._plan = self._plan_key = self._plan_ok = None
+        self._plan = self._plan_key = None
         self._plan_live = None  # the _reach_cache key the plan's live mask was set for
-        self._stepped_live = None  # (_reach_cache key, live mask) of the last list-path step
         self._ddp = None
         self._watch = None  # the parameters' TensorStamp (frozen-later check), once the extension loads
-        if self._fsdp and not self._plan_usable():
-            raise NotImplementedError(f"FSDP2 parameters are balanced by the cpp kernels' plan, which cannot run "
-                                      f"here (backend {backend!r}, parameters {self.params[0].dtype} on "
-                                      f"{self.params[0].device}, all of one dtype and contiguous)")
         if isinstance(model_or_params, torch.nn.Module):
             self.attach(model_or_params)  # last: every other check has passed
 
@@ -213,7 +228,6 @@ class ParetoLoRA:
             return
         self.process_group = _wrappers.adopt_ddp(ddp, self.params, self.process_group, self.distributed)
         self._ddp = ddp
-        self._plan_ok = None  # decided again for the process group
 
     def _check_unchanged(self) -> None:
         """What may have changed since construction, checked before a step writes anything."""
@@ -303,7 +317,7 @@ class ParetoLoRA:
             entry["_gram"] = gram.detach()
         else:
             entry["norms"], entry["cosines"] = norms.detach(), cosines.detach()
-        key, dead = self._reach_cache[0], self._reach_cache[4]
+        key, dead = self._reach_cache[0], self._reach_cache[3]
         if key != self._dead_reported and dead != self._dead_names:  # once, again on a change
             entry["dead"] = list(dead)
             self._dead_names = dead
@@ -314,7 +328,7 @@ class ParetoLoRA:
 
     # -- tensors no objective reached ----------------------------------------------------------
     def _reach(self):
-        """(live mask, live segment mask, fused-path inputs), rebuilt only when the bank's
+        """(live mask, live segment mask, dead tensor names), rebuilt only when the bank's
         reached set changes (rarely: the first steps), so a step costs no per-tensor work."""
         bank = self.bank
         key = (id(bank), bank.reached_version, id(bank.grads))  # grads: new views after a buffer swap
@@ -325,19 +339,15 @@ class ParetoLoRA:
             live_segments = [False] * self.num_segments
             for alive, s in zip(live, self.segment_ids):
                 live_segments[s] = live_segments[s] or alive
-            fused = None
-            if self.fused:
-                fused = ([[row[i] for i in self._fused_order] for row in bank.grads],
-                         [live[i] for i in self._fused_order])
             dead = [name for (name, _), alive in zip(self.named_params, live) if not alive]
-            self._reach_cache = (key, live, live_segments, fused, dead)
+            self._reach_cache = (key, live, live_segments, dead)
         return self._reach_cache[1:]
 
     @property
     def dead_tensors(self) -> list[str]:
         """Names of the balanced tensors no objective reached in the last window: no optimizer
         step touches them (see the class docstring for their ``.grad``)."""
-        return [] if self.bank is None else list(self._reach()[3])
+        return [] if self.bank is None else list(self._reach()[2])
 
     @property
     def live_segments(self) -> list[bool]:
@@ -377,18 +387,11 @@ class ParetoLoRA:
         self._require_window()
         took = None
         try:
-            if self._plan_usable():
-                res, undo = self._planned_write(accumulate, keep_dead_grads=True)
-                if undo is not None and bool(res.found_inf):  # views attached for nothing: take them back
-                    undo()
-                    took = False
-                res = self._history_result(res, always=True)
-            else:
-                res, fresh = self._write_balanced(accumulate)
-                if fresh and bool(res.found_inf):  # undo the .grad tensors created for this write
-                    for p in fresh:
-                        p.grad = None
-                    took = False
+            res, undo = self._planned_write(accumulate, keep_dead_grads=True)
+            if undo is not None and bool(res.found_inf):  # views attached for nothing: take them back
+                undo()
+                took = False
+            res = self._history_result(res, always=True)
         except BaseException:
             self._drop_window()
             raise
@@ -414,7 +417,7 @@ class ParetoLoRA:
             self._check_unchanged()
         self._require_window()
         try:
-            took, res = self._step_window()
+            res, took = self._planned_step()
         except BaseException:  # an OOM in the optimizer, a KeyboardInterrupt: the next step
             self._drop_window()  # starts a fresh window instead of adding to this one
             raise
@@ -426,54 +429,12 @@ class ParetoLoRA:
         the bank)."""
         self._window, self._window_losses = 0, None
 
-    def _step_window(self):
-        """Balance the window and step the optimizer: (stepped, result)."""
-        if self._plan_usable():
-            res, took = self._planned_step()
-        elif self.fused:
-            # pareto_weights, not gram + policy_weights: it keeps the range rescue (tiny or huge
-            # gradients) and raises found_inf only for a real NaN/Inf (then nothing is stepped).
-            res = fb.pareto_weights(self.bank.grads, self.segment_ids, policy=self.policy,
-                                    tau=self.tau, rescale=self.rescale, backend=self.backend,
-                                    process_group=self.process_group, distributed=self.distributed)
-            grads, active = self._reach()[2]
-            took = self.optimizer.balanced_step(grads, res.weights, self._fused_segments,
-                                                skip=res.found_inf, active=active)
-        else:
-            self._drop_dead_grads()
-            res, fresh = self._write_balanced(accumulate=False)
-            took = not bool(res.found_inf)
-            try:
-                if took:
-                    self.optimizer.step()
-            except BaseException:  # the .grad this step created go, as on a skip
-                took = False
-                raise
-            finally:
-                if not took:
-                    for p in fresh:
-                        p.grad = None
-        return took, res
-
-    # -- planned step (fb.BalancePlan): validated once, O(1) host work per step ----------------
-    def _plan_usable(self) -> bool:
-        """The plan path needs the cpp kernels on the parameters' device and contiguous
-        parameters in the bank's dtype. Under a process group the bank is averaged first (data
-        parallel, one all-reduce) or the Gram partials are summed (sharded). Tensors no
-        objective reached are left out through the plan's live mask (no ``.grad`` view, not
-        stepped by the fused AdamW). Otherwise the list API runs (same numbers up to the
-        plan's float64 Gram)."""
-        if self._plan_ok is None:
-            device, dtype = self.params[0].device, self.params[0].dtype
-            cpp = self.backend in (None, "auto", "cpp") and "cpp" in fb.available_backends(device)
-            self._plan_ok = cpp and all(p.dtype == dtype and p.is_contiguous() for p in self.params)
-        return self._plan_ok
-
+    # -- the planned step (fb.BalancePlan): validated once, O(1) host work per step ------------
     def _balance_plan(self) -> "fb.BalancePlan":
         key = (self.bank, self.policy, self.tau, self.rescale)  # load_state_dict may change the policy
         if self._plan is None or self._plan_key != key:  # built once per bank and policy
             self._plan = fb.BalancePlan(self.bank, self.segment_ids, params=self.bank.tensors, policy=self.policy,
-                                        tau=self.tau, rescale=self.rescale)
+                                        tau=self.tau, rescale=self.rescale, backend=self.backend)
             self._plan_key = key
             self._plan_live = None
         return self._plan
@@ -527,7 +488,9 @@ class ParetoLoRA:
             plan, res = self._planned_weights()
             self.optimizer.planned_step(plan, res.weights, skip=res.found_inf)
             took = not bool(res.found_inf)  # the one host read: step() reports whether it stepped
-            if not took:
+            if took:
+                self.optimizer.publish_planned_state()
+            else:
                 self.optimizer.skipped_steps += 1
             return self._history_result(res), took
         res, undo = self._planned_write(accumulate=False)
@@ -564,60 +527,6 @@ class ParetoLoRA:
             raise RuntimeError("nothing to balance: call accumulate(losses) (or step(losses) / "
                                "backward(losses)) first")
 
-    def _write_balanced(self, accumulate: bool):
-        """pareto_combine of the bank into ``p.grad`` of every reached tensor. Returns the
-        result and the tensors whose ``.grad`` was created here (to undo on a skip)."""
-        live = self._reach()[0]
-        fresh = []
-        if accumulate and any(p.grad is not None for p in self.params):
-            if self._scratch is None:
-                self._scratch = [torch.zeros_like(p) for p in self.params]
-            out = self._scratch
-        else:
-            out = []
-            for p, alive, sink in zip(self.params, live, self._sinks(live)):
-                if alive:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                        fresh.append(p)
-                    out.append(p.grad)
-                else:
-                    out.append(sink)
-        res = fb.pareto_combine(self.bank.grads, self.segment_ids, policy=self.policy, tau=self.tau,
-                                rescale=self.rescale, out=out, backend=self.backend,
-                                process_group=self.process_group, distributed=self.distributed)
-        if out is self._scratch:
-            ok = (~res.found_inf).to(out[0].dtype)  # on the device: no sync
-            for p, d, alive in zip(self.params, out, live):
-                if not alive:
-                    continue
-                if p.grad is None:
-                    p.grad = d * ok
-                else:
-                    p.grad.add_(d * ok)
-        return res, fresh
-
-    def _drop_dead_grads(self) -> None:
-        """``step`` replaces ``.grad``: a tensor live in the last step's window and dead in this
-        one still holds that step's balanced gradient, which the optimizer would apply again.
-        Per-tensor work only when the reached set changes."""
-        live = self._reach()[0]
-        key = self._reach_cache[0]
-        if self._stepped_live is not None and self._stepped_live[0] != key:
-            for p, was, alive in zip(self.params, self._stepped_live[1], live):
-                if was and not alive:
-                    p.grad = None
-        self._stepped_live = (key, live)
-
-    def _sinks(self, live) -> list:
-        """Throw-away outputs for the tensors no objective reached: the balance still runs over
-        every tensor (the same problem, and the same collectives, on every rank), but their
-        ``.grad`` is left alone."""
-        if self._sink_key != self._reach_cache[0]:
-            self._sink_list = [None if alive else torch.empty_like(p) for p, alive in zip(self.params, live)]
-            self._sink_key = self._reach_cache[0]
-        return self._sink_list
-
     def _finish(self, res, stepped, took) -> None:
         """History entry, counters and the non-finite-loss report; closes the bank's window."""
         losses, self._window_losses, self._window = self._window_losses, None, 0
@@ -647,7 +556,7 @@ class ParetoLoRA:
         """Drop the [K, N] gradient bank and scratch space (allocated again by the next step),
         e.g. to give the memory back during evaluation."""
         self.bank = None
-        self._scratch = None
+        self._plan = self._plan_key = self._dtensor_grads = None
         self._drop_window()
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -264,18 +264,25 @@ def _op_cases(device):
         "combine_into": (lambda: (flat_args(), w, segs, outs(), torch.tensor([False], device=device)), None),
         "balanced_adamw_": (lambda: (flat_args(), w, segs, *state(), *adamw_hyper, 1, None), None),
     }
+    bank_cases = {
+        "bank_gram": (lambda: (lambda p, b: (b, p._ranges, p._seg_offsets, 2))(*plan()), None),
+        "bank_combine_into": (lambda: (lambda p, b: (b, torch.rand(2, 2, dtype=torch.float64).to(device),
+                                                     p._ranges, torch.zeros(18, device=device), None))(*plan()),
+                              None),
+    }
     return {
         "cpp": {
             **list_ops,
-            "bank_gram": (lambda: (lambda p, b: (b, p._ranges, p._seg_offsets, 2))(*plan()), None),
-            "bank_combine_into": (lambda: (lambda p, b: (b, torch.rand(2, 2, dtype=torch.float64).to(device),
-                                                         p._ranges, torch.zeros(18, device=device), None))(*plan()),
-                                  None),
+            **bank_cases,
             "bank_adamw_": (bank_adamw, ("test_schema", "test_faketensor")),
             "policy_weights": (policy_args, None),
         },
         "triton": {"triton_" + op: case for op, case in list_ops.items()},
-        "torch": {},  # plain PyTorch: no custom ops
+        "torch": {  # the list ops are plain PyTorch; the bank ops are custom ops (fused_balance.reference_bank)
+            "torch_bank_gram": bank_cases["bank_gram"],
+            "torch_bank_combine_into": bank_cases["bank_combine_into"],
+            "torch_bank_adamw_": (lambda: (*bank_adamw(), None, alive[-1]), None),
+        },
     }
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 import fused_balance as fb
+from fused_balance.backends import bank_backends
 from fused_balance.training import ParetoLoRA
 from shared import (D_IN, REGRESSION_LR, dispatched_fused_balance_ops, needs_gloo, regression_batch,
                     regression_net, regression_objectives, regression_optimizer, run_ranks, train_regression)
@@ -118,7 +119,7 @@ def _scenarios(rank, world, backends) -> dict:
 
 
 # ----------------------------------------------------------------------------- spawning
-BACKENDS = fb.available_backends("cpu")
+BACKENDS = bank_backends("cpu")  # ParetoLoRA runs a BalancePlan: the backends with bank ops
 _RESULTS: dict = {}
 
 

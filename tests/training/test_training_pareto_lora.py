@@ -306,3 +306,56 @@ def test_balance_and_backward_take_the_plan_and_equal_the_list_engine(before, ac
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     if before != "user":
         assert grads["cpp"][-1] is None and grads["cpp"][-2] is None  # the unreached module
+
+
+LIST_OPS = {"gram", "combine", "combine_into", "balanced_adamw_"}
+
+
+def _bank_backends():
+    from fused_balance.backends import bank_ops_missing, get_backend
+    return [b for b in fb_available("cpu") if bank_ops_missing(get_backend(b)) is None]
+
+
+def fb_available(device):
+    import fused_balance as fb
+    return fb.available_backends(device)
+
+
+@pytest.mark.parametrize("backend", _bank_backends())
+@pytest.mark.parametrize("entry", ["step-torch-optimizer", "step-fused", "backward", "balance"])
+@pytest.mark.parametrize("case", ["all-reached", "unreached-linear", "accumulation"])
+def test_every_entry_point_takes_the_plan_on_every_backend(backend, entry, case):
+    """One engine: whatever the backend, entry point and case, a balanced step dispatches that
+    backend's bank ops (and the policy solve), never a list op (C++ or Triton)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    named = list(model.named_parameters())
+    if case == "unreached-linear":
+        named += [(f"unused.{n}", p) for n, p in torch.nn.Linear(8, 8).named_parameters()]
+    params = [p for _, p in named]
+    opt = {"step-torch-optimizer": torch.optim.AdamW(params, lr=1e-2), "step-fused": "fused_adamw"}.get(entry)
+    balancer = ParetoLoRA(named, opt, backend=backend)
+    ops = []
+    for step in range(2):
+        micro = 2 if case == "accumulation" else 1
+        batches = []
+        for i in range(micro):
+            out = model(torch.randn(4, 8, generator=torch.Generator().manual_seed(10 * step + i)))
+            batches.append({"text": out[:, 0].pow(2).mean(), "image": (out[:, 1] - 1).pow(2).mean()})
+        for batch in batches[:-1]:
+            balancer.accumulate(batch)
+        if entry.startswith("step"):
+            ops += dispatched_fused_balance_ops(lambda: balancer.step(batches[-1]))
+        elif entry == "backward":
+            ops += dispatched_fused_balance_ops(lambda: balancer.backward(batches[-1]))
+        else:
+            balancer.accumulate(batches[-1])
+            ops += dispatched_fused_balance_ops(balancer.balance)
+        balancer.zero_grad()
+    prefix = {"cpp": "", "torch": "torch_", "triton": "triton_"}[backend]
+    bank = {prefix + op for op in ("bank_gram", "bank_combine_into", "bank_adamw_")}
+    listed = LIST_OPS | {"triton_" + op for op in LIST_OPS}
+    assert not set(ops) & listed, ops
+    assert set(ops) <= bank | {"policy_weights"} and prefix + "bank_gram" in ops, ops
+    assert (prefix + "bank_adamw_" in ops) == (entry == "step-fused"), ops
+    assert balancer._plan.backend.name == backend
