@@ -77,7 +77,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import torch
 
 __all__ = ["Backend", "available_backends", "bank_backends", "bank_ops_missing", "use_backend", "current_backend", "get_backend", "resolve_backend",
-           "backend_report", "BACKEND_NAMES"]
+           "backend_report", "check_backend_choice", "BACKEND_NAMES"]
 
 BACKEND_NAMES = ("torch", "cpp", "triton")
 # Fastest first, per device type: what `auto` tries.
@@ -166,6 +166,23 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 def bank_backends(device: torch.device | str = "cpu") -> list[str]:
     """Names of the backends that can run a BalancePlan (bank ops) on tensors of ``device`` here."""
     return [n for n in available_backends(device) if bank_ops_missing(get_backend(n)) is None]
+
+
+def check_backend_choice(name, device: torch.device | str, *, bank_ops: bool = False) -> None:
+    """A user's ``backend=`` argument checked at construction (not halfway through a first step):
+    None, 'auto', or a backend that runs on ``device`` here (and has bank ops with ``bank_ops``)."""
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"backend must be a backend name or None, got {type(name).__name__}")
+    if name in (None, "auto"):
+        return
+    device = torch.device(device)
+    if name not in available_backends(device):
+        raise ValueError(f"backend {name!r} cannot run on {device.type} tensors here; available: "
+                         f"{available_backends(device)} (or None / 'auto')")
+    missing = bank_ops_missing(get_backend(name)) if bank_ops else None
+    if missing:
+        raise ValueError(f"backend {name!r} cannot run a BalancePlan: {missing}; choose one of "
+                         f"{bank_backends(device)} (or None / 'auto')")
 
 
 def backend_report() -> dict[str, dict[str, tuple[bool, str]]]:

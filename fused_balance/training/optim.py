@@ -9,42 +9,36 @@ State layout (``step``, ``exp_avg``, ``exp_avg_sq`` per parameter) mirrors torch
 """
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Sequence
 
 import torch
 
 import fused_balance as fb
+from fused_balance._validate import check_real
+from fused_balance.backends import check_backend_choice
 from fused_balance.training.bank import check_trainable
 
 __all__ = ["BalancedAdamW"]
 
 
-def _real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def _check_hyper(group: dict, where: str) -> None:
     """Validate one param group's hyper-parameters (types and ranges) before it is added."""
-    lr = _real(group["lr"], f"{where}lr")
+    lr = check_real(group["lr"], f"{where}lr")
     if lr < 0.0:
         raise ValueError(f"invalid learning rate {lr} ({where}lr must be >= 0)")
-    eps = _real(group["eps"], f"{where}eps")
+    eps = check_real(group["eps"], f"{where}eps")
     if eps <= 0.0:
         raise ValueError(f"invalid eps {eps} ({where}eps must be > 0)")
     betas = group["betas"]
     if isinstance(betas, (str, bytes, torch.Tensor)) or not isinstance(betas, Sequence) or len(betas) != 2:
         raise TypeError(f"{where}betas must be a pair of floats, got {betas!r}")
     for i, beta in enumerate(betas):
-        if not 0.0 <= _real(beta, f"{where}betas[{i}]") < 1.0:
+        if not 0.0 <= check_real(beta, f"{where}betas[{i}]") < 1.0:
             raise ValueError(f"invalid betas {tuple(betas)} ({where}betas[{i}] must be in [0, 1))")
-    decay = _real(group["weight_decay"], f"{where}weight_decay")
+    decay = check_real(group["weight_decay"], f"{where}weight_decay")
     if decay < 0.0:
         raise ValueError(f"invalid weight_decay {decay} ({where}weight_decay must be >= 0)")
     if group.get("amsgrad") or group.get("maximize"):
@@ -64,16 +58,12 @@ class BalancedAdamW(torch.optim.Optimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         _check_hyper(defaults, "")
         defaults["betas"] = tuple(float(b) for b in betas)
-        if backend is not None and not isinstance(backend, str):
-            raise TypeError(f"backend must be a backend name or None, got {type(backend).__name__}")
         if isinstance(params, torch.Tensor):
             raise TypeError("params must be an iterable of tensors or param-group dicts, got a single "
                             "Tensor; wrap it in a list")
         super().__init__(params, defaults)
         device = self.param_groups[0]["params"][0].device if self.param_groups[0]["params"] else None
-        if backend not in (None, "auto") and device is not None and backend not in fb.available_backends(device):
-            raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors here; available: "
-                             f"{fb.available_backends(device)} (or None / 'auto')")
+        check_backend_choice(backend, device if device is not None else "cpu")
         self.backend = backend
         self.skipped_steps = 0
 

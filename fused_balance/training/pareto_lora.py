@@ -34,7 +34,7 @@ import torch
 
 import fused_balance as fb
 from fused_balance import _extension
-from fused_balance.backends import bank_backends, bank_ops_missing, get_backend
+from fused_balance.backends import check_backend_choice
 from fused_balance.distributed import all_reduce_gram_, average_gradients_, check_group
 from fused_balance.policies import check_policy_args, gram_statistics
 from fused_balance.training import _wrappers
@@ -53,19 +53,6 @@ def _named(model_or_params) -> list[tuple[str, torch.Tensor]]:
     _wrappers.check_not_fsdp(named)
     return list(zip(_wrappers.canonical_names([n for n, _ in named]), [p for _, p in named]))
 
-
-def _check_backend(backend, device) -> None:
-    """Fail at construction, not halfway through the first step: the backend must run here and
-    have bank ops (the plan's)."""
-    if backend in (None, "auto"):
-        return
-    if backend not in fb.available_backends(device):
-        raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors here; available: "
-                         f"{fb.available_backends(device)} (or None / 'auto')")
-    missing = bank_ops_missing(get_backend(backend))
-    if missing:
-        raise ValueError(f"backend {backend!r} cannot run ParetoLoRA's plan: {missing}; choose one of "
-                         f"{bank_backends(device)} (or None / 'auto')")
 
 
 def _check_layout(named, fused: bool) -> None:
@@ -141,8 +128,6 @@ class ParetoLoRA:
                  history_limit: int | None = 10_000, process_group=None, distributed: str = "data"):
         check_policy_args(policy, tau, rescale)
         check_group(process_group, distributed)
-        if backend is not None and not isinstance(backend, str):
-            raise TypeError(f"backend must be a backend name or None, got {type(backend).__name__}")
         if fill not in ("backward", "batched"):
             raise ValueError(f"unknown fill mode {fill!r}; choose 'backward' or 'batched'")
         if objectives is not None:
@@ -163,7 +148,7 @@ class ParetoLoRA:
         self.process_group, self.distributed = process_group, distributed
         self._fsdp = shard_group is not None
         self._dtensor_grads = None  # FSDP2: the DTensor gradients the plan writes (_fsdp.DTensorGrads)
-        _check_backend(backend, self.params[0].device)
+        check_backend_choice(backend, self.params[0].device, bank_ops=True)
         self.segment_ids, self.segment_names = segment_ids_for(self.named_params, segments)
         self.segments_rule = segments if isinstance(segments, str) else "callable"
         self.policy, self.tau, self.rescale = policy, float(tau), rescale

@@ -55,13 +55,13 @@ Defaults: β = 0.9, η = 0.1, δ = 0.05, m ∈ [0.25, 8]. ``history`` keeps the 
 from __future__ import annotations
 
 import math
-import numbers
 from collections import deque
 from typing import Callable, Mapping, Sequence
 
 import torch
 
 import fused_balance as fb
+from fused_balance._validate import check_real
 
 __all__ = ["BalanceScheduler"]
 
@@ -111,10 +111,6 @@ def _check_coverage(components, component_params, model, rest, optimizer=None) -
     return rest_params
 
 
-def _real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite real number, got {value!r}")
-    return float(value)
 
 
 class BalanceScheduler:
@@ -139,9 +135,9 @@ class BalanceScheduler:
                             f"{type(components).__name__}")
         if len(components) < 2:
             raise ValueError("BalanceScheduler needs at least two components")
-        beta, eta, dead_band = _real(beta, "beta"), _real(eta, "eta"), _real(dead_band, "dead_band")
-        m_min, m_max = _real(m_min, "m_min"), _real(m_max, "m_max")
-        aux_weight = _real(aux_weight, "aux_weight")
+        beta, eta, dead_band = check_real(beta, "beta"), check_real(eta, "eta"), check_real(dead_band, "dead_band")
+        m_min, m_max = check_real(m_min, "m_min"), check_real(m_max, "m_max")
+        aux_weight = check_real(aux_weight, "aux_weight")
         if not (0.0 <= beta < 1.0) or eta < 0 or dead_band < 0 or not (0 < m_min <= 1.0 <= m_max):
             raise ValueError("need 0 <= beta < 1, eta >= 0, dead_band >= 0, 0 < m_min <= 1 <= m_max")
         if aux_weight < 0:
@@ -207,7 +203,7 @@ class BalanceScheduler:
             raise ValueError(f"target needs one share per component {self.names}: "
                              f"missing {absent}, unknown {unknown}")
         for n, v in tgt.items():
-            if _real(v, f"target[{n!r}]") <= 0:
+            if check_real(v, f"target[{n!r}]") <= 0:
                 raise ValueError(f"target[{n!r}] = {v} must be > 0")
         total = sum(tgt.values())
         self.target = [tgt[n] / total for n in self.names]
