@@ -6,6 +6,7 @@ import torch
 
 import fused_balance as fb
 from tiny_unified import VOCAB, build_lora_model
+from fused_balance.backends import bank_backends
 from fused_balance.training import lora_parameters, segment_ids_for
 from shared import DemoRows
 
@@ -61,3 +62,24 @@ def test_balanced_trainer_step_and_train(tmp_path):
     assert len(trainer.balancer.history) == 4  # the hand-made step plus three Trainer steps
     logged = [entry for entry in trainer.state.log_history if "balance/weight_image" in entry]
     assert logged and all(entry["balance/weight_image"] > 0 for entry in logged)
+
+
+@pytest.mark.parametrize("backend", bank_backends("cpu"))
+def test_balanced_trainer_steps_through_the_plan(tmp_path, backend):
+    """BalancedTrainer is one more entry point of the one engine: its training step dispatches the
+    backend's bank ops (and the policy solve), never a list op."""
+    from fused_balance.training.hf import BalancedTrainer
+    from shared import dispatched_fused_balance_ops
+
+    model = build_lora_model(VOCAB.size, hidden=32, layers=2, heads=2, rank=4, seed=0)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True,
+                                          disable_tqdm=True, seed=0)
+    data = DemoRows(8)
+    trainer = BalancedTrainer(model=model, args=args, train_dataset=data, objectives_fn=objectives,
+                              balance_backend=backend)
+    inputs = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("input_ids", "attention_mask")}
+    ops = dispatched_fused_balance_ops(lambda: trainer.training_step(model, dict(inputs)))
+    prefix = {"cpp": "", "torch": "torch_", "triton": "triton_"}[backend]
+    assert prefix + "bank_gram" in ops and prefix + "bank_combine_into" in ops, ops
+    assert set(ops) <= {prefix + "bank_gram", prefix + "bank_combine_into", "policy_weights"}, ops
