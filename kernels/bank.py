@@ -111,11 +111,16 @@ def _store(ptrs, value, mask):
 
 @triton.jit
 def _combination(bank, ld, w_row, pos, mask, K: tl.constexpr, ACC: tl.constexpr):
-    """sum_k w[k] g_k[pos] in ACC, each product and sum rounded, in objective order (unrolled, so
-    the K row loads are in flight together)."""
+    """sum_k w[k] g_k[pos] in ACC, each product and sum rounded, in objective order. Up to 16
+    rows unrolled, so their loads are in flight together; past that a loop (all 64 rows hoisted
+    spill registers on sm_90)."""
     d = _weight(w_row, ACC) * _load(bank + pos, mask).to(ACC)
-    for k in tl.static_range(1, K):
-        d = d + _weight(w_row + k, ACC) * _load(bank + k * ld + pos, mask).to(ACC)
+    if K <= 16:
+        for k in tl.static_range(1, K):
+            d = d + _weight(w_row + k, ACC) * _load(bank + k * ld + pos, mask).to(ACC)
+    else:
+        for k in range(1, K):
+            d = d + _weight(w_row + k, ACC) * _load(bank + k * ld + pos, mask).to(ACC)
     return d
 
 

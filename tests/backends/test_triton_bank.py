@@ -185,7 +185,7 @@ def test_segment_sum_follows_the_fixed_order_whatever_the_grid(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- combine
-@pytest.mark.parametrize("K", [1, 2, 3, 9])
+@pytest.mark.parametrize("K", [1, 2, 3, 9, 17])  # 17: past the unrolled rows, a loop
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_combine_into_is_the_float64_combination_and_the_cpp_ops(K, dtype):
     buffer = make_bank(K, dtype, seed=10 + K)
