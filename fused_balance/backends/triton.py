@@ -18,11 +18,12 @@ except Exception as exc:  # a missing Triton must not break the list ops' backen
     BANK_OPS_MISSING = ("the Triton bank kernels (fused_balance.kernels.bank) are not part of this build yet"
                         if missing else f"the Triton bank kernels cannot be imported: {type(exc).__name__}: {exc}")
 
-if BANK_OPS_MISSING is None:
-    bank_gram = _bank_kernels.bank_gram
-    bank_combine_into = _bank_kernels.bank_combine_into
+if BANK_OPS_MISSING is None:  # the registered ops (a dispatch recorder and torch.compile see them)
+    _bank_ops = _bank_kernels.plan_ops()
+    bank_gram = _bank_ops["gram"]
+    bank_combine_into = _bank_ops["combine_into"]
 
     def bank_adamw_(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip, live, *,
                     params=None):
         """The parameters are written through ``param_ptrs`` (``params`` is not read)."""
-        _bank_kernels.bank_adamw_(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip, live)
+        _bank_ops["adamw_"](bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip, live)

@@ -181,15 +181,22 @@ def test_bank_adamw_follows_moved_parameters_and_regrouping(backend, device):
         torch.testing.assert_close(got.cpu().double().reshape(-1), exp, rtol=1e-5, atol=1e-6)
 
 
-def test_a_plan_on_a_backend_without_bank_ops_names_what_is_missing():
+def test_a_plan_on_a_backend_without_bank_ops_names_what_is_missing(monkeypatch):
+    """A backend whose bank kernels failed to import (here: triton's, removed by hand) is refused by
+    a plan and by ParetoLoRA with the reason, before anything runs."""
     if ("triton", "cpu") not in backend_device_pairs():
         pytest.skip("the triton backend does not run here")
-    missing = bank_ops_missing(get_backend("triton"))
-    if missing is None:
-        pytest.skip("the triton backend has its bank ops")
+    module = get_backend("triton")
+    for name in ("bank_gram", "bank_combine_into", "bank_adamw_"):
+        monkeypatch.delattr(module, name, raising=False)
+    monkeypatch.setattr(module, "BANK_OPS_MISSING", "the Triton bank kernels cannot be imported: (test)")
+    assert bank_ops_missing(module) == "the Triton bank kernels cannot be imported: (test)"
     params = [torch.zeros(4)]
-    with pytest.raises(RuntimeError, match="fused_balance.kernels.bank"):
+    with pytest.raises(RuntimeError, match="cannot be imported: \\(test\\)"):
         fb.BalancePlan(torch.zeros(2, 4), numels=[4], params=params, backend="triton")
+    from fused_balance.training import ParetoLoRA
+    with pytest.raises(ValueError, match="cannot run a BalancePlan"):
+        ParetoLoRA([("w", torch.nn.Parameter(torch.zeros(4)))], None, backend="triton")
 
 
 def test_a_torch_plan_and_pareto_lora_never_load_the_extension(tmp_path):

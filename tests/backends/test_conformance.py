@@ -277,7 +277,9 @@ def _op_cases(device):
             "bank_adamw_": (bank_adamw, ("test_schema", "test_faketensor")),
             "policy_weights": (policy_args, None),
         },
-        "triton": {"triton_" + op: case for op, case in list_ops.items()},
+        "triton": {**{"triton_" + op: case for op, case in list_ops.items()},
+                   **{"triton_" + op: case for op, case in bank_cases.items()},
+                   "triton_bank_adamw_": (bank_adamw, ("test_schema", "test_faketensor"))},
         "torch": {  # the list ops are plain PyTorch; the bank ops are custom ops (fused_balance.reference_bank)
             "torch_bank_gram": bank_cases["bank_gram"],
             "torch_bank_combine_into": bank_cases["bank_combine_into"],
