@@ -179,6 +179,14 @@ FB_INLINE void plan_segment_chunks(const int32_t* chunk_tensor, int64_t num_chun
   seg_offsets[0] = 0;
 }
 
+// Blocks for a grid-stride loop over work_items equal items: one block per item up to one full
+// wave of resident blocks (sms x resident_per_sm), never more, so a large grid is exactly one wave
+// and every block strides over the items (a persistent grid; at least one block).
+FB_INLINE int64_t whole_wave_blocks(int64_t work_items, int64_t sms, int64_t resident_per_sm) {
+  const int64_t wave = (sms > 0 ? sms : 1) * (resident_per_sm > 0 ? resident_per_sm : 1);
+  return work_items < 1 ? 1 : (work_items < wave ? work_items : wave);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pairs (k, l), k <= l, of the K objectives: the K(K+1)/2 entries of the Gram's upper triangle,
 // row-major: (0,0) (0,1) .. (0,K-1) (1,1) .. (K-1,K-1).
@@ -190,6 +198,25 @@ FB_INLINE void pair_of_index(int q, int K, int* k, int* l) {
   while (q >= K - row) { q -= K - row; ++row; }
   *k = row;
   *l = row + q;
+}
+
+// Gram tiles (the CUDA Gram for K > 8): the objectives in blocks of kGramTile rows; a tile is a
+// pair of blocks bi <= bj (tile t = pair_of_index(t, gram_row_blocks(K))) and covers the pairs
+// (bi kGramTile + i, bj kGramTile + j), i, j < kGramTile. Every pair (k, l), k <= l < K, lies in
+// exactly one tile; gram_tile_pair says which pair a tile slot is (-1: none, off the triangle or
+// past K).
+constexpr int kGramTile = 8;
+FB_INLINE int gram_row_blocks(int K) { return (K + kGramTile - 1) / kGramTile; }
+FB_INLINE int gram_tile_count(int K) { return pair_count(gram_row_blocks(K)); }
+FB_INLINE int gram_tile_pair(int K, int bi, int bj, int i, int j) {
+  const int k = bi * kGramTile + i, l = bj * kGramTile + j;
+  return (k <= l && l < K) ? pair_index(k, l, K) : -1;
+}
+// Passes over a chunk when `tiles_per_pass` tiles are summed at once (one per warp): each pass
+// reads the chunk's K rows once, so a Gram reads gram_tile_passes(K, .) * K elements per element
+// position (K = 9..24: 1, K = 25..40: 2 with 8 tiles a pass).
+FB_INLINE int gram_tile_passes(int K, int tiles_per_pass) {
+  return (gram_tile_count(K) + tiles_per_pass - 1) / tiles_per_pass;
 }
 
 // Per-chunk Gram partial: pairs[q] += sum_i g_k[i] g_l[i] over [begin, end), pair by pair and in

@@ -19,6 +19,7 @@
 
 #include "block_reduce.cuh"
 #include "cuda_launch.cuh"
+#include "gram_tiles.cuh"
 #include "plan_common.h"
 
 namespace fused_balance {
@@ -81,28 +82,25 @@ __global__ void __launch_bounds__(kThreads) gram_partials(const T* __restrict__ 
   }
 }
 
-// Stage 1 for K > 8: one pair at a time over the chunk (the chunk's K rows come from L2).
+// Stage 1 for K > 8: pair tiles over slabs staged in shared memory (gram_tiles.cuh).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) gram_partials_pairwise(const T* __restrict__ bank, int64_t ld, int K,
-                                                                   const int64_t* __restrict__ chunks, int64_t C,
-                                                                   double* __restrict__ partials, TableBounds bounds) {
-  __shared__ double scratch[kWarps];
+struct BankRows {  // rows[k]: objective k's first element of the chunk
+  const T* first;
+  int64_t ld;
+  __device__ const T* operator[](int k) const { return first + int64_t(k) * ld; }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gram_partials_tiled(const T* __restrict__ bank, int64_t ld, int K,
+                                                                const int64_t* __restrict__ chunks, int64_t C,
+                                                                double* __restrict__ partials, TableBounds bounds) {
+  __shared__ uint4 stage[kStageSlots<double>];
   const int npairs = pair_count(K);
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
     check_chunk(chunks + c * kPlanColumns, bounds, false);
     const int64_t start = chunks[c * kPlanColumns + kColStart];
     const int64_t len = chunks[c * kPlanColumns + kColLength];
-    for (int q = 0; q < npairs; ++q) {
-      int k, l;
-      pair_of_index(q, K, &k, &l);
-      const T* a = bank + int64_t(k) * ld + start;
-      const T* b = bank + int64_t(l) * ld + start;
-      double v = 0.0;
-      for (int64_t i = threadIdx.x; i < len; i += kThreads) v = __fma_rn(to_acc<double>(a[i]), to_acc<double>(b[i]), v);
-      const double total = block_sum<kWarps>(v, scratch);
-      if (threadIdx.x == 0) partials[c * npairs + q] = total;
-      __syncthreads();
-    }
+    gram_tiles_chunk<T, double>(BankRows<T>{bank + start, ld}, K, len, partials + c * npairs, stage);
   }
 }
 
@@ -127,8 +125,7 @@ __global__ void __launch_bounds__(kThreads) gram_reduce(const double* __restrict
     CUDA_KERNEL_ASSERT(begin >= 0 && begin <= end && end <= C);
     double t = 0.0;
     for (int64_t c = begin + lane; c < end; c += 32) t += partials[c * npairs + q];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) t += __shfl_down_sync(0xffffffffu, t, offset);
+    t = warp_sum(t);
     if (lane == 0) {
       int k, l;
       pair_of_index(q, K, &k, &l);
@@ -145,6 +142,8 @@ __global__ void __launch_bounds__(kThreads) gram_reduce(const double* __restrict
 std::tuple<at::Tensor, at::Tensor> bank_gram_cuda(const at::Tensor& bank, const at::Tensor& chunks,
                                                   const at::Tensor& seg_offsets, int64_t num_segments) {
   const BankView b = check_bank_gram(bank, chunks, seg_offsets, num_segments, at::kCUDA);
+  TORCH_CHECK_VALUE(b.K <= kMaxTiledGramObjectives, "fused_balance::bank_gram: at most ", kMaxTiledGramObjectives,
+                    " objectives on CUDA, got ", b.K);
   const int64_t C = chunks.size(0);
   const c10::cuda::CUDAGuard guard(b.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(b.device.index()).stream();
@@ -157,14 +156,16 @@ std::tuple<at::Tensor, at::Tensor> bank_gram_cuda(const at::Tensor& bank, const 
     with_type(b.code, [&](auto tag) {
       using T = decltype(tag);
       const T* base = static_cast<const T*>(bank.data_ptr());
-      const int grid = grid_for(C);
       const int64_t* tab = chunks.data_ptr<int64_t>();
       double* part = partials.data_ptr<double>();
       const TableBounds bounds{b.row, num_segments, 0, 0};
-      if (K <= 2) gram_partials<T, 2><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
-      else if (K <= 4) gram_partials<T, 4><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
-      else if (K <= 8) gram_partials<T, 8><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
-      else gram_partials_pairwise<T><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
+      const auto launch = [&](auto kernel) {
+        kernel<<<grid_for(kernel, C), kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
+      };
+      if (K <= 2) launch(gram_partials<T, 2>);
+      else if (K <= 4) launch(gram_partials<T, 4>);
+      else if (K <= 8) launch(gram_partials<T, 8>);
+      else launch(gram_partials_tiled<T>);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -280,7 +281,7 @@ void bank_combine_into_cuda(const at::Tensor& bank, const at::Tensor& weights, c
   const at::Tensor w = weights.to(at::kDouble).contiguous();  // no-op for the plan's fp64 weights
   with_type(b.code, [&](auto tag) {
     using T = decltype(tag);
-    combine_chunks<T><<<grid_for(C), kThreads, 0, stream>>>(
+    combine_chunks<T><<<grid_for(combine_chunks<T>, C), kThreads, 0, stream>>>(
         static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C,
         w.data_ptr<double>(), static_cast<T*>(out.data_ptr()), skip_pointer(skip),
         TableBounds{b.row, weights.size(0), 0, 0});
@@ -393,7 +394,7 @@ void bank_adamw_cuda(const at::Tensor& bank, const at::Tensor& weights, const at
       using T = decltype(gtag);
       with_type(pcode, [&](auto ptag) {
         using PT = decltype(ptag);
-        adamw_chunks<T, PT><<<grid_for(C), kThreads, 0, stream>>>(
+        adamw_chunks<T, PT><<<grid_for(adamw_chunks<T, PT>, C), kThreads, 0, stream>>>(
             static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C,
             w.data_ptr<double>(), param_ptrs.data_ptr<int64_t>(), static_cast<PT*>(exp_avg.data_ptr()),
             static_cast<PT*>(exp_avg_sq.data_ptr()), hyper.data_ptr<double>(), step.data_ptr<float>(), skip_ptr,
