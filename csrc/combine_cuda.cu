@@ -67,7 +67,8 @@ void launch_combine(const GradTable& g, const at::Tensor& weights, const std::ve
   const Meta meta = table.upload(g.device);
   with_type(g.code, [&](auto tag) {
     using T = decltype(tag);
-    combine_kernel<T><<<grid_for(combine_kernel<T>, C), kThreads, 0, stream>>>(meta, C, static_cast<const acc_t<T>*>(w.data_ptr()), skip);
+    combine_kernel<T><<<grid_for(combine_kernel<T>, C), kThreads, 0, stream>>>(
+        meta, C, static_cast<const acc_t<T>*>(w.data_ptr()), skip);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -67,15 +67,21 @@ inline int resident_blocks_per_sm(const void* kernel, int device, size_t dynamic
   return it->second;
 }
 
-// Grid for `kernel`'s grid-stride loop over work_items chunks on the current device: one block per
-// chunk up to one whole wave of resident blocks (whole_wave_blocks, multi_tensor.h), so a large
-// launch is a persistent grid that fills every SM once instead of a wave and a fraction.
+// Blocks of `kernel` resident on the whole current device at once: one wave.
 template <typename... Args>
-int grid_for(void (*kernel)(Args...), int64_t work_items, size_t dynamic_smem = 0) {
+int64_t wave_of(void (*kernel)(Args...), size_t dynamic_smem = 0) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   const void* entry = reinterpret_cast<const void*>(kernel);
-  return int(whole_wave_blocks(work_items, sm_count(device), resident_blocks_per_sm(entry, device, dynamic_smem)));
+  return int64_t(sm_count(device)) * resident_blocks_per_sm(entry, device, dynamic_smem);
+}
+
+// Grid for `kernel`'s grid-stride loop over work_items chunks (or slices): one block per item up to
+// one whole wave (whole_wave_blocks, multi_tensor.h), so a large launch is a persistent grid that
+// fills every SM once instead of a wave and a fraction.
+template <typename... Args>
+int grid_for(void (*kernel)(Args...), int64_t work_items, size_t dynamic_smem = 0) {
+  return int(whole_wave_blocks(work_items, wave_of(kernel, dynamic_smem)));
 }
 
 // The optional device-side skip flag (kernels return at once when it is set), or null.

@@ -79,13 +79,15 @@ __global__ void __launch_bounds__(kThreads) gram_partials_kernel(Meta meta, int6
 
 // Stage 1 for K > 8: pair tiles over slabs staged in shared memory (gram_tiles.cuh).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) gram_partials_tiled_kernel(Meta meta, int64_t num_chunks, double* partials) {
+__global__ void __launch_bounds__(kThreads) gram_partials_tiled_kernel(Meta meta, int64_t num_chunks,
+                                                                       double* partials) {
   __shared__ uint4 stage[kStageSlots<acc_t<T>>];
   const int K = meta.K;
   const int npairs = pair_count(K);
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const auto [p, start, len] = chunk_span(meta, c);
-    gram_tiles_chunk<T, acc_t<T>>(GradsOf<T>{meta.grad_ptrs, meta.P, p, start}, K, len, partials + c * npairs, stage);
+    const GradsOf<T> rows{meta.grad_ptrs, meta.P, p, start};
+    gram_tiles_chunk<T, acc_t<T>>(rows, K, len, partials + c * npairs, stage);
   }
 }
 

@@ -6,9 +6,11 @@
 // AdamW step count and hyper-parameters) is read from device memory. A planned step can
 // therefore be captured in a CUDA graph and replayed.
 //   bank_gram:         stage 1, one float64 partial per (chunk, pair) (products of fp32 values are
-//                      exact in double); stage 2, one warp per (segment, pair) sums the partials
-//                      in the fixed order the CPU follows too, and found_inf, on the device.
+//                      exact in double; K > 8: pair tiles, gram_tiles.cuh); stage 2, one warp per
+//                      (segment, pair) sums the partials in the fixed order the CPU follows too,
+//                      and found_inf, on the device.
 //   bank_combine_into: one launch; bank_adamw_: one launch (+ one small launch counting the steps).
+//                      Both over slices of chunks (chunk_slices), on a grid of one whole wave.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -179,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> bank_gram_cuda(const at::Tensor& bank, const 
 // The K weights of the chunk's segment, rounded once to A (saturating), in shared memory.
 template <typename A>
 __device__ __forceinline__ void load_segment_weights(const double* weights, int64_t segment, int K, A* ws) {
-  __syncthreads();  // the previous chunk's readers are done
+  __syncthreads();  // the previous item's readers are done
   for (int k = threadIdx.x; k < K; k += kThreads) ws[k] = weight_as<A>(weights[segment * K + k]);
   __syncthreads();
 }
@@ -223,6 +225,20 @@ struct VecSplit {
   __device__ __forceinline__ int64_t scalar_index(int64_t j, int N) const { return j < head ? j : j + nvec * N; }
 };
 
+// Work item `item` of a launch over chunks x slices (multi_tensor.h: chunk_slices): chunk c, and
+// slice s of each of a chunk's ranges (its vectors, its scalar remainder), so blocks share a chunk's
+// work in near-equal parts and the last wave is nearly full.
+struct ChunkSlice {
+  int64_t c;
+  int s, slices;
+  __device__ __forceinline__ int64_t begin(int64_t count) const { return slice_begin(count, s, slices); }
+  __device__ __forceinline__ int64_t end(int64_t count) const { return slice_begin(count, s + 1, slices); }
+};
+
+__device__ __forceinline__ ChunkSlice chunk_slice(int64_t item, int slices) {
+  return {item / slices, int(item % slices), slices};
+}
+
 template <int N, typename L, typename T>
 __device__ __forceinline__ int64_t align_head(const L* lead, int64_t len) {
   static_assert(N * sizeof(L) >= 16 && N * sizeof(T) >= 16, "N elements fill 16-byte packs");
@@ -239,15 +255,16 @@ __device__ __forceinline__ VecSplit vec_split(int64_t head, int64_t len, const T
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_chunks(const T* __restrict__ bank, int64_t ld, int K,
-                                                           const int64_t* __restrict__ chunks, int64_t C,
+                                                           const int64_t* __restrict__ chunks, int64_t C, int slices,
                                                            const double* __restrict__ weights, T* __restrict__ out,
                                                            const bool* skip, TableBounds bounds) {
   using A = acc_t<T>;
   constexpr int N = Pack16<T>::n;  // elements per 16-byte vector
   if (skip != nullptr && *skip) return;
   __shared__ A ws[kMaxObjectives];
-  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
-    const int64_t* r = chunks + c * kPlanColumns;
+  for (int64_t item = blockIdx.x; item < C * slices; item += gridDim.x) {
+    const ChunkSlice cs = chunk_slice(item, slices);
+    const int64_t* r = chunks + cs.c * kPlanColumns;
     check_chunk(r, bounds, false);
     const int64_t start = r[kColStart], len = r[kColLength];
     load_segment_weights<A>(weights, r[kColSegment], K, ws);
@@ -255,13 +272,14 @@ __global__ void __launch_bounds__(kThreads) combine_chunks(const T* __restrict__
     T* o = out + start;
     const int64_t head = align_head<N, T, T>(o, len);
     const VecSplit split = vec_split<N>(head, len, g, ld, K, aligned16(o + head));
-    for (int64_t vi = threadIdx.x; vi < split.nvec; vi += kThreads) {
+    for (int64_t vi = cs.begin(split.nvec) + threadIdx.x; vi < cs.end(split.nvec); vi += kThreads) {
       const int64_t i = head + vi * N;
       A d[N];
       combine_rows<N>(g, ld, K, ws, i, d);
       store_elems<N>(o + i, d);
     }
-    for (int64_t j = threadIdx.x; j < len - split.nvec * N; j += kThreads) {
+    const int64_t rest = len - split.nvec * N;
+    for (int64_t j = cs.begin(rest) + threadIdx.x; j < cs.end(rest); j += kThreads) {
       const int64_t i = split.scalar_index(j, N);
       A d[1];
       combine_rows<1>(g, ld, K, ws, i, d);
@@ -281,8 +299,9 @@ void bank_combine_into_cuda(const at::Tensor& bank, const at::Tensor& weights, c
   const at::Tensor w = weights.to(at::kDouble).contiguous();  // no-op for the plan's fp64 weights
   with_type(b.code, [&](auto tag) {
     using T = decltype(tag);
-    combine_chunks<T><<<grid_for(combine_chunks<T>, C), kThreads, 0, stream>>>(
-        static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C,
+    const int slices = chunk_slices(C, wave_of(combine_chunks<T>));
+    combine_chunks<T><<<grid_for(combine_chunks<T>, C * slices), kThreads, 0, stream>>>(
+        static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C, slices,
         w.data_ptr<double>(), static_cast<T*>(out.data_ptr()), skip_pointer(skip),
         TableBounds{b.row, weights.size(0), 0, 0});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -312,13 +331,13 @@ __device__ __forceinline__ void adamw_elems(const T* g, int64_t ld, int K, const
   store_elems<N>(v + i, va);
 }
 
-// T: gradient dtype, PT: parameter / moment dtype. Per chunk, the segment's weights and the
-// constants of (group, step count) (from the per-parameter step counts and the hyper table in
-// device memory) are set up once; the element loop reads only the data. Parameters whose `live`
+// T: gradient dtype, PT: parameter / moment dtype. Per work item (a slice of a chunk), the
+// segment's weights and the constants of (group, step count) (from the per-parameter step counts
+// and the hyper table in device memory) are set up once; the element loop reads only the data. Parameters whose `live`
 // flag is false are skipped (not reached this step), like torch's AdamW skips .grad None.
 template <typename T, typename PT>
 __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ bank, int64_t ld, int K,
-                                                         const int64_t* __restrict__ chunks, int64_t C,
+                                                         const int64_t* __restrict__ chunks, int64_t C, int slices,
                                                          const double* __restrict__ weights,
                                                          const int64_t* __restrict__ param_ptrs, PT* __restrict__ m,
                                                          PT* __restrict__ v, const double* __restrict__ hyper,
@@ -332,17 +351,18 @@ __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ b
   __shared__ GA ws[kMaxObjectives];
   __shared__ AdamWConsts<A> group_consts;
   // Whose constants group_consts holds (the same for every thread): recomputed only when the
-  // group or the step count changes from one chunk to the next (rarely: counts differ only for
+  // group or the step count changes from one item to the next (rarely: counts differ only for
   // parameters some steps did not reach).
   int64_t group = -1, counted = -1;
-  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
-    const int64_t* r = chunks + c * kPlanColumns;
+  for (int64_t item = blockIdx.x; item < C * slices; item += gridDim.x) {
+    const ChunkSlice cs = chunk_slice(item, slices);
+    const int64_t* r = chunks + cs.c * kPlanColumns;
     check_chunk(r, bounds, true);
     if (live != nullptr && !live[r[kColParam]]) continue;  // uniform per block: no barrier skipped by some
     const int64_t start = r[kColStart], len = r[kColLength];
     const int64_t t = int64_t(step[r[kColParam]]) + 1;  // the step being taken
     if (r[kColGroup] != group || t != counted) {  // by one thread (two double pow)
-      __syncthreads();  // the previous chunk's readers are done
+      __syncthreads();  // the previous item's readers are done
       if (threadIdx.x == 0) {
         const double* h = hyper + r[kColGroup] * kHyperColumns;
         group_consts = make_adamw_consts<A>(h[kHyLr], h[kHyWeightDecay], h[kHyBeta1], h[kHyBeta2], h[kHyEps], t);
@@ -359,9 +379,10 @@ __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ b
     const int64_t head = align_head<N, PT, T>(mc, len);
     const VecSplit split = vec_split<N>(head, len, g, ld, K, aligned16(mc + head) && aligned16(vc + head) &&
                                                                     aligned16(p + head));
-    for (int64_t vi = threadIdx.x; vi < split.nvec; vi += kThreads)
+    for (int64_t vi = cs.begin(split.nvec) + threadIdx.x; vi < cs.end(split.nvec); vi += kThreads)
       adamw_elems<N, T>(g, ld, K, ws, p, mc, vc, head + vi * N, consts);
-    for (int64_t j = threadIdx.x; j < len - split.nvec * N; j += kThreads)
+    const int64_t rest = len - split.nvec * N;
+    for (int64_t j = cs.begin(rest) + threadIdx.x; j < cs.end(rest); j += kThreads)
       adamw_elems<1, T>(g, ld, K, ws, p, mc, vc, split.scalar_index(j, N), consts);
   }
 }
@@ -394,8 +415,9 @@ void bank_adamw_cuda(const at::Tensor& bank, const at::Tensor& weights, const at
       using T = decltype(gtag);
       with_type(pcode, [&](auto ptag) {
         using PT = decltype(ptag);
-        adamw_chunks<T, PT><<<grid_for(adamw_chunks<T, PT>, C), kThreads, 0, stream>>>(
-            static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C,
+        const int slices = chunk_slices(C, wave_of(adamw_chunks<T, PT>));
+        adamw_chunks<T, PT><<<grid_for(adamw_chunks<T, PT>, C * slices), kThreads, 0, stream>>>(
+            static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C, slices,
             w.data_ptr<double>(), param_ptrs.data_ptr<int64_t>(), static_cast<PT*>(exp_avg.data_ptr()),
             static_cast<PT*>(exp_avg_sq.data_ptr()), hyper.data_ptr<double>(), step.data_ptr<float>(), skip_ptr,
             live_ptr, TableBounds{b.row, weights.size(0), P, hyper.size(0)});
