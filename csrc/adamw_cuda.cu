@@ -179,7 +179,6 @@ void balanced_adamw_cuda(at::TensorList grads, const at::Tensor& weights, at::In
     table.put(&Meta::decay, decay);
     table.put(&Meta::step_size, step_size);
     const Meta meta = table.upload(g.device);
-    const int grid = grid_for(C);
     const bool* skip_ptr = skip_pointer(skip);
     const int32_t p_code = a.params.code, m_code = a.exp_avgs.code, v_code = a.exp_avg_sqs.code;
     with_type(g.code, [&](auto tag) {
@@ -190,16 +189,17 @@ void balanced_adamw_cuda(at::TensorList grads, const at::Tensor& weights, at::In
         with_type(p_code, [&](auto ptag) {
           using PT = decltype(ptag);
           const auto base = make_adamw_consts<acc_t<PT>>(0.0, 0.0, beta1, beta2, eps, step);
-          adamw_kernel<T, PT><<<grid, kThreads, size_t(shared), stream>>>(meta, C, wp, skip_ptr, base);
+          adamw_kernel<T, PT><<<grid_for(adamw_kernel<T, PT>, C, size_t(shared)), kThreads, size_t(shared), stream>>>(
+              meta, C, wp, skip_ptr, base);
         });
       } else if (p_code == kFloat64) {
         const auto base = make_adamw_consts<double>(0.0, 0.0, beta1, beta2, eps, step);
-        adamw_mixed_kernel<T, double><<<grid, kThreads, 0, stream>>>(meta, C, wp, skip_ptr, p_code, m_code, v_code,
-                                                                     base);
+        adamw_mixed_kernel<T, double><<<grid_for(adamw_mixed_kernel<T, double>, C), kThreads, 0, stream>>>(
+            meta, C, wp, skip_ptr, p_code, m_code, v_code, base);
       } else {
         const auto base = make_adamw_consts<float>(0.0, 0.0, beta1, beta2, eps, step);
-        adamw_mixed_kernel<T, float><<<grid, kThreads, 0, stream>>>(meta, C, wp, skip_ptr, p_code, m_code, v_code,
-                                                                    base);
+        adamw_mixed_kernel<T, float><<<grid_for(adamw_mixed_kernel<T, float>, C), kThreads, 0, stream>>>(
+            meta, C, wp, skip_ptr, p_code, m_code, v_code, base);
       }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

@@ -22,12 +22,18 @@ __device__ __forceinline__ void accumulate_pair_products(const A (&x)[KMAX], A (
   }
 }
 
+// Sum over the warp (every lane takes part), in the fixed shuffle-tree order; valid in lane 0.
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  return v;
+}
+
 // Sum over the block; the result is valid in thread 0. `scratch` holds WARPS values; the caller
 // synchronises before reusing it.
 template <int WARPS>
 __device__ __forceinline__ double block_sum(double v, double* scratch) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  v = warp_sum(v);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
@@ -48,9 +54,7 @@ __device__ __forceinline__ void store_block_pair_sums(const A (&acc)[KMAX * (KMA
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 #pragma unroll
   for (int q = 0; q < NPMAX; ++q) {
-    double v = double(acc[q]);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+    const double v = warp_sum(double(acc[q]));
     if (lane == 0) scratch[warp][q] = v;
   }
   __syncthreads();

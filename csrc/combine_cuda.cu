@@ -65,10 +65,10 @@ void launch_combine(const GradTable& g, const at::Tensor& weights, const std::ve
   table.put(&Meta::vec_ok, vector_alignment(g, &out_ptrs, elem_size(g.code)));
   table.put(&Meta::out_ptrs, addresses(out_ptrs));
   const Meta meta = table.upload(g.device);
-  const int grid = grid_for(C);
   with_type(g.code, [&](auto tag) {
     using T = decltype(tag);
-    combine_kernel<T><<<grid, kThreads, 0, stream>>>(meta, C, static_cast<const acc_t<T>*>(w.data_ptr()), skip);
+    combine_kernel<T><<<grid_for(combine_kernel<T>, C), kThreads, 0, stream>>>(
+        meta, C, static_cast<const acc_t<T>*>(w.data_ptr()), skip);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

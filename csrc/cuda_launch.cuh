@@ -20,7 +20,10 @@
 
 #include <cstring>
 #include <functional>
+#include <map>
+#include <mutex>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 #include "multi_tensor.h"
@@ -32,19 +35,53 @@ namespace cuda {
 constexpr int kThreads = 256;              // threads per block, every chunk kernel
 constexpr int kWarps = kThreads / 32;
 constexpr int kVec = 4;                    // elements per vectorised access
-constexpr int kBlocksPerSm = 32;           // grid cap for the grid-stride loops (above residency:
-                                           // one chunk per block balances best)
 
-// Blocks for a grid-stride loop over work_items (chunks), capped at kBlocksPerSm per SM. The SM
-// count is read once per device.
-inline int grid_for(int64_t work_items) {
-  static int sms[64] = {0};
+// Multiprocessors of `device`, read once per device.
+inline int sm_count(int device) {
+  static std::mutex mutex;
+  static std::map<int, int> counts;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto it = counts.find(device);
+  if (it == counts.end()) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    it = counts.emplace(device, n).first;
+  }
+  return it->second;
+}
+
+// Blocks of `kernel` (kThreads threads, `dynamic_smem` bytes of dynamic shared memory) resident on
+// one multiprocessor of `device`, asked once per (kernel, device, dynamic_smem). A host query: no
+// device work, no synchronisation, nothing a CUDA graph capture minds.
+inline int resident_blocks_per_sm(const void* kernel, int device, size_t dynamic_smem) {
+  static std::mutex mutex;
+  static std::map<std::tuple<const void*, int, size_t>, int> counts;
+  const std::lock_guard<std::mutex> lock(mutex);
+  const auto key = std::make_tuple(kernel, device, dynamic_smem);
+  auto it = counts.find(key);
+  if (it == counts.end()) {
+    int n = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, dynamic_smem));
+    it = counts.emplace(key, n).first;
+  }
+  return it->second;
+}
+
+// Blocks of `kernel` resident on the whole current device at once: one wave.
+template <typename... Args>
+int64_t wave_of(void (*kernel)(Args...), size_t dynamic_smem = 0) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  int& n = sms[device & 63];
-  if (n == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-  const int64_t cap = int64_t(n > 0 ? n : 1) * kBlocksPerSm;
-  return int(work_items < cap ? (work_items > 0 ? work_items : 1) : cap);
+  const void* entry = reinterpret_cast<const void*>(kernel);
+  return int64_t(sm_count(device)) * resident_blocks_per_sm(entry, device, dynamic_smem);
+}
+
+// Grid for `kernel`'s grid-stride loop over work_items chunks (or slices): one block per item up to
+// one whole wave (whole_wave_blocks, multi_tensor.h), so a large launch is a persistent grid that
+// fills every SM once instead of a wave and a fraction.
+template <typename... Args>
+int grid_for(void (*kernel)(Args...), int64_t work_items, size_t dynamic_smem = 0) {
+  return int(whole_wave_blocks(work_items, wave_of(kernel, dynamic_smem)));
 }
 
 // The optional device-side skip flag (kernels return at once when it is set), or null.

@@ -16,6 +16,7 @@
 
 #include "block_reduce.cuh"
 #include "cuda_launch.cuh"
+#include "gram_tiles.cuh"
 #include "ops_common.h"
 
 namespace fused_balance {
@@ -76,40 +77,17 @@ __global__ void __launch_bounds__(kThreads) gram_partials_kernel(Meta meta, int6
   }
 }
 
-// Stage 1 for any K: one pair at a time over the chunk (re-reads come from L2).
+// Stage 1 for K > 8: pair tiles over slabs staged in shared memory (gram_tiles.cuh).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) gram_partials_pairwise_kernel(Meta meta, int64_t num_chunks, double* partials) {
-  using A = acc_t<T>;
-  __shared__ double scratch[kWarps];
+__global__ void __launch_bounds__(kThreads) gram_partials_tiled_kernel(Meta meta, int64_t num_chunks,
+                                                                       double* partials) {
+  __shared__ uint4 stage[kStageSlots<acc_t<T>>];
   const int K = meta.K;
   const int npairs = pair_count(K);
   for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
     const auto [p, start, len] = chunk_span(meta, c);
-    const GradsOf<T> g{meta.grad_ptrs, meta.P, p, start};
-    for (int q = 0; q < npairs; ++q) {
-      int k, l;
-      pair_of_index(q, K, &k, &l);
-      const T* a = g[k];
-      const T* b = g[l];
-      A acc = A(0);
-      int64_t first_scalar = 0;
-      if (meta.vec_ok[p]) {
-        const int64_t nvec = len / kVec;
-        for (int64_t v = threadIdx.x; v < nvec; v += kThreads) {
-          A xa[kVec], xb[kVec];
-          load_vec<T>(a + v * kVec, xa);
-          load_vec<T>(b + v * kVec, xb);
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) acc = fma_acc(xa[j], xb[j], acc);
-        }
-        first_scalar = nvec * kVec;
-      }
-      for (int64_t i = first_scalar + threadIdx.x; i < len; i += kThreads)
-        acc = fma_acc(to_acc<A>(a[i]), to_acc<A>(b[i]), acc);
-      const double total = block_sum<kWarps>(double(acc), scratch);
-      if (threadIdx.x == 0) partials[c * npairs + q] = total;
-      __syncthreads();
-    }
+    const GradsOf<T> rows{meta.grad_ptrs, meta.P, p, start};
+    gram_tiles_chunk<T, acc_t<T>>(rows, K, len, partials + c * npairs, stage);
   }
 }
 
@@ -143,6 +121,8 @@ at::Tensor gram_cuda(at::TensorList grads, int64_t num_objectives, at::IntArrayR
   const at::ScalarType acc = accumulate_type(g.dtype);
   const int64_t C = g.num_chunks();
   const int npairs = pair_count(int(g.K));
+  TORCH_CHECK_VALUE(g.K <= kMaxTiledGramObjectives, "fused_balance::gram: at most ", kMaxTiledGramObjectives,
+                    " objectives on CUDA, got ", g.K);
   at::Tensor out = at::empty({g.S, g.K, g.K}, grads[0].options().dtype(acc));
   if (C == 0) return out.zero_();
 
@@ -154,14 +134,14 @@ at::Tensor gram_cuda(at::TensorList grads, int64_t num_objectives, at::IntArrayR
   const Meta meta = table.upload(g.device);
 
   at::Tensor partials = at::empty({C, npairs}, grads[0].options().dtype(at::kDouble));
-  const int grid = grid_for(C);
   with_type(g.code, [&](auto tag) {
     using T = decltype(tag);
     double* part = partials.data_ptr<double>();
-    if (g.K <= 2) gram_partials_kernel<T, 2><<<grid, kThreads, 0, stream>>>(meta, C, part);
-    else if (g.K <= 4) gram_partials_kernel<T, 4><<<grid, kThreads, 0, stream>>>(meta, C, part);
-    else if (g.K <= 8) gram_partials_kernel<T, 8><<<grid, kThreads, 0, stream>>>(meta, C, part);
-    else gram_partials_pairwise_kernel<T><<<grid, kThreads, 0, stream>>>(meta, C, part);
+    const auto launch = [&](auto kernel) { kernel<<<grid_for(kernel, C), kThreads, 0, stream>>>(meta, C, part); };
+    if (g.K <= 2) launch(gram_partials_kernel<T, 2>);
+    else if (g.K <= 4) launch(gram_partials_kernel<T, 4>);
+    else if (g.K <= 8) launch(gram_partials_kernel<T, 8>);
+    else launch(gram_partials_tiled_kernel<T>);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   const unsigned reduce_grid = unsigned(g.S);

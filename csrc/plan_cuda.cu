@@ -6,9 +6,11 @@
 // AdamW step count and hyper-parameters) is read from device memory. A planned step can
 // therefore be captured in a CUDA graph and replayed.
 //   bank_gram:         stage 1, one float64 partial per (chunk, pair) (products of fp32 values are
-//                      exact in double); stage 2, one warp per (segment, pair) sums the partials
-//                      in the fixed order the CPU follows too, and found_inf, on the device.
+//                      exact in double; K > 8: pair tiles, gram_tiles.cuh); stage 2, one warp per
+//                      (segment, pair) sums the partials in the fixed order the CPU follows too,
+//                      and found_inf, on the device.
 //   bank_combine_into: one launch; bank_adamw_: one launch (+ one small launch counting the steps).
+//                      Both over slices of chunks (chunk_slices), on a grid of one whole wave.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -19,6 +21,7 @@
 
 #include "block_reduce.cuh"
 #include "cuda_launch.cuh"
+#include "gram_tiles.cuh"
 #include "plan_common.h"
 
 namespace fused_balance {
@@ -81,28 +84,25 @@ __global__ void __launch_bounds__(kThreads) gram_partials(const T* __restrict__ 
   }
 }
 
-// Stage 1 for K > 8: one pair at a time over the chunk (the chunk's K rows come from L2).
+// Stage 1 for K > 8: pair tiles over slabs staged in shared memory (gram_tiles.cuh).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) gram_partials_pairwise(const T* __restrict__ bank, int64_t ld, int K,
-                                                                   const int64_t* __restrict__ chunks, int64_t C,
-                                                                   double* __restrict__ partials, TableBounds bounds) {
-  __shared__ double scratch[kWarps];
+struct BankRows {  // rows[k]: objective k's first element of the chunk
+  const T* first;
+  int64_t ld;
+  __device__ const T* operator[](int k) const { return first + int64_t(k) * ld; }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) gram_partials_tiled(const T* __restrict__ bank, int64_t ld, int K,
+                                                                const int64_t* __restrict__ chunks, int64_t C,
+                                                                double* __restrict__ partials, TableBounds bounds) {
+  __shared__ uint4 stage[kStageSlots<double>];
   const int npairs = pair_count(K);
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
     check_chunk(chunks + c * kPlanColumns, bounds, false);
     const int64_t start = chunks[c * kPlanColumns + kColStart];
     const int64_t len = chunks[c * kPlanColumns + kColLength];
-    for (int q = 0; q < npairs; ++q) {
-      int k, l;
-      pair_of_index(q, K, &k, &l);
-      const T* a = bank + int64_t(k) * ld + start;
-      const T* b = bank + int64_t(l) * ld + start;
-      double v = 0.0;
-      for (int64_t i = threadIdx.x; i < len; i += kThreads) v = __fma_rn(to_acc<double>(a[i]), to_acc<double>(b[i]), v);
-      const double total = block_sum<kWarps>(v, scratch);
-      if (threadIdx.x == 0) partials[c * npairs + q] = total;
-      __syncthreads();
-    }
+    gram_tiles_chunk<T, double>(BankRows<T>{bank + start, ld}, K, len, partials + c * npairs, stage);
   }
 }
 
@@ -127,8 +127,7 @@ __global__ void __launch_bounds__(kThreads) gram_reduce(const double* __restrict
     CUDA_KERNEL_ASSERT(begin >= 0 && begin <= end && end <= C);
     double t = 0.0;
     for (int64_t c = begin + lane; c < end; c += 32) t += partials[c * npairs + q];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) t += __shfl_down_sync(0xffffffffu, t, offset);
+    t = warp_sum(t);
     if (lane == 0) {
       int k, l;
       pair_of_index(q, K, &k, &l);
@@ -145,6 +144,8 @@ __global__ void __launch_bounds__(kThreads) gram_reduce(const double* __restrict
 std::tuple<at::Tensor, at::Tensor> bank_gram_cuda(const at::Tensor& bank, const at::Tensor& chunks,
                                                   const at::Tensor& seg_offsets, int64_t num_segments) {
   const BankView b = check_bank_gram(bank, chunks, seg_offsets, num_segments, at::kCUDA);
+  TORCH_CHECK_VALUE(b.K <= kMaxTiledGramObjectives, "fused_balance::bank_gram: at most ", kMaxTiledGramObjectives,
+                    " objectives on CUDA, got ", b.K);
   const int64_t C = chunks.size(0);
   const c10::cuda::CUDAGuard guard(b.device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(b.device.index()).stream();
@@ -157,14 +158,16 @@ std::tuple<at::Tensor, at::Tensor> bank_gram_cuda(const at::Tensor& bank, const 
     with_type(b.code, [&](auto tag) {
       using T = decltype(tag);
       const T* base = static_cast<const T*>(bank.data_ptr());
-      const int grid = grid_for(C);
       const int64_t* tab = chunks.data_ptr<int64_t>();
       double* part = partials.data_ptr<double>();
       const TableBounds bounds{b.row, num_segments, 0, 0};
-      if (K <= 2) gram_partials<T, 2><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
-      else if (K <= 4) gram_partials<T, 4><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
-      else if (K <= 8) gram_partials<T, 8><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
-      else gram_partials_pairwise<T><<<grid, kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
+      const auto launch = [&](auto kernel) {
+        kernel<<<grid_for(kernel, C), kThreads, 0, stream>>>(base, b.ld, K, tab, C, part, bounds);
+      };
+      if (K <= 2) launch(gram_partials<T, 2>);
+      else if (K <= 4) launch(gram_partials<T, 4>);
+      else if (K <= 8) launch(gram_partials<T, 8>);
+      else launch(gram_partials_tiled<T>);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -178,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor> bank_gram_cuda(const at::Tensor& bank, const 
 // The K weights of the chunk's segment, rounded once to A (saturating), in shared memory.
 template <typename A>
 __device__ __forceinline__ void load_segment_weights(const double* weights, int64_t segment, int K, A* ws) {
-  __syncthreads();  // the previous chunk's readers are done
+  __syncthreads();  // the previous item's readers are done
   for (int k = threadIdx.x; k < K; k += kThreads) ws[k] = weight_as<A>(weights[segment * K + k]);
   __syncthreads();
 }
@@ -222,6 +225,20 @@ struct VecSplit {
   __device__ __forceinline__ int64_t scalar_index(int64_t j, int N) const { return j < head ? j : j + nvec * N; }
 };
 
+// Work item `item` of a launch over chunks x slices (multi_tensor.h: chunk_slices): chunk c, and
+// slice s of each of a chunk's ranges (its vectors, its scalar remainder), so blocks share a chunk's
+// work in near-equal parts and the last wave is nearly full.
+struct ChunkSlice {
+  int64_t c;
+  int s, slices;
+  __device__ __forceinline__ int64_t begin(int64_t count) const { return slice_begin(count, s, slices); }
+  __device__ __forceinline__ int64_t end(int64_t count) const { return slice_begin(count, s + 1, slices); }
+};
+
+__device__ __forceinline__ ChunkSlice chunk_slice(int64_t item, int slices) {
+  return {item / slices, int(item % slices), slices};
+}
+
 template <int N, typename L, typename T>
 __device__ __forceinline__ int64_t align_head(const L* lead, int64_t len) {
   static_assert(N * sizeof(L) >= 16 && N * sizeof(T) >= 16, "N elements fill 16-byte packs");
@@ -238,15 +255,16 @@ __device__ __forceinline__ VecSplit vec_split(int64_t head, int64_t len, const T
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) combine_chunks(const T* __restrict__ bank, int64_t ld, int K,
-                                                           const int64_t* __restrict__ chunks, int64_t C,
+                                                           const int64_t* __restrict__ chunks, int64_t C, int slices,
                                                            const double* __restrict__ weights, T* __restrict__ out,
                                                            const bool* skip, TableBounds bounds) {
   using A = acc_t<T>;
   constexpr int N = Pack16<T>::n;  // elements per 16-byte vector
   if (skip != nullptr && *skip) return;
   __shared__ A ws[kMaxObjectives];
-  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
-    const int64_t* r = chunks + c * kPlanColumns;
+  for (int64_t item = blockIdx.x; item < C * slices; item += gridDim.x) {
+    const ChunkSlice cs = chunk_slice(item, slices);
+    const int64_t* r = chunks + cs.c * kPlanColumns;
     check_chunk(r, bounds, false);
     const int64_t start = r[kColStart], len = r[kColLength];
     load_segment_weights<A>(weights, r[kColSegment], K, ws);
@@ -254,13 +272,14 @@ __global__ void __launch_bounds__(kThreads) combine_chunks(const T* __restrict__
     T* o = out + start;
     const int64_t head = align_head<N, T, T>(o, len);
     const VecSplit split = vec_split<N>(head, len, g, ld, K, aligned16(o + head));
-    for (int64_t vi = threadIdx.x; vi < split.nvec; vi += kThreads) {
+    for (int64_t vi = cs.begin(split.nvec) + threadIdx.x; vi < cs.end(split.nvec); vi += kThreads) {
       const int64_t i = head + vi * N;
       A d[N];
       combine_rows<N>(g, ld, K, ws, i, d);
       store_elems<N>(o + i, d);
     }
-    for (int64_t j = threadIdx.x; j < len - split.nvec * N; j += kThreads) {
+    const int64_t rest = len - split.nvec * N;
+    for (int64_t j = cs.begin(rest) + threadIdx.x; j < cs.end(rest); j += kThreads) {
       const int64_t i = split.scalar_index(j, N);
       A d[1];
       combine_rows<1>(g, ld, K, ws, i, d);
@@ -280,8 +299,9 @@ void bank_combine_into_cuda(const at::Tensor& bank, const at::Tensor& weights, c
   const at::Tensor w = weights.to(at::kDouble).contiguous();  // no-op for the plan's fp64 weights
   with_type(b.code, [&](auto tag) {
     using T = decltype(tag);
-    combine_chunks<T><<<grid_for(C), kThreads, 0, stream>>>(
-        static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C,
+    const int slices = chunk_slices(C, wave_of(combine_chunks<T>));
+    combine_chunks<T><<<grid_for(combine_chunks<T>, C * slices), kThreads, 0, stream>>>(
+        static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C, slices,
         w.data_ptr<double>(), static_cast<T*>(out.data_ptr()), skip_pointer(skip),
         TableBounds{b.row, weights.size(0), 0, 0});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -311,13 +331,13 @@ __device__ __forceinline__ void adamw_elems(const T* g, int64_t ld, int K, const
   store_elems<N>(v + i, va);
 }
 
-// T: gradient dtype, PT: parameter / moment dtype. Per chunk, the segment's weights and the
-// constants of (group, step count) (from the per-parameter step counts and the hyper table in
-// device memory) are set up once; the element loop reads only the data. Parameters whose `live`
+// T: gradient dtype, PT: parameter / moment dtype. Per work item (a slice of a chunk), the
+// segment's weights and the constants of (group, step count) (from the per-parameter step counts
+// and the hyper table in device memory) are set up once; the element loop reads only the data. Parameters whose `live`
 // flag is false are skipped (not reached this step), like torch's AdamW skips .grad None.
 template <typename T, typename PT>
 __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ bank, int64_t ld, int K,
-                                                         const int64_t* __restrict__ chunks, int64_t C,
+                                                         const int64_t* __restrict__ chunks, int64_t C, int slices,
                                                          const double* __restrict__ weights,
                                                          const int64_t* __restrict__ param_ptrs, PT* __restrict__ m,
                                                          PT* __restrict__ v, const double* __restrict__ hyper,
@@ -331,17 +351,18 @@ __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ b
   __shared__ GA ws[kMaxObjectives];
   __shared__ AdamWConsts<A> group_consts;
   // Whose constants group_consts holds (the same for every thread): recomputed only when the
-  // group or the step count changes from one chunk to the next (rarely: counts differ only for
+  // group or the step count changes from one item to the next (rarely: counts differ only for
   // parameters some steps did not reach).
   int64_t group = -1, counted = -1;
-  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
-    const int64_t* r = chunks + c * kPlanColumns;
+  for (int64_t item = blockIdx.x; item < C * slices; item += gridDim.x) {
+    const ChunkSlice cs = chunk_slice(item, slices);
+    const int64_t* r = chunks + cs.c * kPlanColumns;
     check_chunk(r, bounds, true);
     if (live != nullptr && !live[r[kColParam]]) continue;  // uniform per block: no barrier skipped by some
     const int64_t start = r[kColStart], len = r[kColLength];
     const int64_t t = int64_t(step[r[kColParam]]) + 1;  // the step being taken
     if (r[kColGroup] != group || t != counted) {  // by one thread (two double pow)
-      __syncthreads();  // the previous chunk's readers are done
+      __syncthreads();  // the previous item's readers are done
       if (threadIdx.x == 0) {
         const double* h = hyper + r[kColGroup] * kHyperColumns;
         group_consts = make_adamw_consts<A>(h[kHyLr], h[kHyWeightDecay], h[kHyBeta1], h[kHyBeta2], h[kHyEps], t);
@@ -358,9 +379,10 @@ __global__ void __launch_bounds__(kThreads) adamw_chunks(const T* __restrict__ b
     const int64_t head = align_head<N, PT, T>(mc, len);
     const VecSplit split = vec_split<N>(head, len, g, ld, K, aligned16(mc + head) && aligned16(vc + head) &&
                                                                     aligned16(p + head));
-    for (int64_t vi = threadIdx.x; vi < split.nvec; vi += kThreads)
+    for (int64_t vi = cs.begin(split.nvec) + threadIdx.x; vi < cs.end(split.nvec); vi += kThreads)
       adamw_elems<N, T>(g, ld, K, ws, p, mc, vc, head + vi * N, consts);
-    for (int64_t j = threadIdx.x; j < len - split.nvec * N; j += kThreads)
+    const int64_t rest = len - split.nvec * N;
+    for (int64_t j = cs.begin(rest) + threadIdx.x; j < cs.end(rest); j += kThreads)
       adamw_elems<1, T>(g, ld, K, ws, p, mc, vc, split.scalar_index(j, N), consts);
   }
 }
@@ -393,8 +415,9 @@ void bank_adamw_cuda(const at::Tensor& bank, const at::Tensor& weights, const at
       using T = decltype(gtag);
       with_type(pcode, [&](auto ptag) {
         using PT = decltype(ptag);
-        adamw_chunks<T, PT><<<grid_for(C), kThreads, 0, stream>>>(
-            static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C,
+        const int slices = chunk_slices(C, wave_of(adamw_chunks<T, PT>));
+        adamw_chunks<T, PT><<<grid_for(adamw_chunks<T, PT>, C * slices), kThreads, 0, stream>>>(
+            static_cast<const T*>(bank.data_ptr()), b.ld, int(b.K), chunks.data_ptr<int64_t>(), C, slices,
             w.data_ptr<double>(), param_ptrs.data_ptr<int64_t>(), static_cast<PT*>(exp_avg.data_ptr()),
             static_cast<PT*>(exp_avg_sq.data_ptr()), hyper.data_ptr<double>(), step.data_ptr<float>(), skip_ptr,
             live_ptr, TableBounds{b.row, weights.size(0), P, hyper.size(0)});

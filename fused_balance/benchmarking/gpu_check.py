@@ -163,6 +163,28 @@ def _check_ops(report: Report, problem, device) -> None:
             del bank, params
 
 
+def _check_gram_many_objectives(report: Report, problem, device, K: int = 33) -> None:
+    """The cpp Gram for K > 8 sums 8 x 8 tiles of pairs, 8 tiles a pass over each chunk (K = 9 of
+    _check_ops: one pass); K = 33 takes two passes (15 tiles) and has a last row block of one
+    objective: list (aligned and odd offsets) and plan, fp32 and bf16."""
+    if "cpp" not in fb.available_backends(device):
+        return
+    segment_ids = list(problem.layer_of)
+    S = max(segment_ids) + 1
+    for dtype in (torch.float32, torch.bfloat16):
+        params, bank = _bank(problem, K, dtype, device)
+        G_ref = _reference_gram(bank, segment_ids, S)
+        tol = REL_TOL[dtype]
+        tag = f"K={K} {str(dtype).removeprefix('torch.')}"
+        for layout, grads in (("aligned", bank.grads), ("odd offsets", _odd_offset_grads(bank, problem))):
+            err = _relative_error(fb.gram(grads, segment_ids, backend="cpp"), G_ref)
+            report.check(f"list gram cpp {tag} {layout}", err <= tol, f"rel err {err:.1e}")
+        G, found_inf = fb.BalancePlan(bank, segment_ids).gram()
+        err = _relative_error(G, G_ref)
+        report.check(f"plan gram {tag}", err <= tol and not bool(found_inf), f"rel err {err:.1e}")
+        del bank, params
+
+
 def _check_plan_adamw(report, plan, params, bank, w, segment_ids, tag, tol) -> None:
     """The plan's fused AdamW against the list API's torch reference on the same inputs."""
     hyper = (1e-3, 0.01, 0.9, 0.999, 1e-8)
@@ -351,6 +373,7 @@ def run(device: str | torch.device = "cuda", *, quick: bool = False, repeats: in
     if device.type == "cuda":
         report.check("CUDA kernels built", bool(_extension.load().cuda_compiled()), str(info.get("cuda_reason", "")))
     _check_ops(report, problem, device)
+    _check_gram_many_objectives(report, problem, device)
     _check_no_sync(report, device)
     _check_graph(report, device)
     _check_big_row(report, device)

@@ -216,3 +216,58 @@ def test_list_adamw_kernel_element_loop_is_typed_and_vectorised(tmp_path):
            if c["LDG.E.128"] == 0 or c["STG.E.128"] == 0 or c["BRX"] or c["LD.E*"] or c["ST.E*"]}
     assert not bad, f"scalar, generic or dtype-switching accesses in {bad}"
     assert len(kernels) == 16, sorted(kernels)  # 4 gradient x 4 parameter dtypes
+
+
+def innermost_loops(code: str) -> list:
+    """The bodies (lists of instruction texts) of the loops of one kernel's SASS that contain no
+    other loop: the instructions from a backward branch's target to the branch."""
+    instrs = [(int(m.group(1), 16), m.group(2).strip())
+              for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;/]*?)\s*;", code)]
+    spans = [(int(m.group(1), 16), addr) for addr, text in instrs
+             if (m := re.search(r"\bBRA\s+(?:!?U?P\w+,\s*)?0x([0-9a-f]+)\b", text)) and int(m.group(1), 16) <= addr]
+    inner = [(a, b) for a, b in spans if not any(a <= c and d <= b and (c, d) != (a, b) for c, d in spans)]
+    return [[text for addr, text in instrs if a <= addr <= b] for a, b in inner]
+
+
+def test_innermost_loops_finds_the_loop_inside_a_loop():
+    sass = ("/*0000*/ MOV R1, c[0x0][0x28] ;\n/*0010*/ LDG.E R2, desc[UR4][R4.64] ;\n"
+            "/*0020*/ FFMA R3, R2, R2, R3 ;\n/*0030*/ @P0 BRA 0x10 ;\n/*0040*/ IADD3 R5, R5, 0x1, RZ ;\n"
+            "/*0050*/ @P1 BRA P2, 0x0 ;\n/*0060*/ EXIT ;\n")
+    assert innermost_loops(sass) == [["LDG.E R2, desc[UR4][R4.64]",
+                                      "FFMA R3, R2, R2, R3", "@P0 BRA 0x10"]]
+
+
+def _count(instructions, pattern):
+    return sum(bool(re.search(pattern, text)) for text in instructions)
+
+
+# Stage 1 of the Gram for K > 8, list (gram_cuda.cu) and bank (plan_cuda.cu): the stage-1 kernels
+# templated on the gradient dtype alone (the K <= 8 ones also carry KMAX).
+MANY_OBJECTIVES_GRAM = re.compile(r"(gram_partials\w*?)I(f|d|N\w+?_tE)EEv")
+
+
+def test_gram_for_many_objectives_reads_rows_once_per_tile_pass(tmp_path):
+    """The Gram for K > 8 must not make one pass per pair (2 row loads for 1 product: K = 9 reads
+    10x the minimal bytes). Its hot loop (the innermost loop with the products) reads only shared
+    memory, at least 4 products per value read (an 8 x 8 tile: 16 values, 64 products), and the
+    rows come from global memory in 16-byte loads (LDG.E.128), every dtype, list and bank."""
+    found = {}
+    for source in ("gram_cuda.cu", "plan_cuda.cu"):
+        for name, code in sass_by_function(_sm90_sass(source, tmp_path)).items():
+            if m := MANY_OBJECTIVES_GRAM.search(name):
+                found[(source, m.group(1), m.group(2))] = code
+    assert len(found) == 8, sorted(found)  # 4 dtypes x (list, bank)
+    report, bad = [], []
+    for key, code in sorted(found.items()):
+        loops = [body for body in innermost_loops(code) if _count(body, r"\b[DF]FMA\b")]
+        assert loops, f"no product loop in {key}"
+        hot = max(loops, key=lambda body: _count(body, r"\b[DF]FMA\b"))
+        fma, shared = _count(hot, r"\b[DF]FMA\b"), _count(hot, r"\bLDS\b")
+        glob = _count(hot, r"(?<![\w.])LDG\.|(?<![\w.])LD\.E")  # global or generic loads
+        ldg128 = len(re.findall(r"\bLDG\.E\.128\b", code))
+        report.append(f"{key[0]:13} {key[1]:28} {key[2]:10} hot loop: {fma:3} FMA {shared:3} LDS {glob:3} global "
+                      f"loads; kernel: {ldg128} LDG.E.128")
+        if glob or fma < 4 * max(shared, 1) or ldg128 == 0:
+            bad.append(report[-1])
+    print("\n".join(report), file=sys.stderr)
+    assert not bad, "\n".join(bad)

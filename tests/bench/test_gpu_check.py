@@ -16,7 +16,8 @@ def test_gpu_check_runs_its_cpu_part_and_every_check_passes():
     assert not report.failed, text
     names = [name for name, _, _ in report.checks]
     for op in ("list gram cpp K=9 bfloat16 odd offsets", "list combine triton K=2 float32 aligned",
-               "plan gram K=9 float32", "plan combine K=2 bfloat16", "plan adamw K=9 bfloat16"):
+               "plan gram K=9 float32", "plan combine K=2 bfloat16", "plan adamw K=9 bfloat16",
+               "list gram cpp K=33 bfloat16 odd offsets", "plan gram K=33 float32"):
         assert op in names, names
     cuda_only = {name: ok for name, ok, _ in report.checks if "graph" in name or "2^31" in name or "sync" in name}
     assert len(cuda_only) == 3 and all(ok is None for ok in cuda_only.values()), cuda_only
