@@ -146,20 +146,21 @@ def _check_ops(report: Report, problem, device) -> None:
                     d = fb.combine(grads, w.to(torch.float32), segment_ids, backend=backend)
                     err = _relative_error(torch.cat([t.flatten() for t in d]), d_ref)
                     report.check(f"list combine {backend} {tag} {layout}", err <= tol, f"rel err {err:.1e}")
-            if "cpp" in backends:
-                plan = fb.BalancePlan(bank, segment_ids)
+            for backend in backends:  # the plan's bank ops of every kernel backend
+                plan = fb.BalancePlan(bank, segment_ids, backend=backend)
                 G, found_inf = plan.gram()
                 err = _relative_error(G, G_ref)
-                report.check(f"plan gram {tag}", err <= tol and not bool(found_inf), f"rel err {err:.1e}")
+                report.check(f"plan gram {backend} {tag}", err <= tol and not bool(found_inf), f"rel err {err:.1e}")
                 if device.type == "cuda":  # the CPU plan on the same bank: the same reduction order
-                    G_cpu, _ = fb.BalancePlan(bank.buffer.cpu(), segment_ids, numels=bank.numels).gram()
+                    G_cpu, _ = fb.BalancePlan(bank.buffer.cpu(), segment_ids, numels=bank.numels,
+                                              backend="cpp").gram()
                     err = _relative_error(G.cpu(), G_cpu)
-                    report.check(f"plan gram GPU vs CPU {tag}", err <= 1e-10, f"rel err {err:.1e}")
+                    report.check(f"plan gram {backend} GPU vs cpp CPU {tag}", err <= 1e-10, f"rel err {err:.1e}")
                 out = torch.empty(bank.numel, dtype=dtype, device=device)
                 plan.combine_into(out, w)
                 err = _relative_error(out, d_ref)
-                report.check(f"plan combine {tag}", err <= tol, f"rel err {err:.1e}")
-                _check_plan_adamw(report, plan, params, bank, w, segment_ids, tag, tol)
+                report.check(f"plan combine {backend} {tag}", err <= tol, f"rel err {err:.1e}")
+                _check_plan_adamw(report, plan, params, bank, w, segment_ids, f"{backend} {tag}", tol)
             del bank, params
 
 
@@ -179,9 +180,9 @@ def _check_gram_many_objectives(report: Report, problem, device, K: int = 33) ->
         for layout, grads in (("aligned", bank.grads), ("odd offsets", _odd_offset_grads(bank, problem))):
             err = _relative_error(fb.gram(grads, segment_ids, backend="cpp"), G_ref)
             report.check(f"list gram cpp {tag} {layout}", err <= tol, f"rel err {err:.1e}")
-        G, found_inf = fb.BalancePlan(bank, segment_ids).gram()
+        G, found_inf = fb.BalancePlan(bank, segment_ids, backend="cpp").gram()
         err = _relative_error(G, G_ref)
-        report.check(f"plan gram {tag}", err <= tol and not bool(found_inf), f"rel err {err:.1e}")
+        report.check(f"plan gram cpp {tag}", err <= tol and not bool(found_inf), f"rel err {err:.1e}")
         del bank, params
 
 
@@ -205,14 +206,15 @@ def _check_plan_adamw(report, plan, params, bank, w, segment_ids, tag, tol) -> N
                  f"rel err {err:.1e} (parameters moved by up to {moved:.1e})")
 
 
-def _check_no_sync(report: Report, device) -> None:
+def _check_no_sync(report: Report, device, backend: str) -> None:
+    name = f"planned step {backend} under set_sync_debug_mode('error')"
     if device.type != "cuda":
-        report.check("planned step under set_sync_debug_mode('error')", None, "needs CUDA")
+        report.check(name, None, "needs CUDA")
         return
     from fused_balance.training import BalancedAdamW
     problem = _problem(quick=True)
     params, bank = _bank(problem, 2, torch.float32, device)
-    plan = fb.BalancePlan(bank, list(problem.layer_of))
+    plan = fb.BalancePlan(bank, list(problem.layer_of), backend=backend)
     optimizer = BalancedAdamW(params, lr=1e-3)
     res = plan.weights()
     optimizer.planned_step(plan, res.weights, skip=res.found_inf)  # adopt the flat state (O(P) once)
@@ -223,15 +225,15 @@ def _check_no_sync(report: Report, device) -> None:
             optimizer.param_groups[0]["lr"] = lr
             res = plan.weights()
             optimizer.planned_step(plan, res.weights, skip=res.found_inf)
-        report.check("planned step under set_sync_debug_mode('error')", True, "2 steps, lr changed")
+        report.check(name, True, "2 steps, lr changed")
     except RuntimeError as exc:
-        report.check("planned step under set_sync_debug_mode('error')", False, str(exc).splitlines()[0])
+        report.check(name, False, str(exc).splitlines()[0])
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def _check_graph(report: Report, device) -> None:
-    name = "CUDA graph of a planned step = eager (new grads, new lr, NaN)"
+def _check_graph(report: Report, device, backend: str) -> None:
+    name = f"CUDA graph of a planned step {backend} = eager (new grads, new lr, NaN)"
     if device.type != "cuda":
         report.check(name, None, "needs CUDA")
         return
@@ -240,7 +242,7 @@ def _check_graph(report: Report, device) -> None:
     runs = []
     for _ in range(2):  # the captured one and its eager twin, identical inputs
         params, bank = _bank(problem, 2, torch.float32, device)
-        plan = fb.BalancePlan(bank, segment_ids)
+        plan = fb.BalancePlan(bank, segment_ids, backend=backend)
         m, v, step = plan.new_adamw_state()
         hyper = plan.hyper_table([(1e-3, 0.01, 0.9, 0.999, 1e-8)], device)
         runs.append((params, bank, plan, m, v, step, hyper))
@@ -296,13 +298,16 @@ def _check_big_row(report: Report, device) -> None:
     with torch.no_grad():
         bank.buffer.fill_(1.0)
         bank.buffer[0, -7:] = 3.0  # past 2^31: a wrapped offset would miss these
-    plan = fb.BalancePlan(bank)
-    G, _ = plan.gram()
     want = float(BIG_ROW - 7) + 7 * 9.0
     out = torch.zeros(BIG_ROW, dtype=torch.bfloat16, device=device)
-    plan.combine_into(out, torch.full((1, 1), 2.0, dtype=torch.float64, device=device))
-    ok = float(G[0, 0, 0]) == want and float(out[-1]) == 6.0 and float(out[0]) == 2.0 and float(out[2 ** 31]) == 2.0
-    report.check(name, ok, f"G {float(G[0, 0, 0]):.0f} (want {want:.0f}); out[-1] {float(out[-1])}")
+    for backend in [b for b in ("cpp", "triton") if b in fb.available_backends(device)]:
+        plan = fb.BalancePlan(bank, backend=backend)
+        G, _ = plan.gram()
+        out.zero_()
+        plan.combine_into(out, torch.full((1, 1), 2.0, dtype=torch.float64, device=device))
+        ok = float(G[0, 0, 0]) == want and float(out[-1]) == 6.0 and float(out[0]) == 2.0 and \
+            float(out[2 ** 31]) == 2.0
+        report.check(f"{name} ({backend})", ok, f"G {float(G[0, 0, 0]):.0f} (want {want:.0f}); out[-1] {float(out[-1])}")
     del bank, param, out
 
 
@@ -341,17 +346,17 @@ def _throughput(report: Report, problem, device, repeats: int) -> None:
                 add(f"list adamw {backend} K=2", _time(lambda: fb.balanced_adamw_step(
                     bank.grads, w.float(), segment_ids, params, m, v, lrs=1e-3, step=1, backend=backend),
                     device, repeats), stage_bytes("adamw", K, n, 4))
-        if "cpp" in backends:
-            plan = fb.BalancePlan(bank, segment_ids)
-            add(f"bank gram cpp K={K}", _time(plan.gram, device, repeats), stage_bytes("gram", K, n, 4))
+        for backend in backends:
+            plan = fb.BalancePlan(bank, segment_ids, backend=backend)
+            add(f"bank gram {backend} K={K}", _time(plan.gram, device, repeats), stage_bytes("gram", K, n, 4))
             if K == 2:
                 out = torch.empty(bank.numel, device=device)
-                add("bank combine cpp K=2", _time(lambda: plan.combine_into(out, w), device, repeats),
+                add(f"bank combine {backend} K=2", _time(lambda: plan.combine_into(out, w), device, repeats),
                     stage_bytes("combine", K, n, 4))
                 m, v, step = plan.new_adamw_state()
                 hyper = plan.hyper_table([(1e-3, 0.0, 0.9, 0.999, 1e-8)], device)
-                add("bank adamw cpp K=2", _time(lambda: plan.adamw_step(w, m, v, hyper, step), device, repeats),
-                    stage_bytes("adamw", K, n, 4))
+                add(f"bank adamw {backend} K=2", _time(lambda: plan.adamw_step(w, m, v, hyper, step), device,
+                                                       repeats), stage_bytes("adamw", K, n, 4))
 
 
 def run(device: str | torch.device = "cuda", *, quick: bool = False, repeats: int = 10,
@@ -374,8 +379,9 @@ def run(device: str | torch.device = "cuda", *, quick: bool = False, repeats: in
         report.check("CUDA kernels built", bool(_extension.load().cuda_compiled()), str(info.get("cuda_reason", "")))
     _check_ops(report, problem, device)
     _check_gram_many_objectives(report, problem, device)
-    _check_no_sync(report, device)
-    _check_graph(report, device)
+    for backend in [b for b in ("cpp", "triton") if b in fb.available_backends(device)]:
+        _check_no_sync(report, device, backend)
+        _check_graph(report, device, backend)
     _check_big_row(report, device)
     _throughput(report, problem, device, repeats)
     print(report.table(), file=out)

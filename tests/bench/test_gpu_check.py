@@ -16,13 +16,15 @@ def test_gpu_check_runs_its_cpu_part_and_every_check_passes():
     assert not report.failed, text
     names = [name for name, _, _ in report.checks]
     for op in ("list gram cpp K=9 bfloat16 odd offsets", "list combine triton K=2 float32 aligned",
-               "plan gram K=9 float32", "plan combine K=2 bfloat16", "plan adamw K=9 bfloat16",
-               "list gram cpp K=33 bfloat16 odd offsets", "plan gram K=33 float32"):
+               "plan gram cpp K=9 float32", "plan combine cpp K=2 bfloat16", "plan adamw cpp K=9 bfloat16",
+               "plan gram triton K=9 float32", "plan combine triton K=2 bfloat16", "plan adamw triton K=9 bfloat16",
+               "list gram cpp K=33 bfloat16 odd offsets", "plan gram cpp K=33 float32"):
         assert op in names, names
     cuda_only = {name: ok for name, ok, _ in report.checks if "graph" in name or "2^31" in name or "sync" in name}
-    assert len(cuda_only) == 3 and all(ok is None for ok in cuda_only.values()), cuda_only
+    assert len(cuda_only) == 5 and all(ok is None for ok in cuda_only.values()), cuda_only
     timed = [row[0] for row in report.timings]
-    assert timed[0] == "device copy (read + write)" and "bank adamw cpp K=2" in timed and "list gram triton K=9" in timed
+    assert timed[0] == "device copy (read + write)" and "bank adamw cpp K=2" in timed and "list gram triton K=9" in timed \
+        and "bank adamw triton K=2" in timed
     assert all(row[1] > 0 and row[3] > 0 for row in report.timings)
     assert text.strip().splitlines()[-1].startswith(f"{len(report.checks)} passed, 0 failed")
 
