@@ -32,6 +32,8 @@ constexpr int segments_per_block() {
   return fit < 1 ? 1 : (fit > 8 ? 8 : fit);
 }
 
+// Minimum one block per SM: with the thread count alone ptxas held the KMAX = 8 instance (256
+// threads) to 48 registers and spilled 124 B; it needs ~64.
 template <typename T, int KMAX>
 __global__ void __launch_bounds__(kWarpSize * segments_per_block<KMAX>(), 1)
 policy_kernel(const T* __restrict__ gram, const bool* __restrict__ active, int64_t S, int K,

@@ -198,3 +198,43 @@ def test_solve_over_lanes_with_an_active_mask(lanes_program):
     assert (w[~mask] == 0).all()
     well = torch.arange(G.shape[0]) != 5  # segment 5's weights are ill-determined
     torch.testing.assert_close(w[well], w_ref[well], rtol=1e-8, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- the CUDA kernel
+@pytest.fixture(scope="module")
+def native_cuda():
+    from fused_balance import ops
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    ok, why = ops.availability(torch.device("cuda"))
+    if not ok:
+        pytest.skip(f"no CUDA kernels: {why}")
+    ops._ops()
+    return torch.ops.fused_balance.policy_weights
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("K", [1, 2, 3, 8, 9, 16, 17, 32])  # each workspace capacity and its edges
+def test_cuda_solve_is_bitwise_the_cpu_solve(native_cuda, K, dtype):
+    """One warp per segment (several per block: S = 21 leaves the last block part empty) gives the
+    CPU op's weights bit for bit, with and without an active mask, and replays in a CUDA graph."""
+    G = segments(21, K, 800 + K).to(dtype)
+    mask = torch.rand(21, K, generator=torch.Generator().manual_seed(K)) > 0.2
+    G_cuda, mask_cuda = G.cuda(), mask.cuda()
+    for name, rescale in SETTINGS:
+        policy = P.resolve_policy(name, tau=3.0, rescale=rescale, rounding=rounding_of(dtype))
+        args = (policy.code, policy.tau, policy.rescale == "sum", policy.rounding)
+        for active, active_cuda in ((None, None), (mask, mask_cuda)):
+            w_cpu, b_cpu = native_cuda(G, *args, active)
+            w_gpu, b_gpu = native_cuda(G_cuda, *args, active_cuda)
+            assert torch.equal(b_gpu.cpu(), b_cpu), (name, rescale)
+            assert torch.equal(w_gpu.cpu(), w_cpu), (name, rescale, (w_gpu.cpu() - w_cpu).abs().max())
+    graph = torch.cuda.CUDAGraph()
+    static = G_cuda.clone()
+    with torch.cuda.graph(graph):
+        w_graph, b_graph = native_cuda(static, *args, None)
+    static.copy_(G_cuda.flip(0))
+    graph.replay()
+    w_cpu, b_cpu = native_cuda(G.flip(0), *args, None)
+    assert torch.equal(w_graph.cpu(), w_cpu) and torch.equal(b_graph.cpu(), b_cpu)
