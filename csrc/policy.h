@@ -49,6 +49,11 @@ FB_INLINE double p_clamp(double x, double lo, double hi) { return x < lo ? lo : 
 constexpr double kEps64 = 2.220446049250313e-16;
 constexpr double kTiny64 = 2.2250738585072014e-308;
 
+// Row stride of the matrices in a Workspace (a K x K Gram at row_stride(K)): odd, so the lanes of
+// a warp that each read their own row of one column hit distinct shared-memory banks (rows of 32
+// doubles would send every lane to one bank).
+FB_INLINE int row_stride(int columns) { return columns | 1; }
+
 // How a loop over independent rows is spread; see the top of the file.
 struct SerialRows {
   template <class F>
@@ -80,12 +85,12 @@ struct StridedRows {
 };
 
 // Working memory of one segment of up to KMAX objectives (on a GPU: its warp's shared memory),
-// indexed with the segment's own K as the row stride.
+// its matrices' rows row_stride apart for the segment's own K.
 template <int KMAX>
 struct Workspace {
-  double G[KMAX * KMAX];   // clean, symmetric Gram
-  double Gn[KMAX * KMAX];  // trace-normalised copy for the min-norm solve
-  double A[(KMAX + 1) * (KMAX + 2)];  // bordered system, augmented
+  double G[KMAX * (KMAX + 1)];   // clean, symmetric Gram
+  double Gn[KMAX * (KMAX + 1)];  // trace-normalised copy for the min-norm solve
+  double A[(KMAX + 1) * (KMAX + 3)];  // bordered system, augmented
   double weights[KMAX];  // the solve's result
   double minnorm[KMAX], v[KMAX], Gv[KMAX];
   int idx[KMAX];
@@ -95,22 +100,24 @@ struct Workspace {
 // Non-finite entries as 0 (flagged elsewhere, never solved); symmetrised by halves.
 template <typename T, class Rows, int KMAX>
 FB_INLINE void load_gram(const Rows& rows, const T* g, const bool* active_in, int K, Workspace<KMAX>& ws) {
+  const int ld = row_stride(K);
   rows.each(0, K * K, [&](int i) {
     const int k = i / K, l = i % K;
     double a = double(g[k * K + l]), b = double(g[l * K + k]);
     a = p_finite(a) ? a : 0.0;
     b = p_finite(b) ? b : 0.0;
-    ws.G[i] = 0.5 * a + 0.5 * b;
+    ws.G[k * ld + l] = 0.5 * a + 0.5 * b;
   });
-  rows.each(0, K, [&](int k) { ws.active[k] = active_in ? active_in[k] : ws.G[k * K + k] > 0; });
+  rows.each(0, K, [&](int k) { ws.active[k] = active_in ? active_in[k] : ws.G[k * ld + k] > 0; });
 }
 
 // y = G x, one row per thread.
 template <class Rows>
 FB_INLINE void multiply(const Rows& rows, const double* G, const double* x, int K, double* y) {
+  const int ld = row_stride(K);
   rows.each(0, K, [&](int k) {
     double row = 0.0;
-    for (int l = 0; l < K; ++l) row += G[k * K + l] * x[l];
+    for (int l = 0; l < K; ++l) row += G[k * ld + l] * x[l];
     y[k] = row;
   });
 }
@@ -130,7 +137,7 @@ FB_INLINE double quadratic(const Rows& rows, const double* x, int K, Workspace<K
 
 // K=2 closed form on a trace-normalised Gram (solvers._two_objectives).
 FB_INLINE void two_objectives(const double* G, const bool* active, double rounding, double* w) {
-  const double g11 = G[0], g22 = G[3], g12 = G[1];
+  const double g11 = G[0], g22 = G[row_stride(2) + 1], g12 = G[1];
   const double to_first = g22 - g12, to_second = g11 - g12;
   const double tol = rounding * (g11 + g22);
   const bool identical = to_first <= tol && to_second <= tol;
@@ -152,42 +159,42 @@ FB_INLINE bool affine_min_norm(const Rows& rows, const double* G, int K, Workspa
   rows.single([&] {
     for (int k = 0, r = 0; k < K; ++k) if (ws.corral[k]) ws.idx[r++] = k;
   });
-  const int n = m + 1, cols = n + 1;
+  const int n = m + 1, cols = n + 1, lda = row_stride(cols), ld = row_stride(K);
   double* A = ws.A;
   rows.each(0, n, [&](int r) {
-    for (int c = 0; c < m; ++c) A[r * cols + c] = r < m ? G[ws.idx[r] * K + ws.idx[c]] : 1.0;
-    A[r * cols + m] = r < m ? 1.0 : 0.0;
-    A[r * cols + n] = r < m ? 0.0 : 1.0;
+    for (int c = 0; c < m; ++c) A[r * lda + c] = r < m ? G[ws.idx[r] * ld + ws.idx[c]] : 1.0;
+    A[r * lda + m] = r < m ? 1.0 : 0.0;
+    A[r * lda + n] = r < m ? 0.0 : 1.0;
   });
   for (int col = 0; col < n; ++col) {
     int pivot = col;
     for (int r = col + 1; r < n; ++r)
-      if (p_abs(A[r * cols + col]) > p_abs(A[pivot * cols + col])) pivot = r;
-    if (A[pivot * cols + col] == 0.0) return false;
+      if (p_abs(A[r * lda + col]) > p_abs(A[pivot * lda + col])) pivot = r;
+    if (A[pivot * lda + col] == 0.0) return false;
     if (pivot != col)
       rows.each(0, cols, [&](int c) {
-        const double t = A[col * cols + c];
-        A[col * cols + c] = A[pivot * cols + c];
-        A[pivot * cols + c] = t;
+        const double t = A[col * lda + c];
+        A[col * lda + c] = A[pivot * lda + c];
+        A[pivot * lda + c] = t;
       });
-    const double inv = 1.0 / A[col * cols + col];
+    const double inv = 1.0 / A[col * lda + col];
     rows.each(col + 1, n, [&](int r) {
-      const double f = A[r * cols + col] * inv;
+      const double f = A[r * lda + col] * inv;
       if (f == 0.0) return;
-      for (int c = col; c < cols; ++c) A[r * cols + c] -= f * A[col * cols + c];
+      for (int c = col; c < cols; ++c) A[r * lda + c] -= f * A[col * lda + c];
     });
   }
   rows.single([&] {  // back substitution into the augmented column: each row needs the later ones
     for (int r = n - 1; r >= 0; --r) {
-      double x = A[r * cols + n];
-      for (int c = r + 1; c < n; ++c) x -= A[r * cols + c] * A[c * cols + n];
-      A[r * cols + n] = x / A[r * cols + r];
+      double x = A[r * lda + n];
+      for (int c = r + 1; c < n; ++c) x -= A[r * lda + c] * A[c * lda + n];
+      A[r * lda + n] = x / A[r * lda + r];
     }
   });
   rows.each(0, K, [&](int k) { ws.v[k] = 0.0; });
-  rows.each(0, m, [&](int r) { ws.v[ws.idx[r]] = A[r * cols + n]; });
+  rows.each(0, m, [&](int r) { ws.v[ws.idx[r]] = A[r * lda + n]; });
   bool finite = true;
-  for (int r = 0; r < m; ++r) finite = finite && p_finite(A[r * cols + n]);
+  for (int r = 0; r < m; ++r) finite = finite && p_finite(A[r * lda + n]);
   return finite;
 }
 
@@ -198,9 +205,10 @@ FB_INLINE int active_set_budget(int K) { return 4 * K + 4; }
 template <class Rows, int KMAX>
 FB_INLINE void active_set_min_norm(const Rows& rows, const double* G, int K, Workspace<KMAX>& ws, double* w) {
   const double tol = 4.0 * K * kEps64;
+  const int ld = row_stride(K);
   int start = -1;
   for (int k = 0; k < K; ++k)
-    if (ws.active[k] && (start < 0 || G[k * K + k] < G[start * K + start])) start = k;
+    if (ws.active[k] && (start < 0 || G[k * ld + k] < G[start * ld + start])) start = k;
   rows.each(0, K, [&](int k) {
     ws.corral[k] = k == start;
     w[k] = k == start ? 1.0 : 0.0;
@@ -252,10 +260,14 @@ FB_INLINE void min_norm(const Rows& rows, int K, double rounding, Workspace<KMAX
     rows.single([&] { w[0] = 1.0; });
     return;
   }
+  const int ld = row_stride(K);
   double trace = 0.0;
-  for (int k = 0; k < K; ++k) trace += ws.G[k * K + k];
+  for (int k = 0; k < K; ++k) trace += ws.G[k * ld + k];
   const double scale = trace > 0 ? trace : 1.0;
-  rows.each(0, K * K, [&](int i) { ws.Gn[i] = ws.G[i] / scale; });
+  rows.each(0, K * K, [&](int i) {
+    const int at = i / K * ld + i % K;
+    ws.Gn[at] = ws.G[at] / scale;
+  });
   if (K == 2) {
     rows.single([&] { two_objectives(ws.Gn, ws.active, rounding, w); });
     return;
@@ -274,8 +286,9 @@ template <class Rows, int KMAX>
 FB_INLINE void restore_sum_magnitude(const Rows& rows, double* w, int K, double rounding, Workspace<KMAX>& ws,
                                      bool only_up) {
   rows.each(0, K, [&](int k) { ws.v[k] = ws.active[k] ? 1.0 : 0.0; });
+  const int ld = row_stride(K);
   double reach = 0.0;
-  for (int k = 0; k < K; ++k) reach += p_abs(w[k]) * p_sqrt(p_max(ws.G[k * K + k], 0.0));
+  for (int k = 0; k < K; ++k) reach += p_abs(w[k]) * p_sqrt(p_max(ws.G[k * ld + k], 0.0));
   const double target = p_max(quadratic(rows, ws.v, K, ws), 0.0);
   const double current = p_max(quadratic(rows, w, K, ws), 0.0);
   double factor = current > rounding * reach * reach ? p_sqrt(target) / p_sqrt(current) : 1.0;
@@ -285,9 +298,10 @@ FB_INLINE void restore_sum_magnitude(const Rows& rows, double* w, int K, double 
 
 template <int KMAX>
 FB_INLINE double cosine(const Workspace<KMAX>& ws, int K, int k, int l) {
-  const double nk = p_sqrt(p_max(ws.G[k * K + k], 0.0)), nl = p_sqrt(p_max(ws.G[l * K + l], 0.0));
+  const int ld = row_stride(K);
+  const double nk = p_sqrt(p_max(ws.G[k * ld + k], 0.0)), nl = p_sqrt(p_max(ws.G[l * ld + l], 0.0));
   const double denom = nk * nl;
-  return denom > 0 ? p_clamp(ws.G[k * K + l] / denom, -1.0, 1.0) : 0.0;
+  return denom > 0 ? p_clamp(ws.G[k * ld + l] / denom, -1.0, 1.0) : 0.0;
 }
 
 // Any two distinct active objectives whose cosine is < 0 (or <= 0 with or_zero).
@@ -337,10 +351,11 @@ FB_INLINE int64_t solve_segment(const Rows& rows, const Options& o, int K, Works
     return kBranchConflict;
   }
   // pareto_lora without conflict: rescale to the mean norm when imbalanced, else the plain sum.
+  const int ld = row_stride(K);
   double big = 0.0, small = 0.0, total = 0.0;
   for (int k = 0, seen = 0; k < K; ++k) {
     if (!ws.active[k]) continue;
-    const double n = p_sqrt(p_max(ws.G[k * K + k], 0.0));
+    const double n = p_sqrt(p_max(ws.G[k * ld + k], 0.0));
     big = p_max(big, n);
     small = seen++ ? p_min(small, n) : n;
     total += n;
@@ -351,7 +366,7 @@ FB_INLINE int64_t solve_segment(const Rows& rows, const Options& o, int K, Works
     return kBranchSum;
   }
   const double mean = total / double(count);
-  rows.each(0, K, [&](int k) { out[k] = ws.active[k] ? mean / p_sqrt(p_max(ws.G[k * K + k], 0.0)) : 0.0; });
+  rows.each(0, K, [&](int k) { out[k] = ws.active[k] ? mean / p_sqrt(p_max(ws.G[k * ld + k], 0.0)) : 0.0; });
   return kBranchRescale;
 }
 

@@ -25,7 +25,7 @@ struct WarpBarrier {
 using WarpRows = policy::StridedRows<WarpBarrier>;
 
 // Segments (warps) per block: as many workspaces as fit in 32 KB of static shared memory, at most
-// 8 (K <= 8: 8 x 2 KB; K <= 16: 4 x 7 KB; K <= 32: 1 x 26 KB).
+// 8 (K <= 8: 8 x 2.2 KB; K <= 16: 4 x 7.4 KB; K <= 32: 1 x 26.7 KB).
 template <int KMAX>
 constexpr int segments_per_block() {
   constexpr int fit = int(32768 / sizeof(policy::Workspace<KMAX>));

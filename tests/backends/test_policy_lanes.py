@@ -104,19 +104,25 @@ int main(int argc, char** argv) {
 """
 
 
-@pytest.fixture(scope="module")
-def lanes_program(tmp_path_factory):
+def build(folder, flags):
+    """PROGRAM built in folder with the C++ compiler and flags; None if no compiler is found."""
     compiler = shutil.which(os.environ.get("CXX", "c++"))
     if compiler is None:
-        pytest.skip("no C++ compiler (CXX, c++)")
-    folder = tmp_path_factory.mktemp("policy_lanes")
+        return None
     (folder / "lanes.cpp").write_text(PROGRAM)
-    host_flags = [f for f in _extension._CXX_FLAGS if f != "-fopenmp"]
-    proc = subprocess.run([compiler, "-std=c++20", *host_flags, "-pthread", f"-I{_extension.CSRC_DIR}",
+    proc = subprocess.run([compiler, "-std=c++20", *flags, "-pthread", f"-I{_extension.CSRC_DIR}",
                            str(folder / "lanes.cpp"), "-o", str(folder / "lanes")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return folder / "lanes"
+
+
+@pytest.fixture(scope="module")
+def lanes_program(tmp_path_factory):
+    program = build(tmp_path_factory.mktemp("policy_lanes"), [f for f in _extension._CXX_FLAGS if f != "-fopenmp"])
+    if program is None:
+        pytest.skip("no C++ compiler (CXX, c++)")
+    return program
 
 
 def solve(program, G, code, tau, rescale_to_sum, rounding, mask, lane_counts):
@@ -129,7 +135,8 @@ def solve(program, G, code, tau, rescale_to_sum, rounding, mask, lane_counts):
         data += mask.numpy().astype(np.uint8).tobytes()
     (folder / "in.bin").write_bytes(data)
     proc = subprocess.run([str(program), str(folder / "in.bin"), str(folder / "out.bin"),
-                           *map(str, lane_counts)], capture_output=True, text=True, timeout=600)
+                           *map(str, lane_counts)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "TSAN_OPTIONS": "halt_on_error=1"})
     assert proc.returncode == 0, proc.stderr
     raw = (folder / "out.bin").read_bytes()
     size = S * K * 8 + S * 8
@@ -198,6 +205,25 @@ def test_solve_over_lanes_with_an_active_mask(lanes_program):
     assert (w[~mask] == 0).all()
     well = torch.arange(G.shape[0]) != 5  # segment 5's weights are ill-determined
     torch.testing.assert_close(w[well], w_ref[well], rtol=1e-8, atol=1e-12)
+
+
+def test_lanes_never_race_on_the_workspace(tmp_path):
+    """Every workspace write is ordered against the other lanes' reads by a barrier (on the GPU,
+    __syncwarp): ThreadSanitizer watches the lanes of the same program through every branch of
+    the solve (active set, K = 2 closed form, rescale, mask) and reports no data race."""
+    program = build(tmp_path, ["-O1", "-g", "-ffp-contract=off", "-fsanitize=thread"])
+    if program is None:
+        pytest.skip("no C++ compiler (CXX, c++)")
+    for K in (2, 7, 9):
+        G = segments(6, K, 900 + K)
+        mask = torch.rand(6, K, generator=torch.Generator().manual_seed(K)) > 0.2
+        for name, rescale in SETTINGS:
+            policy = P.resolve_policy(name, tau=3.0, rescale=rescale, rounding=rounding_of(G.dtype))
+            (w, branch), *spread = solve(program, G, policy.code, policy.tau, policy.rescale == "sum",
+                                         policy.rounding, mask if name == "mgda" else None, [3, 32])
+            for w_lanes, branch_lanes in spread:
+                assert torch.equal(branch_lanes, branch)
+                assert torch.equal(w_lanes.view(torch.int64), w.view(torch.int64))
 
 
 # ----------------------------------------------------------------------------- the CUDA kernel
