@@ -6,12 +6,12 @@
 //
 // Every function takes `rows`, which says how a loop over independent rows (objectives, rows of
 // the KKT system, entries of the Gram) is spread: SerialRows runs it in order on one thread (the
-// CPU), StridedRows over the lanes of a group with a barrier (the CUDA kernel's warp). A row is
-// always computed by one thread with its inner sums in the same order, and the steps that depend
-// on earlier rows (pivot choice, sums over rows, back substitution) run in order on one thread, so
-// the weights are bitwise the same either way. Under StridedRows every lane computes the scalars
-// (pivot, step length, sums) itself from the workspace, so control flow stays uniform; only
-// rows.each and rows.single write the workspace.
+// CPU), StridedRows over the lanes of a group that meet at a barrier (the CUDA kernel's warp, its
+// workspace in shared memory). A row is computed by one lane, its inner sums in the CPU's order;
+// what depends on earlier rows (the pivot choice, sums over rows, the step length) every lane
+// computes itself from the workspace, in that same order, so control flow stays uniform; the back
+// substitution runs on lane 0. So the weights are bitwise the same either way. Only rows.each and
+// rows.single write the workspace.
 #pragma once
 
 #include <cmath>
@@ -92,9 +92,11 @@ struct Workspace {
   double Gn[KMAX * (KMAX + 1)];  // trace-normalised copy for the min-norm solve
   double A[(KMAX + 1) * (KMAX + 3)];  // bordered system, augmented
   double weights[KMAX];  // the solve's result
-  double minnorm[KMAX], v[KMAX], Gv[KMAX];
-  int idx[KMAX];
-  bool active[KMAX], corral[KMAX], below[KMAX];
+  double minnorm[KMAX];  // min-norm weights
+  double v[KMAX], Gv[KMAX];  // affine min-norm point (or a mask) and G times it
+  int idx[KMAX];  // the corral's objectives, rows of A
+  bool active[KMAX], corral[KMAX];
+  bool below[KMAX];  // per objective: a pair with it below zero (any_pair_below_zero)
 };
 
 // Non-finite entries as 0 (flagged elsewhere, never solved); symmetrised by halves.
