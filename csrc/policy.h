@@ -137,7 +137,7 @@ FB_INLINE double quadratic(const Rows& rows, const double* x, int K, Workspace<K
   return dot(x, ws.Gv, K);
 }
 
-// K=2 closed form on a trace-normalised Gram (solvers._two_objectives).
+// K=2 closed form on a trace-normalised Gram, rows row_stride(2) apart (solvers._two_objectives).
 FB_INLINE void two_objectives(const double* G, const bool* active, double rounding, double* w) {
   const double g11 = G[0], g22 = G[row_stride(2) + 1], g12 = G[1];
   const double to_first = g22 - g12, to_second = g11 - g12;
