@@ -21,12 +21,12 @@ void solve_segments(const PolicyCall& call) {
   // Tiny problems (K=2: ~100 flops a segment) stay on one thread; K=32 spreads one segment each.
   const int64_t grain = std::max<int64_t>(1, 4096 / (int64_t(K) * K * K));
   at::parallel_for(0, call.S, grain, [&](int64_t begin, int64_t end) {
-    auto ws = std::make_unique<policy::Workspace>();
-    double out[policy::kMaxObjectives];
+    auto ws = std::make_unique<policy::Workspace<policy::kMaxObjectives>>();
+    const policy::SerialRows rows;
     for (int64_t s = begin; s < end; ++s) {
-      policy::load_gram(gram + s * K * K, active ? active + s * K : nullptr, K, *ws);
-      branch[s] = policy::solve_segment(call.options, K, *ws, out);
-      for (int k = 0; k < K; ++k) weights[s * K + k] = policy::saturate_to<T>(out[k], call.largest);
+      policy::load_gram(rows, gram + s * K * K, active ? active + s * K : nullptr, K, *ws);
+      branch[s] = policy::solve_segment(rows, call.options, K, *ws);
+      for (int k = 0; k < K; ++k) weights[s * K + k] = policy::saturate_to<T>(ws->weights[k], call.largest);
     }
   });
 }

@@ -271,3 +271,57 @@ def test_gram_for_many_objectives_reads_rows_once_per_tile_pass(tmp_path):
             bad.append(report[-1])
     print("\n".join(report), file=sys.stderr)
     assert not bad, "\n".join(bad)
+
+
+# The policy solve (policy_cuda.cu), by mangled template arguments: the Gram's dtype (f, d) and the
+# workspace capacity KMAX (none: one kernel for every K).
+POLICY_KERNEL = re.compile(r"policy_kernelI([fd])(?:Li(\d+)E)?EEv")
+STATIC_SHARED_LIMIT = 48 * 1024  # bytes of __shared__ a block may declare without an opt-in
+
+
+def test_policy_kernel_keeps_its_workspace_in_shared_memory(tmp_path):
+    """One warp per segment, its system in shared memory: the K <= 8 instances have no local
+    memory at all (no stack frame, no LDL / STL in the SASS, for sm_80 and sm_90) and no workspace
+    in global memory either: no workspace pointer among the parameters, every global load through
+    the read-only path (the Gram and the mask: a global workspace is written, so not read-only),
+    and the float32 kernel stores only its float32 weights and one int64 branch code (a global
+    workspace is float64s, ints and bools). Every instance stays within MAX_SPILL_BYTES and the
+    static shared-memory limit."""
+    nvcc, cuobjdump = _nvcc(), _cuobjdump()
+    if nvcc is None or cuobjdump is None:
+        pytest.skip("nvcc or cuobjdump not found")
+    source = Path(_extension.CSRC_DIR) / "policy_cuda.cu"
+    with ThreadPoolExecutor(2) as pool:
+        usage = {arch: pool.submit(_compile, nvcc, _compile_flags(), source, arch, tmp_path) for arch in ARCHS}
+        usage = {arch: future.result() for arch, future in usage.items()}
+    rows, small = [], {}
+    for arch in ARCHS:
+        cubin = str(tmp_path / f"policy_cuda.{arch}.cubin")
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True, check=True,
+                              timeout=300).stdout
+        resources = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True, check=True,
+                                   timeout=300).stdout
+        shared = dict(re.findall(r"Function (\S+):\s*\n\s*REG:\d+ STACK:\d+ SHARED:(\d+)", resources))
+        for name, code in sass_by_function(sass).items():
+            if not (m := POLICY_KERNEL.search(name)):
+                continue
+            dtype, kmax = m.group(1), int(m.group(2) or 32)
+            u = usage[arch][(name, arch)]
+            ops = {op: len(re.findall(rf"\b{op}(?:\.[\w.]+)?\b", code)) for op in ("LDL", "STL", "LDG", "STG")}
+            loads = re.findall(r"\bLDG(\.[\w.]+)?\b", code)
+            stores = re.findall(r"\bSTG(\.[\w.]+)?\b", code)
+            rows.append(f"{arch} {dtype} KMAX={kmax:2} {u['registers']:3} regs {u['stack']:4} B stack "
+                        f"{u['spill_stores']:3}/{u['spill_loads']:3} B spill {int(shared.get(name, -1)):6} B shared "
+                        f"{ops}")
+            assert max(u["spill_stores"], u["spill_loads"]) <= MAX_SPILL_BYTES, rows[-1]
+            if kmax <= 8 or not m.group(2):
+                small[(arch, dtype)] = rows[-1]
+                assert u["stack"] == 0 and ops["LDL"] == 0 and ops["STL"] == 0, rows[-1]
+                assert "Workspace" not in name, name
+                assert loads and all(".CONSTANT" in (s or "") for s in loads), loads
+                if dtype == "f":
+                    wide = [s for s in stores if s not in (".E", ".E.64")]
+                    assert not wide and stores.count(".E.64") == 1, stores
+            assert 0 < int(shared[name]) <= STATIC_SHARED_LIMIT, rows[-1]
+    print("\n".join(rows), file=sys.stderr)
+    assert set(small) == {(arch, dtype) for arch in ARCHS for dtype in "fd"}, rows
