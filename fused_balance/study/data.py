@@ -49,9 +49,11 @@ _TAIL = ". the rest of the picture is empty"
 
 # Held out of pretraining: 2x2 patterns none of SHAPES uses, under names it never saw.
 HELD_OUT_SHAPES = {"dot": "1000", "hook": "0111", "ell": "1011"}
-# The longer-text task: one new, longer phrasing per object and a closing sentence always.
+# The longer-text task: new, longer phrasings (two: the text keeps some entropy) and a closing
+# sentence always.
 _LONG_TEMPLATES = (
     lambda c, s, p: f"looking at the {p} of the picture you can see one {c} {s} drawn there",
+    lambda c, s, p: f"you can see a {c} {s} drawn in the {p} of the picture",
 )
 _LONG_TAIL = ". every other cell of the picture is left dark and empty"
 
@@ -77,7 +79,7 @@ class SceneStyle:
 
 PRETRAINING = SceneStyle()
 TASK_STYLES = {
-    "new_shapes": SceneStyle(shapes=tuple(HELD_OUT_SHAPES.items()), max_objects=2),
+    "new_shapes": SceneStyle(shapes=tuple(HELD_OUT_SHAPES.items()), max_objects=1),  # short captions
     "new_layout": SceneStyle(min_objects=3, max_objects=4),
     "long_text": SceneStyle(templates=_LONG_TEMPLATES, tail=_LONG_TAIL, always_tail=True, max_objects=2),
 }

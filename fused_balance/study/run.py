@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import sys
 import time
@@ -83,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run only the unified testbed's check (pretraining, cached under "
                              "DIR/cache; unimodal references and vanilla LoRA; no method): "
                              "DIR/testbed_check.md and .json")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="--testbed-check: processes of one torch thread each (default: 2 where "
+                             "there are 2 cores; the results do not depend on it)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-plots", action="store_true")
 

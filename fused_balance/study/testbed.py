@@ -7,11 +7,14 @@
    the next patch's embedding, MSE; text by cross-entropy) is trained fully on pretraining scenes
    in both directions (caption -> picture, picture -> caption) until it draws. Its scores on its
    own distribution are reported (foreground cells, PSNR, caption token accuracy).
-2. *Instruction tasks* (``data.TASK_STYLES``): held-out shapes under new names, 3-4 objects
-   (pretraining: 1-2), longer captions in a new phrasing. LoRA on every linear layer of the
-   decoder; the token embeddings and the text head train too (the tasks bring new words); the
-   visual adapters (``visual_in``, ``visual_head``) stay as pretrained, so the image objective can
-   only move through the LoRA tensors it shares with text, as in the papers (LoRA on the LLM).
+2. *Instruction tasks* (``data.TASK_STYLES``): held-out shapes under new names (one object,
+   short captions), 3-4 objects (pretraining: 1-2), longer captions in new phrasings. LoRA on the
+   decoder's query and value projections (``targets``; the original LoRA recipe); the token
+   embeddings and the text head train too (the tasks bring new words); the visual adapters
+   (``visual_in``, ``visual_head``) stay as pretrained, so the image objective can only move
+   through the LoRA tensors it shares with text, as in the papers (LoRA on the LLM). The text
+   loss sums each example's caption tokens (``text_per_example``), as sequence-level
+   instruction-tuning losses do; the image loss is the mean squared error per embedding entry.
 3. *Arms*, same seeds, batches and steps: ``vanilla`` (text + image), ``image_only`` and
    ``text_only`` (the unimodal references). Under vanilla the two objectives' gradients are taken
    apart every ``diag_every`` steps: per decoder layer the norm ratio |g_text| / |g_image| over its
@@ -60,7 +63,8 @@ SPREAD_MIN = 2.0
 
 _MODEL = dict(hidden=48, layers=4, heads=4, visual_dim=16, encoder_width=32, encoder_lr=3e-3, encoder_batch=64,
               max_objects=2, pretrain_lr=1e-2, pretrain_batch=64, pretrain_image_weight=10.0, generation_fraction=0.5)
-_LORA = dict(rank=8, alpha=16, lr=3e-3, clip=1.0, batch_size=16, generation_fraction=0.5, text_per_example=True)
+_LORA = dict(rank=8, alpha=16, targets=["q_proj", "v_proj"], lr=3e-3, clip=1.0, batch_size=16, generation_fraction=0.5,
+             text_per_example=True)
 CONFIGS = {
     "tiny": dict(seeds=2, eval_examples=4, tasks=["new_shapes", "long_text"],
                  model=dict(_MODEL, hidden=16, layers=2, encoder_steps=5, pretrain_steps=5),
@@ -186,7 +190,7 @@ def pretrained(out: Path, seed: int, cfg: dict, n_eval: int) -> tuple[TestbedMod
     from fused_balance.study.encoder import VisualEncoder
 
     folder = out / "cache" / "testbed" / f"seed{seed}"
-    settings = json.loads(json.dumps({**cfg, "seed": seed, "eval_examples": n_eval}))
+    settings = json.loads(json.dumps({**cfg, "seed": seed, "eval_examples": n_eval, "words": TESTBED_WORDS}))
     info_path, weights_path = folder / "pretrained.json", folder / "pretrained.pt"
     if info_path.exists() and weights_path.exists():
         info = json.loads(info_path.read_text())
@@ -205,12 +209,13 @@ def pretrained(out: Path, seed: int, cfg: dict, n_eval: int) -> tuple[TestbedMod
     return model, {**info, "cached": False}
 
 
-def add_lora(model: TestbedModel, rank: int, alpha: int, seed: int) -> list[tuple[str, torch.nn.Parameter]]:
-    """LoRA on the decoder's linear layers; trainable: LoRA, token embeddings, text head."""
+def add_lora(model: TestbedModel, rank: int, alpha: int, seed: int,
+             targets: list[str] = LORA_TARGETS) -> list[tuple[str, torch.nn.Parameter]]:
+    """LoRA on the decoder's ``targets`` linear layers; trainable: LoRA, token embeddings, text head."""
     from peft import LoraConfig, inject_adapter_in_model
 
     torch.manual_seed(seed + 1)
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS),
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets)),
                             model.llm)
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name or name.startswith(("llm.embed_tokens", "lm_head")))
@@ -239,7 +244,7 @@ def train_task(model: TestbedModel, task: str, arm: str, seed: int, cfg: dict, s
     from fused_balance.study.unified import evaluate, train_batch
 
     started = time.perf_counter()
-    named = add_lora(model, cfg["rank"], cfg["alpha"], seed)
+    named = add_lora(model, cfg["rank"], cfg["alpha"], seed, cfg["targets"])
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     weights = ARMS[arm]
@@ -331,7 +336,7 @@ def check_markdown(verdict: dict, summaries: dict, pretraining: dict, meta: dict
     pct = lambda x: f"{100 * x:+.1f} %"  # noqa: E731
     lines = [f"# Testbed check (unified model, Emu2-style): **{'ACCEPTED' if verdict['accepted'] else 'NOT ACCEPTED'}**",
              "", f"No balancing method ran. Seeds {meta['seeds']}, configuration `{meta['configuration']}`, "
-             f"{meta['threads']} torch thread(s), {meta['wall_s']:.0f} s wall ({meta['date_utc']}).", ""]
+             f"{meta['workers']} worker process(es) of 1 torch thread, {meta['wall_s']:.0f} s wall ({meta['date_utc']}).", ""]
     if verdict["failing"]:
         lines += ["Failing: " + "; ".join(verdict["failing"]) + ".", ""]
     lines += ["## Pretrained model (its own distribution; mean ± std over seeds)", "",
@@ -373,42 +378,85 @@ def check_markdown(verdict: dict, summaries: dict, pretraining: dict, meta: dict
     return "\n".join(lines) + "\n"
 
 
-def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = True, threads: int = 1,
-                  config: dict | None = None) -> dict:
-    """Pretraining (cached) + references + vanilla on every task and seed; writes
-    ``out/testbed_check.md`` and ``.json`` and returns the verdict with its numbers. Finished jobs
-    are read back (``out/jobs/testbed/<task>/<arm>__seed<k>.json``)."""
-    import copy
+def _pretraining_job(out: Path, seed: int, cfg: dict, n_eval: int) -> dict:
+    torch.set_num_threads(1)
+    return pretrained(out, seed, cfg, n_eval)[1]
 
-    from tqdm.auto import tqdm
+
+def _task_job(out: Path, seed: int, task: str, arm: str, mcfg: dict, lcfg: dict, n_eval: int) -> dict:
+    """One arm on one task from the cached pretrained model of ``seed``; read back when finished."""
+    import warnings
 
     from fused_balance.study.data import TEST_SEED
     from fused_balance.study.jobs import run_job
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+
+    def run():
+        model, _ = pretrained(out, seed, mcfg, n_eval)
+        return train_task(model, task, arm, seed, lcfg, _split(TEST_SEED + 900, n_eval, mcfg, TASK_STYLES[task]))
+    return run_job(out / "jobs" / "testbed" / task / f"{arm}__seed{seed}.json", run,
+                   {"model": mcfg, "lora": lcfg, "eval_examples": n_eval, "task": task, "arm": arm})
+
+
+class _InlineExecutor:
+    """``submit`` runs at once in this process (one worker: no process to start)."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = True, workers: int = 1,
+                  config: dict | None = None) -> dict:
+    """Pretraining (cached) + references + vanilla on every task and seed; writes
+    ``out/testbed_check.md`` and ``.json`` and returns the verdict with its numbers. Finished jobs
+    are read back (``out/jobs/testbed/<task>/<arm>__seed<k>.json``). Jobs run in ``workers``
+    processes of one torch thread each (a seed's task jobs once its pretraining is cached);
+    the results do not depend on ``workers``."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    from tqdm.auto import tqdm
 
     config = config or CONFIGS[size]
     started = time.perf_counter()
     mcfg, lcfg, n_eval = config["model"], {**config["lora"], "max_objects": config["model"]["max_objects"]}, config["eval_examples"]
     bar = tqdm(total=len(seeds) * (1 + len(config["tasks"]) * len(ARMS)), desc=f"testbed check ({size})",
                disable=not progress, dynamic_ncols=True, file=sys.stderr)
-    splits = {task: _split(TEST_SEED + 900, n_eval, mcfg, TASK_STYLES[task]) for task in config["tasks"]}
-    pretraining, runs = [], {task: {} for task in config["tasks"]}
-    for seed in seeds:
-        bar.set_postfix_str(f"pretraining seed {seed}")
-        base, info = pretrained(out, seed, mcfg, n_eval)
-        pretraining.append(info)
-        bar.update(1)
-        for task in config["tasks"]:
-            for arm in ARMS:
-                bar.set_postfix_str(f"{task} {arm} seed {seed}")
-                r = run_job(out / "jobs" / "testbed" / task / f"{arm}__seed{seed}.json",
-                             lambda: train_task(copy.deepcopy(base), task, arm, seed, lcfg, splits[task]),
-                             {"model": mcfg, "lora": lcfg, "eval_examples": n_eval, "task": task, "arm": arm})
-                runs[task].setdefault(arm, []).append(r)
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1
+            else _InlineExecutor())
+    infos, found = {}, {}
+    with pool:
+        pending = {pool.submit(_pretraining_job, out, seed, mcfg, n_eval): (seed,) for seed in seeds}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                key = pending.pop(future)
+                if len(key) == 1:  # a seed's pretraining is cached: its task jobs may start
+                    infos[key[0]] = future.result()
+                    pending.update({pool.submit(_task_job, out, key[0], task, arm, mcfg, lcfg, n_eval): (key[0], task, arm)
+                                    for task in config["tasks"] for arm in ARMS})
+                else:
+                    found[key] = future.result()
+                bar.set_postfix_str(f"{' '.join(map(str, key))} done")
                 bar.update(1)
     bar.close()
+    pretraining = [infos[seed] for seed in seeds]
+    runs = {task: {arm: [found[seed, task, arm] for seed in seeds] for arm in ARMS} for task in config["tasks"]}
     summaries = {task: task_summary(r) for task, r in runs.items()}
     verdict = judge(summaries, [p["unified"]["fg_acc"] for p in pretraining])
-    meta = {"configuration": size, "seeds": seeds, "threads": threads, "config": config,
+    meta = {"configuration": size, "seeds": seeds, "workers": workers, "threads_per_worker": 1, "config": config,
             "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": time.perf_counter() - started}
     out.mkdir(parents=True, exist_ok=True)
     (out / "testbed_check.md").write_text(check_markdown(verdict, summaries, pretraining, meta))
@@ -418,11 +466,11 @@ def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = Tr
 
 
 def main(args) -> int:
-    """``fused-balance study --testbed-check [--tiny|--quick|--full] --out DIR`` (threads already set)."""
+    """``fused-balance study --testbed-check [--tiny|--quick|--full] [--workers N] --out DIR``."""
     config = CONFIGS[args.size]
     seeds = list(range(args.seeds if args.seeds else config["seeds"]))
     out = Path(args.out)
-    result = testbed_check(out, args.size, seeds, progress=not args.no_progress, threads=torch.get_num_threads())
+    result = testbed_check(out, args.size, seeds, progress=not args.no_progress, workers=args.workers)
     print((out / "testbed_check.md").read_text())
     print(f"wrote {out}/testbed_check.md and .json in {result['meta']['wall_s']:.0f} s")
     return 0
