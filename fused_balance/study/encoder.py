@@ -93,5 +93,6 @@ def pretrain_encoder(seed: int, cfg: dict) -> tuple[VisualEncoder, dict]:
     test = sample_scenes(256, torch.Generator().manual_seed(TEST_SEED + 500), cfg["max_objects"], PRETRAINING)
     with torch.no_grad():
         out = encoder_losses(encoder, test, torch.Generator().manual_seed(1))
-    accuracy = [float((logits.argmax(-1) == labels).float().mean()) for logits, labels in zip(out["logits"], out["labels"])]
+    accuracy = [float((logits.argmax(-1) == labels).float().mean())
+                for logits, labels in zip(out["logits"], out["labels"])]
     return encoder, dict(zip(("cell_colour_acc_noisy", "quadrant_colour_acc", "quadrant_shape_acc"), accuracy))

@@ -332,46 +332,60 @@ def judge(tasks: dict, pretrained_fg: list[float]) -> dict:
                            "ratio_min": RATIO_MIN, "spread_min": SPREAD_MIN}}
 
 
-def check_markdown(verdict: dict, summaries: dict, pretraining: dict, meta: dict) -> str:
-    pct = lambda x: f"{100 * x:+.1f} %"  # noqa: E731
-    lines = [f"# Testbed check (unified model, Emu2-style): **{'ACCEPTED' if verdict['accepted'] else 'NOT ACCEPTED'}**",
-             "", f"No balancing method ran. Seeds {meta['seeds']}, configuration `{meta['configuration']}`, "
-             f"{meta['workers']} worker process(es) of 1 torch thread, {meta['wall_s']:.0f} s wall ({meta['date_utc']}).", ""]
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f} %"
+
+
+def _mean_std(values, scale: float = 100) -> str:
+    m, sd = mean_std(values)
+    return f"{scale * m:.1f} ± {scale * sd:.1f}"
+
+
+def check_markdown(verdict: dict, summaries: dict, pretraining: list, meta: dict) -> str:
+    """The check table: pretrained model, per task vanilla vs the references, the criteria."""
+    status = "ACCEPTED" if verdict["accepted"] else "NOT ACCEPTED"
+    lines = [f"# Testbed check (unified model, Emu2-style): **{status}**", "",
+             f"No balancing method ran. Seeds {meta['seeds']}, configuration `{meta['configuration']}`, "
+             f"{meta['workers']} worker process(es) of 1 torch thread, {meta['wall_s']:.0f} s wall "
+             f"({meta['date_utc']}).", ""]
     if verdict["failing"]:
         lines += ["Failing: " + "; ".join(verdict["failing"]) + ".", ""]
-    lines += ["## Pretrained model (its own distribution; mean ± std over seeds)", "",
-              "| encoder cell colour (noisy) | encoder quadrant colour / shape | fg cells | cell score | PSNR (dB) | caption token acc |",
-              "|---|---|---|---|---|---|"]
-    ms = lambda vals, scale=100: "{:.1f} ± {:.1f}".format(*(scale * v for v in mean_std(vals)))  # noqa: E731
     enc = [p["encoder"] for p in pretraining]
     uni = [p["unified"] for p in pretraining]
-    lines += [f"| {ms(e['cell_colour_acc_noisy'] for e in enc)} % | {ms(e['quadrant_colour_acc'] for e in enc)} / "
-              f"{ms(e['quadrant_shape_acc'] for e in enc)} % | {ms(u['fg_acc'] for u in uni)} % | "
-              f"{ms(u['cell_score'] for u in uni)} % | {ms((u['psnr'] for u in uni), 1)} | {ms(u['text_acc'] for u in uni)} % |",
-              "", "## Per task: vanilla LoRA against the unimodal references", "",
+    lines += ["## Pretrained model (its own distribution; mean ± std over seeds)", "",
+              "| encoder cell colour (noisy) | encoder quadrant colour / shape | fg cells | cell score | PSNR (dB) "
+              "| caption token acc |", "|---|---|---|---|---|---|",
+              f"| {_mean_std(e['cell_colour_acc_noisy'] for e in enc)} % "
+              f"| {_mean_std(e['quadrant_colour_acc'] for e in enc)} / "
+              f"{_mean_std(e['quadrant_shape_acc'] for e in enc)} % "
+              f"| {_mean_std(u['fg_acc'] for u in uni)} % | {_mean_std(u['cell_score'] for u in uni)} % "
+              f"| {_mean_std((u['psnr'] for u in uni), 1)} | {_mean_std(u['text_acc'] for u in uni)} % |",
+              "", "## Per task: vanilla LoRA against the unimodal references (means over seeds)", "",
               "| task | image cell score: image-only / vanilla | drop | caption acc: text-only / vanilla | drop | "
-              "image − text drop [95 % CI] | ‖g_text‖ / ‖g_image‖ per layer: min / median / max | layer spread |",
+              "image − text drop [95 % CI] | ‖g_text‖ / ‖g_image‖ per layer: min / median / max "
+              "| layer spread |",
               "|---|---|---|---|---|---|---|---|"]
     for name, row in verdict["tasks"].items():
-        s = summaries[name]
-        sc = s["scores"]
-        gap = row["drop_gap"]
-        gap_text = "n/a" if gap is None else f"{pct(gap['mean'])} [{pct(gap['low'])}, {pct(gap['high'])}]"
-        lines.append(
-            f"| {name} | {100 * sc['image_only']['cell_score'][0]:.1f} / {100 * sc['vanilla']['cell_score'][0]:.1f} % "
-            f"| {pct(statistics.fmean(s['image_drop']))} | {100 * sc['text_only']['text_acc'][0]:.1f} / "
-            f"{100 * sc['vanilla']['text_acc'][0]:.1f} % | {pct(statistics.fmean(s['text_drop']))} | {gap_text} | "
-            f"×{row['ratio_min']:.1f} / ×{row['ratio_median']:.1f} / ×{row['ratio_max']:.1f} | ×{row['layer_spread']:.2f} |")
+        s, gap = summaries[name], row["drop_gap"]
+        score = lambda arm, key: f"{100 * s['scores'][arm][key][0]:.1f}"  # noqa: E731
+        gap_text = "n/a" if gap is None else f"{_pct(gap['mean'])} [{_pct(gap['low'])}, {_pct(gap['high'])}]"
+        lines.append(f"| {name} | {score('image_only', 'cell_score')} / {score('vanilla', 'cell_score')} % "
+                     f"| {_pct(statistics.fmean(s['image_drop']))} "
+                     f"| {score('text_only', 'text_acc')} / {score('vanilla', 'text_acc')} % "
+                     f"| {_pct(statistics.fmean(s['text_drop']))} | {gap_text} "
+                     f"| ×{row['ratio_min']:.1f} / ×{row['ratio_median']:.1f} / ×{row['ratio_max']:.1f} "
+                     f"| ×{row['layer_spread']:.2f} |")
     th = verdict["thresholds"]
     lines += ["", "## Criteria", "",
               f"- pretrained model draws: mean foreground-cell accuracy ≥ {100 * th['pretrained_min_fg']:.0f} %",
-              f"- image drops clearly more than text (some task): the paired 95 % interval of image drop − text drop "
-              f"(relative drops against the unimodal references, per seed) lies above {100 * th['drop_margin']:.0f} points",
+              "- image drops clearly more than text (some task): the paired 95 % interval of image drop − text drop "
+              "(relative drops against the unimodal references, per seed) lies above "
+              f"{100 * th['drop_margin']:.0f} points",
               f"- per-layer ratio ≥ {th['ratio_min']:.0f}× (some task): median over decoder layers of each layer's "
               "median over steps of ‖g_text‖ / ‖g_image‖ (its LoRA tensors, vanilla LoRA)",
               f"- differs across layers (some task): largest / smallest per-layer ratio ≥ ×{th['spread_min']:g}; "
-              f"across tasks: largest / smallest task median ≥ ×{th['spread_min']:g} (here ×{verdict['task_spread']:.2f})",
-              ""]
+              f"across tasks: largest / smallest task median ≥ ×{th['spread_min']:g} "
+              f"(here ×{verdict['task_spread']:.2f})", ""]
     lines += [f"- {'PASS' if ok else 'FAIL'}: {c}" for c, ok in verdict["criteria"].items()]
     lines += ["", "Tasks where both the drop and the ratio criterion hold (where methods are to be compared): "
               + (", ".join(verdict["regime_tasks"]) or "none") + "."]
@@ -431,7 +445,8 @@ def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = Tr
 
     config = config or CONFIGS[size]
     started = time.perf_counter()
-    mcfg, lcfg, n_eval = config["model"], {**config["lora"], "max_objects": config["model"]["max_objects"]}, config["eval_examples"]
+    mcfg, n_eval = config["model"], config["eval_examples"]
+    lcfg = {**config["lora"], "max_objects": mcfg["max_objects"]}
     bar = tqdm(total=len(seeds) * (1 + len(config["tasks"]) * len(ARMS)), desc=f"testbed check ({size})",
                disable=not progress, dynamic_ncols=True, file=sys.stderr)
     pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1
@@ -445,7 +460,8 @@ def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = Tr
                 key = pending.pop(future)
                 if len(key) == 1:  # a seed's pretraining is cached: its task jobs may start
                     infos[key[0]] = future.result()
-                    pending.update({pool.submit(_task_job, out, key[0], task, arm, mcfg, lcfg, n_eval): (key[0], task, arm)
+                    seed = key[0]
+                    pending.update({pool.submit(_task_job, out, seed, task, arm, mcfg, lcfg, n_eval): (seed, task, arm)
                                     for task in config["tasks"] for arm in ARMS})
                 else:
                     found[key] = future.result()

@@ -92,7 +92,8 @@ def test_judge_accepts_the_papers_regime():
     # the pretrained model does not draw
     (lambda t, fg: (t, [0.5, 0.6, 0.55]), "pretrained model draws"),
     # image drops more than text, but by less than the margin
-    (lambda t, fg: ({**t, "a": {**t["a"], "image_drop": [0.05, 0.06, 0.055]}}, fg), "image drops clearly more than text"),
+    (lambda t, fg: ({**t, "a": {**t["a"], "image_drop": [0.05, 0.06, 0.055]}}, fg),
+     "image drops clearly more than text"),
     # a large mean gap whose paired interval reaches below the margin (one seed disagrees)
     (lambda t, fg: ({**t, "a": {**t["a"], "image_drop": [0.40, 0.30, 0.0]}}, fg), "image drops clearly more than text"),
     # every task's median ratio below 10
