@@ -7,10 +7,10 @@ A scene gives three views:
   phrasings (the text objective keeps some entropy, so its gradient never vanishes);
 - ``render(grid)``: an RGB picture, for pixels in (LLaVA study) and for PSNR / PNG grids.
 
-``SceneStyle`` names what a scene may hold (colours, shapes, object counts, caption phrasings);
+``SceneStyle`` names what a scene may hold (shapes, object counts, caption phrasings);
 ``PRETRAINING`` is the default every existing user draws from, and the testbed's instruction
-tasks (``TASK_STYLES``) shift it: held-out shapes, more objects per picture, longer captions in a
-new phrasing. Their new words follow ``WORDS`` in ``TESTBED_WORDS`` (the study's vocabulary and
+tasks (``TASK_STYLES``) shift it: held-out shapes, more objects per picture, longer captions in
+new phrasings. Their new words follow ``WORDS`` in ``TESTBED_WORDS`` (the study's vocabulary and
 its token ids stay as they were).
 
 Splits are disjoint streams of one generator family: training batches come from
@@ -60,9 +60,9 @@ _LONG_TAIL = ". every other cell of the picture is left dark and empty"
 
 @dataclass(frozen=True)
 class SceneStyle:
-    """What a scene may hold: 1 + ``min_objects - 1`` .. ``max_objects`` objects (``max_objects``
-    None: the caller's), these shapes and templates, the tail sentence with probability 1/3
-    (``always_tail``: every caption, ``tail``'s words)."""
+    """What a scene may hold: ``min_objects`` .. ``max_objects`` objects (``max_objects`` None:
+    the caller's) of these shapes, one caption template per object, and the ``tail`` sentence
+    with probability 1/3 (``always_tail``: in every caption)."""
 
     shapes: tuple = tuple(SHAPES.items())
     templates: tuple = _TEMPLATES
