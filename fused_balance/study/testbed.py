@@ -69,7 +69,7 @@ CONFIGS = {
     "tiny": dict(seeds=2, eval_examples=4, tasks=["new_shapes", "long_text"],
                  model=dict(_MODEL, hidden=16, layers=2, encoder_steps=5, pretrain_steps=5),
                  lora=dict(_LORA, steps=4, diag_every=2)),
-    "quick": dict(seeds=3, eval_examples=32, tasks=list(TASK_STYLES),
+    "quick": dict(seeds=5, eval_examples=32, tasks=list(TASK_STYLES),
                   model=dict(_MODEL, encoder_steps=150, pretrain_steps=300),
                   lora=dict(_LORA, steps=80, diag_every=5)),
     "full": dict(seeds=10, eval_examples=64, tasks=list(TASK_STYLES),
