@@ -5,8 +5,11 @@
   GradNorm, MGDA, Pareto-LoRA and its ablations;
 - encoder+LLM study (``llava``): a tiny LLaVA, constant LR vs one-sided LoRA vs the
   BalanceScheduler (first-order, KL probe, auxiliary loss);
+- unified testbed (``testbed``, ``encoder``): a pretrained (cached per seed) Emu2-style model
+  with a pretrained visual encoder, three instruction tasks, vanilla and unimodal LoRA
+  references, and the check that accepts or rejects the testbed before any method runs;
 - ``tuning`` (settings chosen on the validation split), ``stats`` (paired t-intervals), ``report``
-  (generated summary, tables; ``plots``: PNGs), ``run`` (CLI).
+  (generated summary, tables; ``plots``: PNGs), ``jobs`` (resumable job files), ``run`` (CLI).
 
 transformers, peft, matplotlib and tqdm are imported inside the functions that need them.
 """

@@ -7,6 +7,12 @@ A scene gives three views:
   phrasings (the text objective keeps some entropy, so its gradient never vanishes);
 - ``render(grid)``: an RGB picture, for pixels in (LLaVA study) and for PSNR / PNG grids.
 
+``SceneStyle`` names what a scene may hold (shapes, object counts, caption phrasings);
+``PRETRAINING`` is the default every existing user draws from, and the testbed's instruction
+tasks (``TASK_STYLES``) shift it: held-out shapes, more objects per picture, longer captions in
+new phrasings. Their new words follow ``WORDS`` in ``TESTBED_WORDS`` (the study's vocabulary and
+its token ids stay as they were).
+
 Splits are disjoint streams of one generator family: training batches come from
 ``torch.Generator().manual_seed(TRAIN_SEED_BASE + seed)``, the validation split (for tuning)
 and the test split (for every reported number) from fixed seeds of their own.
@@ -39,6 +45,45 @@ _TEMPLATES = (
     lambda c, s, p: f"in the {p} there is a {c} {s}",
     lambda c, s, p: f"the {p} corner has a {c} {s}",
 )
+_TAIL = ". the rest of the picture is empty"
+
+# Held out of pretraining: 2x2 patterns none of SHAPES uses, under names it never saw.
+HELD_OUT_SHAPES = {"dot": "1000", "hook": "0111", "ell": "1011"}
+# The longer-text task: new, longer phrasings (two: the text keeps some entropy) and a closing
+# sentence always.
+_LONG_TEMPLATES = (
+    lambda c, s, p: f"looking at the {p} of the picture you can see one {c} {s} drawn there",
+    lambda c, s, p: f"you can see a {c} {s} drawn in the {p} of the picture",
+)
+_LONG_TAIL = ". every other cell of the picture is left dark and empty"
+
+
+@dataclass(frozen=True)
+class SceneStyle:
+    """What a scene may hold: ``min_objects`` .. ``max_objects`` objects (``max_objects`` None:
+    the caller's) of these shapes, one caption template per object, and the ``tail`` sentence
+    with probability 1/3 (``always_tail``: in every caption)."""
+
+    shapes: tuple = tuple(SHAPES.items())
+    templates: tuple = _TEMPLATES
+    min_objects: int = 1
+    max_objects: int | None = None
+    tail: str = _TAIL
+    always_tail: bool = False
+
+    def words(self) -> set:
+        """Every word its captions can hold besides colours, places and counts."""
+        phrased = {w for template in self.templates for w in template("red", "square", "top left").split()}
+        return phrased | set(self.tail.split()) | {name for name, _ in self.shapes}
+
+
+PRETRAINING = SceneStyle()
+TASK_STYLES = {
+    "new_shapes": SceneStyle(shapes=tuple(HELD_OUT_SHAPES.items()), max_objects=1),  # short captions
+    "new_layout": SceneStyle(min_objects=3, max_objects=4),
+    "long_text": SceneStyle(templates=_LONG_TEMPLATES, tail=_LONG_TAIL, always_tail=True, max_objects=2),
+}
+TESTBED_WORDS = WORDS + tuple(sorted(set().union(*(s.words() for s in TASK_STYLES.values())) - set(WORDS)))
 
 
 @dataclass(frozen=True)
@@ -52,28 +97,33 @@ def _pick(n: int, rng: torch.Generator) -> int:
     return int(torch.randint(n, (1,), generator=rng))
 
 
-def sample_scene(rng: torch.Generator, max_objects: int = 2) -> Scene:
-    count = 1 + _pick(max_objects, rng)
+def sample_scene(rng: torch.Generator, max_objects: int = 2, style: SceneStyle = PRETRAINING) -> Scene:
+    """One scene of ``style`` (its ``max_objects`` wins over the argument when set); the default
+    style draws exactly the random numbers it always did."""
+    max_objects = style.max_objects or max_objects
+    count = style.min_objects + _pick(max_objects - style.min_objects + 1, rng)
     places = list(PLACES)
     chosen = sorted(torch.randperm(len(places), generator=rng)[:count].tolist())
-    objects = tuple((COLOURS[_pick(len(COLOURS), rng)], list(SHAPES)[_pick(len(SHAPES), rng)], places[i])
+    shapes = dict(style.shapes)
+    objects = tuple((COLOURS[_pick(len(COLOURS), rng)], list(shapes)[_pick(len(shapes), rng)], places[i])
                     for i in chosen)
     grid = [0] * CELLS
     for colour, shape, place in objects:
         r0, c0 = PLACES[place]
-        for i, bit in enumerate(SHAPES[shape]):
+        for i, bit in enumerate(shapes[shape]):
             if bit == "1":
                 grid[(r0 + i // SHAPE) * GRID + c0 + i % SHAPE] = 1 + COLOURS.index(colour)
-    parts = [_TEMPLATES[_pick(len(_TEMPLATES), rng)](*obj) for obj in objects]
+    parts = [style.templates[_pick(len(style.templates), rng)](*obj) for obj in objects]
     head = f"{COUNTS[count - 1]} {'shape' if count == 1 else 'shapes'} :"
     text = head + " " + " and ".join(parts)
-    if _pick(3, rng) == 0:
-        text += " . the rest of the picture is empty"
+    if _pick(3, rng) == 0 or style.always_tail:
+        text += " " + style.tail
     return Scene(objects, tuple(grid), tuple(text.split()))
 
 
-def sample_scenes(n: int, rng: torch.Generator, max_objects: int = 2) -> list[Scene]:
-    return [sample_scene(rng, max_objects) for _ in range(n)]
+def sample_scenes(n: int, rng: torch.Generator, max_objects: int = 2,
+                  style: SceneStyle = PRETRAINING) -> list[Scene]:
+    return [sample_scene(rng, max_objects, style) for _ in range(n)]
 
 
 def render(grid: torch.Tensor, cell_pixels: int = 8) -> torch.Tensor:

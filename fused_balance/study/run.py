@@ -8,8 +8,8 @@ files alone. Every arm of a study uses the same seeds, initial weights, batches 
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import os
 import platform
 import sys
 import time
@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from fused_balance.study.jobs import run_job
 
 UNIFIED = ("emu2", "chameleon")
 TUNING_SEED = 100  # tuning runs (static weight, GradNorm α): their own seed, scored on the validation split
@@ -78,6 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "on the same --out; the report then covers only them: rerun without it)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the report from the jobs finished so far")
+    parser.add_argument("--testbed-check", action="store_true",
+                        help="run only the unified testbed's check (pretraining, cached under "
+                             "DIR/cache; unimodal references and vanilla LoRA; no method): "
+                             "DIR/testbed_check.md and .json")
+    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="--testbed-check: processes of one torch thread each (default: 2 where "
+                             "there are 2 cores; the results do not depend on it)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--no-plots", action="store_true")
 
@@ -86,32 +95,14 @@ def _job_path(out: Path, study: str, arm: str, seed: int) -> Path:
     return out / "jobs" / study / f"{arm}__seed{seed}.json"
 
 
-def _run_job(path: Path, fn, settings: dict, report_only: bool = False) -> dict | None:
-    """The job's result: read back when a finished file with the same settings exists, else run
-    (``report_only``: never run, None when missing)."""
-    if path.exists():
-        stored = json.loads(path.read_text())
-        if stored.get("settings") == json.loads(json.dumps(settings)):
-            return stored
-    if report_only:
-        return None
-    result = fn()
-    result["settings"] = settings
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(path)  # atomic: an interrupted write never looks finished
-    return result
-
-
 def _tuning_job(out: Path, family: str, name: str, arm: dict, cfg: dict, validation: dict, bar,
                 report_only: bool) -> dict | None:
     """One tuning run (tuning seed, validation split); None when missing in report-only mode."""
     from fused_balance.study.arms import train_unified
 
-    r = _run_job(_job_path(out, f"{family}_tuning", name, TUNING_SEED),
-                 lambda: train_unified(family, arm, TUNING_SEED, cfg, validation),
-                 {**cfg, **arm, "eval_examples": len(validation["generation"]["grid"])}, report_only)
+    r = run_job(_job_path(out, f"{family}_tuning", name, TUNING_SEED),
+                lambda: train_unified(family, arm, TUNING_SEED, cfg, validation),
+                {**cfg, **arm, "eval_examples": len(validation["generation"]["grid"])}, report_only)
     bar.update(1)
     return r
 
@@ -188,6 +179,9 @@ def main(args) -> int:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
+    if args.testbed_check:
+        from fused_balance.study import testbed
+        return testbed.main(args)
     config = CONFIGS[args.size]
     seeds = list(range(args.seeds if args.seeds else config["seeds"]))
     studies = args.only or ["emu2", "chameleon", "llava"]
@@ -225,8 +219,8 @@ def main(args) -> int:
                 spec["alpha"] = tuning["gradnorm"]["chosen"]
             for seed in seeds:
                 bar.set_postfix_str(f"{family} {arm_name} seed {seed}")
-                r = _run_job(_job_path(out, family, arm_name, seed),
-                             lambda: train_unified(family, spec, seed, ucfg, test), {**ucfg, **spec, "eval_examples": n_eval}, args.report_only)
+                r = run_job(_job_path(out, family, arm_name, seed),
+                            lambda: train_unified(family, spec, seed, ucfg, test), {**ucfg, **spec, "eval_examples": n_eval}, args.report_only)
                 if r is not None:
                     runs.setdefault(arm_name, []).append(r)
                 bar.update(1)
@@ -236,8 +230,8 @@ def main(args) -> int:
         for arm in _selected(config["llava_arms"], args.arms):
             for seed in seeds:
                 bar.set_postfix_str(f"llava {arm} seed {seed}")
-                r = _run_job(_job_path(out, "llava", arm, seed), lambda: llava.train_llava(arm, seed, lcfg, test),
-                             {**lcfg, "arm": arm, "test_examples": max(64, 2 * n_eval)}, args.report_only)
+                r = run_job(_job_path(out, "llava", arm, seed), lambda: llava.train_llava(arm, seed, lcfg, test),
+                            {**lcfg, "arm": arm, "test_examples": max(64, 2 * n_eval)}, args.report_only)
                 if r is not None:
                     results["llava"].setdefault(arm, []).append(r)
                 bar.update(1)

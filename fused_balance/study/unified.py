@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fused_balance.study.data import CELLS, PALETTE, WORDS, Scene
+from fused_balance.study.data import CELLS, PALETTE, PRETRAINING, WORDS, Scene, SceneStyle
 
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<draw>", "<describe>", "<patch>")
 TEXT_OFFSET = len(SPECIALS)
@@ -40,16 +40,17 @@ def special(name: str) -> int:
     return SPECIALS.index(name)
 
 
-def word(w: str) -> int:
-    return TEXT_OFFSET + WORDS.index(w)
+def word(w: str, words: tuple = WORDS) -> int:
+    return TEXT_OFFSET + words.index(w)
 
 
-def encode(scenes: list[Scene], generation: list[bool]) -> dict:
+def encode(scenes: list[Scene], generation: list[bool], words: tuple = WORDS) -> dict:
     """Right-padded token ids [B, T] with the patch colours at the patch positions, and the masks
-    of the *predicting* positions (mask[b, t]: position t predicts token t + 1)."""
+    of the *predicting* positions (mask[b, t]: position t predicts token t + 1); ``words``: the
+    text vocabulary (the testbed's extends the study's)."""
     rows, boi = [], []
     for scene, gen in zip(scenes, generation):
-        caption = [word(w) for w in scene.caption]
+        caption = [word(w, words) for w in scene.caption]
         picture = [-1 - c for c in scene.grid]  # negative: a patch, -1 - colour
         if gen:
             ids = [special("<bos>"), special("<draw>")] + caption + [special("<boi>")] + picture \
@@ -147,22 +148,29 @@ class UnifiedModel(torch.nn.Module):
             image = F.mse_loss(self.visual_head(h[image_mask]), self.codebook[nxt_colour[image_mask]])
         return {"text": text, "image": image}
 
-    @torch.no_grad()
+    def next_colour(self, h: torch.Tensor) -> torch.Tensor:
+        """The greedy colour of the next patch from hidden states [N, hidden]."""
+        if self.family == "chameleon":
+            return self.text_logits(h)[:, IMAGE_OFFSET:IMAGE_OFFSET + NUM_CODES].argmax(-1)
+        return torch.cdist(self.visual_head(h), self.codebook).argmin(-1)
+
     def generate_pictures(self, batch: dict) -> torch.Tensor:
-        """Greedy pictures [B, 16] for the generation rows of ``batch`` (one forward per patch;
-        causal attention, so the not-yet-generated patches after the current one never matter)."""
-        colours = batch["colours"].clone()
-        rows = torch.arange(colours.shape[0])
-        first = batch["boi"] + 1
-        colours[batch["is_patch"]] = 0
-        for j in range(CELLS):
-            h = self.hidden(batch, colours)[rows, first + j - 1]
-            if self.family == "chameleon":
-                code = self.text_logits(h)[:, IMAGE_OFFSET:IMAGE_OFFSET + NUM_CODES].argmax(-1)
-            else:
-                code = torch.cdist(self.visual_head(h), self.codebook).argmin(-1)
-            colours[rows, first + j] = code
-        return torch.stack([colours[b, first[b]:first[b] + CELLS] for b in range(len(rows))])
+        return generate_pictures(self, batch)
+
+
+@torch.no_grad()
+def generate_pictures(model, batch: dict) -> torch.Tensor:
+    """Greedy pictures [B, 16] for the generation rows of ``batch`` from a model with
+    ``hidden(batch, colours)`` and ``next_colour(h)`` (one forward per patch; causal attention,
+    so the not-yet-generated patches after the current one never matter)."""
+    colours = batch["colours"].clone()
+    rows = torch.arange(colours.shape[0])
+    first = batch["boi"] + 1
+    colours[batch["is_patch"]] = 0
+    for j in range(CELLS):
+        h = model.hidden(batch, colours)[rows, first + j - 1]
+        colours[rows, first + j] = model.next_colour(h)
+    return torch.stack([colours[b, first[b]:first[b] + CELLS] for b in range(len(rows))])
 
 
 def build_lora_model(family: str, *, rank: int = 8, alpha: int = 16, seed: int = 0, **model_kwargs) -> UnifiedModel:
@@ -208,19 +216,21 @@ def evaluate(model: UnifiedModel, split: dict) -> dict:
             "targets": gen["grid"][:8].tolist()}
 
 
-def make_split(seed: int, n: int, max_objects: int) -> dict:
+def make_split(seed: int, n: int, max_objects: int, style: SceneStyle = PRETRAINING,
+               words: tuple = WORDS) -> dict:
     """n understanding + n generation examples from their own generator."""
     from fused_balance.study.data import sample_scenes
 
     rng = torch.Generator().manual_seed(seed)
-    und, gen = sample_scenes(n, rng, max_objects), sample_scenes(n, rng, max_objects)
-    return {"understanding": encode(und, [False] * n), "generation": encode(gen, [True] * n)}
+    und, gen = sample_scenes(n, rng, max_objects, style), sample_scenes(n, rng, max_objects, style)
+    return {"understanding": encode(und, [False] * n, words), "generation": encode(gen, [True] * n, words)}
 
 
-def train_batch(rng: torch.Generator, batch_size: int, generation_fraction: float, max_objects: int) -> dict:
+def train_batch(rng: torch.Generator, batch_size: int, generation_fraction: float, max_objects: int,
+                style: SceneStyle = PRETRAINING, words: tuple = WORDS) -> dict:
     from fused_balance.study.data import sample_scenes
 
-    scenes = sample_scenes(batch_size, rng, max_objects)
+    scenes = sample_scenes(batch_size, rng, max_objects, style)
     gen = (torch.rand(batch_size, generator=rng) < generation_fraction).tolist()
     gen[0] = True  # every batch has a picture to draw: the image objective is never empty
-    return encode(scenes, gen)
+    return encode(scenes, gen, words)
