@@ -20,7 +20,7 @@ ifneq ($(CUDA_HOME),)
 export CUDA_HOME
 endif
 
-.PHONY: test test-latest pins demo build bench gpu-check clean
+.PHONY: test test-latest pins demo testbed build bench gpu-check clean
 
 $(STAMP): pyproject.toml $(PINS)
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -54,6 +54,10 @@ pins:
 demo: build
 	$(FB) info
 	$(FB) study --quick --out runs/demo
+
+# The study's testbed judged before any method runs (issue 21): ACCEPTED or NOT, and why.
+testbed: build
+	$(FB) study --testbed-check --quick --out runs/testbed
 
 bench: build
 	$(FB) bench --out bench_out
