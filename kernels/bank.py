@@ -120,6 +120,7 @@ def _combination(bank, ld, w_row, pos, mask, K: tl.constexpr, ACC: tl.constexpr)
     """sum_k w[k] g_k[pos] in ACC, each product and sum rounded, in objective order. Up to 16
     rows unrolled, so their loads are in flight together; past that a loop (all 64 rows hoisted
     spill registers on sm_90)."""
+    ld = ld.to(tl.int64)  # k * ld passes 2**31 for a large bank; the JIT types an ld below 2**31 i32
     d = _weight(w_row, ACC) * _load(bank + pos, mask).to(ACC)
     if K <= 16:
         for k in tl.static_range(1, K):

@@ -36,6 +36,9 @@ KS = (1, 2, 3, 4, 8, 9, 16, 17, 32)  # 32 objectives is the most the plan launch
 BUCKET_KS = (1, 2, 3, 8, 9, 17)  # one K per padded K (1, 2, 4, 8, 16, 32) with a ragged row
 DTYPES = ("fp32", "bf16", "fp16", "fp64")
 BANK_KS = (2, 9, 64)  # one block pair / several (Gram); rows unrolled / a loop (combine, AdamW)
+# Bank-row loads in the unmasked body of a combine / AdamW chunk: up to 16 rows are unrolled
+# (bank._combination), past that row 0 and the loop's row.
+BANK_ROW_LOADS = {2: 2, 9: 9, 64: 2}
 BANK_DTYPES = ("fp32", "bf16", "fp64")
 # Spill bound per thread (stores and loads): 8 bytes, i.e. at most a couple of registers parked
 # by ptxas (seen: 4 B in the fp16 K=17 Gram and one 16-warp Gram candidate), not a spilled tile.
@@ -51,6 +54,8 @@ DTYPES = {"fp32": tl.float32, "bf16": tl.bfloat16, "fp16": tl.float16, "fp64": t
 LOAD_128 = re.compile(r"\bld\.global(?:\.\w+)*\.(?:v4\.[bfu]32|v2\.[bfu]64)\b")
 # floating-point fused multiply-adds (integer mad.lo is address arithmetic)
 FP_FMA = re.compile(r"\b(?:fma|mad)(?:\.\w+)*\.f(?:32|64)\b")
+# a 32-bit product with the argument ld in the TTIR (the JIT types an int below 2**31 as i32)
+LD_PRODUCT_I32 = re.compile(r"= arith\.muli [^:\n]*%ld\b[^:\n]*: i32\b")
 
 def specs(family, arch, dtype, K, autotune):
     if family == "bank":
@@ -68,7 +73,8 @@ def compile_one(job):
                 block=spec.constexprs.get("BLOCK", spec.constexprs.get("RBLOCK")),
                 cubin_bytes=len(kernel.asm["cubin"]), ptx_target=f".target sm_{arch}" in ptx,
                 entry=spec.fn.__name__ in ptx, loads_128=len(LOAD_128.findall(ptx)),
-                fp_fma=len(FP_FMA.findall(ptx)), **usage)
+                fp_fma=len(FP_FMA.findall(ptx)), ld_products_i32=len(LD_PRODUCT_I32.findall(kernel.asm["ttir"])),
+                **usage)
 
 if __name__ == "__main__":
     assert not common.INTERPRETED
@@ -142,7 +148,7 @@ def test_bank_kernels_compile_for_sm90_without_spills_with_128_bit_bank_loads_an
     AdamW load the bank rows 128 bits at a time (the aligned body of each chunk) and contain no
     FMA (fp fusion off: the GPU rounds w*g + d twice, as the C++ ops on the CPU do). The Gram's
     loads are scalar (its chunk starts are not known to be 16-byte aligned): recorded in the
-    report, not asserted."""
+    report, not asserted. Every row offset k * ld is computed in 64 bits."""
     report = _compile_report([("bank", 90, d, K, False) for d in BANK_DTYPES for K in BANK_KS], "bank")
     names = {"bank_gram_partials", "bank_gram_reduce", "bank_combine", "bank_adamw", "bank_count_steps"}
     assert {r["name"] for r in report} == names
@@ -158,9 +164,11 @@ def test_bank_kernels_compile_for_sm90_without_spills_with_128_bit_bank_loads_an
     streaming = [r for r in report if r["name"] in ("bank_combine", "bank_adamw")]
     fused = [r for r in streaming if r["fp_fma"]]
     assert not fused, "\n".join(json.dumps(r) for r in fused)
-    # Bank rows in the unmasked body: all K unrolled, or row 0 and the loop's row -- at least
-    # min(K, 2) 128-bit loads; AdamW also loads m and v (one vector each: same dtype as the bank).
-    # Its parameters are scalar: a parameter's start in the bank row need not be 16-byte aligned.
+    # AdamW also loads m and v (one vector each: the bank's dtype). Its parameters are scalar: a
+    # parameter's start in the bank row need not be 16-byte aligned.
     scalar = [r for r in streaming
-              if r["loads_128"] < min(r["K"], 2) + (2 if r["name"] == "bank_adamw" else 0)]
+              if r["loads_128"] < BANK_ROW_LOADS[r["K"]] + (2 if r["name"] == "bank_adamw" else 0)]
     assert not scalar, "\n".join(json.dumps(r) for r in scalar)
+    # Row offsets k * ld in 64 bits: (K - 1) * N passes 2**31 for K = 64 and N >= 34M.
+    narrow = [r for r in report if r["ld_products_i32"]]
+    assert not narrow, "\n".join(json.dumps(r) for r in narrow)
