@@ -16,7 +16,8 @@ Coverage (kept under ~3 minutes on 2 cores by a pool of 2 compile processes):
   every padded-K bucket in fp32, and for K 2 and 9 in fp64;
 - the bank kernels (kernels/bank.py) as their launchers compile a plan's launch (aligned tensors,
   fp fusion off for combine and AdamW), on sm_90 in fp32, bf16 and fp64 for K 2, 9 and 64 (in a
-  second child, ~45 s: each AdamW variant takes ~8 s, most of it its unrolled pow).
+  second child: ~70 s of CPU, 75-140 s here beside other jobs; each AdamW variant takes ~8 s,
+  nearly all of it in Triton's MLIR passes).
 """
 import json
 import os
