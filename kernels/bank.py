@@ -56,6 +56,12 @@ _CHUNK_ELEMS = tl.constexpr(PLAN_CHUNK_ELEMS)
 MAX_OBJECTIVES = 64
 # plan_common.h: kReduceLanes, the width of the fixed-order stage-2 sum
 _REDUCE_LANES = 32
+# Every bank kernel runs 4 warps (_gram_block and _vector_block size their blocks for it).
+NUM_WARPS = 4
+# Combine and AdamW compile without FMA contraction: w*g + d rounds twice, as in the C++ ops.
+EXACT_ROUNDING = {"enable_fp_fusion": False}
+# Step counts per count_steps_kernel program.
+COUNT_BLOCK = 1024
 _FLOAT_MAX = 3.4028234663852886e38
 
 # The C++ schemas (csrc/ops_cpu.cpp), defined under the prefix triton_.
@@ -114,6 +120,7 @@ def _combination(bank, ld, w_row, pos, mask, K: tl.constexpr, ACC: tl.constexpr)
     """sum_k w[k] g_k[pos] in ACC, each product and sum rounded, in objective order. Up to 16
     rows unrolled, so their loads are in flight together; past that a loop (all 64 rows hoisted
     spill registers on sm_90)."""
+    ld = ld.to(tl.int64)  # k * ld passes 2**31 for a large bank; the JIT types an ld below 2**31 i32
     d = _weight(w_row, ACC) * _load(bank + pos, mask).to(ACC)
     if K <= 16:
         for k in tl.static_range(1, K):
@@ -524,10 +531,10 @@ def bank_gram(bank: torch.Tensor, chunks: torch.Tensor, seg_offsets: torch.Tenso
             C,
             lambda first, count: bank_gram_partials_kernel[(count, nb * (nb + 1) // 2)](
                 bank, ld, chunks, partials, found_inf, row, num_segments, first, K=K, KB=kb, NB=nb,
-                BLOCK=block, num_warps=4),
+                BLOCK=block, num_warps=NUM_WARPS),
             "bank_gram_partials")
         bank_gram_reduce_kernel[(num_segments, triton.cdiv(npairs, pb))](
-            partials, seg_offsets, gram, found_inf, C, K=K, PB=pb, LANES=_REDUCE_LANES, num_warps=4)
+            partials, seg_offsets, gram, found_inf, C, K=K, PB=pb, LANES=_REDUCE_LANES, num_warps=NUM_WARPS)
         common.LAUNCHES["bank_gram_reduce"] += 1
     return gram, found_inf
 
@@ -550,7 +557,7 @@ def bank_combine_into(bank: torch.Tensor, weights: torch.Tensor, chunks: torch.T
             lambda first, count: bank_combine_kernel[(count,)](
                 bank, ld, chunks, w, out, w if skip is None else skip.reshape(1), row, w.shape[0], first,
                 K=K, DTYPE=common.TL_DTYPES[bank.dtype], ACC=common.accumulate_tl_dtype(bank.dtype), HAS_SKIP=skip is not None, VEC=vec,
-                BLOCK=block, num_warps=4, enable_fp_fusion=False),
+                BLOCK=block, num_warps=NUM_WARPS, **EXACT_ROUNDING),
             "bank_combine_into")
 
 
@@ -594,13 +601,12 @@ def bank_adamw_(bank: torch.Tensor, weights: torch.Tensor, chunks: torch.Tensor,
                 bank, ld, chunks, w, param_ptrs, exp_avg, exp_avg_sq, hyper, step, skip_flag, live_flags, row,
                 w.shape[0], P, hyper.shape[0], first, K=K, G_DTYPE=common.TL_DTYPES[bank.dtype],
                 P_DTYPE=common.TL_DTYPES[exp_avg.dtype], GA=common.accumulate_tl_dtype(bank.dtype),
-                A=common.accumulate_tl_dtype(exp_avg.dtype), VEC=vec, BLOCK=block, num_warps=4,
-                enable_fp_fusion=False, **flags),
+                A=common.accumulate_tl_dtype(exp_avg.dtype), VEC=vec, BLOCK=block, num_warps=NUM_WARPS,
+                **EXACT_ROUNDING, **flags),
             "bank_adamw")
         if P:
-            count_block = 1024
-            count_steps_kernel[(triton.cdiv(P, count_block),)](step, skip_flag, live_flags, P, BLOCK=count_block,
-                                                               num_warps=4, **flags)
+            count_steps_kernel[(triton.cdiv(P, COUNT_BLOCK),)](step, skip_flag, live_flags, P, BLOCK=COUNT_BLOCK,
+                                                               num_warps=NUM_WARPS, **flags)
             common.LAUNCHES["bank_count_steps"] += 1
 
 
