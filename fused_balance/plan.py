@@ -320,10 +320,13 @@ class BalancePlan:
         if self.params is None:
             raise RuntimeError("this plan was built without params: combine_into_grads needs them")
         buffer = self.buffer
-        for p in self.params:
-            if p.dtype != buffer.dtype or p.device != buffer.device:
-                raise TypeError(f"combine_into_grads needs the parameters in the bank's dtype and device "
-                                f"({buffer.dtype}, {buffer.device}), got {p.dtype} on {p.device}")
+        # the per-parameter check only on the first call and after the stamp saw a parameter change
+        # (address, dtype, device or size: one C++ loop), so a step stays O(1) in Python
+        if self._grad_flat is None or self._watch.changed():
+            for p in self.params:
+                if p.dtype != buffer.dtype or p.device != buffer.device:
+                    raise TypeError(f"combine_into_grads needs the parameters in the bank's dtype and device "
+                                    f"({buffer.dtype}, {buffer.device}), got {p.dtype} on {p.device}")
         if self._grad_flat is None:
             self._grad_flat = torch.zeros(self.offsets[-1], dtype=buffer.dtype, device=buffer.device)
             self._grad_views = self.views(self._grad_flat)
