@@ -31,6 +31,7 @@ def make_bank(K, dtype=torch.float32, shapes=SHAPES, seed=0, scales=None, device
         if K > 1:
             values[1] -= 0.5 * values[0]
         bank.buffer.copy_(values.to(dtype))
+        bank.zero_padding_()
     return params, bank
 
 
