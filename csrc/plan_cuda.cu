@@ -54,14 +54,67 @@ __device__ __forceinline__ void check_chunk(const int64_t* r, const TableBounds&
   }
 }
 
+// ------------------------------------------------------------- 16-byte accesses
+// How a chunk's [0, len) is split for N-wide 16-byte accesses: elements [head, head + nvec N) in
+// vectors, [0, head) and the tail one by one. head (< 16 bytes of elements) aligns `lead`; the
+// chunk is vectorised only when every stream (`others_aligned`, tested at head) and every
+// bank row (rows ld elements apart) is 16-byte aligned there too. Uniform per block (it depends
+// on the chunk only), so no barrier is affected.
+struct VecSplit {
+  int64_t head, nvec;
+  // element j of the scalar remainder (j < len - nvec N)
+  __device__ __forceinline__ int64_t scalar_index(int64_t j, int N) const { return j < head ? j : j + nvec * N; }
+};
+
+template <int N, typename L, typename T>
+__device__ __forceinline__ int64_t align_head(const L* lead, int64_t len) {
+  static_assert(N * sizeof(L) >= 16 && N * sizeof(T) >= 16, "N elements fill 16-byte packs");
+  const int64_t h = int64_t(((16u - (reinterpret_cast<uintptr_t>(lead) & 15u)) & 15u) / sizeof(L));
+  return h < len ? h : len;
+}
+
+template <int N, typename T>
+__device__ __forceinline__ VecSplit vec_split(int64_t head, int64_t len, const T* bank_row, int64_t ld, int K,
+                                              bool others_aligned) {
+  const bool ok = others_aligned && aligned16(bank_row + head) && (K == 1 || (ld * int64_t(sizeof(T))) % 16 == 0);
+  return {head, ok ? (len - head) / N : 0};
+}
+
 // --------------------------------------------------------------------------------- Gram
-// Stage 1, K <= KMAX: all pairs in registers, each bank element loaded once. Block sums in a
-// fixed order (warp shuffles, then warps in index order).
+// Elements [i, i + N) of the K rows g[k] (k < K; the others read as zeros) into the pair
+// accumulators, element by element in index order (so a vector adds its products exactly as N
+// scalar steps would). N > 1: one 16-byte read-only load per row (g[k] + i 16-byte aligned),
+// all K issued before the first product; N == 1: the scalar path.
+template <int N, int KMAX, typename T>
+__device__ __forceinline__ void accumulate_rows(const T* const (&g)[KMAX], int K, int64_t i,
+                                                double (&acc)[KMAX * (KMAX + 1) / 2]) {
+  RawElems<N, T> raw[KMAX];
+#pragma unroll
+  for (int k = 0; k < KMAX; ++k)
+    if (k < K) load_raw<N, true>(g[k] + i, raw[k]);
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    double x[KMAX];
+#pragma unroll
+    for (int k = 0; k < KMAX; ++k) {
+      if constexpr (N == 1) x[k] = k < K ? to_acc<double>(raw[k].scalar) : 0.0;
+      else x[k] = k < K ? Pack16<T>::template get<double>(raw[k].pack[j / Pack16<T>::n], j % Pack16<T>::n) : 0.0;
+    }
+    accumulate_pair_products<KMAX>(x, acc);
+  }
+}
+
+// Stage 1, K <= KMAX: all pairs in registers, each bank element loaded once: 16-byte loads where
+// the chunk's rows are 16-byte aligned (every chunk of a GradBank: its parameters and row stride
+// are), a scalar head and tail otherwise (vec_split, as combine). Each thread's products are
+// summed in a fixed order (its vectors, then its scalar elements), then the block's in a fixed
+// order (warp shuffles, then warps in index order): deterministic, whatever the grid.
 template <typename T, int KMAX>
 __global__ void __launch_bounds__(kThreads) gram_partials(const T* __restrict__ bank, int64_t ld, int K,
                                                           const int64_t* __restrict__ chunks, int64_t C,
                                                           double* __restrict__ partials, TableBounds bounds) {
   constexpr int NPMAX = KMAX * (KMAX + 1) / 2;
+  constexpr int N = Pack16<T>::n;  // elements per 16-byte vector
   __shared__ double scratch[kWarps][NPMAX];
   const int npairs = pair_count(K);
   for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
@@ -74,12 +127,12 @@ __global__ void __launch_bounds__(kThreads) gram_partials(const T* __restrict__ 
     double acc[NPMAX];
 #pragma unroll
     for (int q = 0; q < NPMAX; ++q) acc[q] = 0.0;
-    for (int64_t i = threadIdx.x; i < len; i += kThreads) {
-      double x[KMAX];
-#pragma unroll
-      for (int k = 0; k < KMAX; ++k) x[k] = k < K ? to_acc<double>(g[k][i]) : 0.0;
-      accumulate_pair_products<KMAX>(x, acc);
-    }
+    const VecSplit split = vec_split<N>(align_head<N, T, T>(g[0], len), len, g[0], ld, K, true);
+    for (int64_t vi = threadIdx.x; vi < split.nvec; vi += kThreads)
+      accumulate_rows<N, KMAX>(g, K, split.head + vi * N, acc);
+    const int64_t rest = len - split.nvec * N;
+    for (int64_t j = threadIdx.x; j < rest; j += kThreads)
+      accumulate_rows<1, KMAX>(g, K, split.scalar_index(j, N), acc);
     store_block_pair_sums<KMAX, kWarps>(acc, scratch, K, npairs, partials + c * npairs);
   }
 }
@@ -214,17 +267,6 @@ __device__ __forceinline__ void combine_rows(const T* g, int64_t ld, int K, cons
   }
 }
 
-// How a chunk's [0, len) is split for N-wide 16-byte accesses: elements [head, head + nvec N) in
-// vectors, [0, head) and the tail one by one. head (< 16 bytes of elements) aligns `lead`; the
-// chunk is vectorised only when every stream (`others_aligned`, tested at head) and every
-// bank row (rows ld elements apart) is 16-byte aligned there too. Uniform per block (it depends
-// on the chunk only), so no barrier is affected.
-struct VecSplit {
-  int64_t head, nvec;
-  // element j of the scalar remainder (j < len - nvec N)
-  __device__ __forceinline__ int64_t scalar_index(int64_t j, int N) const { return j < head ? j : j + nvec * N; }
-};
-
 // Work item `item` of a launch over chunks x slices (multi_tensor.h: chunk_slices): chunk c, and
 // slice s of each of a chunk's ranges (its vectors, its scalar remainder), so blocks share a chunk's
 // work in near-equal parts and the last wave is nearly full.
@@ -237,20 +279,6 @@ struct ChunkSlice {
 
 __device__ __forceinline__ ChunkSlice chunk_slice(int64_t item, int slices) {
   return {item / slices, int(item % slices), slices};
-}
-
-template <int N, typename L, typename T>
-__device__ __forceinline__ int64_t align_head(const L* lead, int64_t len) {
-  static_assert(N * sizeof(L) >= 16 && N * sizeof(T) >= 16, "N elements fill 16-byte packs");
-  const int64_t h = int64_t(((16u - (reinterpret_cast<uintptr_t>(lead) & 15u)) & 15u) / sizeof(L));
-  return h < len ? h : len;
-}
-
-template <int N, typename T>
-__device__ __forceinline__ VecSplit vec_split(int64_t head, int64_t len, const T* bank_row, int64_t ld, int K,
-                                              bool others_aligned) {
-  const bool ok = others_aligned && aligned16(bank_row + head) && (K == 1 || (ld * int64_t(sizeof(T))) % 16 == 0);
-  return {head, ok ? (len - head) / N : 0};
 }
 
 template <typename T>

@@ -7,7 +7,8 @@ backend resolved once at construction (``backend=``: None / "auto", "cpp", "torc
 
 The list API (``fb.gram``, ``fb.pareto_combine``, ...) takes K x P tensors per call and checks
 them every time. A plan is built ONCE from the ``[K, N]`` gradient bank (a GradBank's buffer:
-row k holds objective k's gradients of all P parameters, end to end) and the segments; it
+row k holds objective k's gradients of all P parameters, each starting on a 16-byte boundary, see
+``row_offsets``) and the segments; it
 validates once and keeps a chunk table on the device (rows of (start, length, segment, param,
 offset in the param, group): the kernels address a chunk by its offset into the bank, the same
 for every objective, so no pointer table is passed or rebuilt). Per call:
@@ -50,13 +51,29 @@ from fused_balance.backends import resolve_backend
 from fused_balance.policies import check_policy_args, gram_statistics, resolve_policy, solve
 from fused_balance.solvers import rounding_of
 
-__all__ = ["BalancePlan", "PlanResult", "PLAN_CHUNK_ELEMS"]
+__all__ = ["BalancePlan", "PlanResult", "PLAN_CHUNK_ELEMS", "BANK_ALIGN_BYTES", "row_offsets"]
 
 # multi_tensor.h: kChunkElems (a chunk never spans two parameters; partial sums per chunk are
 # reduced in table order, so results do not depend on the thread or SM count).
 PLAN_CHUNK_ELEMS = 1 << 15
 _COLUMNS = 6  # multi_tensor.h: PlanColumn
 _GROUP_COLUMN = 5  # multi_tensor.h: kColGroup
+# The kernels' 128-bit accesses (cuda_launch.cuh: Pack16) need every stream 16-byte aligned at a
+# chunk's start and a row stride of whole 16-byte packs; a GradBank lays its rows out so.
+BANK_ALIGN_BYTES = 16
+
+
+def row_offsets(numels, itemsize: int | None = None) -> list[int]:
+    """The P + 1 offsets of parameters laid in a bank row: parameter i occupies
+    ``[offsets[i], offsets[i] + numels[i])`` and its slot runs to ``offsets[i + 1]``, the rest of
+    the slot being zero padding; ``offsets[-1]`` is the row length. ``itemsize`` (bytes of the
+    dtype): every slot is rounded up to BANK_ALIGN_BYTES (so every parameter and the row stride
+    are 16-byte aligned); None: packed end to end (no padding)."""
+    align = 1 if itemsize is None else max(1, BANK_ALIGN_BYTES // int(itemsize))
+    offsets = [0]
+    for n in numels:
+        offsets.append(offsets[-1] + -(-int(n) // align) * align)
+    return offsets
 
 
 def _host_to(host: torch.Tensor, device, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,15 +110,19 @@ def _segment_list(segments, P: int) -> tuple[list[int], int]:
 class BalancePlan:
     """A reusable balanced step over a ``[K, N]`` gradient bank (see the module docstring).
 
-    bank: a GradBank (``.buffer`` [K, N], ``.numels``, ``.params``) or a ``[K, N]`` tensor with
-    ``numels`` (P ints, the parameters' sizes laid end to end in each row). ``params``: the P
+    bank: a GradBank (``.buffer`` [K, N], ``.numels``, ``.offsets``, ``.params``) or a ``[K, N]``
+    tensor with ``numels`` (P ints, the parameters' sizes) and optionally ``offsets`` (P + 1 ints,
+    see ``row_offsets``: parameter i at ``offsets[i]``, its slot up to ``offsets[i + 1]``; the
+    padding of a slot must hold zeros, as a GradBank's does: the Gram reads it and the combination
+    writes zeros there; default: packed end to end). The plan's flat buffers (``.grad``, AdamW
+    moments) follow the same offsets. ``params``: the P
     parameters (needed by ``combine_into_grads`` and ``adamw_step``; a GradBank brings its own).
     segments: None, "tensor" or P segment ids. groups: P hyper-parameter group ids (AdamW).
     backend: whose bank ops run the passes (None: the default of ``fb.use_backend``; "auto": the
     fastest with bank ops on the bank's device), resolved once (``self.backend``: the module).
     """
 
-    def __init__(self, bank, segments=None, *, numels=None, params=None, policy: str = "pareto_lora",
+    def __init__(self, bank, segments=None, *, numels=None, offsets=None, params=None, policy: str = "pareto_lora",
                  tau: float = 5.0, rescale: str | None = None, groups=None, backend: str | None = None):
         if isinstance(bank, torch.Tensor):
             if numels is None:
@@ -114,6 +135,7 @@ class BalancePlan:
                 raise TypeError(f"bank must be a GradBank or a [K, N] tensor, got {type(bank).__name__}")
             self._source = bank
             numels = bank.numels if numels is None else numels
+            offsets = getattr(bank, "offsets", None) if offsets is None else offsets
             params = bank.params if params is None else params
         if buffer.dim() != 2 or buffer.shape[0] < 1:
             raise ValueError(f"the bank must be [K, N] with K >= 1, got shape {tuple(buffer.shape)}")
@@ -124,12 +146,7 @@ class BalancePlan:
         numels = [int(n) for n in numels]
         if not numels or any(n < 0 for n in numels):
             raise ValueError("numels must list at least one non-negative parameter size")
-        self.offsets = [0]
-        for n in numels:
-            self.offsets.append(self.offsets[-1] + n)
-        if self.offsets[-1] > buffer.shape[1]:
-            raise ValueError(f"the parameters need {self.offsets[-1]} elements per row, the bank has "
-                             f"{buffer.shape[1]}")
+        self.offsets = self._check_offsets(numels, offsets, buffer.shape[1])
         self.numels = numels
         self.num_objectives = int(buffer.shape[0])
         P = len(numels)
@@ -165,6 +182,25 @@ class BalancePlan:
 
     # -- construction -----------------------------------------------------------------------
     @staticmethod
+    def _check_offsets(numels: list, offsets, row: int) -> list[int]:
+        """P + 1 offsets (None: packed), each parameter inside its slot, the slots in order and in
+        the row."""
+        if offsets is None:
+            offsets = row_offsets(numels)
+        else:
+            offsets = list(offsets)
+            if len(offsets) != len(numels) + 1 or any(isinstance(o, bool) or not isinstance(o, numbers.Integral)
+                                                      for o in offsets):
+                raise ValueError(f"offsets must be {len(numels) + 1} ints (P + 1), got {offsets!r}")
+            offsets = [int(o) for o in offsets]
+            if offsets[0] < 0 or any(a + n > b for a, n, b in zip(offsets, numels, offsets[1:])):
+                raise ValueError("offsets must start at >= 0 and give each parameter its numels elements "
+                                 "before the next one's offset")
+        if offsets[-1] > row:
+            raise ValueError(f"the parameters need {offsets[-1]} elements per row, the bank has {row}")
+        return offsets
+
+    @staticmethod
     def _check_groups(groups, P: int) -> list[int]:
         if groups is None:
             return [0] * P
@@ -178,9 +214,10 @@ class BalancePlan:
         """Two tables, built on the host once and copied to the device once, segment by segment
         (so a segment's partial sums are reduced in table order):
 
-        - ranges (Gram, combine): each run of parameters of one segment lying end to end in the
-          bank, cut into chunks of at most PLAN_CHUNK_ELEMS; a chunk may span many small
-          parameters, so the work per call grows with the segments and the elements, not P.
+        - ranges (Gram, combine): each run of parameters of one segment whose slots (parameter and
+          zero padding) lie end to end in the bank, cut into chunks of at most PLAN_CHUNK_ELEMS; a
+          chunk may span many small parameters, so the work per call grows with the segments and
+          the elements, not P. With a GradBank's offsets every chunk starts 16-byte aligned.
         - chunks (AdamW): per parameter, with the parameter's index, offset and group.
         """
         by_segment: list[list[int]] = [[] for _ in range(self.num_segments)]
@@ -192,7 +229,7 @@ class BalancePlan:
             for p in members + [None]:
                 if p is not None and self.numels[p] == 0:
                     continue
-                if p is not None and run_end == self.offsets[p]:
+                if p is not None and run_end == self.offsets[p]:  # the slots touch: one run
                     run_end = self.offsets[p + 1]
                     continue
                 if run_start is not None:
@@ -486,4 +523,4 @@ class BalancePlan:
     def views(self, flat: torch.Tensor) -> list:
         """Per-parameter views (parameter shapes) of a flat buffer laid out like a bank row."""
         shapes = [p.shape for p in self.params] if self.params is not None else [(n,) for n in self.numels]
-        return [flat[a:b].view(s) for a, b, s in zip(self.offsets, self.offsets[1:], shapes)]
+        return [flat[a:a + n].view(s) for a, n, s in zip(self.offsets, self.numels, shapes)]

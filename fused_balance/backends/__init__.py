@@ -41,7 +41,8 @@ Kernel backends expose their kernels as ops with the four schemas of ``fused_bal
 from there (``ops.define_family``, ``ops.ListOps``).
 
 Bank ops (BalancePlan's engine; every backend that has them runs a plan, ``bank_backends``): one
-``[K, N]`` bank (row k: objective k's gradients of all P parameters end to end, rows contiguous)
+``[K, N]`` bank (row k: objective k's gradients of all P parameters at the plan's offsets, a
+GradBank's 16-byte aligned with zero padding between them; rows contiguous)
 and an int64 ``[C, 6]`` chunk table built once by ``fused_balance.BalancePlan`` (columns: start in
 the row, length <= PLAN_CHUNK_ELEMS, segment, parameter, offset in the parameter, group; the
 Gram's and combine's table holds ranges, AdamW's one row per parameter chunk). Exactly the C++

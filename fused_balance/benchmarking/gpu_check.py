@@ -83,6 +83,7 @@ def _bank(problem, K: int, dtype, device, seed: int = 0):
         for k in range(K):
             row = torch.randn(bank.numel, generator=gen, device=device).add_(shared, alpha=(-1) ** k * 0.7)
             bank.buffer[k].copy_(row.mul_(1e-3 * (1 + 0.5 * k)))
+        bank.zero_padding_()
     return params, bank
 
 
@@ -106,7 +107,7 @@ def _reference_gram(bank, segment_ids, S):
     flat = bank.buffer.double()
     G = torch.zeros(S, bank.num_objectives, bank.num_objectives, dtype=torch.float64, device=flat.device)
     for s in range(S):
-        cols = torch.cat([torch.arange(bank.offsets[p], bank.offsets[p + 1], device=flat.device)
+        cols = torch.cat([torch.arange(bank.offsets[p], bank.offsets[p] + bank.numels[p], device=flat.device)
                           for p, seg in enumerate(segment_ids) if seg == s])
         part = flat[:, cols]
         G[s] = part @ part.T
@@ -114,9 +115,9 @@ def _reference_gram(bank, segment_ids, S):
 
 
 def _reference_combine(bank, weights, segment_ids):
-    out = torch.empty(bank.numel, dtype=torch.float64, device=bank.buffer.device)
+    out = torch.zeros(bank.numel, dtype=torch.float64, device=bank.buffer.device)  # the padding: zeros
     for p, s in enumerate(segment_ids):
-        a, b = bank.offsets[p], bank.offsets[p + 1]
+        a, b = bank.offsets[p], bank.offsets[p] + bank.numels[p]
         out[a:b] = weights[s].double() @ bank.buffer[:, a:b].double()
     return out
 
@@ -153,7 +154,7 @@ def _check_ops(report: Report, problem, device) -> None:
                 report.check(f"plan gram {backend} {tag}", err <= tol and not bool(found_inf), f"rel err {err:.1e}")
                 if device.type == "cuda":  # the CPU plan on the same bank: the same reduction order
                     G_cpu, _ = fb.BalancePlan(bank.buffer.cpu(), segment_ids, numels=bank.numels,
-                                              backend="cpp").gram()
+                                              offsets=bank.offsets, backend="cpp").gram()
                     err = _relative_error(G.cpu(), G_cpu)
                     report.check(f"plan gram {backend} GPU vs cpp CPU {tag}", err <= 1e-10, f"rel err {err:.1e}")
                 out = torch.empty(bank.numel, dtype=dtype, device=device)
@@ -270,6 +271,7 @@ def _check_graph(report: Report, device, backend: str) -> None:
             fresh[1, 5] = float("nan")  # skipped on both
         for run in runs:
             run[1].buffer.copy_(fresh)
+            run[1].zero_padding_()
             if i == 2:
                 run[2].hyper_table([(5e-4, 0.01, 0.9, 0.999, 1e-8)], device, out=run[6])
         graph.replay()

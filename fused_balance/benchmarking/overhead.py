@@ -49,6 +49,7 @@ def _setup(P: int, device: torch.device):
     bank = GradBank(params, K)
     with torch.no_grad():
         bank.buffer.copy_(torch.randn(bank.buffer.shape, generator=gen))
+        bank.zero_padding_()
     segments = [p // TENSORS_PER_SEGMENT for p in range(P)]
     return params, bank, segments
 

@@ -2,7 +2,10 @@
 
 The fused kernels read every objective's gradient for every tensor; keeping them in one flat
 buffer (with per-parameter views into it) means the gradients land in place during backward and
-are read as contiguous memory afterwards, with no gather copy.
+are read as contiguous memory afterwards, with no gather copy. Each parameter starts on a 16-byte
+boundary and the row length is a multiple of 16 bytes (``fused_balance.plan.row_offsets``), so
+the kernels' 128-bit accesses apply to every chunk whatever the parameter sizes; the padding
+between parameters holds zeros (no fill writes it), so sums and Gram are those of the gradients.
 
 Two ways to fill it, giving the same numbers:
 
@@ -23,6 +26,7 @@ import torch
 
 from fused_balance import _extension
 from fused_balance._grad_slots import grad_slots, is_native
+from fused_balance.plan import row_offsets
 from fused_balance.training._fsdp import local_shard
 
 __all__ = ["GradBank", "FILL_MODES", "check_params"]
@@ -76,8 +80,11 @@ def check_params(params, owner: str, names: Sequence[str] | None = None) -> list
 class GradBank:
     """Flat storage for K objectives' gradients of a fixed list of parameters.
 
-    ``bank.grads[k][p]`` is a view (shape of parameter p) into ``bank.buffer[k]``; pass
-    ``bank.grads`` as the ``grads`` argument of ``fb.gram`` / ``fb.combine`` / ... .
+    ``bank.grads[k][p]`` is a view (shape of parameter p) into ``bank.buffer[k]``, at
+    ``offsets[p]`` (16-byte aligned; ``offsets[-1]`` is the row length N, ``numels[p]`` the
+    parameter's size); pass ``bank.grads`` as the ``grads`` argument of ``fb.gram`` /
+    ``fb.combine`` / ... . The padding between parameters must stay zero: a code writing the
+    buffer directly (not through ``grads``) calls ``zero_padding_()`` afterwards.
     """
 
     def __init__(self, params: Sequence[torch.Tensor], num_objectives: int, *,
@@ -105,9 +112,10 @@ class GradBank:
         self.mode = mode
         self.dtype = dtype
         self.numels = [t.numel() for t in self.tensors]
-        self.offsets = [0]
-        for n in self.numels:
-            self.offsets.append(self.offsets[-1] + n)
+        self.offsets = row_offsets(self.numels, dtype.itemsize)
+        # the padding's columns (None: none), zeroed by zero_padding_
+        pads = [torch.arange(a + n, b) for a, n, b in zip(self.offsets, self.numels, self.offsets[1:]) if a + n < b]
+        self._pad_columns = torch.cat(pads).to(params[0].device) if pads else None
         self._slots = None  # the .grad bookkeeping of the backward fill (_grad_slots)
         self._buffer = torch.zeros(num_objectives, self.offsets[-1], dtype=dtype, device=params[0].device)
         self._make_views()
@@ -122,8 +130,7 @@ class GradBank:
 
     def _make_views(self) -> None:
         self.grads: list[list[torch.Tensor]] = [
-            [self._buffer[k, self.offsets[i]:self.offsets[i + 1]].view(t.shape)
-             for i, t in enumerate(self.tensors)]
+            [self._buffer[k, a:a + n].view(t.shape) for a, n, t in zip(self.offsets, self.numels, self.tensors)]
             for k in range(self.num_objectives)]
         self._slots = None  # they hold the old views
 
@@ -135,7 +142,8 @@ class GradBank:
     @buffer.setter
     def buffer(self, value: torch.Tensor) -> None:
         """Replace the storage (e.g. a copy, or one moved to another device): ``grads`` and the
-        backward fill's slots follow it, so nothing reads or writes the old one."""
+        backward fill's slots follow it, so nothing reads or writes the old one. Its padding is
+        zeroed (in place)."""
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"a GradBank buffer must be a tensor, got {type(value).__name__}")
         old = self._buffer
@@ -146,6 +154,7 @@ class GradBank:
             raise ValueError(f"a GradBank buffer must live with the parameters on {self.params[0].device}, "
                              f"got {value.device}")
         self._buffer = value
+        self.zero_padding_()
         self._make_views()
 
     @property
@@ -154,10 +163,18 @@ class GradBank:
 
     @property
     def numel(self) -> int:
+        """Elements in a row: the parameters' and their padding."""
         return self.offsets[-1]
 
     def zero_(self) -> "GradBank":
         self.buffer.zero_()
+        return self
+
+    def zero_padding_(self) -> "GradBank":
+        """Zero the padding between the parameters (after writing the buffer directly)."""
+        if self._pad_columns is not None:
+            with torch.no_grad():
+                self._buffer.index_fill_(1, self._pad_columns, 0)
         return self
 
     def fill(self, losses: Sequence[torch.Tensor], *, mode: str | None = None,
@@ -312,10 +329,21 @@ class GradBank:
         return {"buffer": self.buffer.clone()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Load a saved buffer: this layout's, or the parameters packed end to end (the layout
+        of banks saved before the 16-byte padding), copied parameter by parameter."""
         buffer = state.get("buffer") if isinstance(state, dict) else None
         if not isinstance(buffer, torch.Tensor):
             raise TypeError("a GradBank state must be a dict with a 'buffer' tensor")
-        if buffer.shape != self.buffer.shape or buffer.dtype != self.buffer.dtype:
+        packed = row_offsets(self.numels)
+        if buffer.dtype != self.buffer.dtype or buffer.dim() != 2 or buffer.shape[0] != self.num_objectives \
+                or buffer.shape[1] not in (self.numel, packed[-1]):
             raise ValueError(f"saved buffer {tuple(buffer.shape)} {buffer.dtype} does not match this "
                              f"bank's {tuple(self.buffer.shape)} {self.buffer.dtype}")
-        self.buffer.copy_(buffer)
+        with torch.no_grad():
+            if buffer.shape[1] == self.numel:
+                self.buffer.copy_(buffer)
+                self.zero_padding_()
+            else:
+                self.buffer.zero_()
+                for a, n, old in zip(self.offsets, self.numels, packed):
+                    self.buffer[:, a:a + n].copy_(buffer[:, old:old + n])

@@ -168,28 +168,32 @@ def _sm90_sass(source_name: str, tmp_path) -> str:
 
 
 # The plan's bank kernels (plan_cuda.cu), by mangled template arguments: float32, float64, bf16, fp16
-# gradients (combine), and (gradient, parameter) dtype pairs (AdamW).
-BANK_KERNEL = re.compile(r"(combine_chunks|adamw_chunks)I(\w+?)EEvPK")
+# gradients (combine; the K <= 8 Gram, with its KMAX), and (gradient, parameter) dtype pairs (AdamW).
+BANK_KERNEL = re.compile(r"(combine_chunks|adamw_chunks|gram_partials)I(\w+?)EEvPK")
 
 
 def test_plan_bank_kernels_move_data_in_128_bit_accesses(tmp_path):
-    """combine_chunks and adamw_chunks stream every element of the bank, the output and the AdamW
-    state once: they are bandwidth-bound only if the element loop issues 16-byte loads and stores
-    (LDG.E.128 / STG.E.128 in the sm_90 SASS, as the list API's combine_kernel); one element per
-    thread and access leaves them latency-bound (no LDG.E.128 at all)."""
+    """combine_chunks, adamw_chunks and the K <= 8 Gram (gram_partials) stream every element of
+    the bank (and the output and the AdamW state) once: they are bandwidth-bound only if the
+    element loop issues 16-byte loads (LDG.E.128 in the sm_90 SASS, as the list API's
+    combine_kernel) and, where they write, 16-byte stores (STG.E.128); one element per thread and
+    access leaves them latency-bound (no LDG.E.128 at all)."""
     sass = _sm90_sass("plan_cuda.cu", tmp_path)
     kernels = {}
     for name, code in sass_by_function(sass).items():
         if m := BANK_KERNEL.search(name):
             kernels[(m.group(1), m.group(2))] = code
     assert ("combine_chunks", "f") in kernels and ("adamw_chunks", "ff") in kernels, sorted(kernels)
+    assert ("gram_partials", "fLi8E") in kernels, sorted(kernels)
     assert sum(k == "combine_chunks" for k, _ in kernels) == 4, sorted(kernels)
     assert sum(k == "adamw_chunks" for k, _ in kernels) == 16, sorted(kernels)
+    assert sum(k == "gram_partials" for k, _ in kernels) == 12, sorted(kernels)  # 4 dtypes x KMAX 2, 4, 8
     counts = {key: (len(re.findall(r"\bLDG\.E\.128\b", code)), len(re.findall(r"\bSTG\.E\.128\b", code)))
               for key, code in kernels.items()}
     print("\n".join(f"{k:15} {t:24} {ld:3} LDG.E.128 {st:3} STG.E.128" for (k, t), (ld, st) in
                     sorted(counts.items())), file=sys.stderr)
-    scalar_only = {key: c for key, c in counts.items() if c[0] == 0 or c[1] == 0}
+    scalar_only = {key: c for key, c in counts.items()
+                   if c[0] == 0 or (c[1] == 0 and key[0] != "gram_partials")}  # the Gram writes partials only
     assert not scalar_only, f"no 128-bit global load or store in {sorted(scalar_only)}"
 
 

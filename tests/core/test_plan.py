@@ -31,6 +31,7 @@ def make_bank(K, dtype=torch.float32, shapes=SHAPES, seed=0, scales=None, device
         if K > 1:
             values[1] -= 0.5 * values[0]
         bank.buffer.copy_(values.to(dtype))
+        bank.zero_padding_()
     return params, bank
 
 
@@ -49,6 +50,64 @@ def test_gram_is_the_float64_gram(K, dtype):
     assert G.dtype == torch.float64 and G.shape == (3, K, K)
     assert not bool(found_inf)
     torch.testing.assert_close(G, float64_gram(bank, segments), rtol=1e-13, atol=1e-9)
+
+
+def outside_params(flat, offsets, numels):
+    """The elements of a flat bank-row-like buffer outside every parameter (the padding)."""
+    inside = torch.zeros(flat.shape[-1], dtype=torch.bool)
+    for a, n in zip(offsets, numels):
+        inside[a:a + n] = True
+    return flat[..., ~inside]
+
+
+@pytest.mark.parametrize("K", [2, 3, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_padded_bank_plans_like_its_packed_layout(K, dtype):
+    """A GradBank pads each parameter to 16 bytes: every chunk starts aligned (the kernels'
+    128-bit accesses), the Gram is the float64 one, and the combination and AdamW step equal
+    those of the same gradients laid end to end (element-wise ops: bitwise), padding left zero."""
+    params, bank = make_bank(K, dtype)
+    segments = [0, 1, 1, 0, 1]
+    align = 16 // bank.buffer.element_size()
+    assert bank.numel > sum(bank.numels)  # SHAPES need padding in every dtype
+    packed = torch.cat([bank.buffer[:, a:a + n] for a, n in zip(bank.offsets, bank.numels)], 1)
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    plan = fb.BalancePlan(bank, segments)
+    explicit = fb.BalancePlan(bank.buffer, segments, numels=bank.numels, offsets=bank.offsets, params=params)
+    packed_plan = fb.BalancePlan(packed, segments, numels=bank.numels, params=twins)
+    assert plan.offsets == explicit.offsets == bank.offsets
+    for table in (plan._ranges, plan._chunks):
+        assert bool((table[:, 0] % align == 0).all())
+    G, found_inf = plan.gram()
+    assert not bool(found_inf)
+    torch.testing.assert_close(G, float64_gram(bank, segments), rtol=1e-13, atol=1e-9)
+    assert torch.equal(explicit.gram()[0], G)  # the same table
+    torch.testing.assert_close(packed_plan.gram()[0], G, rtol=1e-13, atol=1e-9)
+    weights = packed_plan.weights().weights
+    out, out_packed = torch.full((bank.numel,), 7.0, dtype=dtype), torch.zeros(packed.shape[1], dtype=dtype)
+    plan.combine_into(out, weights)
+    packed_plan.combine_into(out_packed, weights)
+    assert not outside_params(out, bank.offsets, bank.numels).any()  # the padding combines to zeros
+    assert torch.equal(torch.cat([v.flatten() for v in plan.views(out)]), out_packed)
+    hyper = plan.hyper_table([(1e-2, 0.1, 0.9, 0.999, 1e-8)], "cpu")
+    states = [explicit.new_adamw_state(), packed_plan.new_adamw_state()]
+    assert states[0][0].numel() == bank.numel and states[1][0].numel() == packed.shape[1]
+    for _ in range(2):
+        explicit.adamw_step(weights, *states[0][:2], hyper, states[0][2])
+        packed_plan.adamw_step(weights, *states[1][:2], hyper, states[1][2])
+    for p, twin in zip(params, twins):
+        assert torch.equal(p, twin)
+    for moment, twin in zip(states[0][:2], states[1][:2]):
+        assert not outside_params(moment, bank.offsets, bank.numels).any()
+        assert torch.equal(torch.cat([v.flatten() for v in explicit.views(moment)]), twin)
+
+
+def test_offsets_are_checked():
+    buffer = torch.zeros(2, 16)
+    for offsets, match in [([0, 4], "P \\+ 1"), ([0, 2, 8], "numels elements"), ([0, 8, 20], "elements per row"),
+                           ([-1, 8, 12], "numels elements")]:
+        with pytest.raises(ValueError, match=match):
+            fb.BalancePlan(buffer, numels=[3, 4], offsets=offsets)
 
 
 @pytest.mark.parametrize("K", [9, 32])

@@ -1,4 +1,5 @@
 """GradBank: both fill modes give the per-objective autograd gradients, in place."""
+import math
 import warnings
 
 import pytest
@@ -189,3 +190,60 @@ def test_a_buffer_swapped_within_a_window_keeps_the_windows_reach(grad_slots_imp
     bank.buffer = bank.buffer.clone()
     bank.fill([b.sum()], accumulate=True)
     assert bank.reached == [True, True, True]
+
+
+# ------------------------------------------------------------------ 16-byte aligned layout
+def padding(bank):
+    """The bank's elements outside every parameter (its padding), [K, pads]."""
+    inside = torch.zeros(bank.buffer.shape[1], dtype=torch.bool)
+    for a, n in zip(bank.offsets, bank.numels):
+        inside[a:a + n] = True
+    return bank.buffer[:, ~inside]
+
+
+ODD_SHAPES = [(5, 3), (7,), (0,), (1,), (3, 3), (2, 5)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_odd_sized_parameters_start_on_16_byte_boundaries(dtype):
+    params = [torch.randn(s).to(dtype).requires_grad_() for s in ODD_SHAPES]
+    bank = GradBank(params, 3)
+    size = bank.buffer.element_size()
+    assert bank.numels == [math.prod(s) for s in ODD_SHAPES]
+    assert len(bank.offsets) == len(params) + 1 and bank.offsets[-1] == bank.numel == bank.buffer.shape[1]
+    assert bank.buffer.stride(0) * size % 16 == 0 and bank.buffer.data_ptr() % 16 == 0
+    for a, n, b in zip(bank.offsets, bank.numels, bank.offsets[1:]):
+        assert a * size % 16 == 0 and a + n <= b < a + n + 16 // size  # no more padding than aligning takes
+    for k in range(3):
+        for a, n, view, p in zip(bank.offsets, bank.numels, bank.grads[k], params):
+            assert view.shape == p.shape and view.data_ptr() % 16 == 0
+            if n:
+                assert view.data_ptr() == bank.buffer[k, a:].data_ptr()
+    assert padding(bank).numel() > 0 and not padding(bank).any()
+
+
+@pytest.mark.parametrize("mode", ["backward", "batched"])
+def test_fills_and_loads_leave_the_padding_zero(mode):
+    params, losses = _toy()  # 12, 3 and 2 float64 elements: 3 is padded to 4
+    expected = [torch.autograd.grad(l, params, retain_graph=True, allow_unused=True) for l in losses]
+    bank = GradBank(params, 3, mode=mode)
+    bank.buffer.fill_(7.0)
+    bank.fill(losses, retain_graph=True)
+    bank.fill(losses, accumulate=True)  # twice the gradients
+    assert padding(bank).numel() > 0 and not padding(bank).any()
+    for k in range(3):
+        for p, (view, ref) in enumerate(zip(bank.grads[k], expected[k])):
+            ref = torch.zeros_like(params[p]) if ref is None else ref
+            torch.testing.assert_close(view, 2 * ref, rtol=1e-12, atol=0)
+    bank.buffer = torch.full_like(bank.buffer, 3.0)  # a swapped-in buffer: its padding is zeroed
+    assert not padding(bank).any() and bool((bank.grads[2][0] == 3.0).all())
+    bank.load_state_dict({"buffer": torch.full_like(bank.buffer, 5.0)})
+    assert not padding(bank).any() and bool((bank.grads[1][1] == 5.0).all())
+    # a buffer saved before the padding (parameters end to end) loads parameter by parameter
+    packed = torch.arange(3 * sum(bank.numels), dtype=bank.dtype).reshape(3, -1)
+    bank.load_state_dict({"buffer": packed})
+    assert not padding(bank).any()
+    for k in range(3):
+        torch.testing.assert_close(torch.cat([g.flatten() for g in bank.grads[k]]), packed[k], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="does not match"):
+        bank.load_state_dict({"buffer": packed[:, 1:]})

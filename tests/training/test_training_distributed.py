@@ -2,8 +2,9 @@
 in tests/core/test_distributed.py), every available backend, torch AdamW and the fused path:
 
 - ``distributed="data"``: each rank trains on its own micro-batch; the bank's [K, N] buffer is
-  averaged in one all-reduce. After 3 steps the parameters equal one process trained on the
-  concatenated batch (to fp32 tolerance), and are bitwise identical on every rank.
+  averaged in one all-reduce (its padding, between the parameters, stays zero). After 3 steps
+  the parameters equal one process trained on the concatenated batch (to fp32 tolerance), and
+  are bitwise identical on every rank.
 - ``distributed="sharded"``: a tensor-parallel MLP (column-parallel first layer, row-parallel
   second layer, the output bias held by rank 0 only, an empty shard elsewhere); only the Gram
   partials travel. After 3 steps the gathered shards equal the unsharded model's parameters.
@@ -64,9 +65,13 @@ def _data_parallel(rank, fused, backend):
             balancer.zero_grad()
     finally:
         dist.all_reduce = original
+    bank = balancer.bank
+    inside = torch.zeros(bank.numel, dtype=torch.bool)
+    for a, n in zip(bank.offsets, bank.numels):
+        inside[a:a + n] = True
     return {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
             "weights": [h["weights"] for h in balancer.history], "segments": balancer.segment_names,
-            "reduced": reduced, "bank_numel": balancer.bank.buffer.numel()}
+            "reduced": reduced, "bank_numel": bank.buffer.numel(), "padding": bank.buffer[:, ~inside].clone()}
 
 
 def _tensor_parallel(rank, fused, backend):
@@ -145,9 +150,12 @@ def test_data_parallel_pareto_lora_equals_one_process_on_the_whole_batch(ranks, 
     want, history = train_single(fused, backend)
     got = [r["data", backend, fused] for r in ranks]
     assert got[0]["segments"] == ["layers.0", "layers.1"]  # per-layer segments
-    for g in got:  # one collective per step: the whole [K, N] bank
+    # fp32 parameters of 48, 8, 24 and 3 elements: each padded to 16 bytes in the bank
+    padded = sum(-(-p.numel() // 4) * 4 for p in Net().parameters())
+    for g in got:  # one collective per step: the whole [K, N] bank, its padding still zero
         assert g["reduced"] == [g["bank_numel"]] * STEPS
-        assert g["bank_numel"] == 2 * sum(p.numel() for p in Net().parameters())
+        assert g["bank_numel"] == 2 * padded > 2 * sum(p.numel() for p in Net().parameters())
+        assert g["padding"].numel() > 0 and not g["padding"].any()
     moved = False
     for g in got:
         for name, value in want.items():

@@ -359,3 +359,30 @@ def test_every_entry_point_takes_the_plan_on_every_backend(backend, entry, case)
     assert set(ops) <= bank | {"policy_weights"} and prefix + "bank_gram" in ops, ops
     assert (prefix + "bank_adamw_" in ops) == (entry == "step-fused"), ops
     assert balancer._plan.backend.name == backend
+
+
+@pytest.mark.parametrize("backend", _bank_backends())
+def test_odd_sized_parameters_balance_to_the_float64_combination(backend):
+    """fp32 parameters of 48, 8, 24 and 3 elements: the bank pads each to 16 bytes (the kernels'
+    128-bit accesses), and the planned step still is the float64 per-layer Gram and combination
+    of the per-objective gradients; the padding stays zero."""
+    from shared import regression_batch, regression_net, regression_objectives
+    model = regression_net()
+    params = list(model.parameters())
+    x, t = regression_batch(0, 8, 6, seed=3)
+    balancer = ParetoLoRA(model, None, backend=backend)
+    losses = regression_objectives(model(x), t)
+    per_objective = [torch.autograd.grad(losses[k], params, retain_graph=True) for k in ("text", "image")]
+    result = balancer.backward(losses, accumulate=False)
+    bank = balancer.bank
+    assert bank.numel == 84 > sum(bank.numels) and all(a % 4 == 0 for a in bank.offsets)
+    inside = torch.zeros(bank.numel, dtype=torch.bool)
+    for a, n in zip(bank.offsets, bank.numels):
+        inside[a:a + n] = True
+    assert not bank.buffer[:, ~inside].any()
+    for s, members in enumerate(([0, 1], [2, 3])):  # layers.0, layers.1
+        g = torch.stack([torch.cat([per_objective[k][i].double().flatten() for i in members]) for k in (0, 1)])
+        torch.testing.assert_close(result.gram[s].double(), g @ g.T, rtol=1e-6, atol=0)
+        for i in members:
+            want = sum(result.weights[s, k].double() * per_objective[k][i].double() for k in (0, 1))
+            torch.testing.assert_close(params[i].grad.double(), want, rtol=1e-6, atol=1e-7)
