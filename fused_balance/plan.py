@@ -359,7 +359,7 @@ class BalancePlan:
         buffer = self.buffer
         # the per-parameter check only on the first call and after the stamp saw a parameter change
         # (address, dtype, device or size: one C++ loop), so a step stays O(1) in Python
-        if self._grad_flat is None or self._watch.changed():
+        if self._grad_flat is None or torch.compiler.is_compiling() or self._watch.changed():
             for p in self.params:
                 if p.dtype != buffer.dtype or p.device != buffer.device:
                     raise TypeError(f"combine_into_grads needs the parameters in the bank's dtype and device "
@@ -432,7 +432,9 @@ class BalancePlan:
         if result is None:
             result = self.weights()
         if not accumulate:
-            if torch.compiler.is_compiling() or not self.grads_attached():
+            # attach again (and check the parameters) when a view was dropped or a parameter
+            # changed behind the plan (``p.data = x.double()`` keeps the old .grad view)
+            if torch.compiler.is_compiling() or not self.grads_attached() or self._watch.changed():
                 self.attach_grads()
             self.combine_into(self._grad_flat, result.weights, result.found_inf)
             return result

@@ -350,6 +350,21 @@ def test_parameters_converted_to_another_dtype_raise():
                         plan.hyper_table([(1e-3, 0.0, 0.9, 0.999, 1e-8)], "cpu"), step)
 
 
+def test_a_parameter_converted_after_its_grad_view_was_attached_raises_before_writing():
+    """``p.data = p.data.double()`` keeps the float ``.grad`` view: combine_into_grads must notice
+    (the stamp) and refuse, not write a float combination next to a double parameter."""
+    params, bank = make_bank(2)
+    plan = fb.BalancePlan(bank)
+    plan.combine_into_grads()
+    held = [p.grad.clone() for p in params]
+    bank.buffer.mul_(3.0)
+    params[1].data = params[1].data.double()
+    with pytest.raises(TypeError, match="bank's dtype"):
+        plan.combine_into_grads()
+    for p, h in zip(params, held):
+        assert torch.equal(p.grad, h)  # nothing was written
+
+
 def test_zero_grad_set_to_none_reattaches_the_views():
     params, bank = make_bank(2)
     plan = fb.BalancePlan(bank, policy="sum")
