@@ -1,5 +1,5 @@
 // Fixed-order block reductions shared by the CUDA Gram kernels (list API in gram_cuda.cu, plan in
-// plan_cuda.cu), so both reduce their pair accumulators in the same order: warp shuffles, then
+// bank_cuda.cu), so both reduce their pair accumulators in the same order: warp shuffles, then
 // the warps in index order (results do not depend on scheduling).
 #pragma once
 

@@ -6,7 +6,7 @@
 // (tensor pointers, sizes, segment ids, chunk -> tensor/offset, segment -> chunks), copy it to the
 // device with one asynchronous copy from pinned memory on the current stream, and launch one
 // kernel per stage over all chunks of all tensors, whatever their number. The plan ops
-// (plan_cuda.cu) read a table the plan uploaded once and use only the launch helpers.
+// (bank_cuda.cu) read a table the plan uploaded once and use only the launch helpers.
 //
 // Included by several .cu files, so nothing here has internal-only linkage needs: host functions
 // are inline, device helpers __forceinline__ (inline) or templates, constants constexpr.

@@ -1,5 +1,5 @@
 // Gram stage 1 for K > 8, shared by the list op (gram_cuda.cu) and the plan's bank op
-// (plan_cuda.cu): one chunk's partial <g_k, g_l> for every pair k <= l, written to out[q]
+// (bank_cuda.cu): one chunk's partial <g_k, g_l> for every pair k <= l, written to out[q]
 // (q = pair_index(k, l, K), the partials layout of the K <= 8 kernels).
 //
 // The block stages a slab of the chunk (all K rows, kStageSlots<A> 16-byte packs) in shared memory;

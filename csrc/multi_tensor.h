@@ -149,8 +149,8 @@ FB_INLINE int64_t chunk_length(int64_t numel, int64_t start, int64_t chunk) {
 
 // Fills chunk -> (tensor, first element) for P tensors, tensor by tensor; returns the count.
 // With null output arrays it only counts.
-FB_INLINE int64_t plan_chunks(const int64_t* numels, int64_t P, int64_t chunk,
-                              int32_t* chunk_tensor, int64_t* chunk_start) {
+FB_INLINE int64_t split_into_chunks(const int64_t* numels, int64_t P, int64_t chunk,
+                                    int32_t* chunk_tensor, int64_t* chunk_start) {
   int64_t c = 0;
   for (int64_t p = 0; p < P; ++p) {
     for (int64_t start = 0; start < numels[p]; start += chunk, ++c) {

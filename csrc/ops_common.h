@@ -1,7 +1,7 @@
 // Host-side argument checking and preparation shared by the CPU (ops_cpu.cpp) and CUDA
 // (gram_cuda.cu, combine_cuda.cu, adamw_cuda.cu) implementations of the list ops, each op's
 // checks written once (gram_table, weighted_grad_table, ...); the plan ops add theirs in
-// plan_common.h. The Python API validates user input first; these checks are for direct calls of
+// bank_common.h. The Python API validates user input first; these checks are for direct calls of
 // torch.ops.fused_balance.* and say what is wrong.
 #pragma once
 
@@ -94,10 +94,10 @@ inline GradTable make_grad_table(const char* op, at::TensorList grads, int64_t K
                       " is outside [0, ", S, ")");
     t.segment[p] = s;
   }
-  const int64_t C = plan_chunks(t.numel.data(), t.P, kChunkElems, nullptr, nullptr);
+  const int64_t C = split_into_chunks(t.numel.data(), t.P, kChunkElems, nullptr, nullptr);
   t.chunk_tensor.resize(C);
   t.chunk_start.resize(C);
-  plan_chunks(t.numel.data(), t.P, kChunkElems, t.chunk_tensor.data(), t.chunk_start.data());
+  split_into_chunks(t.numel.data(), t.P, kChunkElems, t.chunk_tensor.data(), t.chunk_start.data());
   return t;
 }
 

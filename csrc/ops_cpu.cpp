@@ -240,7 +240,7 @@ TORCH_LIBRARY(fused_balance, m) {
       "balanced_adamw_(Tensor[] grads, Tensor weights, int[] segment_ids, Tensor(a!)[] params, "
       "Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, float[] lrs, float[] weight_decays, float beta1, "
       "float beta2, float eps, int step, Tensor? skip) -> ()");
-  // Plan ops (plan_cpu.cpp, plan_cuda.cu): gradients in one [K, N] bank, a chunk table built once.
+  // Plan ops (bank_cpu.cpp, bank_cuda.cu): gradients in one [K, N] bank, a chunk table built once.
   m.def("bank_gram(Tensor bank, Tensor chunks, Tensor seg_offsets, int num_segments) -> (Tensor, Tensor)");
   m.def("bank_combine_into(Tensor bank, Tensor weights, Tensor chunks, Tensor(a!) out, Tensor? skip) -> ()");
   m.def(

@@ -1,5 +1,5 @@
 """The ``torch`` backend's bank ops: BalancePlan's three ops in plain PyTorch, with the C++ ops'
-semantics (csrc/plan_cpu.cpp; the contract is in ``fused_balance.backends``):
+semantics (csrc/bank_cpu.cpp; the contract is in ``fused_balance.backends``):
 
 - ``bank_gram``: float64 Gram per segment (products and sums in float64, so only a real NaN/Inf
   makes it non-finite) and ``found_inf``;

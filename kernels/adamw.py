@@ -28,7 +28,7 @@ from fused_balance.ops import define_family
 
 from . import common
 from .common import cast_for_store, weighted_chunk
-from .pointer_table import chunk_plan, hyper_table, pointer_table
+from .pointer_table import chunk_table, hyper_table, pointer_table
 
 
 @triton.jit
@@ -135,7 +135,7 @@ def _run_group(flat, K, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs
              for t in list(params) + list(exp_avgs) + list(exp_avg_sqs)]
     state_table = pointer_table(state, device)
     grad_table = pointer_table(flat, device)
-    plan = chunk_plan([t.numel() for t in params], segment_ids, weights.shape[0], device)
+    layout = chunk_table([t.numel() for t in params], segment_ids, weights.shape[0], device)
     w = weights.contiguous()
     dtype = flat[0].dtype
     block, warps = _default_config(K, fp64=torch.float64 in (dtype, params[0].dtype))
@@ -146,15 +146,15 @@ def _run_group(flat, K, weights, segment_ids, params, exp_avgs, exp_avg_sqs, lrs
                 G_ACC=common.accumulate_tl_dtype(dtype),
                 ACC=common.accumulate_tl_dtype(params[0].dtype),
                 PER_TENSOR=per_tensor, HAS_SKIP=skip is not None,
-                ALIGNED=grad_table.aligned and state_table.aligned, CHUNK=plan.chunk,
+                ALIGNED=grad_table.aligned and state_table.aligned, CHUNK=layout.chunk,
                 BLOCK=block, num_warps=warps)
     skip_ptr = skip.reshape(1) if skip is not None else w
     with common.device_guard(device):
         common.launch_over_programs(
-            plan.num_chunks,
+            layout.num_chunks,
             lambda first, count: balanced_adamw_kernel[(count,)](
-                grad_table.addresses, state_table.addresses, plan.chunk_tensor_d,
-                plan.chunk_offset_d, plan.sizes_d, plan.segment_d, w, hyper_d, skip_ptr, P, first,
+                grad_table.addresses, state_table.addresses, layout.chunk_tensor_d,
+                layout.chunk_offset_d, layout.sizes_d, layout.segment_d, w, hyper_d, skip_ptr, P, first,
                 **meta),
             "balanced_adamw")
     for original, staged in zip(list(params) + list(exp_avgs) + list(exp_avg_sqs), state):

@@ -1,6 +1,6 @@
 """The plan ops in Triton: ``fused_balance::triton_bank_gram``, ``triton_bank_combine_into`` and
 ``triton_bank_adamw_``, with the schemas and semantics of the C++ ops ``bank_gram`` ...
-(csrc/plan_cpu.cpp is the specification, csrc/plan_common.h the argument checks).
+(csrc/bank_cpu.cpp is the specification, csrc/bank_common.h the argument checks).
 
 The K gradients live in one ``[K, N]`` bank and fused_balance.BalancePlan built the chunk table
 once (multi_tensor.h, PlanColumn: start, length, segment, param, offset in the param, group), so a
@@ -12,7 +12,7 @@ hyper-parameters are all read on the device, and a planned step can be captured 
   exact there), and stores its share of chunk c's K(K+1)/2 partials. K <= 8 is one block pair:
   each bank element is loaded once; past 8 objectives the [8, 8] block pairs of the upper
   triangle each read their two row blocks. Stage 2: program (s, pairs) sums segment s's chunk
-  partials in the order of plan_common.h's reduce_partials_fixed_order (32 lanes strided over the
+  partials in the order of bank_common.h's reduce_partials_fixed_order (32 lanes strided over the
   chunks in table order, then halving), so the result does not depend on the grid; a non-finite
   total raises found_inf (stored False by stage 1's first program: no extra launch).
 - bank_combine_into, one launch: out = sum_k w[seg, k] g_k, the weights rounded once to the math
@@ -52,9 +52,9 @@ _COL_START, _COL_LENGTH, _COL_SEGMENT, _COL_PARAM, _COL_PARAM_OFFSET, _COL_GROUP
 _PLAN_COLUMNS = tl.constexpr(6)
 _HYPER_COLUMNS = tl.constexpr(5)
 _CHUNK_ELEMS = tl.constexpr(PLAN_CHUNK_ELEMS)
-# The objectives a launch takes (plan_cuda.cu's kMaxObjectives): combine unrolls its K rows.
+# The objectives a launch takes (bank_cuda.cu's kMaxObjectives): combine unrolls its K rows.
 MAX_OBJECTIVES = 64
-# plan_common.h: kReduceLanes, the width of the fixed-order stage-2 sum
+# bank_common.h: kReduceLanes, the width of the fixed-order stage-2 sum
 _REDUCE_LANES = 32
 # Every bank kernel runs 4 warps (_gram_block and _vector_block size their blocks for it).
 NUM_WARPS = 4
@@ -77,7 +77,7 @@ BANK_OP_SCHEMAS = {
 @triton.jit
 def _chunk_fields(chunks, c, row, num_segments):
     """Row c of the table: (start, length, segment, in range?) checked against the bank's row
-    and the weights' rows (plan_cuda.cu's check_chunk)."""
+    and the weights' rows (bank_cuda.cu's check_chunk)."""
     r = chunks + c * _PLAN_COLUMNS
     start = tl.load(r + _COL_START)
     length = tl.load(r + _COL_LENGTH)
@@ -427,7 +427,7 @@ def _fail(op: str, message: str, error=ValueError):
 
 
 def _check_bank(op: str, bank: torch.Tensor) -> tuple[int, int, int]:
-    """(K, ld, row) of a [K, N] bank with contiguous rows (plan_common.h's check_bank)."""
+    """(K, ld, row) of a [K, N] bank with contiguous rows (bank_common.h's check_bank)."""
     if not isinstance(bank, torch.Tensor) or bank.dim() != 2:
         _fail(op, f"bank must be a [K, N] tensor, got {tuple(getattr(bank, 'shape', ()))}")
     if bank.shape[0] < 1:
@@ -474,7 +474,7 @@ def _check_weights_and_skip(op, weights, skip, K, device) -> None:
 
 
 def _check_table_ranges(op, chunks, row, num_segments, num_params=None, num_groups=None) -> None:
-    """Every chunk against the bank, like plan_cpu.cpp's read_chunks: O(C) and only for a table
+    """Every chunk against the bank, like bank_cpu.cpp's read_chunks: O(C) and only for a table
     in host memory, where it costs no device read (the GPU kernels check their own chunk)."""
     if chunks.device.type != "cpu" or chunks.shape[0] == 0:
         return
@@ -490,7 +490,7 @@ def _check_table_ranges(op, chunks, row, num_segments, num_params=None, num_grou
 
 
 def _check_segment_order(op, chunks, seg_offsets, num_segments) -> None:
-    """seg_offsets groups the chunks by segment (plan_cpu.cpp's bank_gram checks; host tables only)."""
+    """seg_offsets groups the chunks by segment (bank_cpu.cpp's bank_gram checks; host tables only)."""
     if seg_offsets.device.type != "cpu":
         return
     if int(seg_offsets[0]) != 0 or int(seg_offsets[-1]) != chunks.shape[0]:

@@ -18,7 +18,7 @@ from fused_balance.ops import define_family
 
 from . import common
 from .common import cast_for_store, weighted_chunk
-from .pointer_table import chunk_plan, pointer_table
+from .pointer_table import chunk_table, pointer_table
 
 
 @triton.jit
@@ -88,21 +88,21 @@ def _launch(grads, weights, segment_ids, out, skip, tuned: bool, fresh_out: bool
     P = len(out)
     device, dtype = grads[0].device, grads[0].dtype
     w = weights.contiguous()
-    plan = chunk_plan([t.numel() for t in out], segment_ids, w.shape[0], device)
+    layout = chunk_table([t.numel() for t in out], segment_ids, w.shape[0], device)
     table = pointer_table(grads, device)
     outs = pointer_table(out, device, cache=not fresh_out)
     meta = dict(K=K, KP=triton.next_power_of_2(K), IN_DTYPE=common.TL_DTYPES[dtype],
                 OUT_DTYPE=common.TL_DTYPES[out[0].dtype], ACC=common.accumulate_tl_dtype(dtype),
                 HAS_SKIP=skip is not None, ALIGNED=table.aligned and outs.aligned,
-                CHUNK=plan.chunk)
+                CHUNK=layout.chunk)
     kernel = _combine_tuned if tuned else _fixed  # in place: never timed (it would rewrite out)
     skip_ptr = skip if skip is not None else w
     with common.device_guard(device):
         common.launch_over_programs(
-            plan.num_chunks,
+            layout.num_chunks,
             lambda first, count: kernel(
-                (count,), table.addresses, plan.chunk_tensor_d, plan.chunk_offset_d,
-                plan.sizes_d, plan.segment_d, w, outs.addresses, skip_ptr, P, first, **meta),
+                (count,), table.addresses, layout.chunk_tensor_d, layout.chunk_offset_d,
+                layout.sizes_d, layout.segment_d, w, outs.addresses, skip_ptr, P, first, **meta),
             "combine" if tuned else "combine_into")
 
 

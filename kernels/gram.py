@@ -9,7 +9,7 @@ objectives and only the upper-triangle block pairs are computed, one pass each, 
 accumulator stays in registers for any K.
 
 Stage 2 (one launch): program s sums the partial rows of segment s's chunks, in the fixed order
-of the plan's segment chunk list, and writes the symmetric [K, K] block. No float atomics, so the
+of the chunk table's segment chunk list, and writes the symmetric [K, K] block. No float atomics, so the
 result is the same on every run (for a given kernel configuration: autotuning may pick another
 BLOCK in another process; FUSED_BALANCE_TRITON_AUTOTUNE=0 pins it).
 
@@ -25,7 +25,7 @@ from fused_balance._dtypes import accumulate_dtype
 from fused_balance.ops import define_family
 
 from . import common
-from .pointer_table import chunk_plan, pointer_table
+from .pointer_table import chunk_table, pointer_table
 
 
 @triton.jit
@@ -169,24 +169,24 @@ def gram(flat: list[torch.Tensor], num_objectives: int, segment_ids: list[int],
     P = len(flat) // K
     device, dtype = flat[0].device, flat[0].dtype
     acc = accumulate_dtype(dtype)
-    plan = chunk_plan([t.numel() for t in flat[:P]], segment_ids, num_segments, device)
+    layout = chunk_table([t.numel() for t in flat[:P]], segment_ids, num_segments, device)
     table = pointer_table(flat, device)
     KP = triton.next_power_of_2(K)
     acc_tl = common.accumulate_tl_dtype(dtype)
-    partials = torch.empty(plan.num_chunks, K * (K + 1) // 2, dtype=acc, device=device)
+    partials = torch.empty(layout.num_chunks, K * (K + 1) // 2, dtype=acc, device=device)
     out = torch.empty(num_segments, K, K, dtype=acc, device=device)
     with common.device_guard(device):
         common.launch_over_programs(
-            plan.num_chunks,
+            layout.num_chunks,
             lambda first, count: _partials(
-                (count,), table.addresses, plan.chunk_tensor_d, plan.chunk_offset_d, plan.sizes_d,
+                (count,), table.addresses, layout.chunk_tensor_d, layout.chunk_offset_d, layout.sizes_d,
                 partials, P, first, K=K, KP=KP, IN_DTYPE=common.TL_DTYPES[dtype], ACC=acc_tl,
-                ALIGNED=table.aligned, CHUNK=plan.chunk),
+                ALIGNED=table.aligned, CHUNK=layout.chunk),
             "gram_partials")
         common.launch_over_programs(
             num_segments,
             lambda first, count: gram_reduce_kernel[(count,)](
-                partials, plan.segment_chunk_ptr_d, plan.segment_chunks_d, out, first,
+                partials, layout.segment_chunk_ptr_d, layout.segment_chunks_d, out, first,
                 K=K, KP=KP, ACC=acc_tl, RBLOCK=reduce_block(KP)),
             "gram_reduce")
     return out

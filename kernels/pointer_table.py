@@ -8,7 +8,7 @@ Two kinds of table, each cached in a small LRU:
   ``.to(tl.pointer_type(dtype))``. Keyed on the data addresses of all tensors plus the device, so
   any new storage (``zero_grad(set_to_none=True)`` reallocates ``.grad``) builds a new table, and
   a hit means the addresses are exactly those in the table.
-- the *chunk plan*: which tensor and offset every program (chunk of CHUNK elements) works on, the
+- the *chunk table*: which tensor and offset every program (chunk of CHUNK elements) works on, the
   segment of every tensor, and the chunks of every segment in a fixed order (the stage-2 Gram
   reduction walks that list, which makes it deterministic). Keyed on sizes and segment ids only,
   so a new storage of the same shapes reuses it.
@@ -72,7 +72,7 @@ class LRUCache:
 
 
 POINTER_TABLES = LRUCache()
-CHUNK_PLANS = LRUCache()
+CHUNK_TABLES = LRUCache()
 
 
 def in_use_on_current_stream(table: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ def pointer_table(tensors: Sequence[torch.Tensor], device: torch.device, *, cach
     """The tensors' data addresses as a device table (tensors must be contiguous).
 
     Keyed on the addresses and the device alone: the table holds nothing else (sizes live in the
-    chunk plan, dtypes are kernel constants), so equal keys mean an identical table, and any
+    chunk table, dtypes are kernel constants), so equal keys mean an identical table, and any
     reallocated storage changes the key. map() keeps the key cheap: ~0.4 us per tensor, which
     matters at thousands of tensors per call. ``cache=False`` for tensors allocated by the call
     itself (fresh outputs never repeat: caching them would only evict tables that do).
@@ -124,7 +124,7 @@ def pointer_table(tensors: Sequence[torch.Tensor], device: torch.device, *, cach
 
 
 @dataclass(frozen=True)
-class ChunkPlan:
+class ChunkTable:
     """Per-tensor and per-chunk metadata, packed into one device int64 tensor (one copy)."""
 
     num_tensors: int
@@ -139,8 +139,8 @@ class ChunkPlan:
     segment_chunks_d: torch.Tensor  # [C] chunk ids grouped by segment, ascending inside a segment
 
 
-def build_chunk_plan(sizes: Sequence[int], segment_ids: Sequence[int], num_segments: int,
-                     device: torch.device, chunk: int = CHUNK) -> ChunkPlan:
+def build_chunk_table(sizes: Sequence[int], segment_ids: Sequence[int], num_segments: int,
+                      device: torch.device, chunk: int = CHUNK) -> ChunkTable:
     sizes_np = np.asarray(sizes, dtype=np.int64).reshape(-1)
     segment_np = np.asarray(segment_ids, dtype=np.int64).reshape(-1)
     counts = (sizes_np + chunk - 1) // chunk  # an empty tensor gets no chunk
@@ -158,16 +158,16 @@ def build_chunk_plan(sizes: Sequence[int], segment_ids: Sequence[int], num_segme
     for part in parts:
         views.append(packed[at:at + len(part)])
         at += len(part)
-    return ChunkPlan(len(sizes_np), num_chunks, num_segments, chunk, *views)
+    return ChunkTable(len(sizes_np), num_chunks, num_segments, chunk, *views)
 
 
-def chunk_plan(sizes: Sequence[int], segment_ids: Sequence[int], num_segments: int,
-               device: torch.device, chunk: int = CHUNK) -> ChunkPlan:
+def chunk_table(sizes: Sequence[int], segment_ids: Sequence[int], num_segments: int,
+                device: torch.device, chunk: int = CHUNK) -> ChunkTable:
     key = (device, tuple(sizes), tuple(segment_ids), num_segments, chunk)
-    plan = CHUNK_PLANS.get_or_build(
-        key, lambda: build_chunk_plan(sizes, segment_ids, num_segments, device, chunk))
-    in_use_on_current_stream(plan.sizes_d)  # the views share one packed storage
-    return plan
+    table = CHUNK_TABLES.get_or_build(
+        key, lambda: build_chunk_table(sizes, segment_ids, num_segments, device, chunk))
+    in_use_on_current_stream(table.sizes_d)  # the views share one packed storage
+    return table
 
 
 def hyper_table(values: Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

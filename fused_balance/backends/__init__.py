@@ -46,7 +46,7 @@ GradBank's 16-byte aligned with zero padding between them; rows contiguous)
 and an int64 ``[C, 6]`` chunk table built once by ``fused_balance.BalancePlan`` (columns: start in
 the row, length <= PLAN_CHUNK_ELEMS, segment, parameter, offset in the parameter, group; the
 Gram's and combine's table holds ranges, AdamW's one row per parameter chunk). Exactly the C++
-ops' semantics (csrc/plan_cpu.cpp); no host read, so a planned step can be captured:
+ops' semantics (csrc/bank_cpu.cpp); no host read, so a planned step can be captured:
 
 - ``bank_gram(bank, chunks, seg_offsets, num_segments) -> (G [S, K, K] float64, found_inf)``:
   every product and sum in float64 (so ``found_inf``, a 0-dim bool on the device, is raised only

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 ARCHS = ("sm_80", "sm_90")
 # Spill bytes (stores or loads) per thread allowed in any kernel: 8, today's worst (the fp64
 # adamw_mixed_kernel<double, float> on sm_80; 4 B in combine_kernel<double> on sm_90 and two
-# plan_cuda adamw_chunks half-precision instances on sm_80): a register or two parked by ptxas,
+# bank_cuda adamw_chunks half-precision instances on sm_80): a register or two parked by ptxas,
 # not a spilled tile. Anything larger fails.
 MAX_SPILL_BYTES = 8
 
@@ -167,7 +167,7 @@ def _sm90_sass(source_name: str, tmp_path) -> str:
                           timeout=300).stdout
 
 
-# The plan's bank kernels (plan_cuda.cu), by mangled template arguments: float32, float64, bf16, fp16
+# The plan's bank kernels (bank_cuda.cu), by mangled template arguments: float32, float64, bf16, fp16
 # gradients (combine; the K <= 8 Gram, with its KMAX), and (gradient, parameter) dtype pairs (AdamW).
 BANK_KERNEL = re.compile(r"(combine_chunks|adamw_chunks|gram_partials)I(\w+?)EEvPK")
 
@@ -178,7 +178,7 @@ def test_plan_bank_kernels_move_data_in_128_bit_accesses(tmp_path):
     element loop issues 16-byte loads (LDG.E.128 in the sm_90 SASS, as the list API's
     combine_kernel) and, where they write, 16-byte stores (STG.E.128); one element per thread and
     access leaves them latency-bound (no LDG.E.128 at all)."""
-    sass = _sm90_sass("plan_cuda.cu", tmp_path)
+    sass = _sm90_sass("bank_cuda.cu", tmp_path)
     kernels = {}
     for name, code in sass_by_function(sass).items():
         if m := BANK_KERNEL.search(name):
@@ -245,7 +245,7 @@ def _count(instructions, pattern):
     return sum(bool(re.search(pattern, text)) for text in instructions)
 
 
-# Stage 1 of the Gram for K > 8, list (gram_cuda.cu) and bank (plan_cuda.cu): the stage-1 kernels
+# Stage 1 of the Gram for K > 8, list (gram_cuda.cu) and bank (bank_cuda.cu): the stage-1 kernels
 # templated on the gradient dtype alone (the K <= 8 ones also carry KMAX).
 MANY_OBJECTIVES_GRAM = re.compile(r"(gram_partials\w*?)I(f|d|N\w+?_tE)EEv")
 
@@ -256,7 +256,7 @@ def test_gram_for_many_objectives_reads_rows_once_per_tile_pass(tmp_path):
     memory, at least 4 products per value read (an 8 x 8 tile: 16 values, 64 products), and the
     rows come from global memory in 16-byte loads (LDG.E.128), every dtype, list and bank."""
     found = {}
-    for source in ("gram_cuda.cu", "plan_cuda.cu"):
+    for source in ("gram_cuda.cu", "bank_cuda.cu"):
         for name, code in sass_by_function(_sm90_sass(source, tmp_path)).items():
             if m := MANY_OBJECTIVES_GRAM.search(name):
                 found[(source, m.group(1), m.group(2))] = code

@@ -146,7 +146,7 @@ def test_nan_or_inf_raises_found_inf(bad):
 
 
 def reduce_fixed_order(partials):
-    """plan_common.h's reduce_partials_fixed_order, in Python floats."""
+    """bank_common.h's reduce_partials_fixed_order, in Python floats."""
     lanes = [0.0] * 32
     for lane in range(32):
         for c in range(lane, len(partials), 32):

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "cpu_dispatch.h"
-#include "plan_common.h"
+#include "bank_common.h"
 
 namespace fused_balance {
 namespace {

@@ -1,5 +1,5 @@
 // Argument checks of the plan ops (bank_gram, bank_combine_into, bank_adamw_), shared by the CPU
-// (plan_cpu.cpp) and CUDA (plan_cuda.cu) implementations, each op's written once. Every check is O(1): the chunk table is
+// (bank_cpu.cpp) and CUDA (bank_cuda.cu) implementations, each op's written once. Every check is O(1): the chunk table is
 // built once by fused_balance.plan.BalancePlan and trusted (its ranges are checked against the
 // bank's row length on the CPU path, where that costs no device read).
 #pragma once
@@ -83,7 +83,7 @@ inline void check_plan_adamw(const char* op, const at::Tensor& param_ptrs, const
 // The order every device sums a segment's chunk partials in (bank_gram): lane l of 32 sums the
 // chunks begin + l, begin + l + 32, ... in table order, then the 32 lane sums are added halving
 // (lane l += lane l + 16 for l < 16, then + 8, ..., lane 0 += lane 1). On a GPU that is one warp
-// and its shuffle tree (plan_cuda.cu: one warp per (segment, pair), not one thread); here it is
+// and its shuffle tree (bank_cuda.cu: one warp per (segment, pair), not one thread); here it is
 // this loop. Results do not depend on the thread or SM count; CPU and GPU differ only in how
 // each sums the products inside a chunk (float64 rounding).
 constexpr int kReduceLanes = 32;

@@ -22,7 +22,7 @@
 #include "block_reduce.cuh"
 #include "cuda_launch.cuh"
 #include "gram_tiles.cuh"
-#include "plan_common.h"
+#include "bank_common.h"
 
 namespace fused_balance {
 namespace cuda {
@@ -160,7 +160,7 @@ __global__ void __launch_bounds__(kThreads) gram_partials_tiled(const T* __restr
 }
 
 // Stage 2: one warp per (segment, pair) sums that segment's chunk partials in the fixed order of
-// reduce_partials_fixed_order (plan_common.h: lanes strided over the chunks, then the shuffle
+// reduce_partials_fixed_order (bank_common.h: lanes strided over the chunks, then the shuffle
 // tree), which the CPU follows too; writes both triangles, and any non-finite total raises
 // found_inf. One block (its warps take the items in turn): the flag needs no second launch.
 __global__ void __launch_bounds__(kThreads) gram_reduce(const double* __restrict__ partials, int64_t C,
