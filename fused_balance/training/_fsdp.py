@@ -19,7 +19,7 @@ try:
 except ImportError:  # a torch without DTensor: nothing is sharded
     DTensor = None
 
-__all__ = ["DTensorGrads", "local_shard", "shard_group"]
+__all__ = ["DTensorGrads", "like_param", "local_shard", "shard_group"]
 
 
 def local_shard(p: torch.Tensor) -> torch.Tensor:
@@ -29,6 +29,16 @@ def local_shard(p: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return p.to_local()
     return p
+
+
+def like_param(p: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """``local`` (shaped like ``p``'s local shard) as a tensor laid out like ``p``: a DTensor on
+    ``p``'s mesh with its placements over ``local``'s memory when ``p`` is one (the gradients and
+    optimizer state FSDP2 expects), else ``local`` itself."""
+    if DTensor is not None and isinstance(p, DTensor):
+        return DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
+                                  run_check=False)
+    return local
 
 
 def shard_group(named) -> "torch.distributed.ProcessGroup | None":
@@ -69,8 +79,7 @@ class DTensorGrads:
         buffer = plan.buffer
         self.flat = torch.zeros(plan.offsets[-1], dtype=buffer.dtype, device=buffer.device)
         self.views = plan.views(self.flat)
-        self.grads = [DTensor.from_local(view, p.device_mesh, p.placements, shape=p.shape, stride=p.stride(),
-                                         run_check=False) for p, view in zip(self.params, self.views)]
+        self.grads = [like_param(p, view) for p, view in zip(self.params, self.views)]
         self._scratch = self._scratch_views = None
 
     def write(self, result, live: Sequence[bool], accumulate: bool) -> Callable[[], None] | None:

@@ -17,6 +17,7 @@ import torch
 import fused_balance as fb
 from fused_balance._validate import check_real
 from fused_balance.backends import check_backend_choice
+from fused_balance.training._fsdp import like_param, local_shard
 from fused_balance.training.bank import check_trainable
 
 __all__ = ["BalancedAdamW"]
@@ -176,8 +177,11 @@ class BalancedAdamW(torch.optim.Optimizer):
         if weights.dim() == 1:
             weights = weights.unsqueeze(0)
         seg_ids = _segment_list(segments, len(params), weights.shape[0])
-        exp_avgs = [state_of[i]["exp_avg"] if i in state_of else None for i in range(len(params))]
-        exp_avg_sqs = [state_of[i]["exp_avg_sq"] if i in state_of else None for i in range(len(params))]
+        # FSDP2 parameters are DTensors: the fused op steps their local shards (and moments)
+        params = [local_shard(p) for p in params]
+        grads = [[local_shard(g) for g in row] for row in grads]
+        exp_avgs = [local_shard(state_of[i]["exp_avg"]) if i in state_of else None for i in range(len(params))]
+        exp_avg_sqs = [local_shard(state_of[i]["exp_avg_sq"]) if i in state_of else None for i in range(len(params))]
         calls = []
         for (betas, eps, step), idx in by_hyper.items():
             # The API wants segment ids 0..S'-1 without gaps: renumber this subset's segments.
@@ -206,7 +210,8 @@ class BalancedAdamW(torch.optim.Optimizer):
 
     # -- planned path (fused_balance.BalancePlan): O(1) host work per step --------------------
     @torch.no_grad()
-    def planned_step(self, plan, weights: torch.Tensor, skip: torch.Tensor | None = None) -> None:
+    def planned_step(self, plan, weights: torch.Tensor, skip: torch.Tensor | None = None, *,
+                     params: Sequence[torch.Tensor] | None = None) -> None:
         """One AdamW step on the combination ``plan`` forms from its bank with ``weights``
         ([S, K], on the device), in one op with no host read: ``skip`` (a one-element bool
         tensor, e.g. found_inf) is decided on the device and leaves everything untouched.
@@ -219,10 +224,12 @@ class BalancedAdamW(torch.optim.Optimizer):
         Hyper-parameters are read from a device table refreshed when a group changes (O(groups)).
         ``skipped_steps`` is not counted here (that would need a host read): callers that read
         ``skip`` count it, and call ``publish_planned_state`` when it was False. A parameter's
-        state appears in ``state`` once it was stepped, as in torch's AdamW."""
+        state appears in ``state`` once it was stepped, as in torch's AdamW. ``params``: this
+        optimizer's parameters behind the plan's tensors, in the plan's order, when the plan
+        holds other tensors of them (FSDP2's local shards); default ``plan.params``."""
         flat = getattr(self, "_flat", None)
         if flat is None or flat.plan is not plan or not flat.intact(self.state):
-            flat = self._flat = _FlatState.adopt(self, plan)
+            flat = self._flat = _FlatState.adopt(self, plan, plan.params if params is None else list(params))
         plan.adamw_step(weights, flat.exp_avg, flat.exp_avg_sq, flat.hyper_for(self.param_groups),
                         flat.step, skip)
         if skip is None:
@@ -266,10 +273,13 @@ class BalancedAdamW(torch.optim.Optimizer):
 
 class _FlatState:
     """BalancedAdamW's state in the plan's layout: flat moments, a [P] step-count tensor, a hyper
-    table."""
+    table. ``owners[i]`` is the optimizer's parameter behind the plan's tensor i (the same
+    tensor, or the FSDP2 DTensor whose local shard it is); its published ``exp_avg`` /
+    ``exp_avg_sq`` are views of the flat moments laid out like it (DTensors for FSDP2)."""
 
-    def __init__(self, plan, exp_avg, exp_avg_sq, step, m_views, v_views, step_views, published):
-        self.plan, self.exp_avg, self.exp_avg_sq, self.step = plan, exp_avg, exp_avg_sq, step
+    def __init__(self, plan, owners, exp_avg, exp_avg_sq, step, m_views, v_views, step_views, published):
+        self.plan, self.owners = plan, owners
+        self.exp_avg, self.exp_avg_sq, self.step = exp_avg, exp_avg_sq, step
         self.m_views, self.v_views, self.step_views = m_views, v_views, step_views
         self.published = published  # per parameter: is its state in the optimizer's (views of these)?
         self._live_seen = None  # the plan's live list publish_live last saw
@@ -277,32 +287,33 @@ class _FlatState:
         self._hyper = None
 
     @classmethod
-    def adopt(cls, optimizer: "BalancedAdamW", plan) -> "_FlatState":
+    def adopt(cls, optimizer: "BalancedAdamW", plan, owners) -> "_FlatState":
         """O(P), once: the optimizer's state copied into flat buffers it then views."""
         params = optimizer.flat_params()
-        if plan.params is None or {id(p) for p in plan.params} != {id(p) for p in params} \
-                or len(plan.params) != len(params):
+        if plan.params is None or owners is None or len(owners) != len(plan.params) \
+                or len(owners) != len(params) or {id(p) for p in owners} != {id(p) for p in params}:
             raise ValueError("the plan's parameters are not the optimizer's parameters")
         group_of = {id(p): g for g, group in enumerate(optimizer.param_groups) for p in group["params"]}
-        plan.set_groups([group_of[id(p)] for p in plan.params])
-        states = [optimizer.state.get(p) for p in plan.params]
+        plan.set_groups([group_of[id(p)] for p in owners])
+        states = [optimizer.state.get(p) for p in owners]
         exp_avg, exp_avg_sq, step = plan.new_adamw_state()
-        m_views, v_views = plan.views(exp_avg), plan.views(exp_avg_sq)
+        m_views = [like_param(p, m) for p, m in zip(owners, plan.views(exp_avg))]
+        v_views = [like_param(p, v) for p, v in zip(owners, plan.views(exp_avg_sq))]
         held = [i for i, st in enumerate(states) if st]
         if held:  # one copy of the counts (not one host read per parameter)
             counts = torch.stack([states[i]["step"].reshape(()).to(step) for i in held])
             step.index_copy_(0, torch.tensor(held, device=step.device), counts)
-        for p, st, m, v in zip(plan.params, states, m_views, v_views):
+        for st, m, v in zip(states, m_views, v_views):
             if st:
-                m.copy_(st["exp_avg"])
-                v.copy_(st["exp_avg_sq"])
+                local_shard(m).copy_(local_shard(st["exp_avg"]))
+                local_shard(v).copy_(local_shard(st["exp_avg_sq"]))
         step_views = list(step.unbind(0))  # each parameter's 0-dim "step", as torch's AdamW keeps it
         # A parameter's state is published when it is first stepped (publish_live), as in torch's AdamW
         published = [bool(st) for st in states]
-        for p, st, m, v, t, shown in zip(plan.params, states, m_views, v_views, step_views, published):
+        for p, st, m, v, t, shown in zip(owners, states, m_views, v_views, step_views, published):
             if shown:
                 optimizer.state[p] = {**(st or {}), "step": t, "exp_avg": m, "exp_avg_sq": v}
-        return cls(plan, exp_avg, exp_avg_sq, step, m_views, v_views, step_views, published)
+        return cls(plan, owners, exp_avg, exp_avg_sq, step, m_views, v_views, step_views, published)
 
     def publish_live(self, optimizer: "BalancedAdamW") -> None:
         """The state of parameters that joined the plan's live set, put in the optimizer's
@@ -310,7 +321,7 @@ class _FlatState:
         live = self.plan.live
         if live is self._live_seen:
             return
-        for i, (p, alive) in enumerate(zip(self.plan.params, live)):
+        for i, (p, alive) in enumerate(zip(self.owners, live)):
             if alive and not self.published[i]:
                 optimizer.state[p] = {"step": self.step_views[i], "exp_avg": self.m_views[i],
                                       "exp_avg_sq": self.v_views[i]}
@@ -320,7 +331,7 @@ class _FlatState:
     def intact(self, state) -> bool:
         """O(1): the first and last parameter's state still are this layout's tensors."""
         for i in (0, -1):
-            st = state.get(self.plan.params[i])
+            st = state.get(self.owners[i])
             if not self.published[i]:
                 if st:
                     return False

@@ -65,7 +65,7 @@ def _check_layout(named, fused: bool) -> None:
                         "gradient bank; convert them to one dtype (e.g. model.to(torch.bfloat16)) or balance "
                         "each dtype's parameters with a ParetoLoRA of its own")
     if fused:
-        strided = [name for name, p in named if not p.is_contiguous()]
+        strided = [name for name, p in named if not _fsdp.local_shard(p).is_contiguous()]
         if strided:
             raise ValueError(f"the fused AdamW writes contiguous parameters only; {strided[0]!r} is not: make "
                              "it contiguous (p.data = p.data.contiguous()) or use a torch optimizer")
@@ -98,7 +98,8 @@ class ParetoLoRA:
     averaged once per step instead (see ``attach``). An FSDP2 model (``fully_shard``, also
     accelerate's / the Trainer's with ``fsdp_version: 2``) needs no argument either: its local
     shards are balanced, the Gram partials summed over its shard group (one all-reduce of
-    S·K·K + 1 float64 per step besides FSDP's own collectives), with a torch optimizer.
+    S·K·K + 1 float64 per step besides FSDP's own collectives), with a torch optimizer or the
+    fused AdamW (which steps the local shards; its moments are DTensors like the parameters).
 
     Tensors no objective reached in a step's window (``dead_tensors``, e.g. LoRA on a VQ model
     that token losses never run through, or an expert no token was routed to) are neither
@@ -170,9 +171,6 @@ class ParetoLoRA:
                                 "not a torch optimizer")
         self.optimizer = optimizer
         self.fused = isinstance(optimizer, BalancedAdamW)
-        if self._fsdp and self.fused:
-            raise NotImplementedError("the fused AdamW does not step FSDP2 (DTensor) parameters yet: use a torch "
-                                      "optimizer, e.g. torch.optim.AdamW(model.parameters())")
         if optimizer is not None:
             self._check_optimizer_holds_params(optimizer)
         _check_layout(self.named_params, self.fused)
@@ -471,7 +469,7 @@ class ParetoLoRA:
         it stepped."""
         if self.fused:
             plan, res = self._planned_weights()
-            self.optimizer.planned_step(plan, res.weights, skip=res.found_inf)
+            self.optimizer.planned_step(plan, res.weights, skip=res.found_inf, params=self.params)
             took = not bool(res.found_inf)  # the one host read: step() reports whether it stepped
             if took:
                 self.optimizer.publish_planned_state()

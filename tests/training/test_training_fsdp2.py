@@ -1,6 +1,6 @@
 """ParetoLoRA on FSDP2 (``fully_shard``) models, real processes (gloo on 127.0.0.1, 2 and 4
-ranks, as the other distributed tests): no extra argument, a torch optimizer. Each rank trains on
-its own micro-batch; FSDP reduce-scatters each objective's gradient (averaged over the ranks),
+ranks, as the other distributed tests): no extra argument, a torch optimizer or the fused AdamW
+(and BalancedAdamW alone as a plain optimizer). Each rank trains on its own micro-batch; FSDP reduce-scatters each objective's gradient (averaged over the ranks),
 the bank holds the local shards, the plan sums the Gram partials over the shard group in one
 all-reduce. After 5 steps the gathered parameters equal one process trained on the whole batch
 (fp32 rounding: the sums over ranks and shards are ordered differently, 1e-5 relative), and the
@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fused_balance.training import ParetoLoRA
+from fused_balance.training import BalancedAdamW, ParetoLoRA
 from shared import (D_IN, REGRESSION_LR, dispatched_fused_balance_ops, needs_gloo, regression_batch,
-                    regression_net, regression_objectives, run_ranks, train_regression)
+                    regression_net, regression_objectives, regression_optimizer, run_ranks)
 
 STEPS = 5
 BATCH = 8  # the global batch, split over the ranks
@@ -50,9 +50,11 @@ def _count_collectives(fn):
     return record.calls
 
 
-def _fsdp2_regression(rank, world, hsdp=False):
+def _fsdp2_regression(rank, world, hsdp=False, fused=False):
     """``hsdp``: a (replicate, shard) = (2, world / 2) mesh: FSDP all-reduces over the replicas,
-    the balancer sums the Gram partials over the shard dimension only."""
+    the balancer sums the Gram partials over the shard dimension only. ``fused``: the fused
+    AdamW steps the local shards (its moments are DTensors over flat buffers, as torch's AdamW's
+    are DTensors)."""
     from torch.distributed.fsdp import fully_shard
 
     model = regression_net()
@@ -63,7 +65,7 @@ def _fsdp2_regression(rank, world, hsdp=False):
     for layer in model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    balancer = ParetoLoRA(model, torch.optim.AdamW(model.parameters(), lr=REGRESSION_LR, weight_decay=0.01))
+    balancer = ParetoLoRA(model, regression_optimizer(fused), lr=REGRESSION_LR, weight_decay=0.01)
     traffic, ops = [], []
     for step in range(STEPS):
         x, t = batch(step)
@@ -75,7 +77,42 @@ def _fsdp2_regression(rank, world, hsdp=False):
         balancer.zero_grad()
     params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     return {"params": params, "traffic": traffic, "ops": ops, "segments": balancer.num_segments,
-            "weights": [h["weights"] for h in balancer.history]}
+            "weights": [h["weights"] for h in balancer.history], "moments": _moments(model, balancer.optimizer)}
+
+
+def _moments(model, optimizer):
+    """Each parameter's AdamW moments by name, gathered when they are DTensors; and whether they
+    were DTensors laid out like their parameter."""
+    out = {}
+    for name, p in model.named_parameters():
+        state = optimizer.state[p]
+        like = [type(state[m]) is type(p) and getattr(state[m], "placements", None) == getattr(p, "placements", None)
+                for m in ("exp_avg", "exp_avg_sq")]
+        out[name] = ([(state[m].full_tensor() if hasattr(state[m], "full_tensor") else state[m]).detach().clone()
+                      for m in ("exp_avg", "exp_avg_sq")], all(like))
+    return out
+
+
+def _fsdp2_plain_balanced_adamw(rank, world):
+    """BalancedAdamW as a drop-in optimizer (``step()`` on ``.grad``) of an FSDP2 model."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = regression_net()
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return _plain_balanced_adamw(model, lambda x: x.chunk(world)[rank])
+
+
+def _plain_balanced_adamw(model, rows_of):
+    optimizer = BalancedAdamW(model.parameters(), lr=REGRESSION_LR, weight_decay=0.01)
+    for step in range(STEPS):
+        x, t = batch(step)
+        sum(regression_objectives(model(rows_of(x)), rows_of(t)).values()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # noqa: E731
+    return {n: full(p).detach().clone() for n, p in model.named_parameters()}
 
 
 def _accumulating(model, balancer, rows_of, steps=4, nan_step=2):
@@ -154,6 +191,8 @@ def _fsdp2_llava(rank, world):
 def _scenarios(rank, world, backends):
     results = {"regression": _fsdp2_regression(rank, world), "llava": _fsdp2_llava(rank, world),
                "accumulating": _fsdp2_accumulating(rank, world)}
+    results["fused"] = _fsdp2_regression(rank, world, fused=True)
+    results["plain_balanced_adamw"] = _fsdp2_plain_balanced_adamw(rank, world)
     if world == 4:
         results["hsdp"] = _fsdp2_regression(rank, world, hsdp=True)
     return results
@@ -171,11 +210,25 @@ def _ranks(world, tmp_path_factory):
     return _RESULTS[world]
 
 
-@pytest.mark.parametrize("world, layout", [(2, "regression"), (4, "regression"), (4, "hsdp")],
-                         ids=["2-ranks", "4-ranks", "hsdp-2x2"])
+def _one_process(fused):
+    """ParetoLoRA on the whole batch in one process: parameters, history, moments by name."""
+    model = regression_net()
+    balancer = ParetoLoRA(model, regression_optimizer(fused), lr=REGRESSION_LR, weight_decay=0.01)
+    for step in range(STEPS):
+        x, t = batch(step)
+        balancer.step(regression_objectives(model(x), t))
+        balancer.zero_grad()
+    return ({n: p.detach().clone() for n, p in model.named_parameters()}, balancer.history,
+            _moments(model, balancer.optimizer))
+
+
+@pytest.mark.parametrize("world, layout", [(2, "regression"), (4, "regression"), (4, "hsdp"), (2, "fused"),
+                                           (4, "fused")],
+                         ids=["2-ranks", "4-ranks", "hsdp-2x2", "fused-adamw-2-ranks", "fused-adamw-4-ranks"])
 def test_fsdp2_pareto_lora_equals_one_process_on_the_whole_batch(world, layout, tmp_path_factory):
     ranks = _ranks(world, tmp_path_factory)
-    want, history = train_regression(STEPS, batch, fused=False)
+    fused = layout == "fused"
+    want, history, moments = _one_process(fused)
     for r in ranks:
         got = r[layout]
         moved = False
@@ -185,8 +238,13 @@ def test_fsdp2_pareto_lora_equals_one_process_on_the_whole_batch(world, layout, 
         assert moved
         for w_got, h in zip(got["weights"], history):
             torch.testing.assert_close(w_got, h["weights"], rtol=1e-5, atol=1e-6)
+        for name, (pair, like_param) in got["moments"].items():  # the optimizer state, gathered
+            assert like_param, name  # DTensors with the parameter's placements (what DCP saves)
+            for m_got, m_want in zip(pair, moments[name][0]):
+                torch.testing.assert_close(m_got, m_want, rtol=1e-5, atol=1e-7)
         # the plan's ops only, and one collective of ours per step: the Gram partials and the flag
-        assert set(got["ops"]) <= {"bank_gram", "bank_combine_into", "policy_weights"} and got["ops"], got["ops"]
+        writer = "bank_adamw_" if fused else "bank_combine_into"
+        assert set(got["ops"]) == {"bank_gram", writer, "policy_weights"}, got["ops"]
         S = got["segments"]
         for calls in got["traffic"]:
             ours = [c for c in calls if c[1] == "torch.float64"]
@@ -195,6 +253,18 @@ def test_fsdp2_pareto_lora_equals_one_process_on_the_whole_batch(world, layout, 
             assert sum(1 for c in calls if "reduce_scatter" in c[0]) == 2 * 2, calls
     for name in want:  # every rank holds the same full parameters
         assert all(torch.equal(r[layout]["params"][name], ranks[0][layout]["params"][name]) for r in ranks)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_fsdp2_balanced_adamw_as_a_plain_optimizer_equals_one_process(world, tmp_path_factory):
+    """BalancedAdamW.step() on the DTensor ``.grad`` FSDP2 reduce-scatters (no ParetoLoRA)."""
+    ranks = _ranks(world, tmp_path_factory)
+    start = dict(regression_net().named_parameters())
+    want = _plain_balanced_adamw(regression_net(), lambda x: x)
+    assert any(not torch.equal(want[n], start[n]) for n in want)
+    for r in ranks:
+        for name, value in want.items():
+            torch.testing.assert_close(r["plain_balanced_adamw"][name], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("world", [2, 4])
