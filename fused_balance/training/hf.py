@@ -19,7 +19,10 @@ Trainer checkpoint (``fused_balance_state.pt``) and restored on resume.
 Multi-process (torchrun / accelerate launch): the Trainer's DDP wrapper is handed to the balancer
 at the first training step; DDP's own reduction is switched off and each step averages the K
 objectives' gradients in one all-reduce over the world group, so every rank balances the same
-averaged gradients and logs the same (global) statistics.
+averaged gradients and logs the same (global) statistics. Under FSDP2 (accelerate's
+``fsdp_version: 2``), which shards the model when training starts, the balancer is built again
+over the sharded parameters at the first training step (same settings and state) and balances
+the local shards as ParetoLoRA does for any ``fully_shard`` model.
 """
 from __future__ import annotations
 
@@ -45,16 +48,18 @@ class BalancedTrainer(Trainer):
                  fill: str = "backward", **kwargs):
         super().__init__(*args, **kwargs)
         self.objectives_fn = objectives_fn
-        self.balancer = ParetoLoRA(self.model, optimizer=None, policy=policy, segments=segments,
-                                   tau=tau, rescale=rescale, backend=balance_backend, fill=fill)
+        self._balancer_settings = dict(policy=policy, segments=segments, tau=tau, rescale=rescale,
+                                       backend=balance_backend, fill=fill)
+        self.balancer = ParetoLoRA(self.model, optimizer=None, **self._balancer_settings)
         self._balanced_wrapper = None
         self._balanced_ddp = None  # the DDP wrapper inside it, if any
 
     def _attach_wrapper(self, model) -> None:
         """The Trainer wraps the model (DDP under torchrun / accelerate launch) when training
         starts: hand the wrapper to the balancer before its first forward, so DDP's own
-        reduction is off and the bank is averaged once over the world group. Several processes
-        without DDP (FSDP, DeepSpeed, ...) are refused rather than trained per rank."""
+        reduction is off and the bank is averaged once over the world group; a model FSDP2
+        sharded is balanced over its shards. Several processes with neither (DeepSpeed, ...)
+        are refused rather than trained per rank."""
         if model is self._balanced_wrapper:
             if self._balanced_ddp is not None:
                 # With gradient accumulation the Trainer runs the other micro-batches inside DDP's
@@ -63,13 +68,31 @@ class BalancedTrainer(Trainer):
                 # (before the forward, so the reducer is never armed).
                 switch_off_sync(self._balanced_ddp)
             return
-        self.balancer.attach(model)  # FSDP raises here, naming the supported recipe
+        self._rebind_if_sharded(model)
+        self.balancer.attach(model)  # FSDP1 / DeepSpeed raise here, naming the supported recipe
         self._balanced_ddp = unwrap(model)[1]
         if self.args.world_size > 1 and self.balancer.process_group is None:
             raise RuntimeError(f"BalancedTrainer runs on {self.args.world_size} processes but the "
-                               f"Trainer's model is a {type(model).__name__}, not a "
-                               "DistributedDataParallel: only DDP data parallelism is supported")
+                               f"Trainer's model is a {type(model).__name__}, neither a "
+                               "DistributedDataParallel nor an FSDP2 (fully_shard) model: only DDP and "
+                               "FSDP2 are supported")
         self._balanced_wrapper = model
+
+    def _rebind_if_sharded(self, model) -> None:
+        """FSDP2 (accelerate's ``fsdp_version: 2``) shards the model when training starts, after
+        the balancer was built: ``fully_shard`` replaces its parameters by DTensors. The balancer
+        is then built again over the model's current parameters, with the same settings and
+        state (history and counts, e.g. just restored from a checkpoint); nothing is lost, as no
+        gradient was gathered yet."""
+        current = {id(p) for p in unwrap(model)[0].parameters()}
+        if all(id(p) in current for p in self.balancer.params):
+            return
+        if self.balancer._window:
+            raise RuntimeError("the model's parameters were replaced while the balancer held gathered "
+                               "gradients: shard the model (fully_shard) before the first training step")
+        rebuilt = ParetoLoRA(model, optimizer=None, **self._balancer_settings)
+        rebuilt.load_state_dict(self.balancer.state_dict())
+        self.balancer = rebuilt
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()

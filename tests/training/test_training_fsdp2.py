@@ -188,11 +188,72 @@ def _fsdp2_llava(rank, world):
     return _train_llava(model, rows_of)
 
 
+class _RegressionRows(torch.utils.data.Dataset):
+    """The rows ``rows_of`` picks of each step's batch, in step order, as a Trainer dataset."""
+
+    def __init__(self, rows_of):
+        self.rows = []
+        for step in range(STEPS):
+            x, t = (rows_of(a) for a in batch(step))
+            self.rows += [{"x": xi, "t": ti} for xi, ti in zip(x, t)]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _trainer(model, rows_of, rows_per_step, output_dir, shard=None):
+    """BalancedTrainer on the regression (sequential batches, torch AdamW, constant LR, no
+    clipping or weight decay); ``shard(model)`` runs after the trainer was built, as accelerate's
+    FSDP2 preparation does when training starts. Returns the parameters, gathered, by name."""
+    import transformers
+    from fused_balance.training.hf import BalancedTrainer
+
+    class Forward(torch.nn.Module):  # forward(**inputs), as the Trainer calls it
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x, t=None):
+            return self.net(x)
+
+    args = transformers.TrainingArguments(
+        output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=rows_per_step,
+        learning_rate=REGRESSION_LR, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        optim="adamw_torch", logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+        disable_tqdm=True, seed=0, train_sampling_strategy="sequential", remove_unused_columns=False)
+    wrapped = Forward(model)
+    trainer = BalancedTrainer(model=wrapped, args=args, train_dataset=_RegressionRows(rows_of),
+                              objectives_fn=lambda m, inputs, y: regression_objectives(y, inputs["t"]),
+                              segments="layer")
+    if shard is not None:
+        shard(model)
+    trainer.train()
+    full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # noqa: E731
+    return {"params": {n: full(p).detach().clone() for n, p in model.named_parameters()},
+            "sharded": trainer.balancer.process_group is not None, "steps": trainer.balancer.step_count}
+
+
+def _fsdp2_trainer(rank, world):
+    import tempfile
+    from torch.distributed.fsdp import fully_shard
+
+    def shard(model):
+        for layer in model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    return _trainer(regression_net(), lambda a: a.chunk(world)[rank], BATCH // world,
+                    tempfile.mkdtemp(prefix=f"fsdp2-trainer{rank}-"), shard)
+
+
 def _scenarios(rank, world, backends):
     results = {"regression": _fsdp2_regression(rank, world), "llava": _fsdp2_llava(rank, world),
                "accumulating": _fsdp2_accumulating(rank, world)}
     results["fused"] = _fsdp2_regression(rank, world, fused=True)
     results["plain_balanced_adamw"] = _fsdp2_plain_balanced_adamw(rank, world)
+    results["trainer"] = _fsdp2_trainer(rank, world)
     if world == 4:
         results["hsdp"] = _fsdp2_regression(rank, world, hsdp=True)
     return results
@@ -265,6 +326,24 @@ def test_fsdp2_balanced_adamw_as_a_plain_optimizer_equals_one_process(world, tmp
     for r in ranks:
         for name, value in want.items():
             torch.testing.assert_close(r["plain_balanced_adamw"][name], value, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_balanced_trainer_on_a_model_sharded_when_training_starts_equals_one_process(world, tmp_path_factory,
+                                                                                        tmp_path):
+    """The Trainer's own loop over a model fully_shard-ed after BalancedTrainer was built (what
+    accelerate's FSDP2 preparation does on GPUs; on a CPU accelerate runs no FSDP, so each rank's
+    Trainer is a one-process Trainer over its rows and FSDP2 does the cross-rank work): the
+    balancer is rebuilt over the sharded parameters and the ranks equal one process."""
+    ranks = _ranks(world, tmp_path_factory)
+    start = dict(regression_net().named_parameters())
+    want = _trainer(regression_net(), lambda a: a, BATCH, str(tmp_path))
+    assert any(not torch.equal(want["params"][n], start[n]) for n in start) and not want["sharded"]
+    for r in ranks:
+        got = r["trainer"]
+        assert got["sharded"] and got["steps"] == STEPS == want["steps"]
+        for name, value in want["params"].items():
+            torch.testing.assert_close(got["params"][name], value, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("world", [2, 4])
