@@ -24,10 +24,7 @@ tensors outside a numbered layer by their module; see ``fused_balance.training.s
 """
 from __future__ import annotations
 
-import json
-import math
 import warnings
-from collections import deque
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
@@ -41,6 +38,7 @@ from fused_balance.training import _wrappers
 from fused_balance.training import _fsdp
 from fused_balance.training._fsdp import DTensorGrads
 from fused_balance.training.bank import GradBank
+from fused_balance.training.history import StepHistory
 from fused_balance.training.optim import BalancedAdamW
 from fused_balance.training.segments import layer_key, lora_parameters, named_parameters_of, segment_ids_for
 
@@ -69,14 +67,6 @@ def _check_layout(named, fused: bool) -> None:
         if strided:
             raise ValueError(f"the fused AdamW writes contiguous parameters only; {strided[0]!r} is not: make "
                              "it contiguous (p.data = p.data.contiguous()) or use a torch optimizer")
-
-
-def _history_limit(value) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"history_limit must be None (unbounded) or an int >= 1, got {value!r}")
-    return value
 
 
 class ParetoLoRA:
@@ -136,7 +126,7 @@ class ParetoLoRA:
                 raise TypeError(f"objectives must be a sequence of names (str), got {objectives!r}")
             if not objectives or len(set(objectives)) != len(list(objectives)):
                 raise ValueError(f"objectives must be distinct names, at least one: {objectives!r}")
-        self.history_limit = _history_limit(history_limit)
+        self._steps = StepHistory(history_limit, history_every, record_history)
         self.named_params = _named(model_or_params)
         self.params = [p for _, p in self.named_params]
         # FSDP2 (fully_shard): the local shards are balanced, the Gram summed over the shard group
@@ -155,7 +145,6 @@ class ParetoLoRA:
         self.policy, self.tau, self.rescale = policy, float(tau), rescale
         self.backend, self.fill = backend, fill
         self.objectives = list(objectives) if objectives is not None else None
-        self.record_history, self.history_every = record_history, max(1, int(history_every))
         if isinstance(optimizer, str):
             if optimizer != "fused_adamw":
                 raise ValueError(f"optimizer string must be 'fused_adamw', got {optimizer!r}")
@@ -182,13 +171,9 @@ class ParetoLoRA:
         self.bank: GradBank | None = None
         self.step_count = 0
         self.skipped_steps = 0
-        self._history: deque = deque(maxlen=self.history_limit)
-        self._history_on_device = 0  # trailing entries whose tensors still live on the device
         self._window = 0  # micro-batches accumulated in the bank since the last balance
         self._window_losses: torch.Tensor | None = None  # their losses, summed, on the device
         self._reach_cache: tuple | None = None  # what depends on bank.reached (see _reach)
-        self._dead_reported = None  # the _reach_cache key last looked at by _record
-        self._dead_names: list[str] = []  # the dead tensors last named in the history
         self._warned_nonfinite = False
         self._plan = self._plan_key = None
         self._plan_live = None  # the _reach_cache key the plan's live mask was set for
@@ -287,12 +272,9 @@ class ParetoLoRA:
         self.objectives, self.bank = list(expected), bank
         return loss_list
 
-    def _records_this_step(self) -> bool:
-        return self.record_history and self.step_count % self.history_every == 0
-
     def _record(self, losses, gram, norms, cosines, weights, branch, found_inf, took_step) -> dict | None:
-        """Append this step's entry (every ``history_every`` steps); returns it, or None."""
-        if not self._records_this_step():
+        """Append this step's entry to the history when one is due; returns it, or None."""
+        if not self._steps.due(self.step_count):
             return None
         entry = {"step": self.step_count, "losses": losses, "weights": weights.detach(),
                  "branch": branch.detach(), "found_inf": found_inf.detach(), "stepped": took_step}
@@ -300,14 +282,7 @@ class ParetoLoRA:
             entry["_gram"] = gram.detach()
         else:
             entry["norms"], entry["cosines"] = norms.detach(), cosines.detach()
-        key, dead = self._reach_cache[0], self._reach_cache[3]
-        if key != self._dead_reported and dead != self._dead_names:  # once, again on a change
-            entry["dead"] = list(dead)
-            self._dead_names = dead
-        self._dead_reported = key
-        self._history.append(entry)  # the ring buffer drops the oldest beyond history_limit
-        self._history_on_device += 1
-        return entry
+        return self._steps.append(entry, self._reach_cache[0], self._reach_cache[3])
 
     # -- tensors no objective reached ----------------------------------------------------------
     def _reach(self):
@@ -558,52 +533,21 @@ class ParetoLoRA:
         on a skip ``step`` saw: a NaN/Inf loss, or a NaN/Inf gradient under a finite loss),
         and ``dead`` (names of the tensors no objective reached) when that set changed; the last
         ``history_limit`` of them. Tensors are moved to the CPU here, not during training."""
-        pending = min(self._history_on_device, len(self._history))
-        for i in range(len(self._history) - pending, len(self._history)):
-            entry = self._history[i]
-            if "_gram" in entry:  # a planned step's: its statistics, computed once, here
-                gram, entry["weights"], entry["norms"], entry["cosines"] = self._in_list_dtype(
-                    entry.pop("_gram"), entry["weights"])
-            for key, value in entry.items():
-                if isinstance(value, torch.Tensor) and value.device.type != "cpu":
-                    entry[key] = value.cpu()
-        self._history_on_device = 0
-        return list(self._history)
+        return self._steps.read(self._in_list_dtype)
 
     def history_records(self) -> Iterable[dict]:
         """The history as JSON-ready dicts (one per step, one sub-dict per segment)."""
-        names = self.objectives or []
-        for e in self.history:
-            segs = []
-            for s, seg_name in enumerate(self.segment_names):
-                rec = {"segment": seg_name,
-                       "norms": dict(zip(names, e["norms"][s].tolist())),
-                       "weights": dict(zip(names, e["weights"][s].tolist())),
-                       "branch": fb.BRANCH_NAMES.get(int(e["branch"][s]), str(int(e["branch"][s])))}
-                if len(names) == 2:
-                    rec["cosine"] = float(e["cosines"][s, 0, 1])
-                else:
-                    rec["cosines"] = e["cosines"][s].tolist()
-                segs.append(rec)
-            losses = e["losses"].tolist()
-            record = {"step": e["step"], "losses": dict(zip(names, losses)),
-                      "nonfinite_losses": [n for n, v in zip(names, losses) if not math.isfinite(v)],
-                      "found_inf": bool(e["found_inf"]), "stepped": e["stepped"], "segments": segs}
-            if "dead" in e:
-                record["dead_tensors"] = list(e["dead"])
-            yield record
+        return StepHistory.records(self.history, self.objectives or [], self.segment_names)
 
     def export_history(self, path) -> None:
-        with open(path, "w") as f:
-            for record in self.history_records():
-                f.write(json.dumps(record) + "\n")
+        StepHistory.export(path, self.history, self.objectives or [], self.segment_names)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _settings(self) -> dict:
         return {"policy": self.policy, "tau": self.tau, "rescale": self.rescale,
                 "segments": self.segments_rule, "segment_names": list(self.segment_names),
                 "param_names": [n for n, _ in self.named_params], "fill": self.fill,
-                "objectives": self.objectives, "fused": self.fused, "history_every": self.history_every}
+                "objectives": self.objectives, "fused": self.fused, "history_every": self._steps.every}
 
     def state_dict(self) -> dict:
         return {"settings": self._settings(), "step": self.step_count,
@@ -627,14 +571,13 @@ class ParetoLoRA:
         if mine["objectives"] is not None and saved["objectives"] not in (None, mine["objectives"]):
             raise ValueError(f"checkpoint objectives {saved['objectives']} differ from {mine['objectives']}")
         check_policy_args(saved["policy"], saved["tau"], saved["rescale"])
-        history = deque((dict(e) for e in state["history"]), maxlen=self.history_limit)
+        history = list(state["history"])
         if state.get("optimizer") is not None and self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.policy, self.tau, self.rescale = saved["policy"], saved["tau"], saved["rescale"]
         self.objectives = saved["objectives"]
-        self.history_every = int(saved.get("history_every", self.history_every))
+        self._steps.every = int(saved.get("history_every", self._steps.every))
         self.step_count = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
-        self._window, self._window_losses, self._dead_reported, self._dead_names = 0, None, None, []
-        self._history = history
-        self._history_on_device = len(history)
+        self._window, self._window_losses = 0, None
+        self._steps.load(history)
