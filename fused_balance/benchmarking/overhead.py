@@ -1,15 +1,17 @@
 """Host-overhead stage: tiny tensors (4 elements each), so the data work is ~0 and what is timed
 is the per-call host work and launches, at P = 28, 448 and 5,000 tensors (K = 2, fp32, one
-segment per 14 tensors, as Llama's layers). Flat in P is the goal.
+segment per 14 tensors, as Llama's layers, or a fixed number of segments with ``--segments``).
+Flat in P is the goal.
 
 Contenders: ours through the list API (``fb.pareto_combine(..., out=)``, ``fb.balanced_adamw_step``),
 ours through a BalancePlan (Gram -> pareto_lora weights -> combine into ``.grad``; the same with
 the fused AdamW), the per-tensor loop (the torch reference backend's pareto_combine), foreach
 (``torch._foreach_norm`` of the K·P gradients: one foreach op, a lower bound of a foreach-built
 Gram) and ``torch._fused_adamw_`` on the same P tensors; and a whole training step on the same
-P tensors by hand and through ``ParetoLoRA.step``, whose difference is the balancer's overhead.
+P tensors by hand (``zero_grad`` setting ``.grad`` to None, and keeping them) and through
+``ParetoLoRA.step``, whose difference from the cheaper by-hand step is the balancer's overhead.
 
-    python -m fused_balance.benchmarking.overhead [--device cpu|cuda] [--threads 1]
+    python -m fused_balance.benchmarking.overhead [--device cpu|cuda] [--threads 1] [--segments S]
 """
 from __future__ import annotations
 
@@ -36,13 +38,21 @@ CONTENDERS = {
     "foreach_norm": "foreach: torch._foreach_norm of the K·P gradients",
     "torch_fused_adamw": "torch._fused_adamw_ (P tensors)",
     "step_by_hand": "two backward passes + torch AdamW.step + zero_grad, by hand",
+    "step_by_hand_kept": "the same with zero_grad(set_to_none=False): no .grad allocated per step",
     "paretolora_step": "ParetoLoRA.step (torch AdamW) + zero_grad, the same passes",
 }
+BY_HAND = ("step_by_hand", "step_by_hand_kept")
 # the derived row: what ParetoLoRA.step adds to the same backward passes and optimizer step
-STEP_OVERHEAD = "ParetoLoRA.step overhead (the two rows above: median of the per-round differences)"
+STEP_OVERHEAD = ("ParetoLoRA.step overhead (median over rounds of ParetoLoRA.step minus the cheaper "
+                 "by-hand step of the same round)")
 
 
-def _setup(P: int, device: torch.device):
+def _segment_of(i: int, P: int, segments: int | None) -> int:
+    """Tensor i's segment: one per TENSORS_PER_SEGMENT tensors, or ``segments`` equal blocks."""
+    return i // TENSORS_PER_SEGMENT if segments is None else i * segments // P
+
+
+def _setup(P: int, device: torch.device, segments: int | None):
     from fused_balance.training.bank import GradBank
     gen = torch.Generator().manual_seed(P)
     params = [torch.nn.Parameter(torch.randn(ELEMS, generator=gen).to(device)) for _ in range(P)]
@@ -50,12 +60,11 @@ def _setup(P: int, device: torch.device):
     with torch.no_grad():
         bank.buffer.copy_(torch.randn(bank.buffer.shape, generator=gen))
         bank.zero_padding_()
-    segments = [p // TENSORS_PER_SEGMENT for p in range(P)]
-    return params, bank, segments
+    return params, bank, [_segment_of(i, P, segments) for i in range(P)]
 
 
-def _contenders(P: int, device: torch.device) -> dict:
-    params, bank, segments = _setup(P, device)
+def _contenders(P: int, device: torch.device, num_segments: int | None = None) -> dict:
+    params, bank, segments = _setup(P, device, num_segments)
     outs = [torch.zeros_like(p) for p in params]
     fns = {}
     fns["list_pareto_combine"] = lambda: fb.pareto_combine(bank.grads, segments, policy="pareto_lora",
@@ -98,18 +107,20 @@ def _contenders(P: int, device: torch.device) -> dict:
     fns["torch_fused_adamw"] = lambda: torch._fused_adamw_(
         t_params, t_grads, t_m, t_v, [], t_steps, lr=1e-6, beta1=0.9, beta2=0.999, weight_decay=0.0,
         eps=1e-8, amsgrad=False, maximize=False)
-    fns["step_by_hand"], fns["paretolora_step"] = _training_steps(P, device)
+    fns["step_by_hand"], fns["step_by_hand_kept"], fns["paretolora_step"] = _training_steps(P, device,
+                                                                                           num_segments)
     return fns
 
 
-def _training_steps(P: int, device: torch.device):
-    """A training step on P tiny LoRA-like tensors, by hand and through ParetoLoRA (the same
-    losses, backward passes and torch AdamW): their difference is the balancer's overhead."""
+def _training_steps(P: int, device: torch.device, segments: int | None = None):
+    """A training step on P tiny LoRA-like tensors, by hand (``zero_grad`` to None, and keeping
+    the ``.grad``) and through ParetoLoRA (the same losses, backward passes and torch AdamW):
+    their difference is the balancer's overhead."""
     from fused_balance.training import ParetoLoRA
 
     gen = torch.Generator().manual_seed(P + 1)
     steps = []
-    for balanced in (False, True):
+    for balanced, keep_grads in ((False, False), (False, True), (True, False)):
         params = [torch.nn.Parameter(torch.randn(ELEMS, generator=gen).to(device)) for _ in range(P)]
         text = torch.randn(P * ELEMS, generator=gen).to(device)
         image = (torch.randn(P * ELEMS, generator=gen) * 0.01).to(device)
@@ -119,19 +130,19 @@ def _training_steps(P: int, device: torch.device):
             x = torch.cat(params)
             return {"text": (x * text).sum(), "image": (x * image).sum()}
         if balanced:
-            named = [(f"model.layers.{i // TENSORS_PER_SEGMENT}.lora.{i}", p) for i, p in enumerate(params)]
+            named = [(f"model.layers.{_segment_of(i, P, segments)}.lora.{i}", p) for i, p in enumerate(params)]
             balancer = ParetoLoRA(named, optimizer, policy="pareto_lora", segments="layer")
 
             def step(balancer=balancer, losses=losses):
                 balancer.step(losses())
                 balancer.zero_grad()
         else:
-            def step(optimizer=optimizer, losses=losses):
+            def step(optimizer=optimizer, losses=losses, keep_grads=keep_grads):
                 pair = losses()
                 pair["text"].backward(retain_graph=True)
                 pair["image"].backward()
                 optimizer.step()
-                optimizer.zero_grad()
+                optimizer.zero_grad(set_to_none=not keep_grads)
         steps.append(step)
     return steps
 
@@ -155,13 +166,16 @@ def _time_per_call(fn, device: torch.device, round_s: float) -> float:
 
 
 def run_overhead(device="cpu", counts=OVERHEAD_COUNTS, rounds: int = 5, round_s: float = 0.05,
-                 progress=None) -> dict:
-    """Median seconds per call of every contender at every P (interleaved rounds)."""
+                 progress=None, segments: int | None = None) -> dict:
+    """Median seconds per call of every contender at every P (interleaved rounds); ``segments``:
+    that many segments at every P (default: one per TENSORS_PER_SEGMENT tensors)."""
+    if segments is not None and not 1 <= segments <= min(counts):
+        raise ValueError(f"segments must be in [1, {min(counts)}] (the smallest tensor count), got {segments}")
     device = torch.device(device)
     table: dict = {name: {} for name in CONTENDERS}
     paired: dict = {}
     for P in counts:
-        fns = _contenders(P, device)
+        fns = _contenders(P, device, segments)
         for fn in fns.values():  # warm-up: builds, caches, first launches
             fn()
             fn()
@@ -171,7 +185,7 @@ def run_overhead(device="cpu", counts=OVERHEAD_COUNTS, rounds: int = 5, round_s:
             names = names[r % len(names):] + names[:r % len(names)]
             for name in names:
                 samples[name].append(_time_per_call(fns[name], device, round_s))
-        for name in ("step_by_hand", "paretolora_step"):  # kept per round: paired differences
+        for name in (*BY_HAND, "paretolora_step"):  # kept per round: paired differences
             paired.setdefault(name, {})[P] = list(samples[name])
         for name, xs in samples.items():
             xs.sort()
@@ -180,7 +194,8 @@ def run_overhead(device="cpu", counts=OVERHEAD_COUNTS, rounds: int = 5, round_s:
             progress(f"overhead P={P}: plan step {table['plan_step'][P] * 1e6:.0f} us, "
                      f"list pareto_combine {table['list_pareto_combine'][P] * 1e6:.0f} us")
     return {"device": str(device), "threads": torch.get_num_threads(), "counts": list(counts),
-            "elements_per_tensor": ELEMS, "objectives": K, "seconds": table, "step_rounds": paired,
+            "elements_per_tensor": ELEMS, "objectives": K, "segments": segments, "seconds": table,
+            "step_rounds": paired,
             "labels": dict(CONTENDERS)}
 
 
@@ -188,7 +203,8 @@ def markdown(result: dict) -> list[str]:
     counts = result["counts"]
     lines = ["## Host overhead (tiny tensors)", "",
              f"{result['elements_per_tensor']} elements per tensor, K = {result['objectives']}, fp32, "
-             f"pareto_lora, one segment per {TENSORS_PER_SEGMENT} tensors; {result['device']}, "
+             f"pareto_lora, " + (f"one segment per {TENSORS_PER_SEGMENT} tensors" if result.get("segments") is None
+                                 else f"{result['segments']} segments at every P") + f"; {result['device']}, "
              f"{result['threads']} thread(s); median µs per call. Flat in P is the goal.", "",
              "| contender | " + " | ".join(f"P = {P}" for P in counts) + " | 5000 / 28 |",
              "| --- | " + " | ".join("---:" for _ in counts) + " | ---: |"]
@@ -208,14 +224,16 @@ def markdown(result: dict) -> list[str]:
 
 def step_overhead(result: dict) -> dict:
     """Per P: seconds ParetoLoRA.step adds to the same passes and optimizer step by hand, the
-    median of the per-round differences (the two ran back to back in every round: a paired
-    difference, far less noisy than the difference of two medians of ~15 ms steps)."""
+    median over rounds of its time minus the cheaper by-hand step of that round (they ran back
+    to back in every round: a paired difference, far less noisy than the difference of two
+    medians of ~15 ms steps)."""
     rounds = result.get("step_rounds", {})
-    hand, balanced = rounds.get("step_by_hand", {}), rounds.get("paretolora_step", {})
+    hands = [rounds[name] for name in BY_HAND if name in rounds]
+    balanced = rounds.get("paretolora_step", {})
     out = {}
     for P in result["counts"]:
-        if P in hand and P in balanced:
-            diffs = sorted(b - h for b, h in zip(balanced[P], hand[P]))
+        if hands and all(P in hand for hand in hands) and P in balanced:
+            diffs = sorted(b - min(h) for b, *h in zip(balanced[P], *(hand[P] for hand in hands)))
             out[P] = diffs[len(diffs) // 2]
     return out
 
@@ -225,11 +243,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--segments", type=int, default=None,
+                        help="this many segments at every P (default: one per 14 tensors)")
     parser.add_argument("--plot", default=None, help="write the plot to this PNG")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    result = run_overhead(args.device, rounds=args.rounds, progress=print)
+    result = run_overhead(args.device, rounds=args.rounds, progress=print, segments=args.segments)
     print("\n".join(markdown(result)))
     if args.plot:
         from fused_balance.benchmarking.plots import overhead_plot
