@@ -16,7 +16,9 @@ Two ways to fill it, giving the same numbers:
   and ``is_grads_batched=True`` (vmap over the backward), then one copy per tensor into the bank.
 
 On the tests' tiny unified model (CPU, 2 cores) ``"backward"`` is the faster of the two, so it
-is the default.
+is the default. Where autograd cannot add into a bank view (a parameter of another dtype than
+the bank's ``dtype=``, FSDP2's DTensor gradients) ``"backward"`` fills by copy: each backward
+runs with ``.grad`` None and its gradients are added (cast) into the bank.
 """
 from __future__ import annotations
 
@@ -101,8 +103,8 @@ class GradBank:
         dtypes = {p.dtype for p in params}
         if dtype is None:
             if len(dtypes) != 1:
-                raise TypeError(f"parameters have several dtypes {sorted(map(str, dtypes))}; "
-                                "pass dtype= (the backward mode needs the parameters' own dtype)")
+                raise TypeError(f"parameters have several dtypes {sorted(map(str, dtypes))}; pass dtype= (the "
+                                "bank's, e.g. torch.float32: their gradients are cast into it)")
             dtype = params[0].dtype
         self.params = params
         # FSDP2 (fully_shard) parameters are DTensors: the bank holds each one's local shard
@@ -193,15 +195,13 @@ class GradBank:
         mode = mode or self.mode
         if mode not in FILL_MODES:
             raise ValueError(f"unknown fill mode {mode!r}; choose one of {FILL_MODES}")
-        if mode == "backward" and not self._params_have_bank_dtype:
-            raise TypeError(f"the backward fill mode needs the bank dtype ({self.dtype}) to equal "
-                            "every parameter's; use mode='batched'")
         slots = self._grad_slots(window_start=not accumulate)
         if not accumulate:
             self.buffer.zero_()
             slots.begin_window()
-        if self.sharded:  # FSDP2 writes its reduce-scattered shards into a DTensor .grad
-            self.last_fill_reached_any = self._fill_from_shards(slots, losses, retain_graph)
+        if self.sharded or (mode == "backward" and not self._params_have_bank_dtype):
+            # FSDP2's reduce-scattered shards (a DTensor .grad), or a .grad of another dtype
+            self.last_fill_reached_any = self._fill_by_copy(slots, losses, retain_graph)
         elif mode == "backward":
             self.last_fill_reached_any = self._fill_backward(slots, losses, retain_graph)
         else:
@@ -272,10 +272,12 @@ class GradBank:
             slots.restore()
         return reached
 
-    def _fill_from_shards(self, slots, losses, retain_graph) -> bool:
-        """One backward per objective with every ``.grad`` None; FSDP2 reduce-scatters each
-        parameter's gradient into a DTensor ``.grad`` whose local shard is added into the
-        bank (one foreach add per objective); the user's ``.grad`` come back afterwards."""
+    def _fill_by_copy(self, slots, losses, retain_graph) -> bool:
+        """One backward per objective with every ``.grad`` None, then each gradient is added into
+        the bank (one foreach add per objective, cast to the bank's dtype): what autograd cannot
+        accumulate into a bank view, i.e. FSDP2's reduce-scattered DTensor ``.grad`` (its local
+        shard) and the gradient of a parameter whose dtype is not the bank's. The user's
+        ``.grad`` come back afterwards. O(P) Python per objective."""
         live = [k for k, loss in enumerate(losses) if loss.requires_grad]
         saved = [p.grad for p in self.params]
         hit = set()

@@ -36,7 +36,7 @@ from fused_balance.distributed import all_reduce_gram_, average_gradients_, chec
 from fused_balance.policies import check_policy_args, gram_statistics
 from fused_balance.training import _wrappers
 from fused_balance.training import _fsdp
-from fused_balance.training._fsdp import DTensorGrads
+from fused_balance.training._flat_grads import FlatGrads
 from fused_balance.training.bank import GradBank
 from fused_balance.training.history import StepHistory
 from fused_balance.training.optim import BalancedAdamW
@@ -53,20 +53,26 @@ def _named(model_or_params) -> list[tuple[str, torch.Tensor]]:
 
 
 
-def _check_layout(named, fused: bool) -> None:
-    """What the plan cannot balance, refused at construction with the fix: parameters of several
-    dtypes (one [K, N] bank holds them all), and non-contiguous ones under the fused AdamW
-    (written through a pointer table, element by element of a flat range)."""
-    dtypes = sorted({str(p.dtype) for _, p in named})
-    if len(dtypes) > 1:
-        raise TypeError(f"the balanced parameters have several dtypes {dtypes}: ParetoLoRA keeps them in one "
-                        "gradient bank; convert them to one dtype (e.g. model.to(torch.bfloat16)) or balance "
-                        "each dtype's parameters with a ParetoLoRA of its own")
+def _bank_dtype(named, fused: bool) -> torch.dtype:
+    """The bank's dtype: the parameters' own, or for parameters of several dtypes the widest
+    (their gradients are cast into it and the combination back into each ``.grad``). Refused at
+    construction with the fix: several dtypes under the fused AdamW (one kernel steps one dtype)
+    and non-contiguous parameters under it (written through a pointer table, element by element
+    of a flat range)."""
+    dtypes = {p.dtype for _, p in named}
+    if fused and len(dtypes) > 1:
+        raise TypeError(f"the balanced parameters have several dtypes {sorted(map(str, dtypes))}: the fused AdamW "
+                        "steps one dtype; convert them to one (e.g. model.to(torch.bfloat16)) or use a torch "
+                        "optimizer")
     if fused:
         strided = [name for name, p in named if not _fsdp.local_shard(p).is_contiguous()]
         if strided:
             raise ValueError(f"the fused AdamW writes contiguous parameters only; {strided[0]!r} is not: make "
                              "it contiguous (p.data = p.data.contiguous()) or use a torch optimizer")
+    widest = named[0][1].dtype
+    for dtype in dtypes:
+        widest = torch.promote_types(widest, dtype)
+    return widest
 
 
 class ParetoLoRA:
@@ -138,7 +144,7 @@ class ParetoLoRA:
             process_group, distributed = shard_group, "sharded"
         self.process_group, self.distributed = process_group, distributed
         self._fsdp = shard_group is not None
-        self._dtensor_grads = None  # FSDP2: the DTensor gradients the plan writes (_fsdp.DTensorGrads)
+        self._flat_grads = None  # the .grad the plan writes when it cannot attach views (FlatGrads)
         check_backend_choice(backend, self.params[0].device, bank_ops=True)
         self.segment_ids, self.segment_names = segment_ids_for(self.named_params, segments)
         self.segments_rule = segments if isinstance(segments, str) else "callable"
@@ -162,7 +168,9 @@ class ParetoLoRA:
         self.fused = isinstance(optimizer, BalancedAdamW)
         if optimizer is not None:
             self._check_optimizer_holds_params(optimizer)
-        _check_layout(self.named_params, self.fused)
+        self._bank_dtype = _bank_dtype(self.named_params, self.fused)
+        # .grad the plan's flat buffer cannot be viewed as (FSDP2's DTensors, another dtype)
+        self._flat_grads_needed = self._fsdp or any(p.dtype != self._bank_dtype for p in self.params)
         if self.fused:  # the plan's fused AdamW steps exactly the balanced parameters
             balanced = {id(p) for p in self.params}
             if any(id(p) not in balanced for p in optimizer.flat_params()):
@@ -264,7 +272,8 @@ class ParetoLoRA:
             parts = ([f"missing objective(s) {missing}"] if missing else []) + \
                     ([f"unknown objective(s) {unknown}"] if unknown else [])
             raise ValueError(f"losses: {'; '.join(parts)} (this ParetoLoRA balances {expected})")
-        bank = self.bank if self.bank is not None else GradBank(self.params, len(expected), mode=self.fill)
+        bank = self.bank if self.bank is not None else GradBank(self.params, len(expected), mode=self.fill,
+                                                                 dtype=self._bank_dtype)
         loss_list = bank.check_losses([losses[name] for name in expected], names=expected)
         if not any(loss.requires_grad for loss in loss_list):
             raise ValueError("no loss requires grad (computed under torch.no_grad(), or detached?): "
@@ -421,10 +430,10 @@ class ParetoLoRA:
         undoing (every ``.grad`` already was its view), else a callable putting back the ``.grad``
         the write replaced (one C++ loop when they were None, as after ``zero_grad``)."""
         plan, res = self._planned_weights(keep_dead_grads)
-        if self._fsdp:  # DTensor gradients over the plan's flat buffer
-            if self._dtensor_grads is None or self._dtensor_grads.plan is not plan:
-                self._dtensor_grads = DTensorGrads(self.params, plan)
-            return res, self._dtensor_grads.write(res, self._reach()[0], accumulate)
+        if self._flat_grads_needed:  # DTensors, or another dtype, over the plan's flat buffer
+            if self._flat_grads is None or self._flat_grads.plan is not plan:
+                self._flat_grads = FlatGrads(self.params, plan)
+            return res, self._flat_grads.write(res, self._reach()[0], accumulate, keep_dead_grads)
         state = plan.grads_state()
         undo = None
         if state == "none":
@@ -514,7 +523,7 @@ class ParetoLoRA:
         """Drop the [K, N] gradient bank and scratch space (allocated again by the next step),
         e.g. to give the memory back during evaluation."""
         self.bank = None
-        self._plan = self._plan_key = self._dtensor_grads = None
+        self._plan = self._plan_key = self._flat_grads = None
         self._drop_window()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
