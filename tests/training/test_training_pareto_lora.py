@@ -323,24 +323,34 @@ def fb_available(device):
 
 @pytest.mark.parametrize("backend", _bank_backends())
 @pytest.mark.parametrize("entry", ["step-torch-optimizer", "step-fused", "backward", "balance"])
-@pytest.mark.parametrize("case", ["all-reached", "unreached-linear", "accumulation"])
+@pytest.mark.parametrize("case", ["all-reached", "unreached-linear", "accumulation", "mixed-dtypes"])
 def test_every_entry_point_takes_the_plan_on_every_backend(backend, entry, case):
     """One engine: whatever the backend, entry point and case, a balanced step dispatches that
-    backend's bank ops (and the policy solve), never a list op (C++ or Triton)."""
+    backend's bank ops (and the policy solve), never a list op (C++ or Triton). Several dtypes
+    under the fused AdamW are refused at construction instead."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    if case == "mixed-dtypes":  # fp32 then bf16
+        model[1].to(torch.bfloat16)
+
+    def run(x):
+        return model[1](model[0](x).to(model[1].weight.dtype)).float()
     named = list(model.named_parameters())
     if case == "unreached-linear":
         named += [(f"unused.{n}", p) for n, p in torch.nn.Linear(8, 8).named_parameters()]
     params = [p for _, p in named]
     opt = {"step-torch-optimizer": torch.optim.AdamW(params, lr=1e-2), "step-fused": "fused_adamw"}.get(entry)
+    if case == "mixed-dtypes" and entry == "step-fused":
+        with pytest.raises(TypeError, match="several dtypes"):
+            ParetoLoRA(named, opt, backend=backend)
+        return
     balancer = ParetoLoRA(named, opt, backend=backend)
     ops = []
     for step in range(2):
         micro = 2 if case == "accumulation" else 1
         batches = []
         for i in range(micro):
-            out = model(torch.randn(4, 8, generator=torch.Generator().manual_seed(10 * step + i)))
+            out = run(torch.randn(4, 8, generator=torch.Generator().manual_seed(10 * step + i)))
             batches.append({"text": out[:, 0].pow(2).mean(), "image": (out[:, 1] - 1).pow(2).mean()})
         for batch in batches[:-1]:
             balancer.accumulate(batch)
