@@ -25,7 +25,7 @@ tensors outside a numbered layer by their module; see ``fused_balance.training.s
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
 
 import torch
 
@@ -73,6 +73,15 @@ def _bank_dtype(named, fused: bool) -> torch.dtype:
     for dtype in dtypes:
         widest = torch.promote_types(widest, dtype)
     return widest
+
+
+class Reach(NamedTuple):
+    """What one window reached: ``live`` per tensor, ``live_segments`` per segment, the ``dead``
+    tensors' names; ``key`` changes whenever these may have."""
+    key: tuple
+    live: list
+    live_segments: list
+    dead: list
 
 
 class ParetoLoRA:
@@ -181,10 +190,10 @@ class ParetoLoRA:
         self.skipped_steps = 0
         self._window = 0  # micro-batches accumulated in the bank since the last balance
         self._window_losses: torch.Tensor | None = None  # their losses, summed, on the device
-        self._reach_cache: tuple | None = None  # what depends on bank.reached (see _reach)
+        self._reach_cache: Reach | None = None  # what depends on bank.reached (see _reach)
         self._warned_nonfinite = False
         self._plan = self._plan_key = None
-        self._plan_live = None  # the _reach_cache key the plan's live mask was set for
+        self._plan_live = None  # the Reach key the plan's live mask was set for
         self._ddp = None
         self._watch = None  # the parameters' TensorStamp (frozen-later check), once the extension loads
         if isinstance(model_or_params, torch.nn.Module):
@@ -291,15 +300,17 @@ class ParetoLoRA:
             entry["_gram"] = gram.detach()
         else:
             entry["norms"], entry["cosines"] = norms.detach(), cosines.detach()
-        return self._steps.append(entry, self._reach_cache[0], self._reach_cache[3])
+        reach = self._reach()
+        return self._steps.append(entry, reach.key, reach.dead)
 
     # -- tensors no objective reached ----------------------------------------------------------
-    def _reach(self):
-        """(live mask, live segment mask, dead tensor names), rebuilt only when the bank's
-        reached set changes (rarely: the first steps), so a step costs no per-tensor work."""
+    def _reach(self) -> "Reach":
+        """Which tensors and segments are live (some objective reached them in this window),
+        rebuilt only when the bank's reached set changes (rarely: the first steps), so a step
+        costs no per-tensor work."""
         bank = self.bank
         key = (id(bank), bank.reached_version, id(bank.grads))  # grads: new views after a buffer swap
-        if self._reach_cache is None or self._reach_cache[0] != key:
+        if self._reach_cache is None or self._reach_cache.key != key:
             # Ranks may reach different tensors but must step the same ones: under a process
             # group every tensor counts as reached (zero gradients where none arrived).
             live = list(bank.reached) if self.process_group is None else [True] * len(self.params)
@@ -307,19 +318,19 @@ class ParetoLoRA:
             for alive, s in zip(live, self.segment_ids):
                 live_segments[s] = live_segments[s] or alive
             dead = [name for (name, _), alive in zip(self.named_params, live) if not alive]
-            self._reach_cache = (key, live, live_segments, dead)
-        return self._reach_cache[1:]
+            self._reach_cache = Reach(key, live, live_segments, dead)
+        return self._reach_cache
 
     @property
     def dead_tensors(self) -> list[str]:
         """Names of the balanced tensors no objective reached in the last window: no optimizer
         step touches them (see the class docstring for their ``.grad``)."""
-        return [] if self.bank is None else list(self._reach()[2])
+        return [] if self.bank is None else list(self._reach().dead)
 
     @property
     def live_segments(self) -> list[bool]:
         """Per segment: does it hold a tensor some objective reached? (All True before a step.)"""
-        return [True] * self.num_segments if self.bank is None else list(self._reach()[1])
+        return [True] * self.num_segments if self.bank is None else list(self._reach().live_segments)
 
     # -- the step -----------------------------------------------------------------------------
     def accumulate(self, losses: Mapping[str, torch.Tensor]) -> None:
@@ -418,10 +429,10 @@ class ParetoLoRA:
             res = plan.weights()
         else:  # each rank holds shards: the Gram partials are summed, (S·K·K + 1) float64
             res = plan.weights(all_reduce_gram_(*plan.gram(), self.process_group))
-        live = self._reach()[0]  # cached: rebuilt only when the reached set changes
-        if self._plan_live != self._reach_cache[0]:
-            plan.set_live(live, keep_dead_grads=keep_dead_grads)
-            self._plan_live = self._reach_cache[0]
+        reach = self._reach()  # cached: rebuilt only when the reached set changes
+        if self._plan_live != reach.key:
+            plan.set_live(reach.live, keep_dead_grads=keep_dead_grads)
+            self._plan_live = reach.key
         return plan, res
 
     def _planned_write(self, accumulate: bool, keep_dead_grads: bool = False):
@@ -433,7 +444,7 @@ class ParetoLoRA:
         if self._flat_grads_needed:  # DTensors, or another dtype, over the plan's flat buffer
             if self._flat_grads is None or self._flat_grads.plan is not plan:
                 self._flat_grads = FlatGrads(self.params, plan)
-            return res, self._flat_grads.write(res, self._reach()[0], accumulate, keep_dead_grads)
+            return res, self._flat_grads.write(res, self._reach().live, accumulate, keep_dead_grads)
         state = plan.grads_state()
         undo = None
         if state == "none":
