@@ -27,12 +27,16 @@ constexpr int kMaxObjectives = 32;
 // Codes shared with fused_balance/policies.py (BuiltinPolicy.code, BRANCH_*).
 enum PolicyCode : int64_t { kSum = 0, kMgda = 1, kParetoLora = 2, kMmPareto = 3 };
 enum BranchCode : int64_t { kBranchSum = 0, kBranchRescale = 1, kBranchConflict = 2 };
+// Pareto-LoRA's magnitude rule (its rescale branch): every active objective brought to the mean
+// norm, only those below it raised to it, or (an index >= 0) only that protected objective raised.
+enum MagnitudeRule : int64_t { kMagnitudeMean = -1, kMagnitudeWeaker = -2 };
 
 struct Options {
   int64_t code;
   double tau;
   bool rescale_to_sum;
   double rounding;  // relative rounding level of the input Gram (K=2 "identical" test)
+  int64_t magnitude = kMagnitudeMean;  // MagnitudeRule, or the protected objective's index
 };
 
 #if defined(__CUDA_ARCH__)
@@ -368,7 +372,16 @@ FB_INLINE int64_t solve_segment(const Rows& rows, const Options& o, int K, Works
     return kBranchSum;
   }
   const double mean = total / double(count);
-  rows.each(0, K, [&](int k) { out[k] = ws.active[k] ? mean / p_sqrt(p_max(ws.G[k * ld + k], 0.0)) : 0.0; });
+  rows.each(0, K, [&](int k) {
+    if (!ws.active[k]) {
+      out[k] = 0.0;
+      return;
+    }
+    const double to_mean = mean / p_sqrt(p_max(ws.G[k * ld + k], 0.0));
+    if (o.magnitude == kMagnitudeMean) out[k] = to_mean;
+    else if (o.magnitude == kMagnitudeWeaker || o.magnitude == k) out[k] = p_max(to_mean, 1.0);
+    else out[k] = 1.0;
+  });
   return kBranchRescale;
 }
 

@@ -22,7 +22,8 @@ struct PolicyCall {
 };
 
 inline PolicyCall prepare_policy_call(const at::Tensor& gram, int64_t policy, double tau, bool rescale_to_sum,
-                                      double rounding, const c10::optional<at::Tensor>& active) {
+                                      double rounding, const c10::optional<at::Tensor>& active,
+                                      int64_t magnitude) {
   TORCH_CHECK_VALUE(gram.dim() == 3 && gram.size(1) == gram.size(2),
                     "fused_balance::policy_weights: gram must be [S, K, K], got ", gram.sizes());
   TORCH_CHECK_VALUE(gram.size(1) >= 1 && gram.size(1) <= policy::kMaxObjectives,
@@ -32,6 +33,10 @@ inline PolicyCall prepare_policy_call(const at::Tensor& gram, int64_t policy, do
                    "fused_balance::policy_weights: gram must be float32 or float64, got ", gram.scalar_type());
   TORCH_CHECK_VALUE(policy >= policy::kSum && policy <= policy::kMmPareto,
                     "fused_balance::policy_weights: unknown policy code ", policy);
+  TORCH_CHECK_VALUE(magnitude == policy::kMagnitudeMean || magnitude == policy::kMagnitudeWeaker ||
+                        (magnitude >= 0 && magnitude < gram.size(1)),
+                    "fused_balance::policy_weights: magnitude must be -1 (mean), -2 (weaker) or a protected "
+                    "objective's index below K = ", gram.size(1), ", got ", magnitude);
   PolicyCall call;
   call.gram = gram.contiguous();
   call.S = gram.size(0);
@@ -47,7 +52,7 @@ inline PolicyCall prepare_policy_call(const at::Tensor& gram, int64_t policy, do
   }
   call.weights = at::empty({call.S, call.K}, gram.options());
   call.branch = at::empty({call.S}, gram.options().dtype(at::kLong));
-  call.options = policy::Options{policy, tau, rescale_to_sum, rounding};
+  call.options = policy::Options{policy, tau, rescale_to_sum, rounding, magnitude};
   call.largest = gram.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
                                                    : double(std::numeric_limits<float>::max());
   return call;

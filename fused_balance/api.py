@@ -147,7 +147,7 @@ class _Balance:
     found_inf: torch.Tensor
 
 
-def _rescue(problem, impl, bal: _Balance, suspects, process_group, policy, tau, rescale) -> _Balance:
+def _rescue(problem, impl, bal: _Balance, suspects, process_group, policy, options) -> _Balance:
     """Tell zero from underflowing gradients and overflow from NaN/Inf by the inf-norm of the
     suspect pairs, then redo the Gram of the segments that need it in float64. Every decision is
     taken on reduced values, so all ranks of a group agree and issue the same collectives."""
@@ -164,7 +164,7 @@ def _rescue(problem, impl, bal: _Balance, suspects, process_group, policy, tau, 
     G64 = _float64_gram(problem, impl, members, rescued)
     if process_group is not None:
         G64 = D.all_reduce_sum(G64, process_group)
-    w64, b64 = policy_weights(G64, policy, tau=tau, rescale=rescale)
+    w64, b64 = policy_weights(G64, policy, **options)
     n64, c64 = gram_statistics(G64)
     big = torch.finfo(bal.weights.dtype).max  # weights beyond fp32 (norm ratios > 1e38) saturate
     index = torch.tensor(rescued, device=problem.device)
@@ -179,13 +179,14 @@ def _rescue(problem, impl, bal: _Balance, suspects, process_group, policy, tau, 
                     torch.zeros((), dtype=torch.bool, device=problem.device))
 
 
-def _balance(problem, impl, policy, tau, rescale, process_group, distributed) -> _Balance:
-    """Gram -> weights, range-checked; collectives per ``distributed`` (see pareto_combine)."""
+def _balance(problem, impl, policy, options, process_group, distributed) -> _Balance:
+    """Gram -> weights, range-checked; collectives per ``distributed`` (see pareto_combine).
+    ``options``: the policy's keyword arguments (tau, rescale, magnitude)."""
     if process_group is not None and distributed == "data":
         D.average_gradients_(problem.flat, process_group)
         process_group = None  # identical gradients everywhere from here on
     G = _gram_of(problem, impl, process_group)
-    weights, branch = policy_weights(G, policy, tau=tau, rescale=rescale)
+    weights, branch = policy_weights(G, policy, **options)
     norms, cosines = gram_statistics(G)
     bal = _Balance(G, weights, branch, norms, cosines, ~torch.isfinite(G).all())
     if G.dtype == torch.float64 or not _RANGE_CHECK["enabled"]:  # fp64: nothing wider to use
@@ -198,7 +199,7 @@ def _balance(problem, impl, policy, tau, rescale, process_group, distributed) ->
     if not bool(suspects.any()):
         return bal
     with torch.no_grad():
-        return _rescue(problem, impl, bal, suspects, process_group, policy, tau, rescale)
+        return _rescue(problem, impl, bal, suspects, process_group, policy, options)
 
 
 # ----------------------------------------------------------------------------- combine
@@ -221,25 +222,26 @@ def _checked_out(out, problem) -> list:
 
 
 def pareto_weights(grads, segments=None, *, policy="mgda", tau: float = 5.0,
-                   rescale: str | None = None, backend: str | None = None,
+                   rescale: str | None = None, magnitude=None, backend: str | None = None,
                    process_group=None, distributed: str = "data") -> ParetoResult:
     """The first half of pareto_combine: Gram -> range check -> weights, statistics and
     found_inf, without the combination (``combined`` is None). Use it in place of
     ``gram`` + ``policy_weights`` when the weights feed a fused step (balanced_adamw_step):
     it keeps the range rescue and the NaN/Inf semantics of pareto_combine."""
     problem = V.check_problem(grads, segments)
-    rescale = check_policy_args(policy, tau, rescale)
+    options = dict(tau=tau, rescale=check_policy_args(policy, tau, rescale, magnitude), magnitude=magnitude)
     D.check_group(process_group, distributed)
     impl = resolve_backend(backend, problem.device)
-    bal = _balance(problem, impl, policy, tau, rescale, process_group, distributed)
+    bal = _balance(problem, impl, policy, options, process_group, distributed)
     return ParetoResult(None, bal.gram, bal.weights, bal.norms, bal.cosines, bal.found_inf, bal.branch)
 
 
 def pareto_combine(grads, segments=None, *, policy="mgda", tau: float = 5.0,
-                   rescale: str | None = None, out=None, backend: str | None = None,
+                   rescale: str | None = None, magnitude=None, out=None, backend: str | None = None,
                    process_group=None, distributed: str = "data") -> ParetoResult:
     """Gram -> weights (``policy``: a registered name, "sum", "mgda", "pareto_lora", "mmpareto", or
-    a callable (G, active) -> (weights, branch); see policy_weights) -> combine.
+    a callable (G, active) -> (weights, branch); ``tau``, ``rescale``, ``magnitude``: its options,
+    see policy_weights) -> combine.
 
     With ``out`` the combination is written there, unless a gradient is non-finite
     (``found_inf``), in which case ``out`` is left untouched (decided on the device).
@@ -270,11 +272,11 @@ def pareto_combine(grads, segments=None, *, policy="mgda", tau: float = 5.0,
     costs just that), and for real range trouble a float64 Gram of the affected segments.
     """
     problem = V.check_problem(grads, segments)
-    rescale = check_policy_args(policy, tau, rescale)
+    options = dict(tau=tau, rescale=check_policy_args(policy, tau, rescale, magnitude), magnitude=magnitude)
     D.check_group(process_group, distributed)
     outs = None if out is None else _checked_out(out, problem)
     impl = resolve_backend(backend, problem.device)
-    bal = _balance(problem, impl, policy, tau, rescale, process_group, distributed)
+    bal = _balance(problem, impl, policy, options, process_group, distributed)
     w = bal.weights.to(problem.accumulate_dtype)
     if outs is None:
         combined = impl.combine(problem.flat, problem.num_objectives, w, problem.segment_ids)

@@ -118,12 +118,14 @@ class BalancePlan:
     moments) follow the same offsets. ``params``: the P
     parameters (needed by ``combine_into_grads`` and ``adamw_step``; a GradBank brings its own).
     segments: None, "tensor" or P segment ids. groups: P hyper-parameter group ids (AdamW).
+    policy, tau, rescale, magnitude: the policy and its options (see ``fb.policy_weights``).
     backend: whose bank ops run the passes (None: the default of ``fb.use_backend``; "auto": the
     fastest with bank ops on the bank's device), resolved once (``self.backend``: the module).
     """
 
     def __init__(self, bank, segments=None, *, numels=None, offsets=None, params=None, policy: str = "pareto_lora",
-                 tau: float = 5.0, rescale: str | None = None, groups=None, backend: str | None = None):
+                 tau: float = 5.0, rescale: str | None = None, groups=None, backend: str | None = None,
+                 magnitude=None):
         if isinstance(bank, torch.Tensor):
             if numels is None:
                 raise TypeError("a bank tensor needs numels= (the P parameter sizes of a row)")
@@ -151,10 +153,10 @@ class BalancePlan:
         self.num_objectives = int(buffer.shape[0])
         P = len(numels)
         self.segment_ids, self.num_segments = _segment_list(segments, P)
-        self.rescale = check_policy_args(policy, tau, rescale)
-        self.policy, self.tau = policy, float(tau)
+        self.rescale = check_policy_args(policy, tau, rescale, magnitude)
+        self.policy, self.tau, self.magnitude = policy, float(tau), magnitude
         # resolved once: weights() solves with it and validates nothing per call
-        self._policy_fn = resolve_policy(policy, tau=self.tau, rescale=self.rescale,
+        self._policy_fn = resolve_policy(policy, tau=self.tau, rescale=self.rescale, magnitude=magnitude,
                                          rounding=rounding_of(torch.float64))
         if params is not None:
             params = list(params)

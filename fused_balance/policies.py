@@ -24,12 +24,30 @@ from fused_balance.solvers import clean_gram, min_norm_float64, rounding_of
 __all__ = ["POLICIES", "BRANCH_SUM", "BRANCH_RESCALE", "BRANCH_CONFLICT", "BRANCH_NAMES",
            "BuiltinPolicy", "SumPolicy", "MGDAPolicy", "ParetoLoRAPolicy", "MMParetoPolicy",
            "register_policy", "registered_policies", "resolve_policy", "gram_statistics",
-           "policy_weights", "solve", "check_policy_args", "restore_sum_magnitude", "any_active_pair"]
+           "policy_weights", "solve", "check_policy_args", "restore_sum_magnitude", "any_active_pair",
+           "MAGNITUDE_RULES", "magnitude_code"]
 
 BRANCH_SUM, BRANCH_RESCALE, BRANCH_CONFLICT = 0, 1, 2
 BRANCH_NAMES = {BRANCH_SUM: "sum", BRANCH_RESCALE: "rescale", BRANCH_CONFLICT: "conflict"}
 
 PolicyFn = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
+
+# Pareto-LoRA's magnitude rule (its rescale branch, see ParetoLoRAPolicy), or an objective's index
+MAGNITUDE_RULES = ("mean", "weaker")
+_MAGNITUDE_CODES = {"mean": -1, "weaker": -2}  # csrc/policy.h MagnitudeRule
+
+
+def magnitude_code(magnitude) -> int:
+    """The native op's code of a magnitude rule: "mean" (or None) -1, "weaker" -2, a protected
+    objective's index k >= 0 itself."""
+    if magnitude is None:
+        return _MAGNITUDE_CODES["mean"]
+    if isinstance(magnitude, str) and magnitude in _MAGNITUDE_CODES:
+        return _MAGNITUDE_CODES[magnitude]
+    if isinstance(magnitude, int) and not isinstance(magnitude, bool) and magnitude >= 0:
+        return magnitude
+    raise ValueError(f"magnitude must be one of {MAGNITUDE_RULES} or the index (an int >= 0) of the objective "
+                     f"to protect, got {magnitude!r}")
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -86,16 +104,18 @@ class BuiltinPolicy:
     name = ""
     code = -1
     non_conflicting = False  # g_k . d >= 0 for every active k, promised
-    uses = ()                # which of the options (tau, rescale) it reads
+    uses = ()                # which of the options (tau, rescale, magnitude) it reads
     default_rescale = "none"
 
-    def __init__(self, *, tau: float = 5.0, rescale: str | None = None, rounding: float | None = None):
+    def __init__(self, *, tau: float = 5.0, rescale: str | None = None, rounding: float | None = None,
+                 magnitude=None):
         self.tau = float(tau)
         self.rescale = self.default_rescale if rescale is None else rescale
         self.rounding = rounding_of(torch.float32) if rounding is None else rounding
+        self.magnitude = magnitude_code(magnitude)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(tau={self.tau}, rescale={self.rescale!r})"
+        return f"{type(self).__name__}(tau={self.tau}, rescale={self.rescale!r}, magnitude={self.magnitude})"
 
     def __call__(self, G: torch.Tensor, active: torch.Tensor):
         if _native_available(G):
@@ -131,9 +151,15 @@ class MGDAPolicy(BuiltinPolicy):
 class ParetoLoRAPolicy(BuiltinPolicy):
     """Per segment: two active gradients conflict (negative cosine) -> the min-norm combination
     (rescaled to the plain sum's magnitude by default); else the largest/smallest norm ratio
-    exceeds tau -> every objective brought to the mean norm; else the plain sum."""
+    exceeds tau -> the magnitude rule; else the plain sum. Magnitude rules (our choice, not the
+    paper's, whose formula is not public): "mean" (default) brings every objective to the mean
+    norm (w_k = mean / |g_k|: the stronger are scaled down); "weaker" raises only those below the
+    mean to it (w_k = max(1, mean / |g_k|)); an objective's index k raises only that one (the
+    protected objective, e.g. the image loss against dominating text gradients), the others keep
+    weight 1, and nothing changes where k is not below the mean."""
 
-    name, code, non_conflicting, uses, default_rescale = "pareto_lora", 2, True, ("tau", "rescale"), "sum"
+    name, code, non_conflicting = "pareto_lora", 2, True
+    uses, default_rescale = ("tau", "rescale", "magnitude"), "sum"
 
     def reference(self, G, active):
         norms, cosines = gram_statistics(G)
@@ -146,6 +172,15 @@ class ParetoLoRAPolicy(BuiltinPolicy):
         mean_norm = torch.where(active, norms, torch.zeros_like(norms)).sum(-1, keepdim=True) / count
         rescaled = torch.where(active, mean_norm / torch.where(active, norms, torch.ones_like(norms)),
                                torch.zeros_like(norms))
+        if self.magnitude != _MAGNITUDE_CODES["mean"]:
+            K = G.shape[-1]
+            if self.magnitude >= K:
+                raise ValueError(f"magnitude protects objective {self.magnitude} but there are K = {K} objectives")
+            raised = rescaled.clamp(min=1.0)
+            if self.magnitude >= 0:  # only the protected objective is raised
+                protected = torch.arange(K, device=G.device) == self.magnitude
+                raised = torch.where(protected, raised, torch.ones_like(raised))
+            rescaled = torch.where(active, raised, torch.zeros_like(raised))
         branch = torch.where(conflict, BRANCH_CONFLICT, torch.where(imbalanced, BRANCH_RESCALE, BRANCH_SUM))
         weights = torch.where((branch == BRANCH_CONFLICT)[:, None], minnorm,
                               torch.where((branch == BRANCH_RESCALE)[:, None], rescaled, active.to(G.dtype)))
@@ -194,20 +229,24 @@ def registered_policies() -> tuple[str, ...]:
     return POLICIES + tuple(_USER)
 
 
-def check_policy_args(policy, tau, rescale) -> str | None:
+def check_policy_args(policy, tau, rescale, magnitude=None) -> str | None:
     """Validate the policy arguments (before any work) and return the effective ``rescale``
     (None for a policy without that option)."""
     check_real(tau, "tau (a norm ratio threshold)", low=1.0, low_open=True, allow_inf=True)
     if rescale is not None and (not isinstance(rescale, str) or rescale not in ("none", "sum")):
         raise ValueError(f"rescale must be 'none' or 'sum', got {rescale!r}")
+    magnitude_code(magnitude)
     if isinstance(policy, str) and policy in _BUILTINS:
         cls = _BUILTINS[policy]
         if rescale is not None and "rescale" not in cls.uses and rescale != cls.default_rescale:
             raise ValueError(f"policy {policy!r} has no rescale option (got rescale={rescale!r})")
+        if magnitude not in (None, "mean") and "magnitude" not in cls.uses:
+            raise ValueError(f"policy {policy!r} has no magnitude option (got magnitude={magnitude!r})")
         return (cls.default_rescale if rescale is None else rescale) if "rescale" in cls.uses else None
     if (isinstance(policy, str) and policy in _USER) or (callable(policy) and not isinstance(policy, str)):
-        if rescale is not None:
-            raise ValueError(f"rescale={rescale!r} applies to the built-in policies only; "
+        if rescale is not None or magnitude not in (None, "mean"):
+            option = f"rescale={rescale!r}" if rescale is not None else f"magnitude={magnitude!r}"
+            raise ValueError(f"{option} applies to the built-in policies only; "
                              f"policy {policy!r} chooses its own scale")
         return None
     raise ValueError(f"unknown policy {policy!r}; choose one of {registered_policies()} or pass a "
@@ -215,12 +254,12 @@ def check_policy_args(policy, tau, rescale) -> str | None:
 
 
 def resolve_policy(policy, *, tau: float = 5.0, rescale: str | None = None,
-                   rounding: float | None = None) -> PolicyFn:
+                   rounding: float | None = None, magnitude=None) -> PolicyFn:
     """The callable for ``policy`` (a name or a callable) with its options bound."""
-    rescale = check_policy_args(policy, tau, rescale)
+    rescale = check_policy_args(policy, tau, rescale, magnitude)
     if isinstance(policy, str):
         if policy in _BUILTINS:
-            return _BUILTINS[policy](tau=tau, rescale=rescale, rounding=rounding)
+            return _BUILTINS[policy](tau=tau, rescale=rescale, rounding=rounding, magnitude=magnitude)
         return _USER[policy]
     return policy
 
@@ -278,12 +317,12 @@ def _native_ready(device: str) -> bool:
 
 def _native_solve(G: torch.Tensor, policy: BuiltinPolicy, active: torch.Tensor | None):
     return torch.ops.fused_balance.policy_weights(
-        G, policy.code, policy.tau, policy.rescale == "sum", policy.rounding, active)
+        G, policy.code, policy.tau, policy.rescale == "sum", policy.rounding, active, policy.magnitude)
 
 
 # ----------------------------------------------------------------------------- entry point
 def policy_weights(G: torch.Tensor, policy="pareto_lora", *, tau: float = 5.0,
-                   rescale: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   rescale: str | None = None, magnitude=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights [S, K] and branch [S] (BRANCH_SUM 0, BRANCH_RESCALE 1, BRANCH_CONFLICT 2) for
     ``policy``, a registered name or a callable ``(G, active) -> (weights, branch)``:
 
@@ -291,7 +330,9 @@ def policy_weights(G: torch.Tensor, policy="pareto_lora", *, tau: float = 5.0,
     - ``"mgda"``: the min-norm point of the active objectives' gradients (weights on the simplex).
     - ``"pareto_lora"``: per segment, if two active gradients conflict (negative cosine) the
       min-norm combination; else if the largest/smallest gradient norm ratio exceeds ``tau``,
-      each objective rescaled to the mean norm (w_k = mean_j |g_j| / |g_k|); else the plain sum.
+      the ``magnitude`` rule: "mean" (default) rescales each objective to the mean norm
+      (w_k = mean_j |g_j| / |g_k|), "weaker" raises only those below the mean to it, an index k
+      raises only objective k (protected) when it is below the mean; else the plain sum.
     - ``"mmpareto"``: per segment, all cosines > 0 -> equal weights, else min-norm; scaled up to
       the plain sum's magnitude when shorter (Wei & Hu, ICML 2024).
 
@@ -301,7 +342,8 @@ def policy_weights(G: torch.Tensor, policy="pareto_lora", *, tau: float = 5.0,
     in fp32 (fp64 for an fp64 Gram), saturated at the dtype's largest value.
     """
     G = check_gram(G)
-    return solve(G, resolve_policy(policy, tau=tau, rescale=rescale, rounding=rounding_of(G.dtype)), policy)
+    return solve(G, resolve_policy(policy, tau=tau, rescale=rescale, rounding=rounding_of(G.dtype),
+                                   magnitude=magnitude), policy)
 
 
 def solve(G: torch.Tensor, fn: PolicyFn, label=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -45,11 +45,11 @@ class BalancedTrainer(Trainer):
     def __init__(self, *args, objectives_fn: Callable[..., Mapping[str, torch.Tensor]],
                  policy: str = "pareto_lora", segments="layer", tau: float = 5.0,
                  rescale: str | None = None, balance_backend: str | None = None,
-                 fill: str = "backward", **kwargs):
+                 fill: str = "backward", magnitude: str = "mean", **kwargs):
         super().__init__(*args, **kwargs)
         self.objectives_fn = objectives_fn
         self._balancer_settings = dict(policy=policy, segments=segments, tau=tau, rescale=rescale,
-                                       backend=balance_backend, fill=fill)
+                                       backend=balance_backend, fill=fill, magnitude=magnitude)
         self.balancer = ParetoLoRA(self.model, optimizer=None, **self._balancer_settings)
         self._balanced_wrapper = None
         self._balanced_ddp = None  # the DDP wrapper inside it, if any

@@ -33,7 +33,7 @@ import fused_balance as fb
 from fused_balance import _extension
 from fused_balance.backends import check_backend_choice
 from fused_balance.distributed import all_reduce_gram_, average_gradients_, check_group
-from fused_balance.policies import check_policy_args, gram_statistics
+from fused_balance.policies import MAGNITUDE_RULES, check_policy_args, gram_statistics
 from fused_balance.training import _wrappers
 from fused_balance.training import _fsdp
 from fused_balance.training._flat_grads import FlatGrads
@@ -73,6 +73,27 @@ def _bank_dtype(named, fused: bool) -> torch.dtype:
     for dtype in dtypes:
         widest = torch.promote_types(widest, dtype)
     return widest
+
+
+def _magnitude_rule(magnitude, objectives):
+    """The policy's magnitude argument: a rule name as it is, an objective's name as its index."""
+    if isinstance(magnitude, str) and magnitude not in MAGNITUDE_RULES:
+        return list(objectives).index(magnitude)
+    return magnitude
+
+
+def _check_magnitude(policy, tau, rescale, magnitude, objectives) -> None:
+    """The policy arguments with ``magnitude`` a rule or the name of an objective to protect,
+    which must be one of ``objectives`` once they are known."""
+    if isinstance(magnitude, str) and magnitude not in MAGNITUDE_RULES:
+        if objectives is not None and magnitude not in objectives:
+            raise ValueError(f"magnitude must be one of {MAGNITUDE_RULES} or the name of an objective to "
+                             f"protect ({list(objectives)}), got {magnitude!r}")
+        check_policy_args(policy, tau, rescale, 0)  # as a protected objective
+        return
+    if not (magnitude is None or isinstance(magnitude, str)):
+        raise TypeError(f"magnitude must be one of {MAGNITUDE_RULES} or an objective's name, got {magnitude!r}")
+    check_policy_args(policy, tau, rescale, magnitude)
 
 
 class Reach(NamedTuple):
@@ -116,6 +137,10 @@ class ParetoLoRA:
     A NaN/Inf loss skips the step like a NaN/Inf gradient: nothing is written, the step is
     counted in ``skipped_steps``, the history names the objectives, a warning the first time.
 
+    ``magnitude`` (pareto_lora's rule where one gradient is more than ``tau`` times another, see
+    ``fb.policy_weights``): "mean" (default), "weaker", or the name of the objective to protect
+    (only it is raised to the mean norm, e.g. ``magnitude="image"``).
+
     ``history_limit``: the history keeps the last that many recorded steps (a ring buffer; None:
     all of them). Each entry holds a few [S, K] tensors on the training device until
     ``history`` is read, so an unbounded history grows with the run.
@@ -131,8 +156,9 @@ class ParetoLoRA:
                  fill: str = "backward", lr: float = 1e-3, weight_decay: float = 1e-2,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                  record_history: bool = True, history_every: int = 1,
-                 history_limit: int | None = 10_000, process_group=None, distributed: str = "data"):
-        check_policy_args(policy, tau, rescale)
+                 history_limit: int | None = 10_000, process_group=None, distributed: str = "data",
+                 magnitude: str = "mean"):
+        _check_magnitude(policy, tau, rescale, magnitude, objectives)
         check_group(process_group, distributed)
         if fill not in ("backward", "batched"):
             raise ValueError(f"unknown fill mode {fill!r}; choose 'backward' or 'batched'")
@@ -157,7 +183,7 @@ class ParetoLoRA:
         check_backend_choice(backend, self.params[0].device, bank_ops=True)
         self.segment_ids, self.segment_names = segment_ids_for(self.named_params, segments)
         self.segments_rule = segments if isinstance(segments, str) else "callable"
-        self.policy, self.tau, self.rescale = policy, float(tau), rescale
+        self.policy, self.tau, self.rescale, self.magnitude = policy, float(tau), rescale, magnitude
         self.backend, self.fill = backend, fill
         self.objectives = list(objectives) if objectives is not None else None
         if isinstance(optimizer, str):
@@ -281,6 +307,7 @@ class ParetoLoRA:
             parts = ([f"missing objective(s) {missing}"] if missing else []) + \
                     ([f"unknown objective(s) {unknown}"] if unknown else [])
             raise ValueError(f"losses: {'; '.join(parts)} (this ParetoLoRA balances {expected})")
+        _check_magnitude(self.policy, self.tau, self.rescale, self.magnitude, expected)
         bank = self.bank if self.bank is not None else GradBank(self.params, len(expected), mode=self.fill,
                                                                  dtype=self._bank_dtype)
         loss_list = bank.check_losses([losses[name] for name in expected], names=expected)
@@ -409,10 +436,11 @@ class ParetoLoRA:
 
     # -- the planned step (fb.BalancePlan): validated once, O(1) host work per step ------------
     def _balance_plan(self) -> "fb.BalancePlan":
-        key = (self.bank, self.policy, self.tau, self.rescale)  # load_state_dict may change the policy
+        key = (self.bank, self.policy, self.tau, self.rescale, self.magnitude)  # load_state_dict may change them
         if self._plan is None or self._plan_key != key:  # built once per bank and policy
             self._plan = fb.BalancePlan(self.bank, self.segment_ids, params=self.bank.tensors, policy=self.policy,
-                                        tau=self.tau, rescale=self.rescale, backend=self.backend)
+                                        tau=self.tau, rescale=self.rescale, backend=self.backend,
+                                        magnitude=_magnitude_rule(self.magnitude, self.objectives))
             self._plan_key = key
             self._plan_live = None
         return self._plan
@@ -564,7 +592,7 @@ class ParetoLoRA:
 
     # -- checkpoints --------------------------------------------------------------------------
     def _settings(self) -> dict:
-        return {"policy": self.policy, "tau": self.tau, "rescale": self.rescale,
+        return {"policy": self.policy, "tau": self.tau, "rescale": self.rescale, "magnitude": self.magnitude,
                 "segments": self.segments_rule, "segment_names": list(self.segment_names),
                 "param_names": [n for n, _ in self.named_params], "fill": self.fill,
                 "objectives": self.objectives, "fused": self.fused, "history_every": self._steps.every}
@@ -590,11 +618,14 @@ class ParetoLoRA:
                 raise ValueError(f"checkpoint {key} {saved.get(key)!r} differ from this ParetoLoRA's {mine[key]!r}")
         if mine["objectives"] is not None and saved["objectives"] not in (None, mine["objectives"]):
             raise ValueError(f"checkpoint objectives {saved['objectives']} differ from {mine['objectives']}")
-        check_policy_args(saved["policy"], saved["tau"], saved["rescale"])
+        magnitude = saved.get("magnitude", "mean")  # states from before the option: the mean rule
+        _check_magnitude(saved["policy"], saved["tau"], saved["rescale"], magnitude,
+                         saved["objectives"] if saved["objectives"] is not None else mine["objectives"])
         history = list(state["history"])
         if state.get("optimizer") is not None and self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.policy, self.tau, self.rescale = saved["policy"], saved["tau"], saved["rescale"]
+        self.magnitude = magnitude
         self.objectives = saved["objectives"]
         self._steps.every = int(saved.get("history_every", self._steps.every))
         self.step_count = int(state["step"])

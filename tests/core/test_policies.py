@@ -172,11 +172,12 @@ def native():
     return torch.ops.fused_balance.policy_weights
 
 
-def reference_and_native(native, G, name, rescale=None, tau=3.0):
-    policy = P.resolve_policy(name, tau=tau, rescale=rescale, rounding=rounding_of(G.dtype))
+def reference_and_native(native, G, name, rescale=None, tau=3.0, magnitude=None):
+    policy = P.resolve_policy(name, tau=tau, rescale=rescale, rounding=rounding_of(G.dtype), magnitude=magnitude)
     Gc = clean_gram(G)
     w_ref, b_ref = policy.reference(Gc, torch.diagonal(Gc, dim1=1, dim2=2) > 0)
-    w_nat, b_nat = native(G, policy.code, policy.tau, policy.rescale == "sum", policy.rounding, None)
+    w_nat, b_nat = native(G, policy.code, policy.tau, policy.rescale == "sum", policy.rounding, None,
+                          policy.magnitude)
     return w_ref, b_ref, w_nat, b_nat, Gc
 
 
@@ -202,6 +203,79 @@ def test_native_solve_matches_the_torch_reference(native, name, rescale, K, dtyp
     # float64: agreement to ~1e-8 (the min-norm weights of K=32 scattered gradients are
     # conditioned ~1e6); float32: the cast of the same float64 value, within an ulp or two.
     torch.testing.assert_close(w_nat, w_ref.to(dtype), rtol=max(1e-8, 2 * ulp), atol=1e-12)
+
+
+def positive_imbalanced_grams(S, K, seed):
+    """Grams of gradients that pairwise agree (positive entries) with norms spread far apart."""
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.rand(S, K, 4 * K, generator=gen, dtype=torch.float64) + 0.1
+    return gram_of(g * torch.exp(3.0 * torch.randn(S, K, 1, generator=gen, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("K", [2, 3, 5, 8])
+@pytest.mark.parametrize("magnitude", ["mean", "weaker", 0, "last"])
+def test_magnitude_rules_of_the_rescale_branch(K, magnitude):
+    """mean: every objective at the mean norm; weaker: those below it raised to it, the others
+    weight 1; a protected index: only that one raised (when below the mean), the others 1."""
+    G = positive_imbalanced_grams(64, K, 70 + K)
+    rule = K - 1 if magnitude == "last" else magnitude
+    w, branch = fb.policy_weights(G, "pareto_lora", tau=1.5, magnitude=rule)
+    norms = torch.diagonal(G, dim1=1, dim2=2).sqrt()
+    mean = norms.mean(-1, keepdim=True)
+    rescaled = branch == fb.BRANCH_RESCALE
+    assert rescaled.sum() >= 32  # most segments take the branch under test
+    w, norms, mean = w[rescaled], norms[rescaled], mean[rescaled]
+    below = norms < mean
+    if rule == "mean":
+        torch.testing.assert_close(w * norms, mean.expand_as(norms), rtol=1e-12, atol=0)
+        return
+    raised = torch.ones_like(below) if rule == "weaker" else torch.arange(K) == rule
+    moved = below & raised
+    torch.testing.assert_close((w * norms)[moved], mean.expand_as(norms)[moved], rtol=1e-12, atol=0)
+    assert torch.equal(w[~moved], torch.ones_like(w[~moved]))  # everyone else keeps weight 1
+    assert moved.any()
+
+
+def test_the_magnitude_rule_only_changes_the_rescale_branch():
+    g = gradients(40, 3, 9, 81)
+    G = gram_of(g)
+    w_mean, b_mean = fb.policy_weights(G, "pareto_lora", tau=2.0)
+    for rule in ("weaker", 0, 2):
+        w, b = fb.policy_weights(G, "pareto_lora", tau=2.0, magnitude=rule)
+        assert torch.equal(b, b_mean)
+        other = b != fb.BRANCH_RESCALE
+        assert other.any() and torch.equal(w[other], w_mean[other])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(magnitude="loudest"), "magnitude must be one of"),
+    (dict(magnitude=True), "magnitude must be one of"),
+    (dict(magnitude=-3), "magnitude must be one of"),
+    (dict(policy="mgda", magnitude="weaker"), "no magnitude option"),
+    (dict(policy=equal_weights_policy, magnitude="weaker"), "built-in policies only"),
+    (dict(magnitude=3), "K = 3"),  # a protected index beyond the objectives
+])
+def test_bad_magnitude_arguments_are_refused(bad, match):
+    G = gram_of(gradients(2, 3, 6, 5))
+    with pytest.raises(ValueError, match=match):
+        fb.policy_weights(G, **{"policy": "pareto_lora", **bad})
+
+
+@pytest.mark.parametrize("K", [2, 3, 5, 8])
+@pytest.mark.parametrize("magnitude", ["weaker", 0, "last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_native_magnitude_rules_match_the_torch_reference(native, K, magnitude, dtype):
+    G = positive_imbalanced_grams(24, K, 90 + K).to(dtype)
+    rule = K - 1 if magnitude == "last" else magnitude
+    w_ref, b_ref, w_nat, b_nat, _ = reference_and_native(native, G, "pareto_lora", "sum", tau=1.5, magnitude=rule)
+    assert torch.equal(b_nat, b_ref) and (b_ref == fb.BRANCH_RESCALE).any()
+    torch.testing.assert_close(w_nat, w_ref.to(dtype), rtol=max(1e-12, 2 * torch.finfo(dtype).eps), atol=0)
+
+
+def test_native_op_refuses_a_protected_index_beyond_the_objectives(native):
+    G = gram_of(gradients(2, 3, 6, 5))
+    with pytest.raises(ValueError, match="magnitude must be"):
+        native(G, 2, 5.0, True, rounding_of(G.dtype), None, 3)
 
 
 @pytest.mark.parametrize("name", ["mgda", "pareto_lora", "mmpareto"])
@@ -257,13 +331,15 @@ def test_cuda_policy_solve_matches_cpu_and_never_syncs(K):
     ops._ops()
     G = gram_of(gradients(16, K, 3 * K, 600 + K)).float()
     G_cuda = G.cuda()
-    for name in P.POLICIES:
-        w_cpu, b_cpu = fb.policy_weights(G, name)
+    settings = [(name, None) for name in P.POLICIES] + [("pareto_lora", "weaker"), ("pareto_lora", K - 1)]
+    for name, magnitude in settings:
+        w_cpu, b_cpu = fb.policy_weights(G, name, magnitude=magnitude)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            w_gpu, b_gpu = fb.policy_weights(G_cuda, name)  # native op
-            w_ref, _ = P.resolve_policy(name).reference(clean_gram(G_cuda), torch.diagonal(G_cuda, dim1=1, dim2=2) > 0)
+            w_gpu, b_gpu = fb.policy_weights(G_cuda, name, magnitude=magnitude)  # native op
+            w_ref, _ = P.resolve_policy(name, magnitude=magnitude).reference(
+                clean_gram(G_cuda), torch.diagonal(G_cuda, dim1=1, dim2=2) > 0)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.testing.assert_close(w_gpu.cpu(), w_cpu, rtol=1e-6, atol=1e-9)
@@ -291,6 +367,7 @@ def test_policy_op_passes_opcheck(native, K):
     active = torch.ones(3, K, dtype=torch.bool)
     torch.library.opcheck(native.default, (G, 2, 5.0, True, rounding_of(G.dtype), None))
     torch.library.opcheck(native.default, (G.double(), 3, 5.0, False, rounding_of(torch.float64), active))
+    torch.library.opcheck(native.default, (G, 2, 1.5, True, rounding_of(G.dtype), active, K - 1))
 
 
 def test_more_objectives_than_the_native_solve_takes_use_the_reference(native):

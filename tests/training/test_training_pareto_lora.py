@@ -7,6 +7,8 @@ import warnings
 import pytest
 import torch
 
+import fused_balance as fb
+
 from tiny_unified import VOCAB, make_batch, build_lora_model, modality_losses
 from fused_balance.training import BalancedAdamW, ParetoLoRA, layer_key, lora_parameters, segment_ids_for
 from shared import dispatched_fused_balance_ops
@@ -396,3 +398,64 @@ def test_odd_sized_parameters_balance_to_the_float64_combination(backend):
         for i in members:
             want = sum(result.weights[s, k].double() * per_objective[k][i].double() for k in (0, 1))
             torch.testing.assert_close(params[i].grad.double(), want, rtol=1e-6, atol=1e-7)
+
+
+def _imbalanced_regression(balancer_kwargs, steps=3):
+    """The regression with the image objective scaled far down (agreeing gradients, the rescale
+    branch): ParetoLoRA's weights per step."""
+    from shared import regression_batch, regression_net, regression_objectives
+    model = regression_net()
+    balancer = ParetoLoRA(model, torch.optim.SGD(model.parameters(), lr=1e-3), segments="layer", tau=2.0,
+                          **balancer_kwargs)
+    for step in range(steps):
+        x, t = regression_batch(step, 8, 6, seed=11)
+        losses = regression_objectives(model(x), t)
+        balancer.step({"text": losses["text"] + losses["image"], "image": 1e-3 * losses["image"]})
+        balancer.zero_grad()
+    return balancer
+
+
+@pytest.mark.parametrize("magnitude", ["mean", "weaker", "image", "text"])
+def test_magnitude_rule_by_objective_name(magnitude):
+    """magnitude="image" protects the image objective (only it is raised to the mean norm, text
+    keeps weight 1); "text" protects text, which here is the stronger: the plain sum."""
+    balancer = _imbalanced_regression({"magnitude": magnitude})
+    for entry in balancer.history:
+        rescale = entry["branch"] == fb.BRANCH_RESCALE
+        assert rescale.any()
+        text, image = entry["weights"][rescale, 0], entry["weights"][rescale, 1]
+        norms = entry["norms"][rescale]
+        assert (norms[:, 0] > norms[:, 1]).all()  # text is the stronger gradient here
+        if magnitude == "mean":
+            assert (text < 1).all() and (image > 1).all()
+        elif magnitude in ("weaker", "image"):
+            assert (text == 1).all() and (image > 1).all()
+        else:
+            assert (text == 1).all() and (image == 1).all()
+    assert balancer.state_dict()["settings"]["magnitude"] == magnitude
+
+
+def test_magnitude_naming_an_unknown_objective_is_refused_before_anything_changes():
+    from shared import regression_net
+    with pytest.raises(ValueError, match="name of an objective to protect"):
+        ParetoLoRA(regression_net(), None, objectives=["text", "image"], magnitude="audio")
+    with pytest.raises(ValueError, match="no magnitude option"):
+        ParetoLoRA(regression_net(), None, policy="mgda", magnitude="weaker")
+    model = regression_net()
+    balancer = ParetoLoRA(model, None, magnitude="audio")  # objectives known at the first step
+    before = [p.detach().clone() for p in model.parameters()]
+    y = model(torch.randn(4, 6))
+    with pytest.raises(ValueError, match="name of an objective to protect"):
+        balancer.backward({"text": y[:, 0].pow(2).mean(), "image": y[:, 2].pow(2).mean()})
+    assert balancer.step_count == 0 and balancer.bank is None
+    assert all(p.grad is None and torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_the_magnitude_rule_travels_with_the_state():
+    saved = _imbalanced_regression({"magnitude": "image"}, steps=1).state_dict()
+    restored = _imbalanced_regression({}, steps=0)
+    restored.load_state_dict(saved)
+    assert restored.magnitude == "image"
+    old = dict(saved, settings={k: v for k, v in saved["settings"].items() if k != "magnitude"})
+    restored.load_state_dict(old)  # a state from before the option: the mean rule
+    assert restored.magnitude == "mean"
