@@ -12,7 +12,8 @@
   validation split, see run.py), else the config's ``gradnorm_alpha``. The two objectives'
   gradients are taken once per step; the network's gradient is their weighted sum.
 - ``mgda``: ParetoLoRA(policy="mgda") per layer (min-norm point every step).
-- ``pareto``: ParetoLoRA(policy="pareto_lora", tau, segments) — the method under study.
+- ``pareto``: ParetoLoRA(policy="pareto_lora", tau, segments, magnitude) — the method under
+  study (``magnitude``: its rule where the norms differ by more than tau; default "mean").
 
 Every arm clips the final gradient to a global norm of ``clip`` before AdamW (the balancers
 write their combination with ``ParetoLoRA.backward``, then the loop clips and steps): without
@@ -121,6 +122,7 @@ def train_unified(family: str, arm: dict, seed: int, cfg: dict, split: dict) -> 
     if kind in ("mgda", "pareto"):
         balancer = ParetoLoRA(named, optimizer, policy="mgda" if kind == "mgda" else "pareto_lora",
                               tau=arm.get("tau", 5.0), segments=_segments(arm, cfg),
+                              magnitude=arm.get("magnitude", "mean"),
                               objectives=list(OBJECTIVES), history_every=cfg["diag_every"])
     elif kind == "vanilla":
         observer = ParetoLoRA(named, None, policy="sum", segments="layer", objectives=list(OBJECTIVES))

@@ -7,6 +7,7 @@ ARM_LABELS = {"vanilla": "vanilla LoRA", "static": "static reweighting", "gradno
               "pareto_tau2": "Pareto-LoRA τ 2", "pareto_tau20": "Pareto-LoRA τ 20",
               "pareto_tau100": "Pareto-LoRA τ 100", "pareto_group": "Pareto-LoRA per layer group",
               "pareto_tensor": "Pareto-LoRA per tensor", "pareto_global": "Pareto-LoRA global",
+              "pareto_weaker": "Pareto-LoRA, weaker raised", "pareto_protect_image": "Pareto-LoRA, image protected",
               "constant": "constant LR", "llm_only": "LLM-only LoRA", "encoder_only": "encoder-only LoRA",
               "sched_first": "BalanceScheduler first-order", "sched_exact": "BalanceScheduler exact (KL probe)",
               "sched_aux": "BalanceScheduler + auxiliary loss"}

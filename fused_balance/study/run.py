@@ -30,9 +30,14 @@ _LLAVA_MODEL = dict(hidden=32, layers=2, rank=8, lr=3e-3, batch_size=32, max_obj
                     exact_every=5, aux_weight=0.05)
 _MAIN_ARMS = {"vanilla": {"kind": "vanilla"}, "static": {"kind": "static"},
               "gradnorm": {"kind": "gradnorm"}, "mgda": {"kind": "mgda"},
-              "pareto": {"kind": "pareto", "tau": 5.0, "segments": "layer"}}
-_ABLATIONS = {**{f"pareto_tau{t:g}": {"kind": "pareto", "tau": float(t), "segments": "layer"} for t in (2, 20, 100)},
-              **{f"pareto_{s}": {"kind": "pareto", "tau": 5.0, "segments": s} for s in ("group", "tensor", "global")}}
+              "pareto": {"kind": "pareto", "tau": 5.0, "segments": "layer", "magnitude": "mean"}}
+_ABLATIONS = {**{f"pareto_tau{t:g}": {"kind": "pareto", "tau": float(t), "segments": "layer", "magnitude": "mean"}
+                 for t in (2, 20, 100)},
+              **{f"pareto_{s}": {"kind": "pareto", "tau": 5.0, "segments": s, "magnitude": "mean"}
+                 for s in ("group", "tensor", "global")},
+              # the magnitude rule (fb.policy_weights): only the weaker raised, or only the image objective
+              "pareto_weaker": {"kind": "pareto", "tau": 5.0, "segments": "layer", "magnitude": "weaker"},
+              "pareto_protect_image": {"kind": "pareto", "tau": 5.0, "segments": "layer", "magnitude": "image"}}
 
 CONFIGS = {
     # runs in seconds: the end-to-end test
@@ -44,15 +49,17 @@ CONFIGS = {
                  llava_arms=["constant", "sched_exact"]),
     # `make demo`: a few minutes on 2 cores
     "quick": dict(seeds=3, eval_examples=32, unified=dict(_UNIFIED_MODEL, steps=200, eval_every=100, diag_every=5),
-                  emu2_arms=["vanilla", "static", "gradnorm", "pareto"], chameleon_arms=["vanilla", "pareto"],
+                  emu2_arms=["vanilla", "static", "gradnorm", "pareto"],
+                  chameleon_arms=["vanilla", "pareto", "pareto_protect_image"],
                   static_grid={"emu2": [30.0], "chameleon": []}, static_search=dict(factor=3.0, max_extensions=2),
                   gradnorm_alpha_grid={"emu2": [0.5, 1.5, 3.0]},
                   llava=dict(_LLAVA_MODEL, steps=100, eval_every=10),
                   llava_arms=["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux"]),
     # about 85 CPU-minutes: every ablation on the Emu2-style family (τ 2/20/100; segments per layer
-    # group, per tensor, global), the Chameleon-style family vanilla vs Pareto-LoRA
+    # group, per tensor, global), the Chameleon-style family vanilla vs Pareto-LoRA (mean, weaker, image-protecting magnitude rules)
     "full": dict(seeds=5, eval_examples=64, unified=dict(_UNIFIED_MODEL, steps=300, eval_every=150, diag_every=5),
-                 emu2_arms=list(_MAIN_ARMS) + list(_ABLATIONS), chameleon_arms=["vanilla", "pareto"],
+                 emu2_arms=list(_MAIN_ARMS) + list(_ABLATIONS),
+                 chameleon_arms=["vanilla", "pareto", "pareto_weaker", "pareto_protect_image"],
                  static_grid={"emu2": [3.0, 10.0, 30.0], "chameleon": [0.5, 2.0]},
                  static_search=dict(factor=3.0, max_extensions=3),
                  gradnorm_alpha_grid={"emu2": [0.0, 0.5, 1.5, 3.0]},
