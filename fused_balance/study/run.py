@@ -56,7 +56,8 @@ CONFIGS = {
                   llava=dict(_LLAVA_MODEL, steps=100, eval_every=10),
                   llava_arms=["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux"]),
     # about 85 CPU-minutes: every ablation on the Emu2-style family (τ 2/20/100; segments per layer
-    # group, per tensor, global), the Chameleon-style family vanilla vs Pareto-LoRA (mean, weaker, image-protecting magnitude rules)
+    # group, per tensor, global), the Chameleon-style family vanilla vs Pareto-LoRA (the mean,
+    # weaker and image-protecting magnitude rules)
     "full": dict(seeds=5, eval_examples=64, unified=dict(_UNIFIED_MODEL, steps=300, eval_every=150, diag_every=5),
                  emu2_arms=list(_MAIN_ARMS) + list(_ABLATIONS),
                  chameleon_arms=["vanilla", "pareto", "pareto_weaker", "pareto_protect_image"],

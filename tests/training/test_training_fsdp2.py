@@ -1,7 +1,8 @@
 """ParetoLoRA on FSDP2 (``fully_shard``) models, real processes (gloo on 127.0.0.1, 2 and 4
 ranks, as the other distributed tests): no extra argument, a torch optimizer or the fused AdamW
-(and BalancedAdamW alone as a plain optimizer). Each rank trains on its own micro-batch; FSDP reduce-scatters each objective's gradient (averaged over the ranks),
-the bank holds the local shards, the plan sums the Gram partials over the shard group in one
+(and BalancedAdamW alone as a plain optimizer), and BalancedTrainer's loop. Each rank trains on
+its own micro-batch; FSDP reduce-scatters each objective's gradient (averaged over the ranks), the
+bank holds the local shards, the plan sums the Gram partials over the shard group in one
 all-reduce. After 5 steps the gathered parameters equal one process trained on the whole batch
 (fp32 rounding: the sums over ranks and shards are ordered differently, 1e-5 relative), and the
 communication per step is FSDP's own plus exactly one all-reduce of S·K·K + 1 float64."""
