@@ -2,14 +2,14 @@
 beside bf16 modules_to_save): the bank holds every gradient in the widest dtype, the plan
 balances it as usual and each ``.grad`` receives the combination in its parameter's dtype.
 References: per-objective gradients from ``torch.autograd.grad`` in float64, the K = 2 policy by
-hand (test_training_pareto_lora.hand_weights)."""
+hand (test_training_pareto_lora.hand_combination)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fused_balance.training import GradBank, ParetoLoRA, segment_ids_for
-from test_training_pareto_lora import hand_weights
+from fused_balance.training import GradBank, ParetoLoRA
+from test_training_pareto_lora import hand_combination
 
 LOW = torch.bfloat16
 
@@ -49,18 +49,7 @@ def expected_grads(net, losses):
     per = [[(g.double() if g is not None else torch.zeros_like(p, dtype=torch.float64))
             for g, p in zip(torch.autograd.grad(losses[k], params, retain_graph=True, allow_unused=True), params)]
            for k in ("text", "image")]
-    ids, names = segment_ids_for(named, "layer")
-    out = [None] * len(params)
-    for s in range(len(names)):
-        members = [i for i, sid in enumerate(ids) if sid == s]
-        G = torch.zeros(2, 2, dtype=torch.float64)
-        for i in members:
-            g = torch.stack([per[0][i].reshape(-1), per[1][i].reshape(-1)])
-            G += g @ g.T
-        (w1, w2), _ = hand_weights(G, "pareto_lora", 5.0)
-        for i in members:
-            out[i] = w1 * per[0][i] + w2 * per[1][i]
-    return out
+    return hand_combination(per, named, "pareto_lora", 5.0)[0]
 
 
 @pytest.mark.parametrize("fill", ["backward", "batched"])

@@ -82,6 +82,24 @@ def test_layer_segments_from_peft_names():
     assert set(names) == {"attn", "rest"}
 
 
+def hand_combination(per_objective, named, policy, tau):
+    """Per parameter, the combination of its two objectives' gradients with the weights
+    ``hand_weights`` gives its layer's Gram (float64 sums); and the branch per layer."""
+    ids, names = segment_ids_for(named, "layer")
+    expected, branches = [None] * len(named), []
+    for s in range(len(names)):
+        members = [i for i, sid in enumerate(ids) if sid == s]
+        G = torch.zeros(2, 2, dtype=torch.float64)
+        for i in members:
+            g = torch.stack([per_objective[0][i].reshape(-1), per_objective[1][i].reshape(-1)]).double()
+            G += g @ g.T
+        (w1, w2), branch = hand_weights(G, policy, tau)
+        branches.append(branch)
+        for i in members:
+            expected[i] = w1 * per_objective[0][i] + w2 * per_objective[1][i]
+    return expected, branches
+
+
 @pytest.mark.parametrize("policy,tau", [("mgda", 5.0), ("pareto_lora", 5.0), ("pareto_lora", 1.05),
                                         ("sum", 5.0)])
 def test_grad_equals_hand_computed_per_layer_combination(policy, tau):
@@ -96,19 +114,7 @@ def test_grad_equals_hand_computed_per_layer_combination(policy, tau):
 
     losses = objectives()
     per_objective = [torch.autograd.grad(losses[k], params, retain_graph=True) for k in ("text", "image")]
-    ids, names = segment_ids_for(named, "layer")
-    expected = [None] * len(params)
-    branches = []
-    for s in range(len(names)):
-        members = [i for i, sid in enumerate(ids) if sid == s]
-        G = torch.zeros(2, 2, dtype=torch.float64)
-        for i in members:
-            g = torch.stack([per_objective[0][i].reshape(-1), per_objective[1][i].reshape(-1)])
-            G += g @ g.T
-        (w1, w2), branch = hand_weights(G, policy, tau)
-        branches.append(branch)
-        for i in members:
-            expected[i] = w1 * per_objective[0][i] + w2 * per_objective[1][i]
+    expected, branches = hand_combination(per_objective, named, policy, tau)
 
     balancer = ParetoLoRA(model, None, policy=policy, tau=tau, backend="torch",
                           objectives=["text", "image"])
