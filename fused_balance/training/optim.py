@@ -262,6 +262,11 @@ class BalancedAdamW(torch.optim.Optimizer):
     def state_dict(self):
         out = super().state_dict()
         out["skipped_steps"] = self.skipped_steps
+        # FSDP2: the planned step's moments are DTensors over views of flat buffers, and torch
+        # cannot pickle a DTensor whose local tensor starts inside its storage; the state handed
+        # out holds copies of those (the optimizer keeps its views)
+        out["state"] = {index: {name: _picklable(value) for name, value in state.items()}
+                        for index, state in out["state"].items()}
         return out
 
     def load_state_dict(self, state_dict):
@@ -351,6 +356,15 @@ class _FlatState:
             self._hyper = self.plan.hyper_table(key, self.exp_avg.device, out=self._hyper)
             self._hyper_key = key
         return self._hyper
+
+
+def _picklable(value):
+    """A DTensor whose local tensor is a view into a larger storage as a DTensor over a copy of
+    it (torch.save refuses the view: "invalid python storage"); anything else as it is."""
+    local = local_shard(value)
+    if local is value or local.storage_offset() == 0:
+        return value
+    return like_param(value, local.clone())
 
 
 def _segment_list(segments, num_params: int, num_segments: int) -> list[int]:
