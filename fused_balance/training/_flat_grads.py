@@ -40,8 +40,7 @@ class FlatGrads:
         combination would be stepped), or a copy with ``keep_dead_grads``. Returns an undo
         putting back the ``.grad`` objects replaced here, or None when none was."""
         replaced = []
-        held = any(alive and p.grad is not None for p, alive in zip(self.params, live))
-        if accumulate and held:
+        if accumulate and any(alive and p.grad is not None for p, alive in zip(self.params, live)):
             if self._scratch is None:
                 self._scratch = torch.empty_like(self.flat)
                 self._scratch_views = self.plan.views(self._scratch)

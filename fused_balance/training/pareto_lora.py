@@ -307,7 +307,8 @@ class ParetoLoRA:
             parts = ([f"missing objective(s) {missing}"] if missing else []) + \
                     ([f"unknown objective(s) {unknown}"] if unknown else [])
             raise ValueError(f"losses: {'; '.join(parts)} (this ParetoLoRA balances {expected})")
-        _check_magnitude(self.policy, self.tau, self.rescale, self.magnitude, expected)
+        if self.objectives is None:  # a protected objective's name, checked once its objectives are known
+            _check_magnitude(self.policy, self.tau, self.rescale, self.magnitude, expected)
         bank = self.bank if self.bank is not None else GradBank(self.params, len(expected), mode=self.fill,
                                                                  dtype=self._bank_dtype)
         loss_list = bank.check_losses([losses[name] for name in expected], names=expected)

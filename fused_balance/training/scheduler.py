@@ -62,6 +62,7 @@ import torch
 
 import fused_balance as fb
 from fused_balance._validate import check_real
+from fused_balance.training.history import check_history_limit
 
 __all__ = ["BalanceScheduler"]
 
@@ -148,9 +149,7 @@ class BalanceScheduler:
             raise ValueError("exact_every needs a probe_fn() returning logits on a fixed probe batch")
         if probe_fn is not None and not callable(probe_fn):
             raise TypeError(f"probe_fn must be callable, got {type(probe_fn).__name__}")
-        if history_limit is not None and (isinstance(history_limit, bool) or not isinstance(history_limit, int)
-                                          or history_limit < 1):
-            raise ValueError(f"history_limit must be None (unbounded) or an int >= 1, got {history_limit!r}")
+        check_history_limit(history_limit)
         self.optimizer = optimizer
         self.names = list(components)
         if any(not isinstance(n, str) for n in self.names):

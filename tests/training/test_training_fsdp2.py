@@ -51,21 +51,26 @@ def _count_collectives(fn):
     return record.calls
 
 
+def _shard(model, mesh=None):
+    """``model`` with each of its layers an FSDP2 group and the root another (in place)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
 def _fsdp2_regression(rank, world, hsdp=False, fused=False):
     """``hsdp``: a (replicate, shard) = (2, world / 2) mesh: FSDP all-reduces over the replicas,
     the balancer sums the Gram partials over the shard dimension only. ``fused``: the fused
     AdamW steps the local shards (its moments are DTensors over flat buffers, as torch's AdamW's
     are DTensors)."""
-    from torch.distributed.fsdp import fully_shard
-
-    model = regression_net()
     mesh = None
     if hsdp:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
-    for layer in model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+    model = _shard(regression_net(), mesh)
     balancer = ParetoLoRA(model, regression_optimizer(fused), lr=REGRESSION_LR, weight_decay=0.01)
     traffic, ops = [], []
     for step in range(STEPS):
@@ -99,13 +104,9 @@ def _fsdp2_fused_resumed(rank, world):
     included) and the model's go through torch.save / torch.load into a new sharded model and
     ParetoLoRA, which trains the last 3 steps."""
     import io
-    from torch.distributed.fsdp import fully_shard
 
     def build():
-        model = regression_net()
-        for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+        model = _shard(regression_net())
         return model, ParetoLoRA(model, "fused_adamw", lr=REGRESSION_LR, weight_decay=0.01)
 
     def train(model, balancer, steps):
@@ -128,13 +129,7 @@ def _fsdp2_fused_resumed(rank, world):
 
 def _fsdp2_plain_balanced_adamw(rank, world):
     """BalancedAdamW as a drop-in optimizer (``step()`` on ``.grad``) of an FSDP2 model."""
-    from torch.distributed.fsdp import fully_shard
-
-    model = regression_net()
-    for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
-    return _plain_balanced_adamw(model, lambda x: x.chunk(world)[rank])
+    return _plain_balanced_adamw(_shard(regression_net()), lambda x: x.chunk(world)[rank])
 
 
 def _plain_balanced_adamw(model, rows_of):
@@ -167,12 +162,7 @@ def _accumulating(model, balancer, rows_of, steps=4, nan_step=2):
 
 
 def _fsdp2_accumulating(rank, world):
-    from torch.distributed.fsdp import fully_shard
-
-    model = regression_net()
-    for layer in model.layers:
-        fully_shard(layer)
-    fully_shard(model)
+    model = _shard(regression_net())
     balancer = ParetoLoRA(model, torch.optim.AdamW(model.parameters(), lr=REGRESSION_LR, weight_decay=0.01))
 
     def rows_of(x):
@@ -271,14 +261,9 @@ def _trainer(model, rows_of, rows_per_step, output_dir, shard=None):
 
 def _fsdp2_trainer(rank, world):
     import tempfile
-    from torch.distributed.fsdp import fully_shard
 
-    def shard(model):
-        for layer in model.layers:
-            fully_shard(layer)
-        fully_shard(model)
     return _trainer(regression_net(), lambda a: a.chunk(world)[rank], BATCH // world,
-                    tempfile.mkdtemp(prefix=f"fsdp2-trainer{rank}-"), shard)
+                    tempfile.mkdtemp(prefix=f"fsdp2-trainer{rank}-"), _shard)
 
 
 def _scenarios(rank, world, backends):
