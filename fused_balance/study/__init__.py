@@ -8,6 +8,9 @@
 - unified testbed (``testbed``, ``encoder``): a pretrained (cached per seed) Emu2-style model
   with a pretrained visual encoder, three instruction tasks, vanilla and unimodal LoRA
   references, and the check that accepts or rejects the testbed before any method runs;
+- encoder+LLM testbed (``testbed_llava``): a tiny LLaVA trained in LLaVA's stages (encoder,
+  LLM, projector alignment, instruction tuning; cached per seed), two shifts (new visual
+  attributes, a new answer format), LLM-only / encoder-only / both-sided LoRA and its check;
 - ``tuning`` (settings chosen on the validation split), ``stats`` (paired t-intervals), ``report``
   (generated summary, tables; ``plots``: PNGs), ``jobs`` (resumable job files), ``run`` (CLI).
 

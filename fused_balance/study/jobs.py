@@ -22,3 +22,47 @@ def run_job(path: Path, fn, settings: dict, report_only: bool = False) -> dict |
     tmp.write_text(json.dumps(result))
     tmp.replace(path)  # atomic: an interrupted write never looks finished
     return result
+
+
+class _InlineExecutor:
+    """``submit`` runs at once in this process (one worker: no process to start)."""
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_staged(seeds, first, then, workers: int, bar) -> tuple[dict, dict]:
+    """Per seed a first job (``first(seed) -> (fn, *args)``, e.g. a pretraining that caches its
+    model), then, once it finished, that seed's jobs (``then(seed) -> {key: (fn, *args)}``), in
+    ``workers`` spawned processes (one: inline). Returns ({seed: first result}, {key: result});
+    ``bar`` advances once per job."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1
+            else _InlineExecutor())
+    firsts, found = {}, {}
+    with pool:
+        pending = {pool.submit(*first(seed)): ("first", seed) for seed in seeds}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                stage, key = pending.pop(future)
+                if stage == "first":  # the seed's model is ready: its jobs may start
+                    firsts[key] = future.result()
+                    pending.update({pool.submit(*job): ("then", k) for k, job in then(key).items()})
+                else:
+                    found[key] = future.result()
+                bar.set_postfix_str(f"{' '.join(map(str, key if isinstance(key, tuple) else (key,)))} done")
+                bar.update(1)
+    return firsts, found

@@ -34,6 +34,7 @@ VOCAB = SPECIALS + tuple(sorted(set(WORDS) | set(QUESTION_WORDS)))
 IMAGE_TOKENS = 16
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj",
                 "down_proj", "fc1", "fc2"]
+BRIDGE = ("multi_modal_projector", "embed_tokens", "lm_head")  # trained in every arm
 ARMS = ("constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux")
 
 
@@ -56,6 +57,13 @@ def question(scene: Scene, rng: torch.Generator) -> tuple[list[str], str]:
     return ["what", "shape", "is", "in", "the", *place.split(), "?"], found[0][1] if found else "nothing"
 
 
+def pixel_values(scenes, rng: torch.Generator, noise: float = 0.05) -> torch.Tensor:
+    """The scenes rendered, with Gaussian pixel noise, normalised to [-1, 1]: [N, 3, 32, 32]."""
+    pixels = render(torch.tensor([s.grid for s in scenes]))
+    pixels = (pixels + noise * torch.randn(pixels.shape, generator=rng)).clamp(0, 1)
+    return (pixels - 0.5) / 0.5
+
+
 def make_batch(n: int, rng: torch.Generator, max_objects: int, noise: float = 0.05) -> dict:
     from fused_balance.study.data import sample_scenes
 
@@ -70,35 +78,43 @@ def make_batch(n: int, rng: torch.Generator, max_objects: int, noise: float = 0.
         ids[b, T - len(row):] = torch.tensor(row)
         attention[b, T - len(row):] = 1
         answer_pos[b] = T - 1
-    pixels = render(torch.tensor([s.grid for s in scenes]))
-    pixels = (pixels + noise * torch.randn(pixels.shape, generator=rng)).clamp(0, 1)
-    return {"input_ids": ids, "attention_mask": attention, "pixel_values": (pixels - 0.5) / 0.5,
+    return {"input_ids": ids, "attention_mask": attention, "pixel_values": pixel_values(scenes, rng, noise),
             "answer": torch.tensor([tok(a) for _, a in qa]), "answer_pos": answer_pos}
 
 
-def build_model(seed: int, *, hidden: int = 32, layers: int = 2, rank: int = 8):
-    from peft import LoraConfig, inject_adapter_in_model
+def build_model(seed: int, *, hidden: int = 32, layers: int = 2, rank: int | None = 8, vocab: tuple = VOCAB,
+                patch_size: int = 8):
+    """The tiny LLaVA (random towers), with LoRA of ``rank`` on ``LORA_TARGETS`` and the bridge
+    (projector, token embeddings, head) trainable; ``rank=None``: no LoRA, everything trainable.
+    ``patch_size`` 8: one image token per cell (16), 16: one per quadrant (4)."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     torch.manual_seed(seed)
     vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                              num_attention_heads=4, image_size=32, patch_size=8)
-    text = LlamaConfig(vocab_size=len(VOCAB), hidden_size=hidden, intermediate_size=2 * hidden,
+                              num_attention_heads=4, image_size=32, patch_size=patch_size)
+    text = LlamaConfig(vocab_size=len(vocab), hidden_size=hidden, intermediate_size=2 * hidden,
                        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
                        pad_token_id=0, bos_token_id=1, eos_token_id=2, max_position_embeddings=64)
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=tok("<image>"),
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_id=vocab.index("<image>"),
                          projector_hidden_act="gelu", vision_feature_layer=-1,
                          vision_feature_select_strategy="default")
     config._attn_implementation = "eager"
     config.text_config._attn_implementation = "eager"
     config.vision_config._attn_implementation = "eager"
     model = LlavaForConditionalGeneration(config)
+    return model if rank is None else add_lora(model, seed, rank)
+
+
+def add_lora(model, seed: int, rank: int):
+    """LoRA of ``rank`` on ``LORA_TARGETS`` of both towers; trainable: LoRA and the bridge
+    (projector, token embeddings, head)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
     torch.manual_seed(seed + 1)
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                        target_modules=LORA_TARGETS), model)
     for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name or any(k in name for k in ("multi_modal_projector",
-                                                                     "embed_tokens", "lm_head")))
+        p.requires_grad_("lora_" in name or any(k in name for k in BRIDGE))
     return model
 
 
@@ -106,6 +122,20 @@ def components(model) -> dict[str, list]:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return {"encoder": [p for n, p in named if "vision_tower" in n],
             "llm": [p for n, p in named if "vision_tower" not in n]}
+
+
+def one_sided(model, arm: str) -> dict[str, list]:
+    """The trainable components after ``arm``: "llm_only" freezes the vision tower's LoRA,
+    "encoder_only" the LLM's (the bridge trains in every arm); any other arm changes nothing."""
+    frozen = {"llm_only": "encoder", "encoder_only": "llm"}.get(arm)
+    comps = components(model)
+    if frozen is not None:
+        for n, p in model.named_parameters():
+            side = "encoder" if "vision_tower" in n else "llm"
+            if side == frozen and "lora_" in n and not any(k in n for k in BRIDGE):
+                p.requires_grad_(False)
+        comps = {k: [p for p in v if p.requires_grad] for k, v in comps.items()}
+    return comps
 
 
 def answer_logits(model, batch: dict) -> torch.Tensor:
@@ -131,15 +161,7 @@ def train_llava(arm: str, seed: int, cfg: dict, test: dict) -> dict:
         raise ValueError(f"unknown arm {arm!r}; choose one of {ARMS}")
     started = time.perf_counter()
     model = build_model(seed, hidden=cfg["hidden"], layers=cfg["layers"], rank=cfg["rank"])
-    comps = components(model)
-    frozen = {"llm_only": "encoder", "encoder_only": "llm"}.get(arm)
-    if frozen is not None:  # one-sided: freeze that side's LoRA (bridge tensors stay trainable)
-        bridge = ("multi_modal_projector", "embed_tokens", "lm_head")
-        for n, p in model.named_parameters():
-            side = "encoder" if "vision_tower" in n else "llm"
-            if side == frozen and "lora_" in n and not any(k in n for k in bridge):
-                p.requires_grad_(False)
-        comps = {k: [p for p in v if p.requires_grad] for k, v in comps.items()}
+    comps = one_sided(model, arm)
     scheduler = None
     if arm.startswith("sched"):
         optimizer = torch.optim.AdamW(BalanceScheduler.param_groups(comps, lr=cfg["lr"]), weight_decay=0.0)

@@ -114,6 +114,46 @@ def plot_llava(out: Path, runs: dict) -> None:
     plt.close(fig)
 
 
+def _mean_series(series: list[list]) -> list[float]:
+    """Pointwise mean over seeds (None entries skipped; NaN where every seed has None)."""
+    out = []
+    for values in zip(*series):
+        known = [v for v in values if v is not None]
+        out.append(sum(known) / len(known) if known else math.nan)
+    return out
+
+
+def plot_testbed_llava(path: Path, runs: dict) -> None:
+    """Per shift (rows): test accuracy per arm, κ_t and the normalised LoRA gradient norms of the
+    ``both`` arm, means over seeds (``runs[shift][arm]``: the seeds' results)."""
+    plt = _plt()
+    fig, axes = plt.subplots(len(runs), 3, figsize=(13, 3.3 * len(runs)), squeeze=False)
+    for row, (shift, arms) in enumerate(runs.items()):
+        for arm, rs in arms.items():
+            steps = [e["step"] for e in rs[0]["curve"]]
+            axes[row, 0].plot(steps, [100 * a for a in _mean_series([[e["acc"] for e in r["curve"]] for r in rs])],
+                              label=arm, lw=1.2)
+        both = arms["both"]
+        axes[row, 1].plot(range(1, len(both[0]["kappa"]) + 1), _mean_series([r["kappa"] for r in both]), lw=1.1)
+        axes[row, 1].axhline(0.5, color="grey", lw=0.8, ls=":")
+        steps = [e["step"] for e in both[0]["grad_norms"]]
+        for side, ls in (("encoder", "-"), ("llm", "--")):
+            axes[row, 2].plot(steps, _mean_series([[e[side] for e in r["grad_norms"]] for r in both]), ls=ls,
+                              label=side, lw=1.1)
+        axes[row, 2].set_yscale("log")
+        axes[row, 0].set_ylabel(f"{shift}\ntest accuracy (%)")
+        axes[row, 1].set_ylabel("κ_t (encoder share)")
+        axes[row, 2].set_ylabel("‖g‖ / √parameters")
+        for ax in axes[row]:
+            ax.set_xlabel("step")
+        axes[row, 0].legend(fontsize=7)
+        axes[row, 2].legend(fontsize=7)
+    fig.suptitle("encoder+LLM testbed: LoRA arms; diagnostics of tuning both (means over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_plots(out: Path, results: dict) -> None:
     for family, runs in results["unified"].items():
         plot_pictures(out / f"pictures_{family}.png", family, runs)

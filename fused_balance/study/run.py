@@ -68,6 +68,7 @@ CONFIGS = {
                  llava_arms=["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux"]),
 }
 ARM_SPECS = {**_MAIN_ARMS, **_ABLATIONS}
+TESTBEDS = {"unified": "testbed", "encoder_llm": "testbed_llava"}  # --testbed-check: name -> module
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,10 +89,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "on the same --out; the report then covers only them: rerun without it)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the report from the jobs finished so far")
-    parser.add_argument("--testbed-check", action="store_true",
-                        help="run only the unified testbed's check (pretraining, cached under "
-                             "DIR/cache; unimodal references and vanilla LoRA; no method): "
-                             "DIR/testbed_check.md and .json")
+    parser.add_argument("--testbed-check", nargs="?", const="all", choices=list(TESTBEDS) + ["all"],
+                        help="run only the testbed checks, no method (pretraining cached under DIR/cache): "
+                             "'unified' (unimodal references and vanilla LoRA: DIR/testbed_check.md and "
+                             ".json), 'encoder_llm' (LLM-only, encoder-only and both-sided LoRA: "
+                             "DIR/testbed_llava_check.md and .json) or 'all' (the default)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="--testbed-check: processes of one torch thread each (default: 2 where "
                              "there are 2 cores; the results do not depend on it)")
@@ -177,6 +179,23 @@ def tune_gradnorm(out: Path, family: str, cfg: dict, alphas: list[float], valida
             "search": {k: v for k, v in found.items() if k not in ("scores", "best")}}
 
 
+def _testbed_checks(args) -> int:
+    """``--testbed-check``: each chosen testbed judged, its table printed."""
+    import importlib
+
+    out = Path(args.out)
+    for name in TESTBEDS if args.testbed_check == "all" else [args.testbed_check]:
+        module = importlib.import_module(f"fused_balance.study.{TESTBEDS[name]}")
+        seeds = list(range(args.seeds if args.seeds else module.CONFIGS[args.size]["seeds"]))
+        plots = {"plots": not args.no_plots} if name == "encoder_llm" else {}  # the unified check draws none
+        result = module.testbed_check(out, args.size, seeds, progress=not args.no_progress, workers=args.workers,
+                                      **plots)
+        table = out / f"{TESTBEDS[name]}_check.md"
+        print(table.read_text())
+        print(f"wrote {table} and .json in {result['meta']['wall_s']:.0f} s")
+    return 0
+
+
 def main(args) -> int:
     from tqdm.auto import tqdm
 
@@ -188,8 +207,7 @@ def main(args) -> int:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     if args.testbed_check:
-        from fused_balance.study import testbed
-        return testbed.main(args)
+        return _testbed_checks(args)
     config = CONFIGS[args.size]
     seeds = list(range(args.seeds if args.seeds else config["seeds"]))
     studies = args.only or ["emu2", "chameleon", "llava"]

@@ -414,23 +414,6 @@ def _task_job(out: Path, seed: int, task: str, arm: str, mcfg: dict, lcfg: dict,
                    {"model": mcfg, "lora": lcfg, "eval_examples": n_eval, "task": task, "arm": arm})
 
 
-class _InlineExecutor:
-    """``submit`` runs at once in this process (one worker: no process to start)."""
-
-    def submit(self, fn, *args):
-        from concurrent.futures import Future
-
-        future = Future()
-        future.set_result(fn(*args))
-        return future
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = True, workers: int = 1,
                   config: dict | None = None) -> dict:
     """Pretraining (cached) + references + vanilla on every task and seed; writes
@@ -438,10 +421,9 @@ def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = Tr
     are read back (``out/jobs/testbed/<task>/<arm>__seed<k>.json``). Jobs run in ``workers``
     processes of one torch thread each (a seed's task jobs once its pretraining is cached);
     the results do not depend on ``workers``."""
-    import multiprocessing
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
     from tqdm.auto import tqdm
+
+    from fused_balance.study.jobs import run_staged
 
     config = config or CONFIGS[size]
     started = time.perf_counter()
@@ -449,24 +431,10 @@ def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = Tr
     lcfg = {**config["lora"], "max_objects": mcfg["max_objects"]}
     bar = tqdm(total=len(seeds) * (1 + len(config["tasks"]) * len(ARMS)), desc=f"testbed check ({size})",
                disable=not progress, dynamic_ncols=True, file=sys.stderr)
-    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1
-            else _InlineExecutor())
-    infos, found = {}, {}
-    with pool:
-        pending = {pool.submit(_pretraining_job, out, seed, mcfg, n_eval): (seed,) for seed in seeds}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                key = pending.pop(future)
-                if len(key) == 1:  # a seed's pretraining is cached: its task jobs may start
-                    infos[key[0]] = future.result()
-                    seed = key[0]
-                    pending.update({pool.submit(_task_job, out, seed, task, arm, mcfg, lcfg, n_eval): (seed, task, arm)
-                                    for task in config["tasks"] for arm in ARMS})
-                else:
-                    found[key] = future.result()
-                bar.set_postfix_str(f"{' '.join(map(str, key))} done")
-                bar.update(1)
+    infos, found = run_staged(
+        seeds, lambda seed: (_pretraining_job, out, seed, mcfg, n_eval),
+        lambda seed: {(seed, task, arm): (_task_job, out, seed, task, arm, mcfg, lcfg, n_eval)
+                      for task in config["tasks"] for arm in ARMS}, workers, bar)
     bar.close()
     pretraining = [infos[seed] for seed in seeds]
     runs = {task: {arm: [found[seed, task, arm] for seed in seeds] for arm in ARMS} for task in config["tasks"]}
@@ -479,14 +447,3 @@ def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = Tr
     result = {"verdict": verdict, "tasks": summaries, "pretraining": pretraining, "meta": meta}
     (out / "testbed_check.json").write_text(json.dumps(result, indent=1))
     return result
-
-
-def main(args) -> int:
-    """``fused-balance study --testbed-check [--tiny|--quick|--full] [--workers N] --out DIR``."""
-    config = CONFIGS[args.size]
-    seeds = list(range(args.seeds if args.seeds else config["seeds"]))
-    out = Path(args.out)
-    result = testbed_check(out, args.size, seeds, progress=not args.no_progress, workers=args.workers)
-    print((out / "testbed_check.md").read_text())
-    print(f"wrote {out}/testbed_check.md and .json in {result['meta']['wall_s']:.0f} s")
-    return 0

@@ -143,7 +143,7 @@ def test_tiny_testbed_check_end_to_end(tmp_path):
     from fused_balance.study.testbed import ARMS, CONFIGS
 
     out = tmp_path / "check"
-    args = ["study", "--testbed-check", "--tiny", "--out", str(out), "--no-progress"]
+    args = ["study", "--testbed-check", "unified", "--tiny", "--out", str(out), "--no-progress"]
     assert cli_main(args + ["--workers", "2"]) == 0
     config = CONFIGS["tiny"]
     jobs = sorted((out / "jobs" / "testbed").rglob("*.json"))

@@ -1,0 +1,424 @@
+"""The encoder+LLM testbed (issue 21, 1b), judged before any method runs.
+
+A tiny LLaVA (``llava.build_model``: a CLIP vision tower over 32x32 pictures cut into 16x16
+patches, one image token per quadrant; the two-layer projector; a Llama decoder), made in code
+and trained in LLaVA's order per seed, cached under ``<out>/cache/testbed_llava/seed<k>/``:
+
+1. *encoder*: the vision tower alone on attribute classification of pretraining scenes (each
+   quadrant's colour and shape, read from its patch token; the heads are then dropped);
+2. *LLM*: the language model alone on text, the captions of pretraining scenes;
+3. *alignment* (LLaVA stage 1): only the projector, captioning pictures;
+4. *instruction* (LLaVA stage 2): projector and LLM on questions about pictures ("what colour /
+   shape is in the <place> ?", "how many shapes ?"), one-word answers; the encoder stays frozen.
+
+Then two shifts, LoRA fine-tuning from the stage-4 model (same seeds, batches and steps in every
+arm):
+
+- ``new_shapes`` (new visual attributes, meant to need the encoder): "what shape is in the
+  <place> ?" about pictures of held-out shapes (``data.HELD_OUT_SHAPES``, names never seen);
+- ``new_format`` (meant to need the LLM): pictures like pretraining, a new question and a
+  two-word answer ("what is in the <place> ?" -> "<colour> <shape>", or "nothing").
+
+Arms: ``both`` (LoRA on both towers), ``llm_only`` and ``encoder_only`` (``llava.one_sided``;
+the bridge — projector, token embeddings, head — trains in each, as the shifts bring new words).
+Score: answer accuracy (every answer word right, teacher forced) on a held-out test split.
+CoMMIT-style diagnostics on ``both``: each side's LoRA gradient norm over the square root of its
+parameter count, and κ_t of a ``BalanceScheduler`` with ``eta=0`` (it measures, never acts).
+
+The check (``judge``): ACCEPTED only if the stage-4 model answers its own distribution and, in at
+least one shift, LLM-only and encoder-only LoRA differ from each other and each from tuning
+both (paired 95 % intervals over seeds excluding zero).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fused_balance.study.data import (COLOURS, HELD_OUT_SHAPES, PLACES, PRETRAINING, TESTBED_WORDS, TEST_SEED,
+                                      TRAIN_SEED_BASE, SceneStyle, sample_scenes)
+from fused_balance.study.llava import QUESTION_WORDS, SPECIALS
+from fused_balance.study.stats import mean_std, paired
+
+VOCAB = SPECIALS + tuple(sorted(set(TESTBED_WORDS) | set(QUESTION_WORDS)))
+IMAGE_TOKENS = 4  # one per quadrant (patch 16 on a 32x32 picture)
+ARMS = ("both", "llm_only", "encoder_only")
+SHIFTS = {"new_shapes": (SceneStyle(shapes=tuple(HELD_OUT_SHAPES.items())), "shape"),
+          "new_format": (PRETRAINING, "what")}
+BASE_QUESTIONS = ("colour", "shape", "count")
+# Acceptance: the stage-4 model answers its own questions (mean over seeds) ...
+BASE_MIN_ACC = 0.8
+PAIRS = (("llm_only", "encoder_only"), ("both", "llm_only"), ("both", "encoder_only"))
+
+_MODEL = dict(hidden=48, layers=2, max_objects=2, noise=0.05, batch=64, lr=5e-3)
+_SHIFT = dict(rank=4, lr=3e-3, batch_size=16, eval_every=10, diag_every=5)
+CONFIGS = {
+    "tiny": dict(seeds=2, eval_examples=16, model=dict(_MODEL, hidden=16, stage_steps=[5, 5, 5, 5]),
+                 shift=dict(_SHIFT, steps=4, eval_every=2, diag_every=2)),
+    "quick": dict(seeds=5, eval_examples=256, model=dict(_MODEL, stage_steps=[300, 300, 200, 3000]),
+                  shift=dict(_SHIFT, steps=200)),
+    "full": dict(seeds=10, eval_examples=512, model=dict(_MODEL, stage_steps=[600, 600, 400, 4000]),
+                 shift=dict(_SHIFT, steps=300)),
+}
+
+
+def tok(word: str) -> int:
+    return VOCAB.index(word)
+
+
+def ask(scene, rng: torch.Generator, kind: str) -> tuple[list[str], list[str]]:
+    """(question, answer) of ``kind``: colour / shape at a place (mostly an occupied one, else
+    maybe "nothing"), the count, or "what" (the two-word "<colour> <shape>" of a place)."""
+    if kind == "count":
+        return ["how", "many", "shapes", "?"], [("one", "two", "three", "four")[len(scene.objects) - 1]]
+    occupied = [o[2] for o in scene.objects]
+    if float(torch.rand((), generator=rng)) < 0.75:
+        place = occupied[int(torch.randint(len(occupied), (1,), generator=rng))]
+    else:
+        place = list(PLACES)[int(torch.randint(len(PLACES), (1,), generator=rng))]
+    found = [o for o in scene.objects if o[2] == place]
+    if kind == "what":
+        return ["what", "is", "in", "the", *place.split(), "?"], list(found[0][:2]) if found else ["nothing"]
+    answer = (found[0][0] if kind == "colour" else found[0][1]) if found else "nothing"
+    return ["what", kind, "is", "in", "the", *place.split(), "?"], [answer]
+
+
+def encode(rows, pixel_values: torch.Tensor | None) -> dict:
+    """Right-padded ``<bos> [<image> x 4] prompt answer <eos>`` per (prompt, answer) row;
+    ``target``: positions whose next token is trained (answer and <eos>), ``scored``: those
+    predicting an answer word (accuracy)."""
+    image = [tok("<image>")] * IMAGE_TOKENS if pixel_values is not None else []
+    seqs = [[tok("<bos>")] + image + [tok(w) for w in prompt] + [tok(w) for w in answer] + [tok("<eos>")]
+            for prompt, answer in rows]
+    T = max(map(len, seqs))
+    ids = torch.full((len(rows), T), tok("<pad>"), dtype=torch.long)
+    attention, target, scored = (torch.zeros(len(rows), T, dtype=torch.bool) for _ in range(3))
+    for b, (seq, (_, answer)) in enumerate(zip(seqs, rows)):
+        ids[b, :len(seq)] = torch.tensor(seq)
+        attention[b, :len(seq)] = True
+        first = len(seq) - len(answer) - 2  # the position predicting the first answer word
+        target[b, first:len(seq) - 1] = True
+        scored[b, first:len(seq) - 2] = True
+    batch = {"input_ids": ids, "attention_mask": attention.long(), "target": target[:, :-1],
+             "scored": scored[:, :-1]}
+    if pixel_values is not None:
+        batch["pixel_values"] = pixel_values
+    return batch
+
+
+def make_batch(n: int, rng: torch.Generator, cfg: dict, style: SceneStyle = PRETRAINING, kind: str = "base",
+               image: bool = True) -> dict:
+    """``kind``: "caption" (the scene's caption), "base" (a random base question) or one
+    question kind of ``ask``; ``image=False``: text only (no picture tokens)."""
+    from fused_balance.study.llava import pixel_values
+
+    scenes = sample_scenes(n, rng, cfg["max_objects"], style)
+    if kind == "caption":
+        rows = [([], list(s.caption)) for s in scenes]
+    else:
+        kinds = [BASE_QUESTIONS[int(torch.randint(3, (1,), generator=rng))] if kind == "base" else kind
+                 for _ in scenes]
+        rows = [ask(s, rng, k) for s, k in zip(scenes, kinds)]
+    return encode(rows, pixel_values(scenes, rng, cfg["noise"]) if image else None)
+
+
+def _logits(model, batch: dict) -> torch.Tensor:
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+    return model(**inputs).logits[:, :-1]
+
+
+def loss_of(model, batch: dict) -> torch.Tensor:
+    mask = batch["target"]
+    return F.cross_entropy(_logits(model, batch)[mask], batch["input_ids"][:, 1:][mask])
+
+
+@torch.no_grad()
+def answer_accuracy(model, batch: dict) -> float:
+    """Fraction of examples with every answer word the argmax (teacher forced)."""
+    was = model.training
+    model.eval()
+    right = _logits(model, batch).argmax(-1) == batch["input_ids"][:, 1:]
+    model.train(was)
+    return float((right | ~batch["scored"]).all(-1).float().mean())
+
+
+def _train(model, params, steps: int, lr: float, batches) -> None:
+    """``params`` alone train (everything else frozen: no gradient piles up in tensors this stage
+    does not step), AdamW with a linear decay to zero."""
+    model.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0 - s / steps)
+    for _ in range(steps):
+        loss_of(model, batches()).backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _quadrant_loss(model, heads, batch: dict, scenes) -> torch.Tensor:
+    from fused_balance.study.encoder import quadrant_labels
+
+    features = model.model.vision_tower(batch["pixel_values"]).last_hidden_state[:, 1:]  # [B, 4, H], no CLS
+    colour, shape = quadrant_labels(scenes)
+    return (F.cross_entropy(heads[0](features).flatten(0, 1), colour.flatten())
+            + F.cross_entropy(heads[1](features).flatten(0, 1), shape.flatten()))
+
+
+def pretrain(seed: int, cfg: dict, n_eval: int):
+    """The four stages (module docstring); returns the model and its scores."""
+    from fused_balance.study.data import SHAPES
+    from fused_balance.study.encoder import quadrant_labels
+    from fused_balance.study.llava import build_model, pixel_values
+
+    started = time.perf_counter()
+    model = build_model(seed, hidden=cfg["hidden"], layers=cfg["layers"], rank=None, vocab=VOCAB, patch_size=16)
+    vision, projector = model.model.vision_tower, model.model.multi_modal_projector
+    llm = [*model.model.language_model.parameters(), *model.lm_head.parameters()]
+    rng = torch.Generator().manual_seed(TRAIN_SEED_BASE + 900 + seed)  # not the shifts' batches
+    steps = cfg["stage_steps"]
+    # 1. encoder: each quadrant's colour and shape (up to 4 objects, so every quadrant is seen full)
+    heads = torch.nn.ModuleList([torch.nn.Linear(cfg["hidden"], 1 + len(COLOURS)),
+                                 torch.nn.Linear(cfg["hidden"], 1 + len(SHAPES))])
+    optimizer = torch.optim.AdamW([*vision.parameters(), *heads.parameters()], lr=cfg["lr"], weight_decay=0.0)
+    for _ in range(steps[0]):
+        scenes = sample_scenes(cfg["batch"], rng, 4)
+        _quadrant_loss(model, heads, {"pixel_values": pixel_values(scenes, rng, cfg["noise"])}, scenes).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    test = sample_scenes(n_eval, torch.Generator().manual_seed(TEST_SEED + 1100), 4)
+    with torch.no_grad():
+        features = vision(pixel_values(test, torch.Generator().manual_seed(1), cfg["noise"])).last_hidden_state[:, 1:]
+    colour, shape = quadrant_labels(test)
+    encoder_scores = {"quadrant_colour_acc": float((heads[0](features).argmax(-1) == colour).float().mean()),
+                      "quadrant_shape_acc": float((heads[1](features).argmax(-1) == shape).float().mean())}
+    # 2. LLM on text; 3. projector on captions of pictures; 4. projector + LLM on questions
+    _train(model, llm, steps[1], cfg["lr"], lambda: make_batch(cfg["batch"], rng, cfg, kind="caption", image=False))
+    _train(model, list(projector.parameters()), steps[2], cfg["lr"],
+           lambda: make_batch(cfg["batch"], rng, cfg, kind="caption"))
+    _train(model, [*projector.parameters(), *llm], steps[3], cfg["lr"], lambda: make_batch(cfg["batch"], rng, cfg))
+    model.requires_grad_(False)
+    split = torch.Generator().manual_seed(TEST_SEED + 1200)
+    scores = {"encoder": encoder_scores,
+              "caption_acc": answer_accuracy(model, make_batch(n_eval, split, cfg, kind="caption")),
+              "base_acc": answer_accuracy(model, make_batch(n_eval, split, cfg)),
+              "base_acc_by_kind": {k: answer_accuracy(model, make_batch(n_eval, split, cfg, kind=k))
+                                   for k in BASE_QUESTIONS},
+              "wall_s": time.perf_counter() - started}
+    return model, scores
+
+
+def pretrained(out: Path, seed: int, cfg: dict, n_eval: int):
+    """The stage-4 model of ``seed``, loaded from ``out/cache/testbed_llava/seed<k>/`` when it was
+    made with the same settings, else made and stored there (``info["cached"]`` says which)."""
+    from fused_balance.study.llava import build_model
+
+    folder = out / "cache" / "testbed_llava" / f"seed{seed}"
+    settings = json.loads(json.dumps({**cfg, "seed": seed, "eval_examples": n_eval, "vocab": VOCAB}))
+    info_path, weights_path = folder / "pretrained.json", folder / "pretrained.pt"
+    if info_path.exists() and weights_path.exists():
+        info = json.loads(info_path.read_text())
+        if info["settings"] == settings:
+            model = build_model(seed, hidden=cfg["hidden"], layers=cfg["layers"], rank=None, vocab=VOCAB,
+                                patch_size=16)
+            model.load_state_dict(torch.load(weights_path, weights_only=True))
+            return model.requires_grad_(False), {**info, "cached": True}
+    model, info = pretrain(seed, cfg, n_eval)
+    info["settings"] = settings
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), weights_path.with_suffix(".tmp"))
+    weights_path.with_suffix(".tmp").replace(weights_path)
+    info_path.write_text(json.dumps(info))  # written last: its presence means the weights are whole
+    return model, {**info, "cached": False}
+
+
+def train_shift(model, shift: str, arm: str, seed: int, cfg: dict, test: dict) -> dict:
+    """One LoRA run of ``arm`` on ``shift`` from the stage-4 ``model`` (changed in place)."""
+    from fused_balance.study.llava import BRIDGE, add_lora, one_sided
+    from fused_balance.training import BalanceScheduler
+
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; choose one of {ARMS}")
+    started = time.perf_counter()
+    add_lora(model, seed, cfg["rank"])
+    comps = one_sided(model, arm)
+    lora = {side: [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n
+                   and ("vision_tower" in n) == (side == "encoder")] for side in ("encoder", "llm")}
+    bridge = [p for n, p in model.named_parameters() if p.requires_grad and any(k in n for k in BRIDGE)]
+    params = [p for ps in comps.values() for p in ps]
+    scheduler = None
+    if arm == "both":  # diagnostics: a scheduler that measures κ and never changes a rate (eta=0)
+        optimizer = torch.optim.AdamW(BalanceScheduler.param_groups(lora, rest=bridge, lr=cfg["lr"]),
+                                      weight_decay=0.0)
+        scheduler = BalanceScheduler(optimizer, lora, rest=bridge, eta=0.0)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    style, kind = SHIFTS[shift]
+    rng = torch.Generator().manual_seed(TRAIN_SEED_BASE + 1300 + seed)  # the same batches in every arm
+    curve, norms = [], []
+    for step in range(cfg["steps"]):
+        loss_of(model, make_batch(cfg["batch_size"], rng, cfg, style, kind)).backward()
+        if scheduler is not None and step % cfg["diag_every"] == 0:
+            norms.append({"step": step, **{side: math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ps)
+                                                           / sum(p.numel() for p in ps))
+                                           for side, ps in lora.items()}})
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
+            curve.append({"step": step + 1, "acc": answer_accuracy(model, test)})
+    result = {"shift": shift, "arm": arm, "seed": seed, "acc": curve[-1]["acc"], "curve": curve,
+              "wall_s": time.perf_counter() - started}
+    if scheduler is not None:
+        result["kappa"] = [h["kappa"] for h in scheduler.history]
+        result["grad_norms"] = norms
+        scheduler.close()
+    return result
+
+
+def test_split(shift: str, cfg: dict, n_eval: int) -> dict:
+    style, kind = SHIFTS[shift]
+    return make_batch(n_eval, torch.Generator().manual_seed(TEST_SEED + 1400 + list(SHIFTS).index(shift)), cfg,
+                      style, kind)
+
+
+def judge(accuracies: dict, base_acc: list[float]) -> dict:
+    """Acceptance from numbers alone. ``accuracies[shift][arm]``: final accuracy per seed (paired
+    by position); ``base_acc``: the stage-4 model's accuracy on its own questions per seed."""
+    rows = {}
+    for shift, arms in accuracies.items():
+        diffs = {f"{a} - {b}": paired(arms[a], arms[b]) for a, b in PAIRS}
+        rows[shift] = {"diffs": {k: {m: d[m] for m in ("mean", "low", "high", "n", "excludes_zero")}
+                                 for k, d in diffs.items()},
+                       "separates": all(d["n"] > 1 and d["excludes_zero"] for d in diffs.values())}
+    criteria = {"the instruction-tuned model answers its questions":
+                bool(base_acc) and sum(base_acc) / len(base_acc) >= BASE_MIN_ACC,
+                "LLM-only, encoder-only and both differ (some shift)": any(r["separates"] for r in rows.values())}
+    return {"accepted": all(criteria.values()), "criteria": criteria,
+            "failing": [c for c, ok in criteria.items() if not ok], "shifts": rows,
+            "thresholds": {"base_min_acc": BASE_MIN_ACC}}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+def check_markdown(verdict: dict, accuracies: dict, pretraining: list, diagnostics: dict, meta: dict) -> str:
+    status = "ACCEPTED" if verdict["accepted"] else "NOT ACCEPTED"
+    ms = lambda values: "{:.1f} ± {:.1f}".format(*(100 * x for x in mean_std(values)))  # noqa: E731
+    lines = [f"# Testbed check (encoder + LLM, LLaVA-style): **{status}**", "",
+             f"No balancing method ran. Seeds {meta['seeds']}, configuration `{meta['configuration']}`, "
+             f"{meta['workers']} worker process(es) of 1 torch thread, {meta['wall_s']:.0f} s wall "
+             f"({meta['date_utc']}).", ""]
+    if verdict["failing"]:
+        lines += ["Failing: " + "; ".join(verdict["failing"]) + ".", ""]
+    lines += ["## Pretrained model (stage 4, its own distribution; mean ± std over seeds, %)", "",
+              "| encoder quadrant colour / shape | caption words | questions: all / colour / shape / count |",
+              "|---|---|---|",
+              f"| {ms(p['encoder']['quadrant_colour_acc'] for p in pretraining)} / "
+              f"{ms(p['encoder']['quadrant_shape_acc'] for p in pretraining)} "
+              f"| {ms(p['caption_acc'] for p in pretraining)} "
+              f"| {ms(p['base_acc'] for p in pretraining)} / "
+              + " / ".join(ms(p["base_acc_by_kind"][k] for p in pretraining) for k in BASE_QUESTIONS) + " |",
+              "", "## Per shift: final answer accuracy (%) and paired differences (points, 95 % CI)", "",
+              "| shift | both | LLM-only | encoder-only | " + " | ".join(f"{a} − {b}" for a, b in PAIRS)
+              + " | separates |", "|---|---|---|---|" + "---|" * len(PAIRS) + "---|"]
+    for shift, row in verdict["shifts"].items():
+        cells = [ms(accuracies[shift][arm]) for arm in ARMS]
+        cells += [f"{_pct(d['mean'])} [{_pct(d['low'])}, {_pct(d['high'])}]" for d in row["diffs"].values()]
+        lines.append(f"| {shift} | " + " | ".join(cells) + f" | {'yes' if row['separates'] else 'no'} |")
+    lines += ["", "## Diagnostics (arm `both`, mean over seeds): LoRA gradient norm / √parameters, κ_t", "",
+              "| shift | ‖g_enc‖/√n, first / last | ‖g_llm‖/√n, first / last | κ at 10 % / 50 % / 100 % of the steps |",
+              "|---|---|---|---|"]
+    for shift, d in diagnostics.items():
+        lines.append(f"| {shift} | {d['encoder'][0]:.2e} / {d['encoder'][1]:.2e} | {d['llm'][0]:.2e} / "
+                     f"{d['llm'][1]:.2e} | " + " / ".join("n/a" if k is None else f"{k:.2f}" for k in d["kappa"])
+                     + " |")
+    lines += ["", "## Criteria", "",
+              f"- the instruction-tuned model answers its own questions: mean accuracy ≥ "
+              f"{100 * verdict['thresholds']['base_min_acc']:.0f} %",
+              "- in some shift, LLM-only and encoder-only LoRA differ from each other and each from tuning both: "
+              "all three paired 95 % intervals exclude zero", ""]
+    lines += [f"- {'PASS' if ok else 'FAIL'}: {c}" for c, ok in verdict["criteria"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def diagnostics_of(runs: list[dict]) -> dict:
+    """Mean over seeds of the ``both`` runs' normalised gradient norms (first, last record) and
+    κ at 10 / 50 / 100 % of the steps (None where the scheduler had no share yet)."""
+    def at(series, fraction):
+        values = [s[max(0, math.ceil(fraction * len(s)) - 1)] for s in series if s]
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
+    norms = {side: (sum(r["grad_norms"][0][side] for r in runs) / len(runs),
+                    sum(r["grad_norms"][-1][side] for r in runs) / len(runs)) for side in ("encoder", "llm")}
+    return {**norms, "kappa": [at([r["kappa"] for r in runs], f) for f in (0.1, 0.5, 1.0)]}
+
+
+def _pretraining_job(out: Path, seed: int, cfg: dict, n_eval: int) -> dict:
+    torch.set_num_threads(1)
+    return pretrained(out, seed, cfg, n_eval)[1]
+
+
+def _shift_job(out: Path, seed: int, shift: str, arm: str, mcfg: dict, scfg: dict, n_eval: int) -> dict:
+    import warnings
+
+    from fused_balance.study.jobs import run_job
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+
+    def run():
+        model, _ = pretrained(out, seed, mcfg, n_eval)
+        return train_shift(model, shift, arm, seed, scfg, test_split(shift, scfg, n_eval))
+    return run_job(out / "jobs" / "testbed_llava" / shift / f"{arm}__seed{seed}.json", run,
+                   {"model": mcfg, "shift": scfg, "eval_examples": n_eval, "arm": arm})
+
+
+def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = True, workers: int = 1,
+                  config: dict | None = None, plots: bool = True) -> dict:
+    """Pretraining (cached) and the three arms on both shifts per seed; writes
+    ``out/testbed_llava_check.md``, ``.json`` and (``plots``) ``testbed_llava.png`` (accuracy
+    curves, κ_t, normalised gradient norms); finished jobs are read back
+    (``out/jobs/testbed_llava/<shift>/<arm>__seed<k>.json``)."""
+    from tqdm.auto import tqdm
+
+    from fused_balance.study.jobs import run_staged
+
+    config = config or CONFIGS[size]
+    started = time.perf_counter()
+    mcfg, n_eval = config["model"], config["eval_examples"]
+    scfg = {**config["shift"], "max_objects": mcfg["max_objects"], "noise": mcfg["noise"]}
+    bar = tqdm(total=len(seeds) * (1 + len(SHIFTS) * len(ARMS)), desc=f"encoder+LLM testbed check ({size})",
+               disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    infos, found = run_staged(
+        seeds, lambda seed: (_pretraining_job, out, seed, mcfg, n_eval),
+        lambda seed: {(seed, shift, arm): (_shift_job, out, seed, shift, arm, mcfg, scfg, n_eval)
+                      for shift in SHIFTS for arm in ARMS}, workers, bar)
+    bar.close()
+    pretraining = [infos[seed] for seed in seeds]
+    accuracies = {shift: {arm: [found[seed, shift, arm]["acc"] for seed in seeds] for arm in ARMS}
+                  for shift in SHIFTS}
+    diagnostics = {shift: diagnostics_of([found[seed, shift, "both"] for seed in seeds]) for shift in SHIFTS}
+    verdict = judge(accuracies, [p["base_acc"] for p in pretraining])
+    meta = {"configuration": size, "seeds": seeds, "workers": workers, "threads_per_worker": 1, "config": config,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": time.perf_counter() - started}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "testbed_llava_check.md").write_text(check_markdown(verdict, accuracies, pretraining, diagnostics, meta))
+    result = {"verdict": verdict, "accuracies": accuracies, "diagnostics": diagnostics, "pretraining": pretraining,
+              "curves": {f"{shift}/{arm}/seed{seed}": found[seed, shift, arm]["curve"]
+                         for seed in seeds for shift in SHIFTS for arm in ARMS}, "meta": meta}
+    (out / "testbed_llava_check.json").write_text(json.dumps(result, indent=1))
+    if plots:
+        from fused_balance.study.plots import plot_testbed_llava
+
+        plot_testbed_llava(out / "testbed_llava.png", {shift: {arm: [found[seed, shift, arm] for seed in seeds]
+                                                               for arm in ARMS} for shift in SHIFTS})
+    return result

@@ -1,0 +1,205 @@
+"""The encoder+LLM testbed (issue 21, 1b): questions and their answers, the sequence masks, the
+accuracy, the judge from numbers alone, the pretraining cache and a tiny run of
+``fused-balance study --testbed-check encoder_llm``."""
+import json
+
+import pytest
+import torch
+
+from fused_balance.study.data import PLACES, Scene
+
+
+def _scene(*objects):
+    return Scene(tuple(objects), (0,) * 16, ("one",))
+
+
+@pytest.mark.parametrize("kind", ["colour", "shape", "what"])
+def test_questions_name_what_is_at_their_place(kind):
+    from fused_balance.study.testbed_llava import ask
+
+    rng = torch.Generator().manual_seed(0)
+    scene = _scene(("red", "square", "top left"), ("blue", "slash", "bottom right"))
+    truth = {"top left": ("red", "square"), "bottom right": ("blue", "slash")}
+    asked = set()
+    for _ in range(200):
+        question, answer = ask(scene, rng, kind)
+        place = " ".join(question[-3:-1])
+        assert place in PLACES
+        asked.add(place)
+        expected = truth.get(place)
+        if expected is None:
+            assert answer == ["nothing"]
+        else:
+            assert answer == {"colour": [expected[0]], "shape": [expected[1]], "what": list(expected)}[kind]
+    assert asked == set(PLACES)  # empty places are asked about too
+
+
+def test_count_question():
+    from fused_balance.study.testbed_llava import ask
+
+    scene = _scene(("red", "square", "top left"), ("blue", "slash", "top right"), ("green", "stripe", "bottom left"))
+    assert ask(scene, torch.Generator(), "count") == (["how", "many", "shapes", "?"], ["three"])
+
+
+def test_sequences_train_the_answer_and_score_its_words():
+    from fused_balance.study.testbed_llava import IMAGE_TOKENS, encode, tok
+
+    rows = [(["what", "is", "in", "the", "top", "left", "?"], ["red", "square"]), ([], ["one", "shape"]),
+            (["how", "many", "shapes", "?"], ["two"])]
+    batch = encode(rows, torch.zeros(3, 3, 32, 32))
+    ids, target, scored = batch["input_ids"], batch["target"], batch["scored"]
+    for b, (prompt, answer) in enumerate(rows):
+        length = 1 + IMAGE_TOKENS + len(prompt) + len(answer) + 1
+        assert batch["attention_mask"][b].sum() == length and (ids[b, length:] == tok("<pad>")).all()
+        # the next token at every trained position: the answer's words, then <eos>
+        assert ids[b, 1:][target[b]].tolist() == [tok(w) for w in answer] + [tok("<eos>")]
+        assert ids[b, 1:][scored[b]].tolist() == [tok(w) for w in answer]
+    assert (ids[:, 1:1 + IMAGE_TOKENS] == tok("<image>")).all()
+    text = encode(rows[:1], None)
+    assert "pixel_values" not in text and (text["input_ids"] != tok("<image>")).all()
+
+
+class _Oracle(torch.nn.Module):
+    """Logits putting the argmax on the true next token, except where ``wrong`` is True."""
+
+    def __init__(self, wrong=None):
+        super().__init__()
+        self.wrong = wrong
+
+    def forward(self, input_ids, attention_mask, pixel_values=None):
+        from fused_balance.study.testbed_llava import VOCAB
+
+        nxt = torch.cat([input_ids[:, 1:], input_ids[:, :1]], 1)
+        if self.wrong is not None:
+            nxt = torch.where(self.wrong, (nxt + 1) % len(VOCAB), nxt)
+        return type("Out", (), {"logits": torch.nn.functional.one_hot(nxt, len(VOCAB)).float()})()
+
+
+def test_an_answer_counts_only_when_every_word_is_right():
+    from fused_balance.study.testbed_llava import answer_accuracy, encode
+
+    rows = [(["what", "is", "in", "the", "top", "left", "?"], ["red", "square"])] * 4
+    batch = encode(rows, None)
+    assert answer_accuracy(_Oracle(), batch) == 1.0
+    wrong = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    scored = torch.nonzero(batch["scored"][0]).flatten().tolist()
+    wrong[0, scored[1]] = True            # second answer word wrong: example 0 fails
+    wrong[1, scored[-1] + 1] = True       # the <eos> prediction is not scored
+    wrong[2, 0] = True                    # a prompt position is not scored
+    assert answer_accuracy(_Oracle(wrong), batch) == 0.75
+
+
+def _accs(both, llm, enc):
+    return {"s": {"both": both, "llm_only": llm, "encoder_only": enc}}
+
+
+def test_judge_accepts_only_when_all_three_arms_differ():
+    from fused_balance.study.testbed_llava import judge
+
+    seeds = [0.0, 0.01, -0.01, 0.02, -0.02]
+    good = _accs([0.9 + s for s in seeds], [0.7 + s for s in seeds], [0.5 + s / 2 for s in seeds])
+    verdict = judge(good, [0.95] * 5)
+    assert verdict["accepted"] and verdict["shifts"]["s"]["separates"]
+    # LLM-only as good as both (the encoder side adds nothing): not separated
+    same = _accs([0.9 + s for s in seeds], [0.9 + s for s in seeds], [0.5 + s for s in seeds])
+    verdict = judge(same, [0.95] * 5)
+    assert not verdict["accepted"] and verdict["failing"] == ["LLM-only, encoder-only and both differ (some shift)"]
+    assert verdict["shifts"]["s"]["diffs"]["both - llm_only"]["mean"] == pytest.approx(0.0)
+    # a base model that does not answer its own questions
+    verdict = judge(good, [0.5] * 5)
+    assert verdict["failing"] == ["the instruction-tuned model answers its questions"]
+    # one seed cannot separate anything
+    one = _accs([0.9], [0.7], [0.5])
+    assert not judge(one, [0.95])["shifts"]["s"]["separates"]
+
+
+def test_pretraining_is_cached_per_seed(tmp_path, monkeypatch):
+    from fused_balance.study import testbed_llava
+
+    cfg = testbed_llava.CONFIGS["tiny"]["model"]
+    first, info = testbed_llava.pretrained(tmp_path, 0, cfg, 8)
+    assert not info["cached"] and (tmp_path / "cache" / "testbed_llava" / "seed0" / "pretrained.pt").exists()
+    assert not any(p.requires_grad for p in first.parameters())
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("pretrained again although the cache holds this seed")
+
+    monkeypatch.setattr(testbed_llava, "pretrain", no_training)
+    second, info2 = testbed_llava.pretrained(tmp_path, 0, cfg, 8)
+    assert info2["cached"] and info2["base_acc"] == info["base_acc"]
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(AssertionError, match="pretrained again"):
+        testbed_llava.pretrained(tmp_path, 0, {**cfg, "stage_steps": [5, 5, 5, 6]}, 8)
+
+
+def test_one_sided_arms_train_only_their_side(tmp_path):
+    """llm_only leaves the vision tower as pretrained, encoder_only the language model's
+    layers; both change both; the bridge (projector, embeddings, head) trains in each."""
+    import copy
+
+    from fused_balance.study import testbed_llava as tb
+
+    cfg = tb.CONFIGS["tiny"]
+    model, _ = tb.pretrained(tmp_path, 0, cfg["model"], 8)
+    scfg = {**cfg["shift"], "max_objects": 2, "noise": 0.05}
+    test = tb.test_split("new_shapes", scfg, 8)
+
+    def moved(arm):
+        m = copy.deepcopy(model)
+        before = {n: p.detach().clone() for n, p in m.named_parameters()}
+        tb.train_shift(m, "new_shapes", arm, 0, scfg, test)
+        merged = {n.replace("base_layer.", ""): p for n, p in m.named_parameters()}
+        changed = {n for n, p in before.items() if not torch.equal(p, merged[n])}
+        lora = {n for n, p in m.named_parameters() if "lora_" in n and p.abs().sum() > 0 and "lora_B" in n}
+        return changed, lora
+
+    for arm, vision_lora, llm_lora in (("both", True, True), ("llm_only", False, True), ("encoder_only", True, False)):
+        changed, lora_b = moved(arm)
+        assert any("multi_modal_projector" in n for n in changed) and any("lm_head" in n for n in changed)
+        assert any("vision_tower" in n for n in lora_b) == vision_lora  # lora_B starts at zero: moved iff trained
+        assert any("language_model" in n for n in lora_b) == llm_lora
+        assert not any("vision_tower" in n for n in changed)  # base weights stay; LoRA carries the change
+
+
+def test_tiny_check_end_to_end(tmp_path):
+    from fused_balance.cli import main as cli_main
+    from fused_balance.study.testbed_llava import ARMS, CONFIGS, SHIFTS
+
+    out = tmp_path / "check"
+    args = ["study", "--testbed-check", "encoder_llm", "--tiny", "--out", str(out), "--no-progress"]
+    assert cli_main(args + ["--workers", "2"]) == 0
+    config = CONFIGS["tiny"]
+    jobs = sorted((out / "jobs" / "testbed_llava").rglob("*.json"))
+    assert len(jobs) == config["seeds"] * len(SHIFTS) * len(ARMS)
+    assert not (out / "testbed_check.json").exists()  # only the chosen testbed ran
+    result = json.loads((out / "testbed_llava_check.json").read_text())
+    verdict = result["verdict"]
+    assert set(verdict["shifts"]) == set(SHIFTS) and verdict["accepted"] == (verdict["failing"] == [])
+    for shift in SHIFTS:
+        assert all(len(result["accuracies"][shift][arm]) == config["seeds"] for arm in ARMS)
+        kappa = result["diagnostics"][shift]["kappa"]
+        assert len(kappa) == 3 and all(k is None or 0.0 <= k <= 1.0 for k in kappa)
+    table = (out / "testbed_llava_check.md").read_text()
+    assert ("**NOT ACCEPTED**" in table) == (not verdict["accepted"])
+    assert all(f"| {shift} |" in table for shift in SHIFTS)
+    assert (out / "testbed_llava.png").stat().st_size > 0
+    before = {p: p.stat().st_mtime_ns for folder in ("jobs", "cache") for p in (out / folder).rglob("*") if p.is_file()}
+    assert cli_main(args + ["--workers", "1"]) == 0  # read back, nothing run again
+    assert before == {p: p.stat().st_mtime_ns for p in before}
+    assert json.loads((out / "testbed_llava_check.json").read_text())["accuracies"] == result["accuracies"]
+
+
+def test_testbed_check_runs_every_testbed_by_default():
+    import argparse
+
+    from fused_balance.study.run import TESTBEDS, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--testbed-check"]).testbed_check == "all"
+    assert parser.parse_args(["--testbed-check", "--tiny"]).testbed_check == "all"
+    assert parser.parse_args(["--testbed-check", "encoder_llm"]).testbed_check == "encoder_llm"
+    assert set(TESTBEDS) == {"unified", "encoder_llm"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--testbed-check", "chameleon"])
