@@ -335,7 +335,8 @@ def check_markdown(verdict: dict, accuracies: dict, pretraining: list, diagnosti
         cells += [f"{_pct(d['mean'])} [{_pct(d['low'])}, {_pct(d['high'])}]" for d in row["diffs"].values()]
         lines.append(f"| {shift} | " + " | ".join(cells) + f" | {'yes' if row['separates'] else 'no'} |")
     lines += ["", "## Diagnostics (arm `both`, mean over seeds): LoRA gradient norm / √parameters, κ_t", "",
-              "| shift | ‖g_enc‖/√n, first / last | ‖g_llm‖/√n, first / last | κ at 10 % / 50 % / 100 % of the steps |",
+              "| shift | ‖g_enc‖/√n, first / last | ‖g_llm‖/√n, first / last "
+              "| κ at 10 % / 50 % / 100 % of the steps |",
               "|---|---|---|---|"]
     for shift, d in diagnostics.items():
         lines.append(f"| {shift} | {d['encoder'][0]:.2e} / {d['encoder'][1]:.2e} | {d['llm'][0]:.2e} / "
