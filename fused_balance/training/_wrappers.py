@@ -23,7 +23,8 @@ from typing import Sequence
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["unwrap", "canonical_names", "check_not_fsdp", "adopt_ddp", "check_ddp_quiet", "FSDP_RECIPE"]
+__all__ = ["unwrap", "canonical_names", "check_not_fsdp", "adopt_ddp", "check_ddp_quiet", "FSDP_RECIPE",
+           "shown_names"]
 
 _SHARED_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
 
@@ -31,6 +32,11 @@ FSDP_RECIPE = (
     "ParetoLoRA drives FSDP2 (torch.distributed.fsdp.fully_shard) directly: pass the fully_shard "
     "model and a torch optimizer (accelerate and the Trainer use FSDP2 with fsdp_version: 2). "
     "For replicated models use DistributedDataParallel, which ParetoLoRA also supports directly.")
+
+
+def shown_names(names: Sequence[str]) -> str:
+    """The first three of ``names`` for an error message, quoted, "..." when there are more."""
+    return ", ".join(repr(n) for n in names[:3]) + (" ..." if len(names) > 3 else "")
 
 
 def unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module | None]:
@@ -105,9 +111,8 @@ def adopt_ddp(ddp, params: Sequence[torch.Tensor], process_group, distributed: s
     loose = [name for name, p in ddp.module.named_parameters()
              if p.requires_grad and id(p) not in balanced]
     if loose:
-        shown = ", ".join(repr(n) for n in loose[:3]) + (" ..." if len(loose) > 3 else "")
         raise ValueError(f"{len(loose)} trainable parameter(s) of the DDP model are not balanced "
-                         f"({shown}): ParetoLoRA switches DDP's gradient averaging off, so they "
+                         f"({shown_names(loose)}): ParetoLoRA switches DDP's gradient averaging off, so they "
                          "would differ between ranks; freeze them or balance them too")
     switch_off_sync(ddp)
     return group

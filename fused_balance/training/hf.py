@@ -87,7 +87,7 @@ class BalancedTrainer(Trainer):
         current = {id(p) for p in unwrap(model)[0].parameters()}
         if all(id(p) in current for p in self.balancer.params):
             return
-        if self.balancer._window:
+        if self.balancer.pending_micro_batches:
             raise RuntimeError("the model's parameters were replaced while the balancer held gathered "
                                "gradients: shard the model (fully_shard) before the first training step")
         rebuilt = ParetoLoRA(model, optimizer=None, **self._balancer_settings)

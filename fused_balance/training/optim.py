@@ -18,11 +18,38 @@ import fused_balance as fb
 from fused_balance._validate import check_real
 from fused_balance.backends import check_backend_choice
 from fused_balance.training._fsdp import like_param, local_shard
+from fused_balance.training._wrappers import shown_names
 from fused_balance.training.bank import check_trainable
 
-__all__ = ["BalancedAdamW"]
+__all__ = ["BalancedAdamW", "make_optimizer"]
 
 
+def make_optimizer(optimizer, named_params, *, lr: float, weight_decay: float, betas: tuple[float, float],
+                   eps: float, backend: str | None):
+    """ParetoLoRA's ``optimizer`` argument as an optimizer: a torch optimizer (a BalancedAdamW
+    too) as it is, ``"fused_adamw"`` a BalancedAdamW built from the hyper-parameters, a callable
+    ``params -> optimizer`` called, None as it is. Checked to hold every balanced parameter of
+    ``named_params`` (``(name, param)`` pairs)."""
+    params = [p for _, p in named_params]
+    if isinstance(optimizer, str):
+        if optimizer != "fused_adamw":
+            raise ValueError(f"optimizer string must be 'fused_adamw', got {optimizer!r}")
+        optimizer = BalancedAdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, backend=backend)
+    elif optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        if not callable(optimizer):
+            raise TypeError("optimizer must be a torch optimizer, a factory params -> optimizer, "
+                            f"'fused_adamw' or None, got {type(optimizer).__name__}")
+        optimizer = optimizer(params)  # a factory
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"the optimizer factory returned a {type(optimizer).__name__}, "
+                            "not a torch optimizer")
+    if optimizer is not None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [name for name, p in named_params if id(p) not in held]
+        if missing:
+            raise ValueError(f"the optimizer does not hold {len(missing)} balanced parameter(s) "
+                             f"({shown_names(missing)}): they would never be updated")
+    return optimizer
 
 
 def _check_hyper(group: dict, where: str) -> None:

@@ -21,28 +21,32 @@ traffic is the one all-reduce of K·N elements per step (``fused_balance.trainin
 Segments (sets of tensors sharing one set of weights): ``"layer"`` (by sub-model and layer index,
 tensors outside a numbered layer by their module; see ``fused_balance.training.segments``),
 ``"tensor"``, ``"global"`` or a callable ``(name, param) -> hashable key``.
+
+ParetoLoRA coordinates parts with one job each: ``objectives`` (the objectives' names, the
+losses dict's checks, the magnitude rule), ``engine`` (the planned step over the bank),
+``history`` (the step history), ``bank`` (the gradients), ``optim`` (the optimizer argument).
 """
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import Callable, Iterable, Mapping, NamedTuple, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-import fused_balance as fb
 from fused_balance import _extension
 from fused_balance.backends import check_backend_choice
-from fused_balance.distributed import all_reduce_gram_, average_gradients_, check_group
-from fused_balance.policies import MAGNITUDE_RULES, check_policy_args, gram_statistics
-from fused_balance.training import _wrappers
-from fused_balance.training import _fsdp
-from fused_balance.training._flat_grads import FlatGrads
+from fused_balance.distributed import check_group
+from fused_balance.training import _fsdp, _wrappers
 from fused_balance.training.bank import GradBank
+from fused_balance.training.engine import PlannedEngine, Reach, ReachTracker, in_list_dtype
 from fused_balance.training.history import StepHistory
-from fused_balance.training.optim import BalancedAdamW
+from fused_balance.training.objectives import Objectives, check_magnitude, magnitude_rule
+from fused_balance.training.optim import BalancedAdamW, make_optimizer
 from fused_balance.training.segments import layer_key, lora_parameters, named_parameters_of, segment_ids_for
 
 __all__ = ["ParetoLoRA", "lora_parameters", "layer_key", "segment_ids_for"]
+
 
 def _named(model_or_params) -> list[tuple[str, torch.Tensor]]:
     if isinstance(model_or_params, torch.nn.Module):
@@ -50,7 +54,6 @@ def _named(model_or_params) -> list[tuple[str, torch.Tensor]]:
     named = named_parameters_of(model_or_params, "ParetoLoRA")
     _wrappers.check_not_fsdp(named)
     return list(zip(_wrappers.canonical_names([n for n, _ in named]), [p for _, p in named]))
-
 
 
 def _bank_dtype(named, fused: bool) -> torch.dtype:
@@ -73,36 +76,6 @@ def _bank_dtype(named, fused: bool) -> torch.dtype:
     for dtype in dtypes:
         widest = torch.promote_types(widest, dtype)
     return widest
-
-
-def _magnitude_rule(magnitude, objectives):
-    """The policy's magnitude argument: a rule name as it is, an objective's name as its index."""
-    if isinstance(magnitude, str) and magnitude not in MAGNITUDE_RULES:
-        return list(objectives).index(magnitude)
-    return magnitude
-
-
-def _check_magnitude(policy, tau, rescale, magnitude, objectives) -> None:
-    """The policy arguments with ``magnitude`` a rule or the name of an objective to protect,
-    which must be one of ``objectives`` once they are known."""
-    if isinstance(magnitude, str) and magnitude not in MAGNITUDE_RULES:
-        if objectives is not None and magnitude not in objectives:
-            raise ValueError(f"magnitude must be one of {MAGNITUDE_RULES} or the name of an objective to "
-                             f"protect ({list(objectives)}), got {magnitude!r}")
-        check_policy_args(policy, tau, rescale, 0)  # as a protected objective
-        return
-    if not (magnitude is None or isinstance(magnitude, str)):
-        raise TypeError(f"magnitude must be one of {MAGNITUDE_RULES} or an objective's name, got {magnitude!r}")
-    check_policy_args(policy, tau, rescale, magnitude)
-
-
-class Reach(NamedTuple):
-    """What one window reached: ``live`` per tensor, ``live_segments`` per segment, the ``dead``
-    tensors' names; ``key`` changes whenever these may have."""
-    key: tuple
-    live: list
-    live_segments: list
-    dead: list
 
 
 class ParetoLoRA:
@@ -145,6 +118,9 @@ class ParetoLoRA:
     all of them). Each entry holds a few [S, K] tensors on the training device until
     ``history`` is read, so an unbounded history grows with the run.
 
+    ``pending_micro_batches`` (read-only): the micro-batches ``accumulate`` gathered since the
+    last balance (0 between steps).
+
     Bad input (unknown or missing objectives, non-scalar losses, frozen or duplicate parameters,
     a loss on another device, ...) raises before anything is written: parameters, gradients,
     optimizer state, history and step counters stay as they were.
@@ -158,15 +134,11 @@ class ParetoLoRA:
                  record_history: bool = True, history_every: int = 1,
                  history_limit: int | None = 10_000, process_group=None, distributed: str = "data",
                  magnitude: str = "mean"):
-        _check_magnitude(policy, tau, rescale, magnitude, objectives)
+        check_magnitude(policy, tau, rescale, magnitude, objectives)
         check_group(process_group, distributed)
         if fill not in ("backward", "batched"):
             raise ValueError(f"unknown fill mode {fill!r}; choose 'backward' or 'batched'")
-        if objectives is not None:
-            if isinstance(objectives, (str, bytes)) or not all(isinstance(o, str) for o in objectives):
-                raise TypeError(f"objectives must be a sequence of names (str), got {objectives!r}")
-            if not objectives or len(set(objectives)) != len(list(objectives)):
-                raise ValueError(f"objectives must be distinct names, at least one: {objectives!r}")
+        self._objectives = Objectives(objectives)
         self._steps = StepHistory(history_limit, history_every, record_history)
         self.named_params = _named(model_or_params)
         self.params = [p for _, p in self.named_params]
@@ -179,30 +151,14 @@ class ParetoLoRA:
             process_group, distributed = shard_group, "sharded"
         self.process_group, self.distributed = process_group, distributed
         self._fsdp = shard_group is not None
-        self._flat_grads = None  # the .grad the plan writes when it cannot attach views (FlatGrads)
         check_backend_choice(backend, self.params[0].device, bank_ops=True)
         self.segment_ids, self.segment_names = segment_ids_for(self.named_params, segments)
         self.segments_rule = segments if isinstance(segments, str) else "callable"
         self.policy, self.tau, self.rescale, self.magnitude = policy, float(tau), rescale, magnitude
         self.backend, self.fill = backend, fill
-        self.objectives = list(objectives) if objectives is not None else None
-        if isinstance(optimizer, str):
-            if optimizer != "fused_adamw":
-                raise ValueError(f"optimizer string must be 'fused_adamw', got {optimizer!r}")
-            optimizer = BalancedAdamW(self.params, lr=lr, betas=betas, eps=eps,
-                                      weight_decay=weight_decay, backend=backend)
-        elif optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            if not callable(optimizer):
-                raise TypeError("optimizer must be a torch optimizer, a factory params -> optimizer, "
-                                f"'fused_adamw' or None, got {type(optimizer).__name__}")
-            optimizer = optimizer(self.params)  # a factory
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(f"the optimizer factory returned a {type(optimizer).__name__}, "
-                                "not a torch optimizer")
-        self.optimizer = optimizer
+        self.optimizer = optimizer = make_optimizer(optimizer, self.named_params, lr=lr, weight_decay=weight_decay,
+                                                    betas=betas, eps=eps, backend=backend)
         self.fused = isinstance(optimizer, BalancedAdamW)
-        if optimizer is not None:
-            self._check_optimizer_holds_params(optimizer)
         self._bank_dtype = _bank_dtype(self.named_params, self.fused)
         # .grad the plan's flat buffer cannot be viewed as (FSDP2's DTensors, another dtype)
         self._flat_grads_needed = self._fsdp or any(p.dtype != self._bank_dtype for p in self.params)
@@ -216,10 +172,9 @@ class ParetoLoRA:
         self.skipped_steps = 0
         self._window = 0  # micro-batches accumulated in the bank since the last balance
         self._window_losses: torch.Tensor | None = None  # their losses, summed, on the device
-        self._reach_cache: Reach | None = None  # what depends on bank.reached (see _reach)
+        self._reach_of = ReachTracker([n for n, _ in self.named_params], self.segment_ids, self.num_segments)
         self._warned_nonfinite = False
-        self._plan = self._plan_key = None
-        self._plan_live = None  # the Reach key the plan's live mask was set for
+        self._engine = self._engine_key = None
         self._ddp = None
         self._watch = None  # the parameters' TensorStamp (frozen-later check), once the extension loads
         if isinstance(model_or_params, torch.nn.Module):
@@ -256,10 +211,9 @@ class ParetoLoRA:
             return
         frozen = [name for name, p in self.named_params if not p.requires_grad]
         if frozen:
-            shown = ", ".join(repr(n) for n in frozen[:3]) + (" ..." if len(frozen) > 3 else "")
             raise ValueError(f"{len(frozen)} balanced parameter(s) were frozen after ParetoLoRA was built "
-                             f"({shown}): they would still be written and stepped; unfreeze them, or build a "
-                             "new ParetoLoRA (and optimizer) over the parameters that train")
+                             f"({_wrappers.shown_names(frozen)}): they would still be written and stepped; "
+                             "unfreeze them, or build a new ParetoLoRA (and optimizer) over the parameters that train")
         if self._watch is not None:
             self._watch.record()
 
@@ -276,46 +230,40 @@ class ParetoLoRA:
                              "the fused step covers the parameters ParetoLoRA balances; build a new "
                              "BalancedAdamW and ParetoLoRA over all the parameters instead")
 
-    def _check_optimizer_holds_params(self, optimizer) -> None:
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        missing = [name for name, p in self.named_params if id(p) not in held]
-        if missing:
-            shown = ", ".join(repr(n) for n in missing[:3]) + (" ..." if len(missing) > 3 else "")
-            raise ValueError(f"the optimizer does not hold {len(missing)} balanced parameter(s) "
-                             f"({shown}): they would never be updated")
-
     # -- helpers ------------------------------------------------------------------------------
     @property
     def num_segments(self) -> int:
         return len(self.segment_names)
 
+    @property
+    def objectives(self) -> list[str] | None:
+        """The objectives' names, in the order of every [.., K] tensor; None until the first
+        losses arrive (unless given), then fixed."""
+        return self._objectives.names
+
+    @property
+    def pending_micro_batches(self) -> int:
+        """Micro-batches ``accumulate`` gathered since the last balance (0 between steps)."""
+        return self._window
+
+    @property
+    def _plan(self):
+        """The engine's BalancePlan (None before the first balance or step)."""
+        return None if self._engine is None else self._engine.plan
+
     def _loss_list(self, losses: Mapping[str, torch.Tensor]) -> list[torch.Tensor]:
         """The losses in objective order, every one checked before any state changes."""
-        if not isinstance(losses, Mapping):
-            raise TypeError("losses must be a dict {objective name: scalar loss tensor}, got "
-                            f"{type(losses).__name__}")
-        if not losses:
-            raise ValueError("losses is empty: expected {objective name: scalar loss tensor}")
+        names = self._objectives.order(losses, self.magnitude)
         if self._ddp is not None:
             _wrappers.check_ddp_quiet(self._ddp)
-        expected = self.objectives if self.objectives is not None else list(losses)
-        if any(not isinstance(name, str) for name in losses):
-            raise TypeError(f"objective names must be str, got {list(losses)!r}")
-        missing = [name for name in expected if name not in losses]
-        unknown = [name for name in losses if name not in expected]
-        if missing or unknown:
-            parts = ([f"missing objective(s) {missing}"] if missing else []) + \
-                    ([f"unknown objective(s) {unknown}"] if unknown else [])
-            raise ValueError(f"losses: {'; '.join(parts)} (this ParetoLoRA balances {expected})")
-        if self.objectives is None:  # a protected objective's name, checked once its objectives are known
-            _check_magnitude(self.policy, self.tau, self.rescale, self.magnitude, expected)
-        bank = self.bank if self.bank is not None else GradBank(self.params, len(expected), mode=self.fill,
+        bank = self.bank if self.bank is not None else GradBank(self.params, len(names), mode=self.fill,
                                                                  dtype=self._bank_dtype)
-        loss_list = bank.check_losses([losses[name] for name in expected], names=expected)
+        loss_list = bank.check_losses([losses[name] for name in names], names=names)
         if not any(loss.requires_grad for loss in loss_list):
             raise ValueError("no loss requires grad (computed under torch.no_grad(), or detached?): "
                              "there is nothing to balance")
-        self.objectives, self.bank = list(expected), bank
+        self._objectives.fix(names)
+        self.bank = bank
         return loss_list
 
     def _record(self, losses, gram, norms, cosines, weights, branch, found_inf, took_step) -> dict | None:
@@ -332,22 +280,11 @@ class ParetoLoRA:
         return self._steps.append(entry, reach.key, reach.dead)
 
     # -- tensors no objective reached ----------------------------------------------------------
-    def _reach(self) -> "Reach":
-        """Which tensors and segments are live (some objective reached them in this window),
-        rebuilt only when the bank's reached set changes (rarely: the first steps), so a step
-        costs no per-tensor work."""
-        bank = self.bank
-        key = (id(bank), bank.reached_version, id(bank.grads))  # grads: new views after a buffer swap
-        if self._reach_cache is None or self._reach_cache.key != key:
-            # Ranks may reach different tensors but must step the same ones: under a process
-            # group every tensor counts as reached (zero gradients where none arrived).
-            live = list(bank.reached) if self.process_group is None else [True] * len(self.params)
-            live_segments = [False] * self.num_segments
-            for alive, s in zip(live, self.segment_ids):
-                live_segments[s] = live_segments[s] or alive
-            dead = [name for (name, _), alive in zip(self.named_params, live) if not alive]
-            self._reach_cache = Reach(key, live, live_segments, dead)
-        return self._reach_cache
+    def _reach(self) -> Reach:
+        """Which tensors and segments some objective reached in this window (cached). Ranks may
+        reach different tensors but must step the same ones: under a process group every tensor
+        counts as reached (zero gradients where none arrived)."""
+        return self._reach_of(self.bank, self.process_group is not None)
 
     @property
     def dead_tensors(self) -> list[str]:
@@ -391,13 +328,8 @@ class ParetoLoRA:
         Returns the fb.ParetoResult; with ``found_inf`` nothing was written (``.grad`` stays as
         it was; this costs one host read of the flag when a ``.grad`` had to be created)."""
         self._require_window()
-        took = None
         try:
-            res, undo = self._planned_write(accumulate, keep_dead_grads=True)
-            if undo is not None and bool(res.found_inf):  # views attached for nothing: take them back
-                undo()
-                took = False
-            res = self._history_result(res, always=True)
+            res, took = self._engine_now().balance(accumulate)
         except BaseException:
             self._drop_window()
             raise
@@ -423,7 +355,7 @@ class ParetoLoRA:
             self._check_unchanged()
         self._require_window()
         try:
-            res, took = self._planned_step()
+            res, took = self._engine_now().step()
         except BaseException:  # an OOM in the optimizer, a KeyboardInterrupt: the next step
             self._drop_window()  # starts a fresh window instead of adding to this one
             raise
@@ -435,99 +367,18 @@ class ParetoLoRA:
         the bank)."""
         self._window, self._window_losses = 0, None
 
-    # -- the planned step (fb.BalancePlan): validated once, O(1) host work per step ------------
-    def _balance_plan(self) -> "fb.BalancePlan":
-        key = (self.bank, self.policy, self.tau, self.rescale, self.magnitude)  # load_state_dict may change them
-        if self._plan is None or self._plan_key != key:  # built once per bank and policy
-            self._plan = fb.BalancePlan(self.bank, self.segment_ids, params=self.bank.tensors, policy=self.policy,
-                                        tau=self.tau, rescale=self.rescale, backend=self.backend,
-                                        magnitude=_magnitude_rule(self.magnitude, self.objectives))
-            self._plan_key = key
-            self._plan_live = None
-        return self._plan
-
-    def _planned_weights(self, keep_dead_grads: bool = False):
-        """The plan, the bank averaged over a data-parallel group, the weights, the live mask
-        (a tensor that left it keeps a copy of its ``.grad`` with ``keep_dead_grads``: balance
-        and backward leave unreached tensors' gradients alone; step replaces ``.grad``)."""
-        plan = self._balance_plan()
-        if self.process_group is None:
-            res = plan.weights()
-        elif self.distributed == "data":  # every rank balances the mean bank
-            average_gradients_([self.bank.buffer], self.process_group)  # one all-reduce, K·N
-            res = plan.weights()
-        else:  # each rank holds shards: the Gram partials are summed, (S·K·K + 1) float64
-            res = plan.weights(all_reduce_gram_(*plan.gram(), self.process_group))
-        reach = self._reach()  # cached: rebuilt only when the reached set changes
-        if self._plan_live != reach.key:
-            plan.set_live(reach.live, keep_dead_grads=keep_dead_grads)
-            self._plan_live = reach.key
-        return plan, res
-
-    def _planned_write(self, accumulate: bool, keep_dead_grads: bool = False):
-        """The combination into the live ``.grad`` through the plan (added to what they hold with
-        ``accumulate``). Returns the result and an undo for a skip: None when nothing needs
-        undoing (every ``.grad`` already was its view), else a callable putting back the ``.grad``
-        the write replaced (one C++ loop when they were None, as after ``zero_grad``)."""
-        plan, res = self._planned_weights(keep_dead_grads)
-        if self._flat_grads_needed:  # DTensors, or another dtype, over the plan's flat buffer
-            if self._flat_grads is None or self._flat_grads.plan is not plan:
-                self._flat_grads = FlatGrads(self.params, plan)
-            return res, self._flat_grads.write(res, self._reach().live, accumulate, keep_dead_grads)
-        state = plan.grads_state()
-        undo = None
-        if state == "none":
-            undo = plan.clear_grads
-        elif state == "mixed":
-            saved = [p.grad for p in self.params]
-
-            def undo():
-                for p, g in zip(self.params, saved):
-                    p.grad = g
-        plan.combine_into_grads(res, accumulate=accumulate)
-        return res, undo
-
-    def _planned_step(self):
-        """Gram -> weights -> combine into ``.grad`` (or the fused AdamW) through the plan.
-        Returns the result (statistics in the list API's dtype, for the history) and whether
-        it stepped."""
-        if self.fused:
-            plan, res = self._planned_weights()
-            self.optimizer.planned_step(plan, res.weights, skip=res.found_inf, params=self.params)
-            took = not bool(res.found_inf)  # the one host read: step() reports whether it stepped
-            if took:
-                self.optimizer.publish_planned_state()
-            else:
-                self.optimizer.skipped_steps += 1
-            return self._history_result(res), took
-        res, undo = self._planned_write(accumulate=False)
-        took = not bool(res.found_inf)  # the one host read: step() reports whether it stepped
-        try:
-            if took:
-                self.optimizer.step()
-        except BaseException:  # .grad back to what it was (None after zero_grad)
-            took = False
-            raise
-        finally:
-            if not took and undo is not None:
-                undo()
-        return self._history_result(res), took
-
-    def _history_result(self, res, always: bool = False):
-        """The plan's result as the list API gives it (statistics in the list API's dtype; the
-        plan solves in float64) when ``always``; else the raw float64 Gram and weights, which
-        the history turns into statistics only when it is read (``_in_list_dtype``)."""
-        if not always:
-            return fb.ParetoResult(None, res.gram, res.weights, None, None, res.found_inf, res.branch)
-        gram, weights, norms, cosines = self._in_list_dtype(res.gram, res.weights)
-        return fb.ParetoResult(None, gram, weights, norms, cosines, res.found_inf, res.branch)
-
-    def _in_list_dtype(self, gram, weights):
-        """(gram, weights, norms, cosines) of a float64 plan result, in the list API's dtype."""
-        acc = torch.float64 if self.bank.dtype == torch.float64 else torch.float32
-        big = torch.finfo(acc).max
-        norms, cosines = (t.to(acc) for t in gram_statistics(gram))
-        return gram.to(acc), weights.clamp(-big, big).to(acc), norms, cosines
+    def _engine_now(self) -> PlannedEngine:
+        """The planned step over the current bank: built once per bank, policy settings and
+        process group (load_state_dict, attach and free_buffers may change them)."""
+        key = (self.bank, self.policy, self.tau, self.rescale, self.magnitude, self.process_group, self.distributed)
+        if self._engine is None or self._engine_key != key:
+            self._engine = PlannedEngine(
+                self.bank, self.params, self.segment_ids, policy=self.policy, tau=self.tau, rescale=self.rescale,
+                magnitude=magnitude_rule(self.magnitude, self.objectives), backend=self.backend,
+                process_group=self.process_group, distributed=self.distributed, reach=self._reach_of,
+                flat_grads_needed=self._flat_grads_needed, optimizer=self.optimizer, fused=self.fused)
+            self._engine_key = key
+        return self._engine
 
     def _require_window(self) -> None:
         if self._window == 0:
@@ -541,13 +392,7 @@ class ParetoLoRA:
                              stepped)
         if took is False:  # a skip the host already knows about: name the objectives at fault
             self.skipped_steps += 1
-            finite_losses = torch.isfinite(losses).tolist()
-            bad = [name for name, ok in zip(self.objectives, finite_losses) if not ok]
-            bad_grads = []
-            if res.gram is not None:  # a NaN/Inf gradient under a finite loss shows on G's diagonal
-                finite_norms = torch.isfinite(torch.diagonal(res.gram, dim1=-2, dim2=-1)).all(0).tolist()
-                bad_grads = [name for name, ok, loss_ok in zip(self.objectives, finite_norms, finite_losses)
-                             if not ok and loss_ok]
+            bad, bad_grads = self._objectives.at_fault(losses, res.gram)
             if entry is not None:
                 entry["nonfinite_losses"] = bad
                 entry["nonfinite_gradients"] = bad_grads
@@ -563,7 +408,7 @@ class ParetoLoRA:
         """Drop the [K, N] gradient bank and scratch space (allocated again by the next step),
         e.g. to give the memory back during evaluation."""
         self.bank = None
-        self._plan = self._plan_key = self._flat_grads = None
+        self._engine = self._engine_key = None
         self._drop_window()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -582,7 +427,7 @@ class ParetoLoRA:
         on a skip ``step`` saw: a NaN/Inf loss, or a NaN/Inf gradient under a finite loss),
         and ``dead`` (names of the tensors no objective reached) when that set changed; the last
         ``history_limit`` of them. Tensors are moved to the CPU here, not during training."""
-        return self._steps.read(self._in_list_dtype)
+        return self._steps.read(functools.partial(in_list_dtype, bank_dtype=self._bank_dtype))
 
     def history_records(self) -> Iterable[dict]:
         """The history as JSON-ready dicts (one per step, one sub-dict per segment)."""
@@ -620,16 +465,16 @@ class ParetoLoRA:
         if mine["objectives"] is not None and saved["objectives"] not in (None, mine["objectives"]):
             raise ValueError(f"checkpoint objectives {saved['objectives']} differ from {mine['objectives']}")
         magnitude = saved.get("magnitude", "mean")  # states from before the option: the mean rule
-        _check_magnitude(saved["policy"], saved["tau"], saved["rescale"], magnitude,
-                         saved["objectives"] if saved["objectives"] is not None else mine["objectives"])
+        check_magnitude(saved["policy"], saved["tau"], saved["rescale"], magnitude,
+                        saved["objectives"] if saved["objectives"] is not None else mine["objectives"])
         history = list(state["history"])
         if state.get("optimizer") is not None and self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self.policy, self.tau, self.rescale = saved["policy"], saved["tau"], saved["rescale"]
         self.magnitude = magnitude
-        self.objectives = saved["objectives"]
+        self._objectives.names = saved["objectives"]
         self._steps.every = int(saved.get("history_every", self._steps.every))
         self.step_count = int(state["step"])
         self.skipped_steps = int(state["skipped_steps"])
-        self._window, self._window_losses = 0, None
+        self._drop_window()
         self._steps.load(history)
