@@ -55,7 +55,7 @@ demo: build
 	$(FB) info
 	$(FB) study --quick --out runs/demo
 
-# The study's testbed judged before any method runs (issue 21): ACCEPTED or NOT, and why.
+# The study's two testbeds (unified; encoder+LLM) judged before any method runs (issue 21): ACCEPTED or NOT, and why.
 testbed: build
 	$(FB) study --testbed-check --quick --out runs/testbed
 

@@ -57,9 +57,12 @@ def question(scene: Scene, rng: torch.Generator) -> tuple[list[str], str]:
     return ["what", "shape", "is", "in", "the", *place.split(), "?"], found[0][1] if found else "nothing"
 
 
-def pixel_values(scenes, rng: torch.Generator, noise: float = 0.05) -> torch.Tensor:
-    """The scenes rendered, with Gaussian pixel noise, normalised to [-1, 1]: [N, 3, 32, 32]."""
+def pixel_values(scenes, rng: torch.Generator, noise: float = 0.05, tint: torch.Tensor | None = None) -> torch.Tensor:
+    """The scenes rendered, with Gaussian pixel noise, normalised to [-1, 1]: [N, 3, 32, 32].
+    ``tint`` [N, 16, 3]: an RGB offset per cell, added to the palette's colour."""
     pixels = render(torch.tensor([s.grid for s in scenes]))
+    if tint is not None:
+        pixels = pixels + tint.movedim(-1, -2).reshape(-1, 3, 4, 4).repeat_interleave(8, -2).repeat_interleave(8, -1)
     pixels = (pixels + noise * torch.randn(pixels.shape, generator=rng)).clamp(0, 1)
     return (pixels - 0.5) / 0.5
 

@@ -11,11 +11,14 @@ and trained in LLaVA's order per seed, cached under ``<out>/cache/testbed_llava/
 4. *instruction* (LLaVA stage 2): projector and LLM on questions about pictures ("what colour /
    shape is in the <place> ?", "how many shapes ?"), one-word answers; the encoder stays frozen.
 
-Then two shifts, LoRA fine-tuning from the stage-4 model (same seeds, batches and steps in every
+Then three shifts, LoRA fine-tuning from the stage-4 model (same seeds, batches and steps in every
 arm):
 
 - ``new_shapes`` (new visual attributes, meant to need the encoder): "what shape is in the
   <place> ?" about pictures of held-out shapes (``data.HELD_OUT_SHAPES``, names never seen);
+- ``tint`` (an attribute the encoder was taught to ignore): every quadrant's colours are drawn
+  warm or cool (an RGB offset) at random in every stage, a nuisance for the encoder's colour and
+  shape labels; the shift asks "what tint is in the <place> ?" -> "warm" / "cool" / "nothing";
 - ``new_format`` (meant to need the LLM): pictures like pretraining, a new question and a
   two-word answer ("what is in the <place> ?" -> "<colour> <shape>", or "nothing").
 
@@ -45,11 +48,15 @@ from fused_balance.study.data import (COLOURS, HELD_OUT_SHAPES, PLACES, PRETRAIN
 from fused_balance.study.llava import QUESTION_WORDS, SPECIALS
 from fused_balance.study.stats import mean_std, paired
 
-VOCAB = SPECIALS + tuple(sorted(set(TESTBED_WORDS) | set(QUESTION_WORDS)))
+# RGB offsets of a quadrant's coloured cells, "warm" or "cool" at random in every picture
+TINTS = {"warm": (0.25, 0.0, -0.25), "cool": (-0.25, 0.0, 0.25)}
+VOCAB = SPECIALS + tuple(sorted(set(TESTBED_WORDS) | set(QUESTION_WORDS) | set(TINTS) | {"tint"}))
 IMAGE_TOKENS = 4  # one per quadrant (patch 16 on a 32x32 picture)
 ARMS = ("both", "llm_only", "encoder_only")
 SHIFTS = {"new_shapes": (SceneStyle(shapes=tuple(HELD_OUT_SHAPES.items())), "shape"),
+          "tint": (PRETRAINING, "tint"),
           "new_format": (PRETRAINING, "what")}
+CACHE_VERSION = 2  # part of the pretraining cache's key: bumped when the data or stages change
 BASE_QUESTIONS = ("colour", "shape", "count")
 # Acceptance: the stage-4 model answers its own questions (mean over seeds) ...
 BASE_MIN_ACC = 0.8
@@ -60,10 +67,10 @@ _SHIFT = dict(rank=4, lr=3e-3, batch_size=16, eval_every=10, diag_every=5)
 CONFIGS = {
     "tiny": dict(seeds=2, eval_examples=16, model=dict(_MODEL, hidden=16, stage_steps=[5, 5, 5, 5]),
                  shift=dict(_SHIFT, steps=4, eval_every=2, diag_every=2)),
-    "quick": dict(seeds=5, eval_examples=256, model=dict(_MODEL, stage_steps=[300, 300, 200, 3000]),
-                  shift=dict(_SHIFT, steps=200)),
-    "full": dict(seeds=10, eval_examples=512, model=dict(_MODEL, stage_steps=[600, 600, 400, 4000]),
-                 shift=dict(_SHIFT, steps=300)),
+    "quick": dict(seeds=5, eval_examples=256, model=dict(_MODEL, stage_steps=[300, 300, 200, 4000]),
+                  shift=dict(_SHIFT, steps=300)),
+    "full": dict(seeds=10, eval_examples=512, model=dict(_MODEL, stage_steps=[600, 600, 400, 6000]),
+                 shift=dict(_SHIFT, steps=400)),
 }
 
 
@@ -71,9 +78,10 @@ def tok(word: str) -> int:
     return VOCAB.index(word)
 
 
-def ask(scene, rng: torch.Generator, kind: str) -> tuple[list[str], list[str]]:
-    """(question, answer) of ``kind``: colour / shape at a place (mostly an occupied one, else
-    maybe "nothing"), the count, or "what" (the two-word "<colour> <shape>" of a place)."""
+def ask(scene, rng: torch.Generator, kind: str, tints: dict | None = None) -> tuple[list[str], list[str]]:
+    """(question, answer) of ``kind``: colour / shape / tint (``tints``: place -> word) at a
+    place (mostly an occupied one, else maybe "nothing"), the count, or "what" (the two-word
+    "<colour> <shape>" of a place)."""
     if kind == "count":
         return ["how", "many", "shapes", "?"], [("one", "two", "three", "four")[len(scene.objects) - 1]]
     occupied = [o[2] for o in scene.objects]
@@ -84,7 +92,7 @@ def ask(scene, rng: torch.Generator, kind: str) -> tuple[list[str], list[str]]:
     found = [o for o in scene.objects if o[2] == place]
     if kind == "what":
         return ["what", "is", "in", "the", *place.split(), "?"], list(found[0][:2]) if found else ["nothing"]
-    answer = (found[0][0] if kind == "colour" else found[0][1]) if found else "nothing"
+    answer = ({"colour": found[0][0], "shape": found[0][1]}.get(kind) or tints[place]) if found else "nothing"
     return ["what", kind, "is", "in", "the", *place.split(), "?"], [answer]
 
 
@@ -118,13 +126,24 @@ def make_batch(n: int, rng: torch.Generator, cfg: dict, style: SceneStyle = PRET
     from fused_balance.study.llava import pixel_values
 
     scenes = sample_scenes(n, rng, cfg["max_objects"], style)
+    warm = torch.rand(n, len(PLACES), generator=rng) < 0.5  # per quadrant; a nuisance unless asked about
     if kind == "caption":
         rows = [([], list(s.caption)) for s in scenes]
     else:
         kinds = [BASE_QUESTIONS[int(torch.randint(3, (1,), generator=rng))] if kind == "base" else kind
                  for _ in scenes]
-        rows = [ask(s, rng, k) for s, k in zip(scenes, kinds)]
-    return encode(rows, pixel_values(scenes, rng, cfg["noise"]) if image else None)
+        rows = [ask(s, rng, k, {place: "warm" if w else "cool" for place, w in zip(PLACES, row)})
+                for s, k, row in zip(scenes, kinds, warm.tolist())]
+    return encode(rows, pixel_values(scenes, rng, cfg["noise"], cell_tint(scenes, warm)) if image else None)
+
+
+def cell_tint(scenes, warm: torch.Tensor) -> torch.Tensor:
+    """[N, 16, 3] RGB offsets: each coloured cell of a quadrant gets its quadrant's tint (``warm``
+    [N, 4]: warm, else cool); background cells none."""
+    offsets = torch.tensor([TINTS["cool"], TINTS["warm"]])[warm.long()]  # [N, 4, 3]
+    quadrant = torch.tensor([(r // 2) * 2 + c // 2 for r in range(4) for c in range(4)])  # cell -> quadrant
+    coloured = torch.tensor([s.grid for s in scenes]) > 0
+    return offsets[:, quadrant] * coloured[..., None]
 
 
 def _logits(model, batch: dict) -> torch.Tensor:
@@ -138,12 +157,15 @@ def loss_of(model, batch: dict) -> torch.Tensor:
 
 
 @torch.no_grad()
-def answer_accuracy(model, batch: dict) -> float:
-    """Fraction of examples with every answer word the argmax (teacher forced)."""
+def answer_accuracy(model, batch: dict, per: str = "example") -> float:
+    """Fraction of examples with every answer word the argmax (teacher forced); ``per="word"``:
+    fraction of answer words (for captions, whose phrasing is drawn at random)."""
     was = model.training
     model.eval()
     right = _logits(model, batch).argmax(-1) == batch["input_ids"][:, 1:]
     model.train(was)
+    if per == "word":
+        return float(right[batch["scored"]].float().mean())
     return float((right | ~batch["scored"]).all(-1).float().mean())
 
 
@@ -189,12 +211,16 @@ def pretrain(seed: int, cfg: dict, n_eval: int):
     optimizer = torch.optim.AdamW([*vision.parameters(), *heads.parameters()], lr=cfg["lr"], weight_decay=0.0)
     for _ in range(steps[0]):
         scenes = sample_scenes(cfg["batch"], rng, 4)
-        _quadrant_loss(model, heads, {"pixel_values": pixel_values(scenes, rng, cfg["noise"])}, scenes).backward()
+        tint = cell_tint(scenes, torch.rand(len(scenes), len(PLACES), generator=rng) < 0.5)  # a nuisance here
+        _quadrant_loss(model, heads, {"pixel_values": pixel_values(scenes, rng, cfg["noise"], tint)},
+                       scenes).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    test = sample_scenes(n_eval, torch.Generator().manual_seed(TEST_SEED + 1100), 4)
+    split = torch.Generator().manual_seed(TEST_SEED + 1100)
+    test = sample_scenes(n_eval, split, 4)
+    tint = cell_tint(test, torch.rand(n_eval, len(PLACES), generator=split) < 0.5)
     with torch.no_grad():
-        features = vision(pixel_values(test, torch.Generator().manual_seed(1), cfg["noise"])).last_hidden_state[:, 1:]
+        features = vision(pixel_values(test, split, cfg["noise"], tint)).last_hidden_state[:, 1:]
     colour, shape = quadrant_labels(test)
     encoder_scores = {"quadrant_colour_acc": float((heads[0](features).argmax(-1) == colour).float().mean()),
                       "quadrant_shape_acc": float((heads[1](features).argmax(-1) == shape).float().mean())}
@@ -202,11 +228,11 @@ def pretrain(seed: int, cfg: dict, n_eval: int):
     _train(model, llm, steps[1], cfg["lr"], lambda: make_batch(cfg["batch"], rng, cfg, kind="caption", image=False))
     _train(model, list(projector.parameters()), steps[2], cfg["lr"],
            lambda: make_batch(cfg["batch"], rng, cfg, kind="caption"))
+    split = torch.Generator().manual_seed(TEST_SEED + 1200)
+    aligned_caption_acc = answer_accuracy(model, make_batch(n_eval, split, cfg, kind="caption"), "word")
     _train(model, [*projector.parameters(), *llm], steps[3], cfg["lr"], lambda: make_batch(cfg["batch"], rng, cfg))
     model.requires_grad_(False)
-    split = torch.Generator().manual_seed(TEST_SEED + 1200)
-    scores = {"encoder": encoder_scores,
-              "caption_acc": answer_accuracy(model, make_batch(n_eval, split, cfg, kind="caption")),
+    scores = {"encoder": encoder_scores, "aligned_caption_word_acc": aligned_caption_acc,
               "base_acc": answer_accuracy(model, make_batch(n_eval, split, cfg)),
               "base_acc_by_kind": {k: answer_accuracy(model, make_batch(n_eval, split, cfg, kind=k))
                                    for k in BASE_QUESTIONS},
@@ -220,7 +246,8 @@ def pretrained(out: Path, seed: int, cfg: dict, n_eval: int):
     from fused_balance.study.llava import build_model
 
     folder = out / "cache" / "testbed_llava" / f"seed{seed}"
-    settings = json.loads(json.dumps({**cfg, "seed": seed, "eval_examples": n_eval, "vocab": VOCAB}))
+    settings = json.loads(json.dumps({**cfg, "seed": seed, "eval_examples": n_eval, "vocab": VOCAB,
+                                      "version": CACHE_VERSION}))
     info_path, weights_path = folder / "pretrained.json", folder / "pretrained.pt"
     if info_path.exists() and weights_path.exists():
         info = json.loads(info_path.read_text())
@@ -320,11 +347,11 @@ def check_markdown(verdict: dict, accuracies: dict, pretraining: list, diagnosti
     if verdict["failing"]:
         lines += ["Failing: " + "; ".join(verdict["failing"]) + ".", ""]
     lines += ["## Pretrained model (stage 4, its own distribution; mean ± std over seeds, %)", "",
-              "| encoder quadrant colour / shape | caption words | questions: all / colour / shape / count |",
+              "| encoder quadrant colour / shape | caption words after alignment | questions: all / colour / shape / count |",
               "|---|---|---|",
               f"| {ms(p['encoder']['quadrant_colour_acc'] for p in pretraining)} / "
               f"{ms(p['encoder']['quadrant_shape_acc'] for p in pretraining)} "
-              f"| {ms(p['caption_acc'] for p in pretraining)} "
+              f"| {ms(p['aligned_caption_word_acc'] for p in pretraining)} "
               f"| {ms(p['base_acc'] for p in pretraining)} / "
               + " / ".join(ms(p["base_acc_by_kind"][k] for p in pretraining) for k in BASE_QUESTIONS) + " |",
               "", "## Per shift: final answer accuracy (%) and paired differences (points, 95 % CI)", "",

@@ -13,16 +13,17 @@ def _scene(*objects):
     return Scene(tuple(objects), (0,) * 16, ("one",))
 
 
-@pytest.mark.parametrize("kind", ["colour", "shape", "what"])
+@pytest.mark.parametrize("kind", ["colour", "shape", "what", "tint"])
 def test_questions_name_what_is_at_their_place(kind):
     from fused_balance.study.testbed_llava import ask
 
     rng = torch.Generator().manual_seed(0)
     scene = _scene(("red", "square", "top left"), ("blue", "slash", "bottom right"))
-    truth = {"top left": ("red", "square"), "bottom right": ("blue", "slash")}
+    truth = {"top left": ("red", "square", "warm"), "bottom right": ("blue", "slash", "cool")}
+    tints = {"top left": "warm", "top right": "warm", "bottom left": "cool", "bottom right": "cool"}
     asked = set()
     for _ in range(200):
-        question, answer = ask(scene, rng, kind)
+        question, answer = ask(scene, rng, kind, tints)
         place = " ".join(question[-3:-1])
         assert place in PLACES
         asked.add(place)
@@ -30,7 +31,8 @@ def test_questions_name_what_is_at_their_place(kind):
         if expected is None:
             assert answer == ["nothing"]
         else:
-            assert answer == {"colour": [expected[0]], "shape": [expected[1]], "what": list(expected)}[kind]
+            assert answer == {"colour": [expected[0]], "shape": [expected[1]], "what": list(expected[:2]),
+                              "tint": [expected[2]]}[kind]
     assert asked == set(PLACES)  # empty places are asked about too
 
 
@@ -39,6 +41,27 @@ def test_count_question():
 
     scene = _scene(("red", "square", "top left"), ("blue", "slash", "top right"), ("green", "stripe", "bottom left"))
     assert ask(scene, torch.Generator(), "count") == (["how", "many", "shapes", "?"], ["three"])
+
+
+def test_a_quadrant_tint_moves_exactly_its_coloured_cells():
+    from fused_balance.study.data import render
+    from fused_balance.study.llava import pixel_values
+    from fused_balance.study.testbed_llava import TINTS, cell_tint
+
+    grid = (1, 0, 2, 2, 0, 3, 2, 0, 4, 4, 0, 5, 4, 0, 0, 6)  # some background in every quadrant
+    scene = Scene((), grid, ())
+    warm = torch.tensor([[True, False, False, True]])  # top left and bottom right
+    tinted = pixel_values([scene], torch.Generator().manual_seed(0), 0.0, cell_tint([scene], warm))
+    plain = pixel_values([scene], torch.Generator().manual_seed(0), 0.0)
+    assert torch.equal(plain, (render(torch.tensor([grid])) - 0.5) / 0.5)  # no tint: the picture as rendered
+    tinted, plain = (tinted[0] + 1) / 2, (plain[0] + 1) / 2  # back to [0, 1]
+    for cell, colour in enumerate(grid):
+        r, c = divmod(cell, 4)
+        quadrant = (r // 2) * 2 + c // 2
+        offset = torch.tensor(TINTS["warm" if warm[0, quadrant] else "cool"]) if colour else torch.zeros(3)
+        pixels = (slice(None), slice(8 * r, 8 * r + 8), slice(8 * c, 8 * c + 8))
+        expected = (plain[pixels] + offset[:, None, None]).clamp(0, 1)
+        assert torch.allclose(tinted[pixels], expected, atol=1e-6), (cell, colour)
 
 
 def test_sequences_train_the_answer_and_score_its_words():
