@@ -17,7 +17,11 @@ Arms (same init, batches, steps, base learning rate): ``constant`` (AdamW, both 
 ``llm_only`` (vision LoRA frozen), ``encoder_only`` (LLM LoRA frozen; projector, embeddings and
 head still train: without them nothing maps pictures to answers), ``sched_first``
 (BalanceScheduler, first-order contributions), ``sched_exact`` (KL probe every ``exact_every``
-steps), ``sched_aux`` (first-order + the auxiliary entropy loss).
+steps), ``sched_aux`` (first-order + the auxiliary entropy loss); ``feature_cd`` and
+``language_cd``: *our reading* of CoMMIT's one-sided baselines (Feature-CD / Language-CD; the
+paper's exact definitions are not available to us): alternating phases of ``cd_phase`` steps in
+which only one side's LoRA is updated, the encoder's first (``feature_cd``) or the LLM's first
+(``language_cd``); see ``cd_side`` and ``train_llava``.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ IMAGE_TOKENS = 16
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "out_proj", "gate_proj", "up_proj",
                 "down_proj", "fc1", "fc2"]
 BRIDGE = ("multi_modal_projector", "embed_tokens", "lm_head")  # trained in every arm
-ARMS = ("constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux")
+CD_FIRST = {"feature_cd": "encoder", "language_cd": "llm"}  # the side each alternating arm tunes first
+ARMS = ("constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux", *CD_FIRST)
 
 
 def tok(w: str) -> int:
@@ -141,6 +146,27 @@ def one_sided(model, arm: str) -> dict[str, list]:
     return comps
 
 
+def cd_side(arm: str, step: int, cd_phase: int) -> str:
+    """The side ("encoder" or "llm") whose LoRA an alternating arm updates at ``step`` (from 0):
+    phases of ``cd_phase`` steps, the first on ``CD_FIRST[arm]``, then alternating (feature_cd:
+    encoder, llm, encoder, ...; language_cd: llm, encoder, llm, ...)."""
+    if cd_phase < 1:
+        raise ValueError(f"cd_phase must be at least 1, not {cd_phase}")
+    first = CD_FIRST[arm]
+    other = "llm" if first == "encoder" else "encoder"
+    return first if (step // cd_phase) % 2 == 0 else other
+
+
+def lora_sides(model) -> dict[str, list]:
+    """The trainable LoRA tensors per side ("encoder": the vision tower's, "llm": the rest),
+    the bridge (projector, embeddings, head) excluded."""
+    sides = {"encoder": [], "llm": []}
+    for n, p in model.named_parameters():
+        if p.requires_grad and "lora_" in n and not any(k in n for k in BRIDGE):
+            sides["encoder" if "vision_tower" in n else "llm"].append(p)
+    return sides
+
+
 def answer_logits(model, batch: dict) -> torch.Tensor:
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 pixel_values=batch["pixel_values"], logits_to_keep=1)
@@ -156,7 +182,18 @@ def accuracy(model, batch: dict) -> tuple[float, float]:
             float(F.cross_entropy(logits, batch["answer"])))
 
 
-def train_llava(arm: str, seed: int, cfg: dict, test: dict) -> dict:
+def train_llava(arm: str, seed: int, cfg: dict, test: dict, *, on_step=None) -> dict:
+    """One arm on one seed: ``cfg["steps"]`` AdamW steps, test accuracy every ``eval_every``.
+
+    ``feature_cd`` / ``language_cd`` (our reading of CoMMIT's Feature-CD / Language-CD) are
+    ``constant`` in everything (one AdamW over the same trainable tensors, same lr, init and
+    batches, both sides' gradients computed) except that at every step the LoRA tensors of the
+    side ``cd_side`` does not name get ``.grad = None`` before ``optimizer.step()``. AdamW skips a
+    tensor without a gradient entirely, so in a phase the inactive side's LoRA tensors do not
+    change at all: no update, no weight decay, no moment decay, and their per-tensor step count
+    (hence bias correction) advances only in their own phases. The bridge (projector, token
+    embeddings, head) steps in every phase. The result adds ``phases``: the side stepped at each
+    step. ``on_step(step, model, optimizer)``, if given, is called after every optimizer step (tests)."""
     from fused_balance.study.data import TRAIN_SEED_BASE
     from fused_balance.training import BalanceScheduler
 
@@ -176,8 +213,12 @@ def train_llava(arm: str, seed: int, cfg: dict, test: dict) -> dict:
     else:
         params = [p for v in comps.values() for p in v]
         optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    inactive = None  # alternating arms: the side stepped -> the LoRA tensors that must not move
+    if arm in CD_FIRST:
+        sides = lora_sides(model)
+        inactive = {"encoder": sides["llm"], "llm": sides["encoder"]}
     rng = torch.Generator().manual_seed(TRAIN_SEED_BASE + seed)
-    evals, train_loss = [], []
+    evals, train_loss, phases = [], [], []
     for step in range(cfg["steps"]):
         batch = make_batch(cfg["batch_size"], rng, cfg["max_objects"])
         logits = answer_logits(model, batch)
@@ -185,16 +226,24 @@ def train_llava(arm: str, seed: int, cfg: dict, test: dict) -> dict:
         if scheduler is not None and scheduler.aux_weight > 0:
             loss = loss + scheduler.auxiliary_loss(logits)
         loss.backward()
+        if inactive is not None:
+            phases.append(cd_side(arm, step, cfg["cd_phase"]))
+            for p in inactive[phases[-1]]:
+                p.grad = None  # AdamW skips it: not even its moments or weight decay move
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if on_step is not None:
+            on_step(step, model, optimizer)
         train_loss.append(float(loss.detach()))
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
             acc, test_loss = accuracy(model, test)
             evals.append({"step": step + 1, "acc": acc, "loss": test_loss})
     result = {"arm": arm, "seed": seed, "final": evals[-1], "curve": evals, "train_loss": train_loss,
               "wall_s": time.perf_counter() - started}
+    if inactive is not None:
+        result["phases"] = phases
     if scheduler is not None:
         result["kappa"] = [h["kappa"] for h in scheduler.history]
         result["multipliers"] = [h["multipliers"] for h in scheduler.history]

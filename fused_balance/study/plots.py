@@ -84,7 +84,7 @@ def plot_llava(out: Path, runs: dict) -> None:
     for arm, rs in runs.items():
         steps = [e["step"] for e in rs[0]["curve"]]
         mean = [sum(r["curve"][i]["acc"] for r in rs) / len(rs) for i in range(len(steps))]
-        ax.plot(steps, [100 * m for m in mean], label=_label(arm), lw=1.2)
+        ax.plot(steps, [100 * m for m in mean], label=_label(arm), lw=1.2, ls="--" if arm.endswith("_cd") else "-")
     ax.set_xlabel("step")
     ax.set_ylabel("test accuracy (%), mean over seeds")
     ax.set_title("tiny LLaVA: learning curves", fontsize=10)

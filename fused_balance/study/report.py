@@ -298,7 +298,7 @@ def summary_markdown(tables: dict, config: dict) -> str:
                   f"scheduler's base rate), KL probe every {l['exact_every']} steps on {l['probe_size']} examples, "
                   f"auxiliary weight {l['aux_weight']}. Accuracy: the one-word answer to a question about a "
                   "rendered scene (colour / shape at a place, or the count), evaluated every "
-                  f"{l['eval_every']} steps.", "",
+                  f"{l['eval_every']} steps." + _cd_text(tables["llava"], l), "",
                   "Final accuracy:", "",
                   "| arm | final accuracy (%) | Δ vs constant LR (points) | excl. 0 |", "|---|---|---|---|"]
         for arm, row in tables["llava"].items():
@@ -318,6 +318,17 @@ def summary_markdown(tables: dict, config: dict) -> str:
     lines += ["", "Files: tables.json (every number above), jobs/ (one JSON per arm and seed, with curves and "
               "histories), pictures_*.png, curves_*.png, grad_ratio_*.png, llava_kappa.png, llava_curves.png."]
     return "\n".join(lines) + "\n"
+
+
+def _cd_text(table: dict, lcfg: dict) -> str:
+    """The alternating one-sided arms' description, where the table has one."""
+    if not any(arm in table for arm in ("feature_cd", "language_cd")):
+        return ""
+    return (" Feature-CD and Language-CD are *our reading* of CoMMIT's one-sided baselines (the paper's exact "
+            "definitions are not available to us): the constant-LR arm, except that training alternates phases "
+            f"of {lcfg.get('cd_phase', '?')} steps in which only one side's LoRA is updated (the other's tensors and "
+            "AdamW state do not change), the encoder first (Feature-CD) or the LLM first (Language-CD); the "
+            "projector, embeddings and head train in every phase.")
 
 
 def _contrast_label(row: dict) -> str:

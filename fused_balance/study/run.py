@@ -26,8 +26,11 @@ TUNING_SEED = 100  # tuning runs (static weight, GradNorm α): their own seed, s
 _UNIFIED_MODEL = dict(hidden=32, layers=4, rank=8, visual_dim=16, visual_scale=0.25, lr=5e-3, clip=1.0,
                       batch_size=16, generation_fraction=0.5, max_objects=1, gradnorm_lr=0.025,
                       gradnorm_alpha=1.5)
+# cd_phase: steps per one-sided phase of feature_cd / language_cd (our reading of CoMMIT's baselines)
 _LLAVA_MODEL = dict(hidden=32, layers=2, rank=8, lr=3e-3, batch_size=32, max_objects=2, probe_size=32,
-                    exact_every=5, aux_weight=0.05)
+                    exact_every=5, aux_weight=0.05, cd_phase=10)
+_LLAVA_ARMS = ["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux", "feature_cd",
+               "language_cd"]
 _MAIN_ARMS = {"vanilla": {"kind": "vanilla"}, "static": {"kind": "static"},
               "gradnorm": {"kind": "gradnorm"}, "mgda": {"kind": "mgda"},
               "pareto": {"kind": "pareto", "tau": 5.0, "segments": "layer", "magnitude": "mean"}}
@@ -54,7 +57,7 @@ CONFIGS = {
                   static_grid={"emu2": [30.0], "chameleon": []}, static_search=dict(factor=3.0, max_extensions=2),
                   gradnorm_alpha_grid={"emu2": [0.5, 1.5, 3.0]},
                   llava=dict(_LLAVA_MODEL, steps=100, eval_every=10),
-                  llava_arms=["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux"]),
+                  llava_arms=list(_LLAVA_ARMS)),
     # about 85 CPU-minutes: every ablation on the Emu2-style family (τ 2/20/100; segments per layer
     # group, per tensor, global), the Chameleon-style family vanilla vs Pareto-LoRA (the mean,
     # weaker and image-protecting magnitude rules)
@@ -65,7 +68,7 @@ CONFIGS = {
                  static_search=dict(factor=3.0, max_extensions=3),
                  gradnorm_alpha_grid={"emu2": [0.0, 0.5, 1.5, 3.0]},
                  llava=dict(_LLAVA_MODEL, steps=200, eval_every=10),
-                 llava_arms=["constant", "llm_only", "encoder_only", "sched_first", "sched_exact", "sched_aux"]),
+                 llava_arms=list(_LLAVA_ARMS)),
 }
 ARM_SPECS = {**_MAIN_ARMS, **_ABLATIONS}
 TESTBEDS = {"unified": "testbed", "encoder_llm": "testbed_llava"}  # --testbed-check: name -> module
@@ -257,7 +260,7 @@ def main(args) -> int:
             for seed in seeds:
                 bar.set_postfix_str(f"llava {arm} seed {seed}")
                 r = run_job(_job_path(out, "llava", arm, seed), lambda: llava.train_llava(arm, seed, lcfg, test),
-                            {**lcfg, "arm": arm, "test_examples": max(64, 2 * n_eval)}, args.report_only)
+                            _llava_settings(lcfg, arm, max(64, 2 * n_eval)), args.report_only)
                 if r is not None:
                     results["llava"].setdefault(arm, []).append(r)
                 bar.update(1)
@@ -272,6 +275,17 @@ def main(args) -> int:
     print((out / "summary.md").read_text())
     print(f"wrote {out}/summary.md, tables.json and plots in {time.perf_counter() - started:.0f} s")
     return 0 if tables else 1
+
+
+def _llava_settings(lcfg: dict, arm: str, test_examples: int) -> dict:
+    """A llava job's stored settings: the config, the arm and the test size; ``cd_phase`` only for
+    the alternating arms that use it (so jobs finished before it existed still resume)."""
+    from fused_balance.study.llava import CD_FIRST
+
+    settings = {**lcfg, "arm": arm, "test_examples": test_examples}
+    if arm not in CD_FIRST:
+        settings.pop("cd_phase", None)
+    return settings
 
 
 def _selected(arms: list[str], chosen: str | None) -> list[str]:
