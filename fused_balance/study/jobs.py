@@ -66,3 +66,37 @@ def run_staged(seeds, first, then, workers: int, bar) -> tuple[dict, dict]:
                 bar.set_postfix_str(f"{' '.join(map(str, key if isinstance(key, tuple) else (key,)))} done")
                 bar.update(1)
     return firsts, found
+
+
+def cached_model(folder: Path, settings: dict, make, build) -> tuple:
+    """A model made once per ``settings``: loaded from ``folder`` (``pretrained.pt`` and
+    ``pretrained.json``) when it was made with the same settings (``build()``: the empty model its
+    weights load into), else ``make() -> (model, info)`` and stored there. Returns the model and
+    its info, with ``info["cached"]`` saying which."""
+    import torch
+
+    settings = json.loads(json.dumps(settings))
+    info_path, weights_path = folder / "pretrained.json", folder / "pretrained.pt"
+    if info_path.exists() and weights_path.exists():
+        info = json.loads(info_path.read_text())
+        if info["settings"] == settings:
+            model = build()
+            model.load_state_dict(torch.load(weights_path, weights_only=True))
+            return model, {**info, "cached": True}
+    model, info = make()
+    info["settings"] = settings
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), weights_path.with_suffix(".tmp"))
+    weights_path.with_suffix(".tmp").replace(weights_path)
+    info_path.write_text(json.dumps(info))  # written last: its presence means the weights are whole
+    return model, {**info, "cached": False}
+
+
+def in_worker() -> None:
+    """A job process's settings: one torch thread, library warnings off."""
+    import warnings
+
+    import torch
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)

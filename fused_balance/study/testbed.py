@@ -188,25 +188,16 @@ def pretrained(out: Path, seed: int, cfg: dict, n_eval: int) -> tuple[TestbedMod
     """The pretrained model of ``seed``: loaded from ``out/cache/testbed/seed<k>/`` when it was
     made with the same settings, else made and stored there (``info["cached"]`` says which)."""
     from fused_balance.study.encoder import VisualEncoder
+    from fused_balance.study.jobs import cached_model
 
-    folder = out / "cache" / "testbed" / f"seed{seed}"
-    settings = json.loads(json.dumps({**cfg, "seed": seed, "eval_examples": n_eval, "words": TESTBED_WORDS}))
-    info_path, weights_path = folder / "pretrained.json", folder / "pretrained.pt"
-    if info_path.exists() and weights_path.exists():
-        info = json.loads(info_path.read_text())
-        if info["settings"] == settings:
-            encoder = VisualEncoder(dim=cfg["visual_dim"], width=cfg["encoder_width"], seed=seed)
-            model = TestbedModel(encoder, hidden=cfg["hidden"], layers=cfg["layers"], heads=cfg["heads"], seed=seed)
-            model.load_state_dict(torch.load(weights_path, weights_only=True))
-            model.encoder.eval()
-            return model, {**info, "cached": True}
-    model, info = pretrain(seed, cfg, n_eval)
-    info["settings"] = settings
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), weights_path.with_suffix(".tmp"))
-    weights_path.with_suffix(".tmp").replace(weights_path)
-    info_path.write_text(json.dumps(info))  # written last: its presence means the weights are whole
-    return model, {**info, "cached": False}
+    def build():
+        encoder = VisualEncoder(dim=cfg["visual_dim"], width=cfg["encoder_width"], seed=seed)
+        return TestbedModel(encoder, hidden=cfg["hidden"], layers=cfg["layers"], heads=cfg["heads"], seed=seed)
+    model, info = cached_model(out / "cache" / "testbed" / f"seed{seed}",
+                               {**cfg, "seed": seed, "eval_examples": n_eval, "words": TESTBED_WORDS},
+                               lambda: pretrain(seed, cfg, n_eval), build)
+    model.encoder.eval()
+    return model, info
 
 
 def add_lora(model: TestbedModel, rank: int, alpha: int, seed: int,
@@ -393,19 +384,18 @@ def check_markdown(verdict: dict, summaries: dict, pretraining: list, meta: dict
 
 
 def _pretraining_job(out: Path, seed: int, cfg: dict, n_eval: int) -> dict:
-    torch.set_num_threads(1)
+    from fused_balance.study.jobs import in_worker
+
+    in_worker()
     return pretrained(out, seed, cfg, n_eval)[1]
 
 
 def _task_job(out: Path, seed: int, task: str, arm: str, mcfg: dict, lcfg: dict, n_eval: int) -> dict:
     """One arm on one task from the cached pretrained model of ``seed``; read back when finished."""
-    import warnings
-
     from fused_balance.study.data import TEST_SEED
-    from fused_balance.study.jobs import run_job
+    from fused_balance.study.jobs import in_worker, run_job
 
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
+    in_worker()
 
     def run():
         model, _ = pretrained(out, seed, mcfg, n_eval)

@@ -243,26 +243,15 @@ def pretrain(seed: int, cfg: dict, n_eval: int):
 def pretrained(out: Path, seed: int, cfg: dict, n_eval: int):
     """The stage-4 model of ``seed``, loaded from ``out/cache/testbed_llava/seed<k>/`` when it was
     made with the same settings, else made and stored there (``info["cached"]`` says which)."""
+    from fused_balance.study.jobs import cached_model
     from fused_balance.study.llava import build_model
 
-    folder = out / "cache" / "testbed_llava" / f"seed{seed}"
-    settings = json.loads(json.dumps({**cfg, "seed": seed, "eval_examples": n_eval, "vocab": VOCAB,
-                                      "version": CACHE_VERSION}))
-    info_path, weights_path = folder / "pretrained.json", folder / "pretrained.pt"
-    if info_path.exists() and weights_path.exists():
-        info = json.loads(info_path.read_text())
-        if info["settings"] == settings:
-            model = build_model(seed, hidden=cfg["hidden"], layers=cfg["layers"], rank=None, vocab=VOCAB,
-                                patch_size=16)
-            model.load_state_dict(torch.load(weights_path, weights_only=True))
-            return model.requires_grad_(False), {**info, "cached": True}
-    model, info = pretrain(seed, cfg, n_eval)
-    info["settings"] = settings
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), weights_path.with_suffix(".tmp"))
-    weights_path.with_suffix(".tmp").replace(weights_path)
-    info_path.write_text(json.dumps(info))  # written last: its presence means the weights are whole
-    return model, {**info, "cached": False}
+    model, info = cached_model(
+        out / "cache" / "testbed_llava" / f"seed{seed}",
+        {**cfg, "seed": seed, "eval_examples": n_eval, "vocab": VOCAB, "version": CACHE_VERSION},
+        lambda: pretrain(seed, cfg, n_eval),
+        lambda: build_model(seed, hidden=cfg["hidden"], layers=cfg["layers"], rank=None, vocab=VOCAB, patch_size=16))
+    return model.requires_grad_(False), info
 
 
 def train_shift(model, shift: str, arm: str, seed: int, cfg: dict, test: dict) -> dict:
@@ -347,7 +336,8 @@ def check_markdown(verdict: dict, accuracies: dict, pretraining: list, diagnosti
     if verdict["failing"]:
         lines += ["Failing: " + "; ".join(verdict["failing"]) + ".", ""]
     lines += ["## Pretrained model (stage 4, its own distribution; mean ± std over seeds, %)", "",
-              "| encoder quadrant colour / shape | caption words after alignment | questions: all / colour / shape / count |",
+              "| encoder quadrant colour / shape | caption words after alignment "
+              "| questions: all / colour / shape / count |",
               "|---|---|---|",
               f"| {ms(p['encoder']['quadrant_colour_acc'] for p in pretraining)} / "
               f"{ms(p['encoder']['quadrant_shape_acc'] for p in pretraining)} "
@@ -391,17 +381,16 @@ def diagnostics_of(runs: list[dict]) -> dict:
 
 
 def _pretraining_job(out: Path, seed: int, cfg: dict, n_eval: int) -> dict:
-    torch.set_num_threads(1)
+    from fused_balance.study.jobs import in_worker
+
+    in_worker()
     return pretrained(out, seed, cfg, n_eval)[1]
 
 
 def _shift_job(out: Path, seed: int, shift: str, arm: str, mcfg: dict, scfg: dict, n_eval: int) -> dict:
-    import warnings
+    from fused_balance.study.jobs import in_worker, run_job
 
-    from fused_balance.study.jobs import run_job
-
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
+    in_worker()
 
     def run():
         model, _ = pretrained(out, seed, mcfg, n_eval)
