@@ -113,6 +113,33 @@ def _armed_reducer(rank, world):
     return {"error": error, "unchanged": unchanged and untouched, "then_took": took}
 
 
+def _attached_after_steps(rank, world):
+    """Built and stepped on the bare model, where rank 1 never uses the second layer (a dead
+    tensor there, a live one on rank 0), then wrapped in DDP and attached: under the group every
+    tensor counts as reached, so both ranks must step the same tensors and stay equal."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    balancer = ParetoLoRA(net, torch.optim.SGD(net.parameters(), lr=0.1))
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(rank))
+
+    def losses():
+        h = net[0](x)
+        out = net[1](h) if rank == 0 else h
+        return {"a": out.pow(2).mean(), "b": (out - 1).pow(2).mean()}
+    balancer.step(losses())
+    dead_before = balancer.dead_tensors
+    balancer.zero_grad()
+    with torch.no_grad():  # the ranks' bare steps differ: start the group's steps from one state
+        for p in net.parameters():
+            dist.broadcast(p, 0)
+    balancer.attach(DDP(net))
+    for _ in range(2):
+        balancer.step(losses())
+        balancer.zero_grad()
+    return {"dead_before": dead_before, "dead_after": balancer.dead_tensors, "params": params_of(net)}
+
+
 def _ddp_refusals(rank, world):
     """Set-ups ParetoLoRA cannot make correct raise ValueError and leave DDP's sync as it was."""
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -173,6 +200,7 @@ def _scenarios(rank, world, backends):
     if world == 2:
         results["armed"] = _armed_reducer(rank, world)
         results["refusals"] = _ddp_refusals(rank, world)
+        results["attached_after_steps"] = _attached_after_steps(rank, world)
         if HAVE_ACCELERATE:
             results["accelerate"] = _accelerate(rank, world)
         if HAVE_TRANSFORMERS:
@@ -313,6 +341,16 @@ def test_ddp_reducer_armed_before_pareto_lora_is_refused_before_any_write(ranks2
     for r in ranks2:
         assert r["armed"]["error"] is not None and "before the forward" in r["armed"]["error"]
         assert r["armed"]["unchanged"] and r["armed"]["then_took"]
+
+
+def test_ddp_attached_after_steps_steps_the_same_tensors_on_every_rank(ranks2):
+    """What the bare steps left unreached (on one rank only) is live under the group: the live
+    mask follows the attach, and the ranks stay equal."""
+    runs = [r["attached_after_steps"] for r in ranks2]
+    assert runs[0]["dead_before"] == [] and runs[1]["dead_before"] == ["1.weight", "1.bias"]
+    assert runs[0]["dead_after"] == [] and runs[1]["dead_after"] == []
+    for name, value in runs[0]["params"].items():
+        assert torch.equal(value, runs[1]["params"][name]), name
 
 
 def test_ddp_setups_that_cannot_be_correct_are_refused(ranks2):
