@@ -49,6 +49,13 @@ mean entropy over the masked positions: while a component lags, it rewards keepi
 distribution from collapsing (a peaked softmax makes the cross-entropy gradient p − y vanish), so
 gradient keeps flowing into the lagging component; it is exactly zero once balanced.
 
+Normalisation (``normalise``): "none" (default) counts s_c as above; "parameters" divides every
+s_c (first-order and KL alike) by component c's trainable parameter count n_c, so κ compares the
+learning per parameter. Under Adam −<g_c, Δ_c> ≈ lr·‖g_c‖₁ grows with n_c: a side holding the
+full-rank tensors (projector, embeddings, head) next to the other side's LoRA factors otherwise
+takes most of the share for its size alone. Which to use is a choice this library does not make
+for you: no default has been picked on an accepted testbed yet.
+
 Defaults: β = 0.9, η = 0.1, δ = 0.05, m ∈ [0.25, 8]. ``history`` keeps the last
 ``history_limit`` (default 10 000) step records.
 """
@@ -65,6 +72,12 @@ from fused_balance._validate import check_real
 from fused_balance.training.history import check_history_limit
 
 __all__ = ["BalanceScheduler"]
+
+# How a component's contribution is counted: as it is ("none"), or per trainable parameter
+# ("parameters": a side holding more parameters, e.g. full-rank embeddings and a head next to
+# LoRA factors, does not take a larger share for its count alone; under Adam, where
+# −<g, Δ> ≈ lr·‖g‖₁, the raw share grows with the parameter count).
+NORMALISATIONS = ("none", "parameters")
 
 
 def _params_of(component, name: str = "component") -> list[torch.Tensor]:
@@ -122,7 +135,7 @@ class BalanceScheduler:
                  exact_every: int = 0, probe_fn: Callable[[], torch.Tensor] | None = None,
                  aux_weight: float = 0.0, backend: str | None = None,
                  history_limit: int | None = 10_000, model: torch.nn.Module | None = None,
-                 rest: Sequence[torch.Tensor] | torch.nn.Module | None = None):
+                 rest: Sequence[torch.Tensor] | torch.nn.Module | None = None, normalise: str = "none"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         from fused_balance.training.optim import BalancedAdamW
@@ -150,6 +163,8 @@ class BalanceScheduler:
         if probe_fn is not None and not callable(probe_fn):
             raise TypeError(f"probe_fn must be callable, got {type(probe_fn).__name__}")
         check_history_limit(history_limit)
+        if normalise not in NORMALISATIONS:
+            raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")
         self.optimizer = optimizer
         self.names = list(components)
         if any(not isinstance(n, str) for n in self.names):
@@ -210,7 +225,9 @@ class BalanceScheduler:
         self.m_min, self.m_max = float(m_min), float(m_max)
         self.exact_every, self.probe_fn = int(exact_every), probe_fn
         self.aux_weight, self.backend = float(aux_weight), backend
+        self.normalise = normalise
         self.params = [p for n in self.names for p in self.component_params[n]]
+        self._counts = [sum(p.numel() for p in self.component_params[n]) for n in self.names]
         self.segment_ids = [c for c, n in enumerate(self.names) for _ in self.component_params[n]]
         self.log_multipliers = [0.0] * C
         self.scores_ema: list[float] | None = None
@@ -291,12 +308,13 @@ class BalanceScheduler:
         else:
             deltas_in = deltas
         G = fb.gram([grads, deltas_in], self.segment_ids, backend=self.backend).double().cpu()
-        scores = (-G[:, 0, 1]).tolist()
+        scores = self._normalised((-G[:, 0, 1]).tolist())
         source = "first_order"
         self.step_count += 1
         first_order = scores
         if self.exact_every and self.step_count % self.exact_every == 0:
-            scores, source = self._kl_on_first_order_scale(self._kl_scores(deltas), scores), "kl"
+            scores = self._kl_on_first_order_scale(self._normalised(self._kl_scores(deltas)), scores)
+            source = "kl"
         record = {"step": self.step_count, "scores": scores, "source": source,
                   "first_order_scores": first_order,
                   "grad_norms": G[:, 0, 0].clamp(min=0).sqrt().tolist(),
@@ -327,6 +345,12 @@ class BalanceScheduler:
         record["lrs"] = list(self._written)
         self.history.append(record)
         return record
+
+    def _normalised(self, scores: list[float]) -> list[float]:
+        """The contributions as ``normalise`` says: as they are, or per trainable parameter."""
+        if self.normalise == "parameters":
+            return [x / n for x, n in zip(scores, self._counts)]
+        return scores
 
     def _apply_lrs(self) -> None:
         for i, group in enumerate(self.optimizer.param_groups):
@@ -405,6 +429,7 @@ class BalanceScheduler:
         return {"names": list(self.names), "target": list(self.target), "beta": self.beta,
                 "eta": self.eta, "dead_band": self.dead_band, "m_min": self.m_min,
                 "m_max": self.m_max, "exact_every": self.exact_every, "aux_weight": self.aux_weight,
+                "normalise": self.normalise,
                 "log_multipliers": list(self.log_multipliers),
                 "scores_ema": None if self.scores_ema is None else list(self.scores_ema),
                 "shares_ema": None if self.shares_ema is None else list(self.shares_ema),
@@ -433,6 +458,10 @@ class BalanceScheduler:
                 raise ValueError(f"checkpoint {key} has {len(state[key])} entries for {C} components")
         if state["exact_every"] and self.probe_fn is None:
             raise ValueError("checkpoint uses exact_every but this scheduler has no probe_fn")
+        normalise = state.get("normalise", "none")  # states from before the option: raw contributions
+        if normalise not in NORMALISATIONS:
+            raise ValueError(f"checkpoint normalise {normalise!r} is not one of {NORMALISATIONS}")
+        self.normalise = normalise
         for key in ("target", "beta", "eta", "dead_band", "m_min", "m_max", "exact_every",
                     "aux_weight"):
             setattr(self, key, state[key])

@@ -169,3 +169,47 @@ def test_components_as_modules_must_cover_the_model():
                          comps)
     with pytest.raises(ValueError, match="mixes components"):
         BalanceScheduler(everything, comps, rest=model["projector"])
+
+
+def _sizes_run(normalise: str, steps: int = 3):
+    """Two components whose every element sees the same gradient (1) and the same SGD update
+    (−lr): one holds 10 parameters, the other 1000. Per parameter they learn alike."""
+    small, large = torch.zeros(10, requires_grad=True), torch.zeros(1000, requires_grad=True)
+    comps = {"small": [small], "large": [large]}
+    opt = torch.optim.SGD(BalanceScheduler.param_groups(comps, lr=0.1))
+    sched = BalanceScheduler(opt, comps, backend="torch", normalise=normalise, eta=0.0)
+    for _ in range(steps):
+        opt.zero_grad()
+        (small.sum() + large.sum()).backward()
+        opt.step()
+        sched.step()
+    return sched
+
+
+def test_contributions_per_parameter_compare_components_of_different_sizes():
+    # −<g, Δ> = lr·n per component: the raw share is the parameter count's, 10 / 1010
+    raw = _sizes_run("none")
+    assert raw.history[-1]["scores"] == pytest.approx([0.1 * 10, 0.1 * 1000])
+    assert raw.kappa == pytest.approx(10 / 1010)
+    per_parameter = _sizes_run("parameters")
+    assert per_parameter.history[-1]["scores"] == pytest.approx([0.1, 0.1])
+    assert per_parameter.kappa == pytest.approx(0.5)
+
+
+def test_normalisation_travels_with_the_state_and_is_checked():
+    sched = _sizes_run("parameters", steps=1)
+    state = sched.state_dict()
+    assert state["normalise"] == "parameters"
+    fresh = _sizes_run("none", steps=0)
+    fresh.load_state_dict(state)
+    assert fresh.normalise == "parameters"
+    old = {k: v for k, v in state.items() if k != "normalise"}  # saved before the option: raw contributions
+    fresh.load_state_dict(old)
+    assert fresh.normalise == "none"
+    with pytest.raises(ValueError, match="checkpoint normalise 'adam'"):
+        fresh.load_state_dict({**state, "normalise": "adam"})
+    assert fresh.normalise == "none"  # a refused state changes nothing
+    with pytest.raises(ValueError, match="normalise must be one of"):
+        BalanceScheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
+                         {"a": [torch.zeros(1, requires_grad=True)], "b": [torch.zeros(1, requires_grad=True)]},
+                         normalise="adam")
