@@ -134,7 +134,10 @@ def plot_testbed_llava(path: Path, runs: dict) -> None:
             axes[row, 0].plot(steps, [100 * a for a in _mean_series([[e["acc"] for e in r["curve"]] for r in rs])],
                               label=arm, lw=1.2)
         both = arms["both"]
-        axes[row, 1].plot(range(1, len(both[0]["kappa"]) + 1), _mean_series([r["kappa"] for r in both]), lw=1.1)
+        for key, label in (("kappa", "raw"), ("kappa_per_parameter", "per parameter")):
+            axes[row, 1].plot(range(1, len(both[0][key]) + 1), _mean_series([r[key] for r in both]), lw=1.1,
+                              label=label)
+        axes[row, 1].legend(fontsize=7)
         axes[row, 1].axhline(0.5, color="grey", lw=0.8, ls=":")
         steps = [e["step"] for e in both[0]["grad_norms"]]
         for side, ls in (("encoder", "-"), ("llm", "--")):

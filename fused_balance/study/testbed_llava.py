@@ -26,7 +26,8 @@ Arms: ``both`` (LoRA on both towers), ``llm_only`` and ``encoder_only`` (``llava
 the bridge — projector, token embeddings, head — trains in each, as the shifts bring new words).
 Score: answer accuracy (every answer word right, teacher forced) on a held-out test split.
 CoMMIT-style diagnostics on ``both``: each side's LoRA gradient norm over the square root of its
-parameter count, and κ_t of a ``BalanceScheduler`` with ``eta=0`` (it measures, never acts).
+parameter count, and κ_t of ``BalanceScheduler``s with ``eta=0`` (they measure, never act), raw
+and per parameter (``normalise="parameters"``).
 
 The check (``judge``): ACCEPTED only if the stage-4 model answers its own distribution and, in at
 least one shift, LLM-only and encoder-only LoRA differ from each other and each from tuning
@@ -268,11 +269,12 @@ def train_shift(model, shift: str, arm: str, seed: int, cfg: dict, test: dict) -
                    and ("vision_tower" in n) == (side == "encoder")] for side in ("encoder", "llm")}
     bridge = [p for n, p in model.named_parameters() if p.requires_grad and any(k in n for k in BRIDGE)]
     params = [p for ps in comps.values() for p in ps]
-    scheduler = None
-    if arm == "both":  # diagnostics: a scheduler that measures κ and never changes a rate (eta=0)
+    monitors = {}
+    if arm == "both":  # diagnostics: schedulers that measure κ (raw, per parameter) and never act (eta=0)
         optimizer = torch.optim.AdamW(BalanceScheduler.param_groups(lora, rest=bridge, lr=cfg["lr"]),
                                       weight_decay=0.0)
-        scheduler = BalanceScheduler(optimizer, lora, rest=bridge, eta=0.0)
+        monitors = {key: BalanceScheduler(optimizer, lora, rest=bridge, eta=0.0, normalise=normalise)
+                    for key, normalise in (("kappa", "none"), ("kappa_per_parameter", "parameters"))}
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     style, kind = SHIFTS[shift]
@@ -280,22 +282,23 @@ def train_shift(model, shift: str, arm: str, seed: int, cfg: dict, test: dict) -
     curve, norms = [], []
     for step in range(cfg["steps"]):
         loss_of(model, make_batch(cfg["batch_size"], rng, cfg, style, kind)).backward()
-        if scheduler is not None and step % cfg["diag_every"] == 0:
+        if monitors and step % cfg["diag_every"] == 0:
             norms.append({"step": step, **{side: math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ps)
                                                            / sum(p.numel() for p in ps))
                                            for side, ps in lora.items()}})
         optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
+        for monitor in monitors.values():
+            monitor.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
             curve.append({"step": step + 1, "acc": answer_accuracy(model, test)})
     result = {"shift": shift, "arm": arm, "seed": seed, "acc": curve[-1]["acc"], "curve": curve,
               "wall_s": time.perf_counter() - started}
-    if scheduler is not None:
-        result["kappa"] = [h["kappa"] for h in scheduler.history]
+    for key, monitor in monitors.items():
+        result[key] = [h["kappa"] for h in monitor.history]
+        monitor.close()
+    if monitors:
         result["grad_norms"] = norms
-        scheduler.close()
     return result
 
 
@@ -353,12 +356,12 @@ def check_markdown(verdict: dict, accuracies: dict, pretraining: list, diagnosti
         lines.append(f"| {shift} | " + " | ".join(cells) + f" | {'yes' if row['separates'] else 'no'} |")
     lines += ["", "## Diagnostics (arm `both`, mean over seeds): LoRA gradient norm / √parameters, κ_t", "",
               "| shift | ‖g_enc‖/√n, first / last | ‖g_llm‖/√n, first / last "
-              "| κ at 10 % / 50 % / 100 % of the steps |",
-              "|---|---|---|---|"]
+              "| κ at 10 % / 50 % / 100 % of the steps | κ per parameter, same steps |",
+              "|---|---|---|---|---|"]
     for shift, d in diagnostics.items():
         lines.append(f"| {shift} | {d['encoder'][0]:.2e} / {d['encoder'][1]:.2e} | {d['llm'][0]:.2e} / "
-                     f"{d['llm'][1]:.2e} | " + " / ".join("n/a" if k is None else f"{k:.2f}" for k in d["kappa"])
-                     + " |")
+                     f"{d['llm'][1]:.2e} | " + " | ".join(" / ".join("n/a" if k is None else f"{k:.2f}" for k in d[key])
+                                                          for key in ("kappa", "kappa_per_parameter")) + " |")
     lines += ["", "## Criteria", "",
               f"- the instruction-tuned model answers its own questions: mean accuracy ≥ "
               f"{100 * verdict['thresholds']['base_min_acc']:.0f} %",
@@ -377,7 +380,8 @@ def diagnostics_of(runs: list[dict]) -> dict:
         return sum(values) / len(values) if values else None
     norms = {side: (sum(r["grad_norms"][0][side] for r in runs) / len(runs),
                     sum(r["grad_norms"][-1][side] for r in runs) / len(runs)) for side in ("encoder", "llm")}
-    return {**norms, "kappa": [at([r["kappa"] for r in runs], f) for f in (0.1, 0.5, 1.0)]}
+    return {**norms, **{key: [at([r[key] for r in runs], f) for f in (0.1, 0.5, 1.0)]
+                        for key in ("kappa", "kappa_per_parameter")}}
 
 
 def _pretraining_job(out: Path, seed: int, cfg: dict, n_eval: int) -> dict:
@@ -396,7 +400,7 @@ def _shift_job(out: Path, seed: int, shift: str, arm: str, mcfg: dict, scfg: dic
         model, _ = pretrained(out, seed, mcfg, n_eval)
         return train_shift(model, shift, arm, seed, scfg, test_split(shift, scfg, n_eval))
     return run_job(out / "jobs" / "testbed_llava" / shift / f"{arm}__seed{seed}.json", run,
-                   {"model": mcfg, "shift": scfg, "eval_examples": n_eval, "arm": arm})
+                   {"model": mcfg, "shift": scfg, "eval_examples": n_eval, "arm": arm, "diagnostics": 2})
 
 
 def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = True, workers: int = 1,

@@ -201,8 +201,9 @@ def test_tiny_check_end_to_end(tmp_path):
     assert set(verdict["shifts"]) == set(SHIFTS) and verdict["accepted"] == (verdict["failing"] == [])
     for shift in SHIFTS:
         assert all(len(result["accuracies"][shift][arm]) == config["seeds"] for arm in ARMS)
-        kappa = result["diagnostics"][shift]["kappa"]
-        assert len(kappa) == 3 and all(k is None or 0.0 <= k <= 1.0 for k in kappa)
+        for key in ("kappa", "kappa_per_parameter"):
+            kappa = result["diagnostics"][shift][key]
+            assert len(kappa) == 3 and all(k is None or 0.0 <= k <= 1.0 for k in kappa)
     table = (out / "testbed_llava_check.md").read_text()
     assert ("**NOT ACCEPTED**" in table) == (not verdict["accepted"])
     assert all(f"| {shift} |" in table for shift in SHIFTS)
