@@ -157,6 +157,34 @@ def plot_testbed_llava(path: Path, runs: dict) -> None:
     plt.close(fig)
 
 
+def plot_testbed_llava_scheduler(path: Path, shift: str, runs: dict) -> None:
+    """The scheduler check (``runs[arm]``: the seeds' results, curves and, for the scheduled
+    arms, κ_t and the [encoder, LLM] rate multipliers per step), means over seeds."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for arm, rs in runs.items():
+        steps = [e["step"] for e in rs[0]["curve"]]
+        axes[0].plot(steps, [100 * a for a in _mean_series([[e["acc"] for e in r["curve"]] for r in rs])],
+                     label=arm, lw=1.2)
+        if "kappa" in rs[0] and "multipliers" in rs[0]:
+            axes[1].plot(range(1, len(rs[0]["kappa"]) + 1), _mean_series([r["kappa"] for r in rs]), lw=1.1, label=arm)
+            for side, ls in ((0, "-"), (1, "--")):
+                axes[2].plot(range(1, len(rs[0]["multipliers"]) + 1),
+                             _mean_series([[m[side] for m in r["multipliers"]] for r in rs]), ls=ls, lw=1.1,
+                             label=f"{arm}: {('encoder', 'LLM')[side]}")
+    axes[1].axhline(0.5, color="grey", lw=0.8, ls=":")
+    axes[2].set_yscale("log")
+    for ax, label in zip(axes, ("test accuracy (%)", "κ_t (encoder share)", "rate multiplier")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"encoder+LLM testbed, shift {shift}: constant rates (both) against acting BalanceSchedulers "
+                 "(means over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_plots(out: Path, results: dict) -> None:
     for family, runs in results["unified"].items():
         plot_pictures(out / f"pictures_{family}.png", family, runs)

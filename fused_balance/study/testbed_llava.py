@@ -11,7 +11,7 @@ and trained in LLaVA's order per seed, cached under ``<out>/cache/testbed_llava/
 4. *instruction* (LLaVA stage 2): projector and LLM on questions about pictures ("what colour /
    shape is in the <place> ?", "how many shapes ?"), one-word answers; the encoder stays frozen.
 
-Then three shifts, LoRA fine-tuning from the stage-4 model (same seeds, batches and steps in every
+Then four shifts, LoRA fine-tuning from the stage-4 model (same seeds, batches and steps in every
 arm):
 
 - ``new_shapes`` (new visual attributes, meant to need the encoder): "what shape is in the
@@ -20,14 +20,21 @@ arm):
   warm or cool (an RGB offset) at random in every stage, a nuisance for the encoder's colour and
   shape labels; the shift asks "what tint is in the <place> ?" -> "warm" / "cool" / "nothing";
 - ``new_format`` (meant to need the LLM): pictures like pretraining, a new question and a
-  two-word answer ("what is in the <place> ?" -> "<colour> <shape>", or "nothing").
+  two-word answer ("what is in the <place> ?" -> "<colour> <shape>", or "nothing");
+- ``tint_and_shape`` (meant to need both): the new question with the ignored attribute in the
+  answer ("what is in the <place> ?" -> "<tint> <shape>", or "nothing").
 
-Arms: ``both`` (LoRA on both towers), ``llm_only`` and ``encoder_only`` (``llava.one_sided``;
-the bridge — projector, token embeddings, head — trains in each, as the shifts bring new words).
+Arms: ``both`` (LoRA on both towers), ``llm_only`` and ``encoder_only`` (``llava.one_sided``).
+Token embeddings and head train in every arm (the shifts bring new words). The projector trains
+with the vision side (``projector_side="encoder"``, our default: frozen in ``llm_only``, so the
+whole vision path stays as pretrained there; LLaVA's projector is what adapts visual features to
+the LLM), or in every arm (``"bridge"``: then the LLM side can relearn what the frozen encoder
+still carries, and LLM-only matched tuning both in every shift of the 300-step runs).
 Score: answer accuracy (every answer word right, teacher forced) on a held-out test split.
 CoMMIT-style diagnostics on ``both``: each side's LoRA gradient norm over the square root of its
 parameter count, and κ_t of ``BalanceScheduler``s with ``eta=0`` (they measure, never act), raw
-and per parameter (``normalise="parameters"``).
+and per parameter (``normalise="parameters"``), over the two sides' LoRA tensors (projector,
+embeddings and head are the schedulers' ``rest``).
 
 The check (``judge``): ACCEPTED only if the stage-4 model answers its own distribution and, in at
 least one shift, LLM-only and encoder-only LoRA differ from each other and each from tuning
@@ -45,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from fused_balance.study.data import (COLOURS, HELD_OUT_SHAPES, PLACES, PRETRAINING, TESTBED_WORDS, TEST_SEED,
-                                      TRAIN_SEED_BASE, SceneStyle, sample_scenes)
+                                      TRAIN_SEED_BASE, VALIDATION_SEED, SceneStyle, sample_scenes)
 from fused_balance.study.llava import QUESTION_WORDS, SPECIALS
 from fused_balance.study.stats import mean_std, paired
 
@@ -54,9 +61,16 @@ TINTS = {"warm": (0.25, 0.0, -0.25), "cool": (-0.25, 0.0, 0.25)}
 VOCAB = SPECIALS + tuple(sorted(set(TESTBED_WORDS) | set(QUESTION_WORDS) | set(TINTS) | {"tint"}))
 IMAGE_TOKENS = 4  # one per quadrant (patch 16 on a 32x32 picture)
 ARMS = ("both", "llm_only", "encoder_only")
+# where the projector trains: "encoder" (with the vision side: frozen in llm_only, as LLaVA's
+# projector adapts visual features to the LLM), "bridge" (in every arm, as embeddings and head)
+PROJECTOR_SIDES = ("encoder", "bridge")
+# arms of the scheduler check (run only on an accepted testbed): an acting BalanceScheduler over
+# both sides' LoRA (default rates), κ raw or per parameter; compared with ``both`` (constant rates)
+SCHEDULED = {"sched_first": "none", "sched_per_parameter": "parameters"}
 SHIFTS = {"new_shapes": (SceneStyle(shapes=tuple(HELD_OUT_SHAPES.items())), "shape"),
           "tint": (PRETRAINING, "tint"),
-          "new_format": (PRETRAINING, "what")}
+          "new_format": (PRETRAINING, "what"),
+          "tint_and_shape": (PRETRAINING, "tint_and_shape")}
 CACHE_VERSION = 2  # part of the pretraining cache's key: bumped when the data or stages change
 BASE_QUESTIONS = ("colour", "shape", "count")
 # Acceptance: the stage-4 model answers its own questions (mean over seeds) ...
@@ -64,14 +78,14 @@ BASE_MIN_ACC = 0.8
 PAIRS = (("llm_only", "encoder_only"), ("both", "llm_only"), ("both", "encoder_only"))
 
 _MODEL = dict(hidden=48, layers=2, max_objects=2, noise=0.05, batch=64, lr=5e-3)
-_SHIFT = dict(rank=4, lr=3e-3, batch_size=16, eval_every=10, diag_every=5)
+_SHIFT = dict(rank=4, lr=2e-3, batch_size=16, eval_every=30, diag_every=5, projector_side="encoder")
 CONFIGS = {
     "tiny": dict(seeds=2, eval_examples=16, model=dict(_MODEL, hidden=16, stage_steps=[5, 5, 5, 5]),
                  shift=dict(_SHIFT, steps=4, eval_every=2, diag_every=2)),
     "quick": dict(seeds=5, eval_examples=256, model=dict(_MODEL, stage_steps=[300, 300, 200, 4000]),
-                  shift=dict(_SHIFT, steps=300)),
-    "full": dict(seeds=10, eval_examples=512, model=dict(_MODEL, stage_steps=[600, 600, 400, 6000]),
-                 shift=dict(_SHIFT, steps=400)),
+                  shift=dict(_SHIFT, steps=900)),
+    "full": dict(seeds=10, eval_examples=256, model=dict(_MODEL, stage_steps=[300, 300, 200, 4000]),
+                 shift=dict(_SHIFT, steps=900)),
 }
 
 
@@ -81,8 +95,8 @@ def tok(word: str) -> int:
 
 def ask(scene, rng: torch.Generator, kind: str, tints: dict | None = None) -> tuple[list[str], list[str]]:
     """(question, answer) of ``kind``: colour / shape / tint (``tints``: place -> word) at a
-    place (mostly an occupied one, else maybe "nothing"), the count, or "what" (the two-word
-    "<colour> <shape>" of a place)."""
+    place (mostly an occupied one, else maybe "nothing"), the count, "what" (the two-word
+    "<colour> <shape>" of a place) or "tint_and_shape" (the same question, "<tint> <shape>")."""
     if kind == "count":
         return ["how", "many", "shapes", "?"], [("one", "two", "three", "four")[len(scene.objects) - 1]]
     occupied = [o[2] for o in scene.objects]
@@ -93,6 +107,8 @@ def ask(scene, rng: torch.Generator, kind: str, tints: dict | None = None) -> tu
     found = [o for o in scene.objects if o[2] == place]
     if kind == "what":
         return ["what", "is", "in", "the", *place.split(), "?"], list(found[0][:2]) if found else ["nothing"]
+    if kind == "tint_and_shape":
+        return ["what", "is", "in", "the", *place.split(), "?"], [tints[place], found[0][1]] if found else ["nothing"]
     answer = ({"colour": found[0][0], "shape": found[0][1]}.get(kind) or tints[place]) if found else "nothing"
     return ["what", kind, "is", "in", "the", *place.split(), "?"], [answer]
 
@@ -255,16 +271,23 @@ def pretrained(out: Path, seed: int, cfg: dict, n_eval: int):
     return model.requires_grad_(False), info
 
 
-def train_shift(model, shift: str, arm: str, seed: int, cfg: dict, test: dict) -> dict:
-    """One LoRA run of ``arm`` on ``shift`` from the stage-4 ``model`` (changed in place)."""
+def train_shift(model, shift: str, arm: str, seed: int, cfg: dict, test: dict, valid: dict | None = None) -> dict:
+    """One LoRA run of ``arm`` (``ARMS`` or ``SCHEDULED``) on ``shift`` from the stage-4 ``model``
+    (changed in place); the curve holds the ``test`` accuracy and, given ``valid``, the
+    validation accuracy (``valid_acc``)."""
     from fused_balance.study.llava import BRIDGE, add_lora, one_sided
     from fused_balance.training import BalanceScheduler
 
-    if arm not in ARMS:
-        raise ValueError(f"unknown arm {arm!r}; choose one of {ARMS}")
+    if arm not in ARMS + tuple(SCHEDULED):
+        raise ValueError(f"unknown arm {arm!r}; choose one of {ARMS + tuple(SCHEDULED)}")
+    if cfg["projector_side"] not in PROJECTOR_SIDES:
+        raise ValueError(f"unknown projector_side {cfg['projector_side']!r}; choose one of {PROJECTOR_SIDES}")
     started = time.perf_counter()
     add_lora(model, seed, cfg["rank"])
     comps = one_sided(model, arm)
+    if cfg["projector_side"] == "encoder" and arm == "llm_only":  # the whole vision path stays as pretrained
+        model.model.multi_modal_projector.requires_grad_(False)
+        comps = {k: [p for p in v if p.requires_grad] for k, v in comps.items()}
     lora = {side: [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n
                    and ("vision_tower" in n) == (side == "encoder")] for side in ("encoder", "llm")}
     bridge = [p for n, p in model.named_parameters() if p.requires_grad and any(k in n for k in BRIDGE)]
@@ -275,6 +298,10 @@ def train_shift(model, shift: str, arm: str, seed: int, cfg: dict, test: dict) -
                                       weight_decay=0.0)
         monitors = {key: BalanceScheduler(optimizer, lora, rest=bridge, eta=0.0, normalise=normalise)
                     for key, normalise in (("kappa", "none"), ("kappa_per_parameter", "parameters"))}
+    elif arm in SCHEDULED:  # an acting scheduler (default rates) over the same groups as ``both``
+        optimizer = torch.optim.AdamW(BalanceScheduler.param_groups(lora, rest=bridge, lr=cfg["lr"]),
+                                      weight_decay=0.0)
+        monitors = {"kappa": BalanceScheduler(optimizer, lora, rest=bridge, normalise=SCHEDULED[arm])}
     else:
         optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     style, kind = SHIFTS[shift]
@@ -282,7 +309,7 @@ def train_shift(model, shift: str, arm: str, seed: int, cfg: dict, test: dict) -
     curve, norms = [], []
     for step in range(cfg["steps"]):
         loss_of(model, make_batch(cfg["batch_size"], rng, cfg, style, kind)).backward()
-        if monitors and step % cfg["diag_every"] == 0:
+        if arm == "both" and step % cfg["diag_every"] == 0:
             norms.append({"step": step, **{side: math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ps)
                                                            / sum(p.numel() for p in ps))
                                            for side, ps in lora.items()}})
@@ -291,20 +318,24 @@ def train_shift(model, shift: str, arm: str, seed: int, cfg: dict, test: dict) -
             monitor.step()
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % cfg["eval_every"] == 0 or step + 1 == cfg["steps"]:
-            curve.append({"step": step + 1, "acc": answer_accuracy(model, test)})
+            curve.append({"step": step + 1, "acc": answer_accuracy(model, test),
+                          **({"valid_acc": answer_accuracy(model, valid)} if valid is not None else {})})
     result = {"shift": shift, "arm": arm, "seed": seed, "acc": curve[-1]["acc"], "curve": curve,
               "wall_s": time.perf_counter() - started}
     for key, monitor in monitors.items():
         result[key] = [h["kappa"] for h in monitor.history]
+        if arm in SCHEDULED:
+            result["multipliers"] = [h["multipliers"] for h in monitor.history]
         monitor.close()
-    if monitors:
+    if arm == "both":
         result["grad_norms"] = norms
     return result
 
 
-def test_split(shift: str, cfg: dict, n_eval: int) -> dict:
+def test_split(shift: str, cfg: dict, n_eval: int, base: int = TEST_SEED) -> dict:
+    """The held-out split of ``shift`` (``base=VALIDATION_SEED``: the validation split)."""
     style, kind = SHIFTS[shift]
-    return make_batch(n_eval, torch.Generator().manual_seed(TEST_SEED + 1400 + list(SHIFTS).index(shift)), cfg,
+    return make_batch(n_eval, torch.Generator().manual_seed(base + 1400 + list(SHIFTS).index(shift)), cfg,
                       style, kind)
 
 
@@ -405,10 +436,11 @@ def _shift_job(out: Path, seed: int, shift: str, arm: str, mcfg: dict, scfg: dic
 
 def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = True, workers: int = 1,
                   config: dict | None = None, plots: bool = True) -> dict:
-    """Pretraining (cached) and the three arms on both shifts per seed; writes
+    """Pretraining (cached) and the three arms on every shift per seed; writes
     ``out/testbed_llava_check.md``, ``.json`` and (``plots``) ``testbed_llava.png`` (accuracy
     curves, κ_t, normalised gradient norms); finished jobs are read back
-    (``out/jobs/testbed_llava/<shift>/<arm>__seed<k>.json``)."""
+    (``out/jobs/testbed_llava/<shift>/<arm>__seed<k>.json``). Only when ACCEPTED: the scheduler
+    check on the first separating shift (``scheduler_check``; ``result["scheduler"]``)."""
     from tqdm.auto import tqdm
 
     from fused_balance.study.jobs import run_staged
@@ -437,9 +469,137 @@ def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = Tr
               "curves": {f"{shift}/{arm}/seed{seed}": found[seed, shift, arm]["curve"]
                          for seed in seeds for shift in SHIFTS for arm in ARMS}, "meta": meta}
     (out / "testbed_llava_check.json").write_text(json.dumps(result, indent=1))
+    separating = [shift for shift, row in verdict["shifts"].items() if row["separates"]]
+    if verdict["accepted"]:  # the method runs only on an accepted testbed, on its first separating shift
+        result["scheduler"] = scheduler_check(out, size, seeds, separating[0], progress=progress, workers=workers,
+                                              config=config, plots=plots)["verdict"]
     if plots:
         from fused_balance.study.plots import plot_testbed_llava
 
         plot_testbed_llava(out / "testbed_llava.png", {shift: {arm: [found[seed, shift, arm] for seed in seeds]
                                                                for arm in ARMS} for shift in SHIFTS})
+    return result
+
+
+# the scheduler target (issue 21): the constant-rate final accuracy within this fraction of the steps
+SCHEDULER_TARGET_FRACTION = 0.75
+
+
+def _scheduler_job(out: Path, seed: int, shift: str, arm: str, mcfg: dict, scfg: dict, n_eval: int) -> dict:
+    from fused_balance.study.jobs import in_worker, run_job
+
+    in_worker()
+
+    def run():
+        model, _ = pretrained(out, seed, mcfg, n_eval)
+        return train_shift(model, shift, arm, seed, scfg, test_split(shift, scfg, n_eval),
+                           test_split(shift, scfg, n_eval, VALIDATION_SEED))
+    return run_job(out / "jobs" / "testbed_llava_scheduler" / shift / f"{arm}__seed{seed}.json", run,
+                   {"model": mcfg, "shift": scfg, "eval_examples": n_eval, "arm": arm})
+
+
+def reach_fraction(run: dict, goal: float, key: str) -> float:
+    """The fraction of the steps after which ``run``'s curve (``key``: "acc" or "valid_acc")
+    first reaches ``goal``; 1.0 (the whole budget) when it never does."""
+    steps = run["curve"][-1]["step"]
+    return next((e["step"] / steps for e in run["curve"] if e[key] >= goal), 1.0)
+
+
+def judge_scheduler(runs: dict) -> dict:
+    """``runs[arm]``: per-seed runs (paired by position) of ``both`` and each ``SCHEDULED`` arm,
+    curves with test and validation accuracy. The variant is chosen on validation (the smaller
+    mean fraction of steps to reach ``both``'s final validation accuracy; ties: the higher final
+    validation accuracy), then judged on test: the target holds when the upper end of the 95 %
+    interval of its fraction (steps to ``both``'s final test accuracy) is at most
+    ``SCHEDULER_TARGET_FRACTION`` and its final test accuracy is not lower (the paired interval
+    of chosen − both reaches zero or above)."""
+    from fused_balance.study.stats import t975
+
+    constant = runs["both"]
+
+    def fractions(arm, key):
+        return [reach_fraction(r, c["curve"][-1][key], key) for r, c in zip(runs[arm], constant)]
+
+    def interval(values):
+        m, sd = mean_std(values)
+        half = t975(len(values) - 1) * sd / math.sqrt(len(values)) if len(values) > 1 else math.inf
+        return {"mean": m, "low": m - half, "high": m + half, "n": len(values)}
+
+    variants = {}
+    for arm in SCHEDULED:
+        final_valid = [r["curve"][-1]["valid_acc"] for r in runs[arm]]
+        variants[arm] = {"valid_fraction": interval(fractions(arm, "valid_acc")),
+                         "valid_acc": mean_std(final_valid)[0],
+                         "test_fraction": interval(fractions(arm, "acc")),
+                         "test_acc_minus_constant": {k: v for k, v in paired([r["acc"] for r in runs[arm]],
+                                                                             [r["acc"] for r in constant]).items()
+                                                     if k != "diffs"}}
+    chosen = min(variants, key=lambda a: (variants[a]["valid_fraction"]["mean"], -variants[a]["valid_acc"]))
+    row = variants[chosen]
+    held = {"fraction": row["test_fraction"]["high"] <= SCHEDULER_TARGET_FRACTION,
+            "final accuracy not lower": row["test_acc_minus_constant"]["high"] >= 0.0}
+    return {"chosen": chosen, "variants": variants, "held": held, "target_held": all(held.values()),
+            "constant_acc": mean_std([r["acc"] for r in constant])[0],
+            "target_fraction": SCHEDULER_TARGET_FRACTION}
+
+
+def scheduler_markdown(shift: str, verdict: dict, meta: dict) -> str:
+    pct = lambda d: f"{100 * d['mean']:.0f} % [{100 * d['low']:.0f}, {100 * d['high']:.0f}]"  # noqa: E731
+    lines = [f"# Scheduler check on the accepted encoder+LLM testbed, shift `{shift}`: target "
+             f"**{'HELD' if verdict['target_held'] else 'NOT HELD'}**", "",
+             f"Seeds {meta['seeds']}, configuration `{meta['configuration']}`, {meta['wall_s']:.0f} s wall "
+             f"({meta['date_utc']}). Constant rates (`both`): final test accuracy "
+             f"{100 * verdict['constant_acc']:.1f} %. Variant chosen on the validation split: "
+             f"`{verdict['chosen']}`.", "",
+             "| variant | steps to the constant final accuracy (validation) | the same on test "
+             "| final test accuracy − constant (points, 95 % CI) |", "|---|---|---|---|"]
+    for arm, row in verdict["variants"].items():
+        d = row["test_acc_minus_constant"]
+        lines.append(f"| {arm}{' (chosen)' if arm == verdict['chosen'] else ''} | {pct(row['valid_fraction'])} "
+                     f"| {pct(row['test_fraction'])} | {_pct(d['mean'])} [{_pct(d['low'])}, {_pct(d['high'])}] |")
+    lines += ["", f"Fractions of the {meta['steps']} steps (evaluated every {meta['eval_every']}; a seed that "
+              "never reaches the constant arm's final accuracy counts as the whole budget), mean and 95 % "
+              f"t-interval over seeds. Target: the chosen variant's test fraction ≤ "
+              f"{100 * verdict['target_fraction']:.0f} % (upper end of the interval) and its final accuracy not "
+              "lower (the paired interval reaches zero or above).", ""]
+    lines += [f"- {'PASS' if ok else 'FAIL'}: {c}" for c, ok in verdict["held"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def scheduler_check(out: Path, size: str, seeds: list[int], shift: str, *, progress: bool = True,
+                    workers: int = 1, config: dict | None = None, plots: bool = True) -> dict:
+    """``both`` and the ``SCHEDULED`` arms on ``shift`` (pretraining cached as for the testbed
+    check), with validation curves; writes ``out/testbed_llava_scheduler.md``, ``.json`` and
+    (``plots``) ``testbed_llava_scheduler.png``. Run on an accepted testbed only (``testbed_check``
+    does)."""
+    from tqdm.auto import tqdm
+
+    from fused_balance.study.jobs import run_staged
+
+    config = config or CONFIGS[size]
+    started = time.perf_counter()
+    mcfg, n_eval = config["model"], config["eval_examples"]
+    scfg = {**config["shift"], "max_objects": mcfg["max_objects"], "noise": mcfg["noise"]}
+    arms = ("both", *SCHEDULED)
+    bar = tqdm(total=len(seeds) * (1 + len(arms)), desc=f"scheduler check on {shift} ({size})",
+               disable=not progress, dynamic_ncols=True, file=sys.stderr)
+    _, found = run_staged(
+        seeds, lambda seed: (_pretraining_job, out, seed, mcfg, n_eval),
+        lambda seed: {(seed, arm): (_scheduler_job, out, seed, shift, arm, mcfg, scfg, n_eval) for arm in arms},
+        workers, bar)
+    bar.close()
+    runs = {arm: [found[seed, arm] for seed in seeds] for arm in arms}
+    verdict = judge_scheduler(runs)
+    meta = {"configuration": size, "seeds": seeds, "shift": shift, "steps": scfg["steps"],
+            "eval_every": scfg["eval_every"], "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "wall_s": time.perf_counter() - started}
+    (out / "testbed_llava_scheduler.md").write_text(scheduler_markdown(shift, verdict, meta))
+    result = {"verdict": verdict, "meta": meta,
+              "curves": {f"{arm}/seed{seed}": found[seed, arm]["curve"] for seed in seeds for arm in arms},
+              "kappa": {f"{arm}/seed{seed}": found[seed, arm]["kappa"] for seed in seeds for arm in SCHEDULED}}
+    (out / "testbed_llava_scheduler.json").write_text(json.dumps(result, indent=1))
+    if plots:
+        from fused_balance.study.plots import plot_testbed_llava_scheduler
+
+        plot_testbed_llava_scheduler(out / "testbed_llava_scheduler.png", shift, runs)
     return result

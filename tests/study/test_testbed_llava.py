@@ -13,7 +13,7 @@ def _scene(*objects):
     return Scene(tuple(objects), (0,) * 16, ("one",))
 
 
-@pytest.mark.parametrize("kind", ["colour", "shape", "what", "tint"])
+@pytest.mark.parametrize("kind", ["colour", "shape", "what", "tint", "tint_and_shape"])
 def test_questions_name_what_is_at_their_place(kind):
     from fused_balance.study.testbed_llava import ask
 
@@ -32,7 +32,7 @@ def test_questions_name_what_is_at_their_place(kind):
             assert answer == ["nothing"]
         else:
             assert answer == {"colour": [expected[0]], "shape": [expected[1]], "what": list(expected[:2]),
-                              "tint": [expected[2]]}[kind]
+                              "tint": [expected[2]], "tint_and_shape": [expected[2], expected[1]]}[kind]
     assert asked == set(PLACES)  # empty places are asked about too
 
 
@@ -156,16 +156,18 @@ def test_pretraining_is_cached_per_seed(tmp_path, monkeypatch):
         testbed_llava.pretrained(tmp_path, 0, {**cfg, "stage_steps": [5, 5, 5, 6]}, 8)
 
 
-def test_one_sided_arms_train_only_their_side(tmp_path):
-    """llm_only leaves the vision tower as pretrained, encoder_only the language model's
-    layers; both change both; the bridge (projector, embeddings, head) trains in each."""
+@pytest.mark.parametrize("projector_side", ["encoder", "bridge"])
+def test_one_sided_arms_train_only_their_side(tmp_path, projector_side):
+    """llm_only leaves the vision tower as pretrained (and the projector with
+    ``projector_side="encoder"``), encoder_only the language model's layers; both change both;
+    embeddings and head train in each."""
     import copy
 
     from fused_balance.study import testbed_llava as tb
 
     cfg = tb.CONFIGS["tiny"]
     model, _ = tb.pretrained(tmp_path, 0, cfg["model"], 8)
-    scfg = {**cfg["shift"], "max_objects": 2, "noise": 0.05}
+    scfg = {**cfg["shift"], "max_objects": 2, "noise": 0.05, "projector_side": projector_side}
     test = tb.test_split("new_shapes", scfg, 8)
 
     def moved(arm):
@@ -179,10 +181,14 @@ def test_one_sided_arms_train_only_their_side(tmp_path):
 
     for arm, vision_lora, llm_lora in (("both", True, True), ("llm_only", False, True), ("encoder_only", True, False)):
         changed, lora_b = moved(arm)
-        assert any("multi_modal_projector" in n for n in changed) and any("lm_head" in n for n in changed)
+        projector_trains = projector_side == "bridge" or arm != "llm_only"
+        assert any("multi_modal_projector" in n for n in changed) == projector_trains
+        assert any("lm_head" in n for n in changed)
         assert any("vision_tower" in n for n in lora_b) == vision_lora  # lora_B starts at zero: moved iff trained
         assert any("language_model" in n for n in lora_b) == llm_lora
         assert not any("vision_tower" in n for n in changed)  # base weights stay; LoRA carries the change
+    with pytest.raises(ValueError, match="projector_side"):
+        tb.train_shift(copy.deepcopy(model), "new_shapes", "both", 0, {**scfg, "projector_side": "llm"}, test)
 
 
 def test_tiny_check_end_to_end(tmp_path):
@@ -206,6 +212,7 @@ def test_tiny_check_end_to_end(tmp_path):
             assert len(kappa) == 3 and all(k is None or 0.0 <= k <= 1.0 for k in kappa)
     table = (out / "testbed_llava_check.md").read_text()
     assert ("**NOT ACCEPTED**" in table) == (not verdict["accepted"])
+    assert (out / "testbed_llava_scheduler.md").exists() == verdict["accepted"]  # the method only when accepted
     assert all(f"| {shift} |" in table for shift in SHIFTS)
     assert (out / "testbed_llava.png").stat().st_size > 0
     before = {p: p.stat().st_mtime_ns for folder in ("jobs", "cache") for p in (out / folder).rglob("*") if p.is_file()}
@@ -227,3 +234,79 @@ def test_testbed_check_runs_every_testbed_by_default():
     assert set(TESTBEDS) == {"unified", "encoder_llm"}
     with pytest.raises(SystemExit):
         parser.parse_args(["--testbed-check", "chameleon"])
+
+
+def _run(valid, test, steps=(30, 60, 90)):
+    """A run whose curve reaches the given validation / test accuracies at ``steps``."""
+    return {"acc": test[-1], "curve": [{"step": s, "acc": a, "valid_acc": v} for s, a, v in zip(steps, test, valid)]}
+
+
+def test_reach_fraction_counts_the_first_step_at_the_goal_or_the_whole_budget():
+    from fused_balance.study.testbed_llava import reach_fraction
+
+    run = _run([0.2, 0.6, 0.5], [0.1, 0.4, 0.7])
+    assert reach_fraction(run, 0.6, "valid_acc") == pytest.approx(60 / 90)
+    assert reach_fraction(run, 0.4, "acc") == pytest.approx(60 / 90)
+    assert reach_fraction(run, 0.1, "acc") == pytest.approx(30 / 90)
+    assert reach_fraction(run, 0.8, "acc") == 1.0  # never reached: the whole budget
+
+
+def test_scheduler_variant_is_chosen_on_validation_and_judged_on_test():
+    """sched_first is faster on validation, sched_per_parameter on test: the choice follows
+    validation; the target then holds or not from sched_first's test numbers alone."""
+    from fused_balance.study.testbed_llava import judge_scheduler
+
+    constant = [_run([0.3, 0.5, 0.6], [0.3, 0.5, 0.6 + 0.01 * k]) for k in range(4)]
+    fast_valid = [_run([0.6, 0.6, 0.6], [0.3, 0.6 + 0.01 * k, 0.62 + 0.01 * k]) for k in range(4)]
+    fast_test = [_run([0.3, 0.6, 0.6], [0.61 + 0.01 * k, 0.61 + 0.01 * k, 0.61 + 0.01 * k]) for k in range(4)]
+    verdict = judge_scheduler({"both": constant, "sched_first": fast_valid, "sched_per_parameter": fast_test})
+    assert verdict["chosen"] == "sched_first"
+    row = verdict["variants"]["sched_first"]
+    assert row["valid_fraction"]["mean"] == pytest.approx(1 / 3)
+    assert row["test_fraction"]["mean"] == pytest.approx(2 / 3)  # 60 of 90 steps on every seed
+    assert row["test_acc_minus_constant"]["mean"] == pytest.approx(0.02)
+    assert verdict["held"] == {"fraction": True, "final accuracy not lower": True} and verdict["target_held"]
+    slower = [_run([0.6, 0.6, 0.6], [0.3, 0.5, 0.62 + 0.01 * k]) for k in range(4)]  # reached only at the end
+    verdict = judge_scheduler({"both": constant, "sched_first": slower, "sched_per_parameter": fast_test})
+    assert verdict["chosen"] == "sched_first" and not verdict["held"]["fraction"] and not verdict["target_held"]
+    lower = [_run([0.6, 0.6, 0.6], [0.3, 0.61 + 0.01 * k, 0.5 + 0.001 * k]) for k in range(4)]
+    verdict = judge_scheduler({"both": constant, "sched_first": lower, "sched_per_parameter": fast_test})
+    assert verdict["held"] == {"fraction": True, "final accuracy not lower": False}
+
+
+def test_scheduled_arm_acts_and_records_validation(tmp_path):
+    """An acting scheduler arm trains both sides, records κ and the multipliers per step and the
+    validation accuracy beside the test one."""
+    import copy
+
+    from fused_balance.study import testbed_llava as tb
+
+    cfg = tb.CONFIGS["tiny"]
+    model, _ = tb.pretrained(tmp_path, 0, cfg["model"], 8)
+    scfg = {**cfg["shift"], "max_objects": 2, "noise": 0.05}
+    test, valid = tb.test_split("tint", scfg, 8), tb.test_split("tint", scfg, 8, tb.VALIDATION_SEED)
+    assert not torch.equal(test["input_ids"], valid["input_ids"])
+    run = tb.train_shift(copy.deepcopy(model), "tint", "sched_first", 0, scfg, test, valid)
+    assert len(run["kappa"]) == len(run["multipliers"]) == scfg["steps"]
+    assert all(set(e) == {"step", "acc", "valid_acc"} for e in run["curve"])
+    assert "grad_norms" not in run
+    with pytest.raises(ValueError, match="unknown arm"):
+        tb.train_shift(copy.deepcopy(model), "tint", "sched_exact", 0, scfg, test)
+
+
+def test_an_accepted_testbed_runs_the_scheduler_check_on_its_separating_shift(tmp_path, monkeypatch):
+    from fused_balance.study import testbed_llava as tb
+
+    def accept_tint(accuracies, base_acc):
+        verdict = judge(accuracies, base_acc)
+        for shift, row in verdict["shifts"].items():
+            row["separates"] = shift == "tint"
+        return {**verdict, "accepted": True, "failing": []}
+    judge = tb.judge
+    monkeypatch.setattr(tb, "judge", accept_tint)
+    result = tb.testbed_check(tmp_path, "tiny", [0, 1], progress=False, plots=False)
+    assert result["scheduler"]["chosen"] in tb.SCHEDULED
+    stored = json.loads((tmp_path / "testbed_llava_scheduler.json").read_text())
+    assert stored["meta"]["shift"] == "tint" and stored["verdict"] == result["scheduler"]
+    assert set(stored["curves"]) == {f"{arm}/seed{s}" for arm in ("both", *tb.SCHEDULED) for s in (0, 1)}
+    assert "# Scheduler check" in (tmp_path / "testbed_llava_scheduler.md").read_text()
