@@ -196,8 +196,8 @@ def _testbed_checks(args) -> int:
         table = out / f"{TESTBEDS[name]}_check.md"
         print(table.read_text())
         print(f"wrote {table} and .json in {result['meta']['wall_s']:.0f} s")
-        if "scheduler" in result:  # the method's check, run on an accepted testbed
-            print((out / f"{TESTBEDS[name]}_scheduler.md").read_text())
+        for shift in result.get("scheduler", {}):  # the method's check, run on an accepted testbed
+            print((out / f"{TESTBEDS[name]}_scheduler_{shift}.md").read_text())
     return 0
 
 

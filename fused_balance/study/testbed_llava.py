@@ -440,7 +440,7 @@ def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = Tr
     ``out/testbed_llava_check.md``, ``.json`` and (``plots``) ``testbed_llava.png`` (accuracy
     curves, κ_t, normalised gradient norms); finished jobs are read back
     (``out/jobs/testbed_llava/<shift>/<arm>__seed<k>.json``). Only when ACCEPTED: the scheduler
-    check on the first separating shift (``scheduler_check``; ``result["scheduler"]``)."""
+    check on every separating shift (``scheduler_check``; ``result["scheduler"][shift]``)."""
     from tqdm.auto import tqdm
 
     from fused_balance.study.jobs import run_staged
@@ -470,9 +470,9 @@ def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = Tr
                          for seed in seeds for shift in SHIFTS for arm in ARMS}, "meta": meta}
     (out / "testbed_llava_check.json").write_text(json.dumps(result, indent=1))
     separating = [shift for shift, row in verdict["shifts"].items() if row["separates"]]
-    if verdict["accepted"]:  # the method runs only on an accepted testbed, on its first separating shift
-        result["scheduler"] = scheduler_check(out, size, seeds, separating[0], progress=progress, workers=workers,
-                                              config=config, plots=plots)["verdict"]
+    if verdict["accepted"]:  # the method runs only on an accepted testbed, on each shift that separates the arms
+        result["scheduler"] = {shift: scheduler_check(out, size, seeds, shift, progress=progress, workers=workers,
+                                                      config=config, plots=plots)["verdict"] for shift in separating}
     if plots:
         from fused_balance.study.plots import plot_testbed_llava
 
@@ -569,8 +569,8 @@ def scheduler_markdown(shift: str, verdict: dict, meta: dict) -> str:
 def scheduler_check(out: Path, size: str, seeds: list[int], shift: str, *, progress: bool = True,
                     workers: int = 1, config: dict | None = None, plots: bool = True) -> dict:
     """``both`` and the ``SCHEDULED`` arms on ``shift`` (pretraining cached as for the testbed
-    check), with validation curves; writes ``out/testbed_llava_scheduler.md``, ``.json`` and
-    (``plots``) ``testbed_llava_scheduler.png``. Run on an accepted testbed only (``testbed_check``
+    check), with validation curves; writes ``out/testbed_llava_scheduler_<shift>.md``, ``.json``
+    and (``plots``) ``.png``. Run on an accepted testbed only (``testbed_check``
     does)."""
     from tqdm.auto import tqdm
 
@@ -593,13 +593,13 @@ def scheduler_check(out: Path, size: str, seeds: list[int], shift: str, *, progr
     meta = {"configuration": size, "seeds": seeds, "shift": shift, "steps": scfg["steps"],
             "eval_every": scfg["eval_every"], "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "wall_s": time.perf_counter() - started}
-    (out / "testbed_llava_scheduler.md").write_text(scheduler_markdown(shift, verdict, meta))
+    (out / f"testbed_llava_scheduler_{shift}.md").write_text(scheduler_markdown(shift, verdict, meta))
     result = {"verdict": verdict, "meta": meta,
               "curves": {f"{arm}/seed{seed}": found[seed, arm]["curve"] for seed in seeds for arm in arms},
               "kappa": {f"{arm}/seed{seed}": found[seed, arm]["kappa"] for seed in seeds for arm in SCHEDULED}}
-    (out / "testbed_llava_scheduler.json").write_text(json.dumps(result, indent=1))
+    (out / f"testbed_llava_scheduler_{shift}.json").write_text(json.dumps(result, indent=1))
     if plots:
         from fused_balance.study.plots import plot_testbed_llava_scheduler
 
-        plot_testbed_llava_scheduler(out / "testbed_llava_scheduler.png", shift, runs)
+        plot_testbed_llava_scheduler(out / f"testbed_llava_scheduler_{shift}.png", shift, runs)
     return result

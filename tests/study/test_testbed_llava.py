@@ -212,7 +212,9 @@ def test_tiny_check_end_to_end(tmp_path):
             assert len(kappa) == 3 and all(k is None or 0.0 <= k <= 1.0 for k in kappa)
     table = (out / "testbed_llava_check.md").read_text()
     assert ("**NOT ACCEPTED**" in table) == (not verdict["accepted"])
-    assert (out / "testbed_llava_scheduler.md").exists() == verdict["accepted"]  # the method only when accepted
+    separating = [shift for shift, row in verdict["shifts"].items() if row["separates"]]
+    assert sorted(p.name for p in out.glob("testbed_llava_scheduler_*.md")) == (  # the method only when accepted
+        sorted(f"testbed_llava_scheduler_{shift}.md" for shift in separating) if verdict["accepted"] else [])
     assert all(f"| {shift} |" in table for shift in SHIFTS)
     assert (out / "testbed_llava.png").stat().st_size > 0
     before = {p: p.stat().st_mtime_ns for folder in ("jobs", "cache") for p in (out / folder).rglob("*") if p.is_file()}
@@ -294,19 +296,22 @@ def test_scheduled_arm_acts_and_records_validation(tmp_path):
         tb.train_shift(copy.deepcopy(model), "tint", "sched_exact", 0, scfg, test)
 
 
-def test_an_accepted_testbed_runs_the_scheduler_check_on_its_separating_shift(tmp_path, monkeypatch):
+def test_an_accepted_testbed_runs_the_scheduler_check_on_its_separating_shifts(tmp_path, monkeypatch):
     from fused_balance.study import testbed_llava as tb
 
     def accept_tint(accuracies, base_acc):
         verdict = judge(accuracies, base_acc)
         for shift, row in verdict["shifts"].items():
-            row["separates"] = shift == "tint"
+            row["separates"] = shift in ("tint", "new_format")
         return {**verdict, "accepted": True, "failing": []}
     judge = tb.judge
     monkeypatch.setattr(tb, "judge", accept_tint)
-    result = tb.testbed_check(tmp_path, "tiny", [0, 1], progress=False, plots=False)
-    assert result["scheduler"]["chosen"] in tb.SCHEDULED
-    stored = json.loads((tmp_path / "testbed_llava_scheduler.json").read_text())
-    assert stored["meta"]["shift"] == "tint" and stored["verdict"] == result["scheduler"]
-    assert set(stored["curves"]) == {f"{arm}/seed{s}" for arm in ("both", *tb.SCHEDULED) for s in (0, 1)}
-    assert "# Scheduler check" in (tmp_path / "testbed_llava_scheduler.md").read_text()
+    result = tb.testbed_check(tmp_path, "tiny", [0, 1], progress=False)
+    assert set(result["scheduler"]) == {"tint", "new_format"}
+    for shift, verdict in result["scheduler"].items():
+        assert verdict["chosen"] in tb.SCHEDULED
+        stored = json.loads((tmp_path / f"testbed_llava_scheduler_{shift}.json").read_text())
+        assert stored["meta"]["shift"] == shift and stored["verdict"] == verdict
+        assert set(stored["curves"]) == {f"{arm}/seed{s}" for arm in ("both", *tb.SCHEDULED) for s in (0, 1)}
+        assert f"shift `{shift}`" in (tmp_path / f"testbed_llava_scheduler_{shift}.md").read_text()
+        assert (tmp_path / f"testbed_llava_scheduler_{shift}.png").stat().st_size > 0
