@@ -19,11 +19,16 @@ def mean_std(values) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def interval(values) -> dict:
+    """Mean, std and 95 % t-interval over seeds (infinite with one value)."""
+    values = list(values)
+    m, s = mean_std(values)
+    half = t975(len(values) - 1) * s / math.sqrt(len(values)) if len(values) > 1 else math.inf
+    return {"mean": m, "std": s, "low": m - half, "high": m + half, "n": len(values)}
+
+
 def paired(a, b) -> dict:
     """Per-seed differences a − b: mean, std, 95 % t-interval, whether it excludes zero."""
     diffs = [x - y for x, y in zip(a, b)]
-    m, s = mean_std(diffs)
-    half = t975(len(diffs) - 1) * s / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
-    low, high = m - half, m + half
-    return {"mean": m, "std": s, "low": low, "high": high, "n": len(diffs),
-            "excludes_zero": bool(low > 0 or high < 0), "diffs": diffs}
+    found = interval(diffs)
+    return {**found, "excludes_zero": bool(found["low"] > 0 or found["high"] < 0), "diffs": diffs}

@@ -293,17 +293,16 @@ def train_shift(model, shift: str, arm: str, seed: int, cfg: dict, test: dict, v
     bridge = [p for n, p in model.named_parameters() if p.requires_grad and any(k in n for k in BRIDGE)]
     params = [p for ps in comps.values() for p in ps]
     monitors = {}
-    if arm == "both":  # diagnostics: schedulers that measure κ (raw, per parameter) and never act (eta=0)
+    if arm == "both" or arm in SCHEDULED:  # one AdamW group per side, so a scheduler can set its rate
         optimizer = torch.optim.AdamW(BalanceScheduler.param_groups(lora, rest=bridge, lr=cfg["lr"]),
                                       weight_decay=0.0)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
+    if arm == "both":  # diagnostics: schedulers that measure κ (raw, per parameter) and never act (eta=0)
         monitors = {key: BalanceScheduler(optimizer, lora, rest=bridge, eta=0.0, normalise=normalise)
                     for key, normalise in (("kappa", "none"), ("kappa_per_parameter", "parameters"))}
     elif arm in SCHEDULED:  # an acting scheduler (default rates) over the same groups as ``both``
-        optimizer = torch.optim.AdamW(BalanceScheduler.param_groups(lora, rest=bridge, lr=cfg["lr"]),
-                                      weight_decay=0.0)
         monitors = {"kappa": BalanceScheduler(optimizer, lora, rest=bridge, normalise=SCHEDULED[arm])}
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
     style, kind = SHIFTS[shift]
     rng = torch.Generator().manual_seed(TRAIN_SEED_BASE + 1300 + seed)  # the same batches in every arm
     curve, norms = [], []
@@ -513,17 +512,12 @@ def judge_scheduler(runs: dict) -> dict:
     interval of its fraction (steps to ``both``'s final test accuracy) is at most
     ``SCHEDULER_TARGET_FRACTION`` and its final test accuracy is not lower (the paired interval
     of chosen − both reaches zero or above)."""
-    from fused_balance.study.stats import t975
+    from fused_balance.study.stats import interval
 
     constant = runs["both"]
 
     def fractions(arm, key):
         return [reach_fraction(r, c["curve"][-1][key], key) for r, c in zip(runs[arm], constant)]
-
-    def interval(values):
-        m, sd = mean_std(values)
-        half = t975(len(values) - 1) * sd / math.sqrt(len(values)) if len(values) > 1 else math.inf
-        return {"mean": m, "low": m - half, "high": m + half, "n": len(values)}
 
     variants = {}
     for arm in SCHEDULED:
