@@ -247,7 +247,7 @@ TORCH_LIBRARY(fused_balance, m) {
       "bank_adamw_(Tensor bank, Tensor weights, Tensor chunks, Tensor param_ptrs, Tensor(a!) exp_avg, "
       "Tensor(b!) exp_avg_sq, Tensor hyper, Tensor(c!) step, Tensor? skip, Tensor? live=None) -> ()");
   // The policy solve (policy_cpu.cpp, policy_cuda.cu): [S, K, K] Gram -> weights, branch.
-  m.def("policy_weights(Tensor gram, int policy, float tau, bool rescale_to_sum, float rounding, Tensor? active, int magnitude=-1) -> (Tensor, Tensor)");
+  m.def("policy_weights(Tensor gram, int policy, float tau, float rescale, float rounding, Tensor? active, int magnitude=-1) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fused_balance, CPU, m) {

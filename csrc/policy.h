@@ -34,7 +34,7 @@ enum MagnitudeRule : int64_t { kMagnitudeMean = -1, kMagnitudeWeaker = -2 };
 struct Options {
   int64_t code;
   double tau;
-  bool rescale_to_sum;
+  double rescale;  // the conflict branch scaled to rescale x the plain sum's norm; 0: not scaled
   double rounding;  // relative rounding level of the input Gram (K=2 "identical" test)
   int64_t magnitude = kMagnitudeMean;  // MagnitudeRule, or the protected objective's index
 };
@@ -287,17 +287,18 @@ FB_INLINE void min_norm(const Rows& rows, int K, double rounding, Workspace<KMAX
   active_set_min_norm(rows, ws.Gn, K, ws, w);
 }
 
-// policies.restore_sum_magnitude: a combination that is zero to rounding level stays as it is.
+// policies.restore_sum_magnitude: w scaled so its combination is `gamma` times as long as the plain
+// sum; a combination that is zero to rounding level stays as it is.
 template <class Rows, int KMAX>
 FB_INLINE void restore_sum_magnitude(const Rows& rows, double* w, int K, double rounding, Workspace<KMAX>& ws,
-                                     bool only_up) {
+                                     double gamma, bool only_up) {
   rows.each(0, K, [&](int k) { ws.v[k] = ws.active[k] ? 1.0 : 0.0; });
   const int ld = row_stride(K);
   double reach = 0.0;
   for (int k = 0; k < K; ++k) reach += p_abs(w[k]) * p_sqrt(p_max(ws.G[k * ld + k], 0.0));
   const double target = p_max(quadratic(rows, ws.v, K, ws), 0.0);
   const double current = p_max(quadratic(rows, w, K, ws), 0.0);
-  double factor = current > rounding * reach * reach ? p_sqrt(target) / p_sqrt(current) : 1.0;
+  double factor = current > rounding * reach * reach ? gamma * p_sqrt(target) / p_sqrt(current) : 1.0;
   if (only_up) factor = p_max(factor, 1.0);
   rows.each(0, K, [&](int k) { w[k] = w[k] * factor; });
 }
@@ -346,14 +347,14 @@ FB_INLINE int64_t solve_segment(const Rows& rows, const Options& o, int K, Works
       const double c = count > 0 ? double(count) : 1.0;
       rows.each(0, K, [&](int k) { out[k] = (ws.active[k] ? 1.0 : 0.0) / c; });
     }
-    restore_sum_magnitude(rows, out, K, o.rounding, ws, true);
+    if (o.rescale > 0) restore_sum_magnitude(rows, out, K, o.rounding, ws, o.rescale, true);
     return disagree ? kBranchConflict : kBranchSum;
   }
   const bool conflict = o.code == kMgda || any_pair_below_zero(rows, ws, K, false);
   if (conflict) {
     min_norm(rows, K, o.rounding, ws);
     rows.each(0, K, [&](int k) { out[k] = ws.minnorm[k]; });
-    if (o.rescale_to_sum) restore_sum_magnitude(rows, out, K, o.rounding, ws, false);
+    if (o.rescale > 0) restore_sum_magnitude(rows, out, K, o.rounding, ws, o.rescale, false);
     return kBranchConflict;
   }
   // pareto_lora without conflict: rescale to the mean norm when imbalanced, else the plain sum.

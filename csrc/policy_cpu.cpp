@@ -32,9 +32,9 @@ void solve_segments(const PolicyCall& call) {
 }
 
 std::tuple<at::Tensor, at::Tensor> policy_weights_cpu(const at::Tensor& gram, int64_t policy, double tau,
-                                                      bool rescale_to_sum, double rounding,
+                                                      double rescale, double rounding,
                                                       const c10::optional<at::Tensor>& active, int64_t magnitude) {
-  PolicyCall call = prepare_policy_call(gram, policy, tau, rescale_to_sum, rounding, active, magnitude);
+  PolicyCall call = prepare_policy_call(gram, policy, tau, rescale, rounding, active, magnitude);
   if (call.gram.scalar_type() == at::kDouble) solve_segments<double>(call);
   else solve_segments<float>(call);
   return {call.weights, call.branch};

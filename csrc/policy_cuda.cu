@@ -74,10 +74,10 @@ void launch_for_K(const PolicyCall& call, cudaStream_t stream) {
 }
 
 std::tuple<at::Tensor, at::Tensor> policy_weights_cuda(const at::Tensor& gram, int64_t policy, double tau,
-                                                       bool rescale_to_sum, double rounding,
+                                                       double rescale, double rounding,
                                                        const c10::optional<at::Tensor>& active, int64_t magnitude) {
   const c10::cuda::CUDAGuard guard(gram.device());
-  PolicyCall call = prepare_policy_call(gram, policy, tau, rescale_to_sum, rounding, active, magnitude);
+  PolicyCall call = prepare_policy_call(gram, policy, tau, rescale, rounding, active, magnitude);
   if (call.S == 0) return {call.weights, call.branch};
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (call.gram.scalar_type() == at::kDouble) launch_for_K<double>(call, stream);

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <limits>
 #include <tuple>
 
@@ -21,7 +22,7 @@ struct PolicyCall {
   double largest = 0.0;           // the weights dtype's largest finite value
 };
 
-inline PolicyCall prepare_policy_call(const at::Tensor& gram, int64_t policy, double tau, bool rescale_to_sum,
+inline PolicyCall prepare_policy_call(const at::Tensor& gram, int64_t policy, double tau, double rescale,
                                       double rounding, const c10::optional<at::Tensor>& active,
                                       int64_t magnitude) {
   TORCH_CHECK_VALUE(gram.dim() == 3 && gram.size(1) == gram.size(2),
@@ -37,6 +38,9 @@ inline PolicyCall prepare_policy_call(const at::Tensor& gram, int64_t policy, do
                         (magnitude >= 0 && magnitude < gram.size(1)),
                     "fused_balance::policy_weights: magnitude must be -1 (mean), -2 (weaker) or a protected "
                     "objective's index below K = ", gram.size(1), ", got ", magnitude);
+  TORCH_CHECK_VALUE(std::isfinite(rescale) && rescale >= 0,
+                    "fused_balance::policy_weights: rescale must be a finite factor >= 0 (0: no rescale), got ",
+                    rescale);
   PolicyCall call;
   call.gram = gram.contiguous();
   call.S = gram.size(0);
@@ -52,7 +56,7 @@ inline PolicyCall prepare_policy_call(const at::Tensor& gram, int64_t policy, do
   }
   call.weights = at::empty({call.S, call.K}, gram.options());
   call.branch = at::empty({call.S}, gram.options().dtype(at::kLong));
-  call.options = policy::Options{policy, tau, rescale_to_sum, rounding, magnitude};
+  call.options = policy::Options{policy, tau, rescale, rounding, magnitude};
   call.largest = gram.scalar_type() == at::kDouble ? std::numeric_limits<double>::max()
                                                    : double(std::numeric_limits<float>::max());
   return call;

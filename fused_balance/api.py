@@ -222,7 +222,7 @@ def _checked_out(out, problem) -> list:
 
 
 def pareto_weights(grads, segments=None, *, policy="mgda", tau: float = 5.0,
-                   rescale: str | None = None, magnitude=None, backend: str | None = None,
+                   rescale: str | float | None = None, magnitude=None, backend: str | None = None,
                    process_group=None, distributed: str = "data") -> ParetoResult:
     """The first half of pareto_combine: Gram -> range check -> weights, statistics and
     found_inf, without the combination (``combined`` is None). Use it in place of
@@ -237,7 +237,7 @@ def pareto_weights(grads, segments=None, *, policy="mgda", tau: float = 5.0,
 
 
 def pareto_combine(grads, segments=None, *, policy="mgda", tau: float = 5.0,
-                   rescale: str | None = None, magnitude=None, out=None, backend: str | None = None,
+                   rescale: str | float | None = None, magnitude=None, out=None, backend: str | None = None,
                    process_group=None, distributed: str = "data") -> ParetoResult:
     """Gram -> weights (``policy``: a registered name, "sum", "mgda", "pareto_lora", "mmpareto", or
     a callable (G, active) -> (weights, branch); ``tau``, ``rescale``, ``magnitude``: its options,

@@ -235,7 +235,7 @@ def _bank_adamw_fake(bank, weights, chunks, param_ptrs, exp_avg, exp_avg_sq, hyp
     return None
 
 
-def _policy_weights_fake(gram, policy, tau, rescale_to_sum, rounding, active, magnitude=-1):
+def _policy_weights_fake(gram, policy, tau, rescale, rounding, active, magnitude=-1):
     S, K = gram.shape[0], gram.shape[1]
     return gram.new_empty((S, K)), gram.new_empty((S,), dtype=torch.long)
 

@@ -124,7 +124,7 @@ class BalancePlan:
     """
 
     def __init__(self, bank, segments=None, *, numels=None, offsets=None, params=None, policy: str = "pareto_lora",
-                 tau: float = 5.0, rescale: str | None = None, groups=None, backend: str | None = None,
+                 tau: float = 5.0, rescale: str | float | None = None, groups=None, backend: str | None = None,
                  magnitude=None):
         if isinstance(bank, torch.Tensor):
             if numels is None:

@@ -25,7 +25,7 @@ __all__ = ["POLICIES", "BRANCH_SUM", "BRANCH_RESCALE", "BRANCH_CONFLICT", "BRANC
            "BuiltinPolicy", "SumPolicy", "MGDAPolicy", "ParetoLoRAPolicy", "MMParetoPolicy",
            "register_policy", "registered_policies", "resolve_policy", "gram_statistics",
            "policy_weights", "solve", "check_policy_args", "restore_sum_magnitude", "any_active_pair",
-           "MAGNITUDE_RULES", "magnitude_code"]
+           "MAGNITUDE_RULES", "magnitude_code", "rescale_factor"]
 
 BRANCH_SUM, BRANCH_RESCALE, BRANCH_CONFLICT = 0, 1, 2
 BRANCH_NAMES = {BRANCH_SUM: "sum", BRANCH_RESCALE: "rescale", BRANCH_CONFLICT: "conflict"}
@@ -35,6 +35,17 @@ PolicyFn = Callable[[torch.Tensor, torch.Tensor], "tuple[torch.Tensor, torch.Ten
 # Pareto-LoRA's magnitude rule (its rescale branch, see ParetoLoRAPolicy), or an objective's index
 MAGNITUDE_RULES = ("mean", "weaker")
 _MAGNITUDE_CODES = {"mean": -1, "weaker": -2}  # csrc/policy.h MagnitudeRule
+
+
+def rescale_factor(rescale) -> float:
+    """The conflict branch's strength as a factor of the plain sum's norm: "none" 0 (the
+    combination as the solve gives it), "sum" 1, a real γ > 0 itself (e.g. MMPareto's γ)."""
+    if isinstance(rescale, str):
+        if rescale not in ("none", "sum"):
+            raise ValueError(f"rescale must be 'none', 'sum' or a factor γ > 0 of the plain sum's norm, "
+                             f"got {rescale!r}")
+        return 0.0 if rescale == "none" else 1.0
+    return check_real(rescale, "rescale (a factor γ of the plain sum's norm)", low=0.0, low_open=True)
 
 
 def magnitude_code(magnitude) -> int:
@@ -66,9 +77,9 @@ def _quadratic(w: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
 
 
 def restore_sum_magnitude(w: torch.Tensor, G: torch.Tensor, active: torch.Tensor, rounding: float,
-                          only_up: bool = False) -> torch.Tensor:
-    """Scale w so that |sum_k w_k g_k| equals |sum_k g_k| over the active objectives (the plain
-    update's magnitude); ``only_up``: only when the combination is shorter. A combination that
+                          only_up: bool = False, gamma: float = 1.0) -> torch.Tensor:
+    """Scale w so that |sum_k w_k g_k| equals gamma |sum_k g_k| over the active objectives (the
+    plain update's magnitude times gamma); ``only_up``: only when the combination is shorter. A combination that
     is zero to the Gram's rounding level (``rounding``, relative to (sum_k |w_k| |g_k|)^2: the
     gradients are Pareto-stationary) stays as it is: scaling it up would turn rounding noise
     into an update of full size."""
@@ -77,7 +88,7 @@ def restore_sum_magnitude(w: torch.Tensor, G: torch.Tensor, active: torch.Tensor
     ok = current > rounding * reach * reach
     # sqrt / sqrt, not sqrt of the ratio: the min-norm point can be ~1e30 times shorter than the
     # sum, and the ratio of the squares could leave the range where the factor itself does not.
-    factor = torch.where(ok, target.sqrt() / torch.where(ok, current, torch.ones_like(current)).sqrt(),
+    factor = torch.where(ok, gamma * target.sqrt() / torch.where(ok, current, torch.ones_like(current)).sqrt(),
                          torch.ones_like(current))
     if only_up:
         factor = factor.clamp(min=1.0)
@@ -107,10 +118,11 @@ class BuiltinPolicy:
     uses = ()                # which of the options (tau, rescale, magnitude) it reads
     default_rescale = "none"
 
-    def __init__(self, *, tau: float = 5.0, rescale: str | None = None, rounding: float | None = None,
+    def __init__(self, *, tau: float = 5.0, rescale: str | float | None = None, rounding: float | None = None,
                  magnitude=None):
         self.tau = float(tau)
         self.rescale = self.default_rescale if rescale is None else rescale
+        self.rescale_factor = rescale_factor(self.rescale)  # 0: the conflict branch is not rescaled
         self.rounding = rounding_of(torch.float32) if rounding is None else rounding
         self.magnitude = magnitude_code(magnitude)
 
@@ -137,14 +149,14 @@ class SumPolicy(BuiltinPolicy):
 
 class MGDAPolicy(BuiltinPolicy):
     """The min-norm point of the active gradients (simplex weights; scaled to the plain sum's
-    magnitude with rescale="sum")."""
+    magnitude with rescale="sum", to γ times it with rescale=γ)."""
 
     name, code, non_conflicting, uses = "mgda", 1, True, ("rescale",)
 
     def reference(self, G, active):
         w = min_norm_float64(G, active, self.rounding)
-        if self.rescale == "sum":
-            w = restore_sum_magnitude(w, G, active, self.rounding)
+        if self.rescale_factor > 0:
+            w = restore_sum_magnitude(w, G, active, self.rounding, gamma=self.rescale_factor)
         return w, _branch(G.shape[0], BRANCH_CONFLICT, G)
 
 
@@ -190,10 +202,12 @@ class ParetoLoRAPolicy(BuiltinPolicy):
 class MMParetoPolicy(BuiltinPolicy):
     """MMPareto (Wei & Hu, ICML 2024): per segment, every pair of active gradients agrees
     (cosine > 0) -> equal weights, else the min-norm weights; the combination is then scaled up
-    to the plain sum's magnitude when it is shorter. A few lines on the shared pieces, as a
-    user's policy would be."""
+    to the plain sum's magnitude when it is shorter (rescale="sum", the default), to γ times it
+    with rescale=γ (MMPareto's γ; our reading), or left as it is with rescale="none". A few
+    lines on the shared pieces, as a user's policy would be."""
 
     name, code, non_conflicting = "mmpareto", 3, True
+    uses, default_rescale = ("rescale",), "sum"
 
     def reference(self, G, active):
         _, cosines = gram_statistics(G)
@@ -201,7 +215,9 @@ class MMParetoPolicy(BuiltinPolicy):
         equal = active.to(G.dtype) / active.sum(-1, keepdim=True).clamp(min=1)
         w = torch.where(disagree[:, None], min_norm_float64(G, active, self.rounding), equal)
         branch = torch.where(disagree, BRANCH_CONFLICT, BRANCH_SUM)
-        return restore_sum_magnitude(w, G, active, self.rounding, only_up=True), branch
+        if self.rescale_factor > 0:
+            w = restore_sum_magnitude(w, G, active, self.rounding, only_up=True, gamma=self.rescale_factor)
+        return w, branch
 
 
 # ----------------------------------------------------------------------------- registry
@@ -229,12 +245,12 @@ def registered_policies() -> tuple[str, ...]:
     return POLICIES + tuple(_USER)
 
 
-def check_policy_args(policy, tau, rescale, magnitude=None) -> str | None:
+def check_policy_args(policy, tau, rescale, magnitude=None) -> str | float | None:
     """Validate the policy arguments (before any work) and return the effective ``rescale``
     (None for a policy without that option)."""
     check_real(tau, "tau (a norm ratio threshold)", low=1.0, low_open=True, allow_inf=True)
-    if rescale is not None and (not isinstance(rescale, str) or rescale not in ("none", "sum")):
-        raise ValueError(f"rescale must be 'none' or 'sum', got {rescale!r}")
+    if rescale is not None:
+        rescale_factor(rescale)
     magnitude_code(magnitude)
     if isinstance(policy, str) and policy in _BUILTINS:
         cls = _BUILTINS[policy]
@@ -253,7 +269,7 @@ def check_policy_args(policy, tau, rescale, magnitude=None) -> str | None:
                      "callable (G, active) -> (weights, branch)")
 
 
-def resolve_policy(policy, *, tau: float = 5.0, rescale: str | None = None,
+def resolve_policy(policy, *, tau: float = 5.0, rescale: str | float | None = None,
                    rounding: float | None = None, magnitude=None) -> PolicyFn:
     """The callable for ``policy`` (a name or a callable) with its options bound."""
     rescale = check_policy_args(policy, tau, rescale, magnitude)
@@ -317,12 +333,12 @@ def _native_ready(device: str) -> bool:
 
 def _native_solve(G: torch.Tensor, policy: BuiltinPolicy, active: torch.Tensor | None):
     return torch.ops.fused_balance.policy_weights(
-        G, policy.code, policy.tau, policy.rescale == "sum", policy.rounding, active, policy.magnitude)
+        G, policy.code, policy.tau, policy.rescale_factor, policy.rounding, active, policy.magnitude)
 
 
 # ----------------------------------------------------------------------------- entry point
 def policy_weights(G: torch.Tensor, policy="pareto_lora", *, tau: float = 5.0,
-                   rescale: str | None = None, magnitude=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   rescale: str | float | None = None, magnitude=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights [S, K] and branch [S] (BRANCH_SUM 0, BRANCH_RESCALE 1, BRANCH_CONFLICT 2) for
     ``policy``, a registered name or a callable ``(G, active) -> (weights, branch)``:
 
@@ -336,8 +352,10 @@ def policy_weights(G: torch.Tensor, policy="pareto_lora", *, tau: float = 5.0,
     - ``"mmpareto"``: per segment, all cosines > 0 -> equal weights, else min-norm; scaled up to
       the plain sum's magnitude when shorter (Wei & Hu, ICML 2024).
 
-    ``rescale="sum"`` multiplies min-norm weights so the update has the plain sum's magnitude
-    (the min-norm point is short); default "none" for mgda, "sum" for pareto_lora. The Gram is
+    ``rescale`` sets the strength of the min-norm (conflict) branch: "sum" multiplies its weights
+    so the update has the plain sum's magnitude (the min-norm point is short), a real γ > 0 to γ
+    times that magnitude, "none" leaves them on the simplex; default "none" for mgda, "sum" for
+    pareto_lora and mmpareto (which only scales up, to at least γ times the sum's magnitude). The Gram is
     taken in float64 (non-finite entries as 0: they are flagged, not solved); weights come back
     in fp32 (fp64 for an fp64 Gram), saturated at the dtype's largest value.
     """

@@ -65,8 +65,11 @@ ARMS = ("both", "llm_only", "encoder_only")
 # projector adapts visual features to the LLM), "bridge" (in every arm, as embeddings and head)
 PROJECTOR_SIDES = ("encoder", "bridge")
 # arms of the scheduler check (run only on an accepted testbed): an acting BalanceScheduler over
-# both sides' LoRA (default rates), κ raw or per parameter; compared with ``both`` (constant rates)
-SCHEDULED = {"sched_first": "none", "sched_per_parameter": "parameters"}
+# both sides' LoRA (default rates), κ raw or per parameter, or from the KL changes of the answer
+# distribution on the training batch averaged over 10 steps (rates moved every 10 steps); compared
+# with ``both`` (constant rates)
+SCHEDULED = {"sched_first": dict(normalise="none"), "sched_per_parameter": dict(normalise="parameters"),
+             "sched_kl_window": dict(measure="kl", update_every=10)}
 SHIFTS = {"new_shapes": (SceneStyle(shapes=tuple(HELD_OUT_SHAPES.items())), "shape"),
           "tint": (PRETRAINING, "tint"),
           "new_format": (PRETRAINING, "what"),
@@ -301,13 +304,17 @@ def train_shift(model, shift: str, arm: str, seed: int, cfg: dict, test: dict, v
     if arm == "both":  # diagnostics: schedulers that measure κ (raw, per parameter) and never act (eta=0)
         monitors = {key: BalanceScheduler(optimizer, lora, rest=bridge, eta=0.0, normalise=normalise)
                     for key, normalise in (("kappa", "none"), ("kappa_per_parameter", "parameters"))}
-    elif arm in SCHEDULED:  # an acting scheduler (default rates) over the same groups as ``both``
-        monitors = {"kappa": BalanceScheduler(optimizer, lora, rest=bridge, normalise=SCHEDULED[arm])}
+    current = {}  # the training batch, for a KL scheduler's probe (its answer distribution)
+    if arm in SCHEDULED:  # an acting scheduler (default rates) over the same groups as ``both``
+        probe = lambda: _logits(model, current["batch"])[current["batch"]["target"]]  # noqa: E731
+        monitors = {"kappa": BalanceScheduler(optimizer, lora, rest=bridge, **SCHEDULED[arm],
+                                              probe_fn=probe if SCHEDULED[arm].get("measure") == "kl" else None)}
     style, kind = SHIFTS[shift]
     rng = torch.Generator().manual_seed(TRAIN_SEED_BASE + 1300 + seed)  # the same batches in every arm
     curve, norms = [], []
     for step in range(cfg["steps"]):
-        loss_of(model, make_batch(cfg["batch_size"], rng, cfg, style, kind)).backward()
+        current["batch"] = make_batch(cfg["batch_size"], rng, cfg, style, kind)
+        loss_of(model, current["batch"]).backward()
         if arm == "both" and step % cfg["diag_every"] == 0:
             norms.append({"step": step, **{side: math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ps)
                                                            / sum(p.numel() for p in ps))
@@ -520,7 +527,7 @@ def judge_scheduler(runs: dict) -> dict:
         return [reach_fraction(r, c["curve"][-1][key], key) for r, c in zip(runs[arm], constant)]
 
     variants = {}
-    for arm in SCHEDULED:
+    for arm in (a for a in runs if a != "both"):  # the scheduled variants run
         final_valid = [r["curve"][-1]["valid_acc"] for r in runs[arm]]
         variants[arm] = {"valid_fraction": interval(fractions(arm, "valid_acc")),
                          "valid_acc": mean_std(final_valid)[0],

@@ -44,7 +44,7 @@ BALANCER_STATE_NAME = "fused_balance_state.pt"
 class BalancedTrainer(Trainer):
     def __init__(self, *args, objectives_fn: Callable[..., Mapping[str, torch.Tensor]],
                  policy: str = "pareto_lora", segments="layer", tau: float = 5.0,
-                 rescale: str | None = None, balance_backend: str | None = None,
+                 rescale: str | float | None = None, balance_backend: str | None = None,
                  fill: str = "backward", magnitude: str = "mean", **kwargs):
         super().__init__(*args, **kwargs)
         self.objectives_fn = objectives_fn

@@ -110,6 +110,9 @@ class ParetoLoRA:
     A NaN/Inf loss skips the step like a NaN/Inf gradient: nothing is written, the step is
     counted in ``skipped_steps``, the history names the objectives, a warning the first time.
 
+    ``rescale`` (the conflict branch's strength, see ``fb.policy_weights``): "sum" (pareto_lora's
+    and mmpareto's default: the plain sum's magnitude), "none", or a factor γ > 0 of it.
+
     ``magnitude`` (pareto_lora's rule where one gradient is more than ``tau`` times another, see
     ``fb.policy_weights``): "mean" (default), "weaker", or the name of the objective to protect
     (only it is raised to the mean norm, e.g. ``magnitude="image"``).
@@ -127,7 +130,7 @@ class ParetoLoRA:
     """
 
     def __init__(self, model_or_params, optimizer=None, policy: str | Callable = "pareto_lora",
-                 segments: str | Callable = "layer", tau: float = 5.0, rescale: str | None = None,
+                 segments: str | Callable = "layer", tau: float = 5.0, rescale: str | float | None = None,
                  objectives: Sequence[str] | None = None, backend: str | None = None, *,
                  fill: str = "backward", lr: float = 1e-3, weight_decay: float = 1e-2,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,

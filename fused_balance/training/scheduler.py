@@ -56,6 +56,13 @@ full-rank tensors (projector, embeddings, head) next to the other side's LoRA fa
 takes most of the share for its size alone. Which to use is a choice this library does not make
 for you: no default has been picked on an accepted testbed yet.
 
+Measure (``measure``) and window (``update_every`` = L): "first_order" (default) is step 2 above;
+"kl" takes s_c = KL_c (as in exact mode, unscaled) at every step, so κ is the ratio of the
+components' changes of the output distribution on ``probe_fn``'s batch (pass a closure over the
+current training batch for the generation distribution on the training data). With L > 1 the
+contributions of L steps are averaged and enter the running average once, at the window's end,
+where the multipliers (and rates) move; between, the rates stay. L = 1 is step 3 as written.
+
 Defaults: β = 0.9, η = 0.1, δ = 0.05, m ∈ [0.25, 8]. ``history`` keeps the last
 ``history_limit`` (default 10 000) step records.
 """
@@ -78,6 +85,11 @@ __all__ = ["BalanceScheduler"]
 # LoRA factors, does not take a larger share for its count alone; under Adam, where
 # −<g, Δ> ≈ lr·‖g‖₁, the raw share grows with the parameter count).
 NORMALISATIONS = ("none", "parameters")
+# What counts as a component's learning: the first-order loss decrease −<g_c, Δ_c> ("first_order",
+# with exact KL steps every ``exact_every``), or, every step, the change its update alone causes
+# in the output distribution on the probe batch, KL(p_{θ + Δ_c} ‖ p_θ) ("kl"; C + 1 forward passes
+# of ``probe_fn`` per step, e.g. on the current training batch).
+MEASURES = ("first_order", "kl")
 
 
 def _params_of(component, name: str = "component") -> list[torch.Tensor]:
@@ -135,7 +147,8 @@ class BalanceScheduler:
                  exact_every: int = 0, probe_fn: Callable[[], torch.Tensor] | None = None,
                  aux_weight: float = 0.0, backend: str | None = None,
                  history_limit: int | None = 10_000, model: torch.nn.Module | None = None,
-                 rest: Sequence[torch.Tensor] | torch.nn.Module | None = None, normalise: str = "none"):
+                 rest: Sequence[torch.Tensor] | torch.nn.Module | None = None, normalise: str = "none",
+                 measure: str = "first_order", update_every: int = 1):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         from fused_balance.training.optim import BalancedAdamW
@@ -160,6 +173,14 @@ class BalanceScheduler:
             raise TypeError(f"exact_every must be an int >= 0, got {exact_every!r}")
         if exact_every and probe_fn is None:
             raise ValueError("exact_every needs a probe_fn() returning logits on a fixed probe batch")
+        if measure not in MEASURES:
+            raise ValueError(f"measure must be one of {MEASURES}, got {measure!r}")
+        if measure == "kl" and probe_fn is None:
+            raise ValueError('measure="kl" needs a probe_fn() returning logits (e.g. on the current training batch)')
+        if measure == "kl" and exact_every:
+            raise ValueError('measure="kl" measures KL every step already; leave exact_every at 0')
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise TypeError(f"update_every must be an int >= 1, got {update_every!r}")
         if probe_fn is not None and not callable(probe_fn):
             raise TypeError(f"probe_fn must be callable, got {type(probe_fn).__name__}")
         check_history_limit(history_limit)
@@ -225,12 +246,14 @@ class BalanceScheduler:
         self.m_min, self.m_max = float(m_min), float(m_max)
         self.exact_every, self.probe_fn = int(exact_every), probe_fn
         self.aux_weight, self.backend = float(aux_weight), backend
-        self.normalise = normalise
+        self.normalise, self.measure, self.update_every = normalise, measure, int(update_every)
         self.params = [p for n in self.names for p in self.component_params[n]]
         self._counts = [sum(p.numel() for p in self.component_params[n]) for n in self.names]
         self.segment_ids = [c for c, n in enumerate(self.names) for _ in self.component_params[n]]
         self.log_multipliers = [0.0] * C
         self.scores_ema: list[float] | None = None
+        self.window: list[float] = [0.0] * C  # sum of the finite contributions since the last update
+        self.window_steps = 0
         self.shares_ema: list[float] | None = None
         self.peak_total = 0.0
         self.step_count = 0
@@ -312,7 +335,9 @@ class BalanceScheduler:
         source = "first_order"
         self.step_count += 1
         first_order = scores
-        if self.exact_every and self.step_count % self.exact_every == 0:
+        if self.measure == "kl":
+            scores, source = self._normalised(self._kl_scores(deltas)), "kl"
+        elif self.exact_every and self.step_count % self.exact_every == 0:
             scores = self._kl_on_first_order_scale(self._normalised(self._kl_scores(deltas)), scores)
             source = "kl"
         record = {"step": self.step_count, "scores": scores, "source": source,
@@ -320,14 +345,21 @@ class BalanceScheduler:
                   "grad_norms": G[:, 0, 0].clamp(min=0).sqrt().tolist(),
                   "update_norms": G[:, 1, 1].clamp(min=0).sqrt().tolist()}
         if all(math.isfinite(x) for x in scores):
+            self.window = [w + x for w, x in zip(self.window, scores)]
+            self.window_steps += 1
+        update = self.step_count % self.update_every == 0  # the rates move at the window's end
+        record["updated"] = update
+        if update and self.window_steps:  # the window's mean contributions enter the running average
+            mean = [w / self.window_steps for w in self.window]
+            self.window, self.window_steps = [0.0] * len(self.names), 0
             if self.scores_ema is None:
-                self.scores_ema = list(scores)
+                self.scores_ema = mean
             else:
                 self.scores_ema = [self.beta * e + (1.0 - self.beta) * x
-                                   for e, x in zip(self.scores_ema, scores)]
+                                   for e, x in zip(self.scores_ema, mean)]
         positive = [max(0.0, e) for e in (self.scores_ema or [])]
         total = sum(positive)
-        if total > 0:
+        if update and total > 0:
             self.shares_ema = [x / total for x in positive]
             self.peak_total = max(self.peak_total, total)
             confidence = total / self.peak_total
@@ -429,7 +461,8 @@ class BalanceScheduler:
         return {"names": list(self.names), "target": list(self.target), "beta": self.beta,
                 "eta": self.eta, "dead_band": self.dead_band, "m_min": self.m_min,
                 "m_max": self.m_max, "exact_every": self.exact_every, "aux_weight": self.aux_weight,
-                "normalise": self.normalise,
+                "normalise": self.normalise, "measure": self.measure, "update_every": self.update_every,
+                "window": list(self.window), "window_steps": self.window_steps,
                 "log_multipliers": list(self.log_multipliers),
                 "scores_ema": None if self.scores_ema is None else list(self.scores_ema),
                 "shares_ema": None if self.shares_ema is None else list(self.shares_ema),
@@ -461,7 +494,14 @@ class BalanceScheduler:
         normalise = state.get("normalise", "none")  # states from before the option: raw contributions
         if normalise not in NORMALISATIONS:
             raise ValueError(f"checkpoint normalise {normalise!r} is not one of {NORMALISATIONS}")
-        self.normalise = normalise
+        measure, update_every = state.get("measure", "first_order"), state.get("update_every", 1)
+        if measure not in MEASURES or (measure == "kl" and self.probe_fn is None):
+            raise ValueError(f"checkpoint measure {measure!r} needs one of {MEASURES} (and 'kl' a probe_fn)")
+        window = state.get("window", [0.0] * C)
+        if len(window) != C:
+            raise ValueError(f"checkpoint window has {len(window)} entries for {C} components")
+        self.normalise, self.measure, self.update_every = normalise, measure, int(update_every)
+        self.window, self.window_steps = list(window), int(state.get("window_steps", 0))
         for key in ("target", "beta", "eta", "dead_band", "m_min", "m_max", "exact_every",
                     "aux_weight"):
             setattr(self, key, state[key])

@@ -42,11 +42,30 @@ _WRAPPERS = {"", "model", "transformer", "base_model"}
 _LAYER_LISTS = {"layers", "layer", "h", "blocks", "block"}
 
 
-def lora_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+def lora_parameters(model: torch.nn.Module, *, modules_to_save: bool = True,
+                    layers: Callable[[str], bool] | Sequence[str] | None = None) -> list[tuple[str, torch.nn.Parameter]]:
     """The trainable LoRA tensors (``lora_A``/``lora_B``/``lora_embedding_*``/DoRA magnitudes)
-    and ``modules_to_save`` copies of a PEFT model, as (name, parameter) in model order."""
-    return [(name, p) for name, p in model.named_parameters()
-            if p.requires_grad and ("lora_" in name or "modules_to_save" in name)]
+    and ``modules_to_save`` copies of a PEFT model, as (name, parameter) in model order.
+
+    Which tensors a balancer balances (pass the result to ``ParetoLoRA``; with
+    ``fill="backward"`` every other trainable tensor gets the plain sum of the objectives'
+    gradients): ``modules_to_save=False`` leaves out the fully trained copies (embeddings, heads),
+    so only the LoRA factors are balanced; ``layers`` keeps the tensors whose ``layer_key`` is in
+    the given keys or passes the given predicate (balance selected layer groups only)."""
+    if layers is not None and not callable(layers):
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, (Sequence, set, frozenset)):
+            raise TypeError(f"layers must be a predicate (layer key -> bool) or a collection of layer keys, "
+                            f"got {type(layers).__name__}")
+        keys = set(layers)
+        layers = keys.__contains__
+    named = [(name, p) for name, p in model.named_parameters()
+             if p.requires_grad and ("lora_" in name or (modules_to_save and "modules_to_save" in name))]
+    if layers is not None:
+        named = [(name, p) for name, p in named if layers(layer_key(name))]
+        if not named:
+            raise ValueError("no LoRA tensor of the model is in the selected layers; the model's layer "
+                             "keys are shown by describe_segments(model)")
+    return named
 
 
 def _owner(name: str) -> str:

@@ -16,7 +16,7 @@ from fused_balance import _extension
 from fused_balance import policies as P
 from fused_balance.solvers import clean_gram, rounding_of
 
-# Reads segments (header: S K code rescale has_mask as int64, tau rounding as double; then the
+# Reads segments (header: S K code has_mask as int64, tau rounding rescale as double; then the
 # [S, K, K] float64 Gram and, with has_mask, the [S, K] mask bytes) from argv[1]; for the serial
 # solve and then each lane count in argv[3...] writes [S, K] float64 weights and [S] int64 branch
 # codes to argv[2]. The workspace capacity is the kernel's choice for K (8, 16, 32).
@@ -76,13 +76,13 @@ void solve_all(const Problem& p, int lanes, double* weights, int64_t* branch) {
 
 int main(int argc, char** argv) {
   FILE* in = std::fopen(argv[1], "rb");
-  int64_t header[5];
-  double scalars[2];
+  int64_t header[4];
+  double scalars[3];
   if (!in || std::fread(header, sizeof header, 1, in) != 1 || std::fread(scalars, sizeof scalars, 1, in) != 1) return 2;
-  Problem p{header[0], header[1], Options{header[2], scalars[0], header[3] != 0, scalars[1]}, {}, {}};
+  Problem p{header[0], header[1], Options{header[2], scalars[0], scalars[2], scalars[1]}, {}, {}};
   p.gram.resize(p.S * p.K * p.K);
   if (std::fread(p.gram.data(), sizeof(double), p.gram.size(), in) != p.gram.size()) return 2;
-  if (header[4]) {
+  if (header[3]) {
     p.mask.resize(p.S * p.K);
     if (std::fread(p.mask.data(), 1, p.mask.size(), in) != p.mask.size()) return 2;
   }
@@ -125,12 +125,12 @@ def lanes_program(tmp_path_factory):
     return program
 
 
-def solve(program, G, code, tau, rescale_to_sum, rounding, mask, lane_counts):
+def solve(program, G, code, tau, rescale, rounding, mask, lane_counts):
     """[(weights [S, K] float64, branch [S])] for the serial solve, then each lane count."""
     S, K = G.shape[0], G.shape[1]
     folder = program.parent
-    header = np.array([S, K, code, int(rescale_to_sum), mask is not None], dtype=np.int64).tobytes()
-    data = header + np.array([tau, rounding]).tobytes() + G.double().contiguous().numpy().tobytes()
+    header = np.array([S, K, code, mask is not None], dtype=np.int64).tobytes()
+    data = header + np.array([tau, rounding, rescale]).tobytes() + G.double().contiguous().numpy().tobytes()
     if mask is not None:
         data += mask.numpy().astype(np.uint8).tobytes()
     (folder / "in.bin").write_bytes(data)
@@ -167,7 +167,7 @@ def segments(S, K, seed):
 
 
 SETTINGS = [("sum", None), ("mgda", "none"), ("mgda", "sum"), ("pareto_lora", "sum"),
-            ("pareto_lora", "none"), ("mmpareto", None)]
+            ("pareto_lora", "none"), ("pareto_lora", 2.5), ("mmpareto", None), ("mmpareto", 0.5)]
 
 
 @pytest.mark.parametrize("name, rescale", SETTINGS)
@@ -177,7 +177,7 @@ def test_solve_over_lanes_is_bitwise_the_serial_solve(lanes_program, name, resca
     policy = P.resolve_policy(name, tau=3.0, rescale=rescale, rounding=rounding_of(G.dtype))
     # 3 lanes: rows interleave unevenly; 32: the warp (K = 32 with 33 rows in the KKT system).
     lane_counts = [3, 32] if K in (5, 32) else [3]
-    (w, branch), *spread = solve(lanes_program, G, policy.code, policy.tau, policy.rescale == "sum",
+    (w, branch), *spread = solve(lanes_program, G, policy.code, policy.tau, policy.rescale_factor,
                                  policy.rounding, None, lane_counts)
     for lanes, (w_lanes, branch_lanes) in zip(lane_counts, spread):
         assert torch.equal(branch_lanes, branch), lanes
@@ -199,7 +199,7 @@ def test_solve_over_lanes_with_an_active_mask(lanes_program):
     mask = torch.rand(8, K, generator=torch.Generator().manual_seed(3)) > 0.3
     policy = P.resolve_policy("mgda", rounding=rounding_of(G.dtype))
     (w, branch), (w_lanes, branch_lanes) = solve(lanes_program, G, policy.code, policy.tau,
-                                                 policy.rescale == "sum", policy.rounding, mask, [4])
+                                                 policy.rescale_factor, policy.rounding, mask, [4])
     assert torch.equal(branch_lanes, branch) and torch.equal(w_lanes.view(torch.int64), w.view(torch.int64))
     w_ref, _ = policy.reference(clean_gram(G), mask)
     assert (w[~mask] == 0).all()
@@ -219,7 +219,7 @@ def test_lanes_never_race_on_the_workspace(tmp_path):
         mask = torch.rand(6, K, generator=torch.Generator().manual_seed(K)) > 0.2
         for name, rescale in SETTINGS:
             policy = P.resolve_policy(name, tau=3.0, rescale=rescale, rounding=rounding_of(G.dtype))
-            (w, branch), *spread = solve(program, G, policy.code, policy.tau, policy.rescale == "sum",
+            (w, branch), *spread = solve(program, G, policy.code, policy.tau, policy.rescale_factor,
                                          policy.rounding, mask if name == "mgda" else None, [3, 32])
             for w_lanes, branch_lanes in spread:
                 assert torch.equal(branch_lanes, branch)
@@ -250,7 +250,7 @@ def test_cuda_solve_is_bitwise_the_cpu_solve(native_cuda, K, dtype):
     G_cuda, mask_cuda = G.cuda(), mask.cuda()
     for name, rescale in SETTINGS:
         policy = P.resolve_policy(name, tau=3.0, rescale=rescale, rounding=rounding_of(dtype))
-        args = (policy.code, policy.tau, policy.rescale == "sum", policy.rounding)
+        args = (policy.code, policy.tau, policy.rescale_factor, policy.rounding)
         for active, active_cuda in ((None, None), (mask, mask_cuda)):
             w_cpu, b_cpu = native_cuda(G, *args, active)
             w_gpu, b_gpu = native_cuda(G_cuda, *args, active_cuda)

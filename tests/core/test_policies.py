@@ -161,6 +161,68 @@ def test_mmpareto_equal_weights_when_gradients_agree_else_rescaled_min_norm():
     torch.testing.assert_close(d / d.norm(), d_minnorm / d_minnorm.norm())
 
 
+# ----------------------------------------------------------------------------- conflict-branch strength
+def conflicting_gradients(S, K, seed):
+    """[S, K, N] gradients where every segment has a conflicting pair (g_1 against g_0)."""
+    g = gradients(S, K, 4 * K, seed, spread=0.0)
+    g[:, 1] = -0.6 * g[:, 0] + 0.2 * g[:, 1]
+    return g
+
+
+@pytest.mark.parametrize("name", ["mgda", "pareto_lora"])
+@pytest.mark.parametrize("gamma", [0.25, 1.0, 3.0])
+@pytest.mark.parametrize("K", [2, 3, 6])
+def test_conflict_branch_has_gamma_times_the_plain_sums_norm(name, gamma, K):
+    """rescale=γ: the conflict branch's update |Σ w_k g_k| is γ |Σ g_k| (measured on the
+    gradients themselves, float64), in the min-norm direction, and still non-conflicting."""
+    g = conflicting_gradients(16, K, 40 + K)
+    G = gram_of(g)
+    w, branch = fb.policy_weights(G, name, rescale=gamma)
+    assert (branch == fb.BRANCH_CONFLICT).all()
+    d = torch.einsum("sk,skn->sn", w, g)
+    torch.testing.assert_close(d.norm(dim=-1), gamma * g.sum(1).norm(dim=-1), rtol=1e-9, atol=0)
+    m = fb.min_norm_weights(G)
+    d_minnorm = torch.einsum("sk,skn->sn", m, g)
+    torch.testing.assert_close(d / d.norm(dim=-1, keepdim=True),
+                               d_minnorm / d_minnorm.norm(dim=-1, keepdim=True), rtol=1e-7, atol=1e-9)
+    assert (torch.einsum("skn,sn->sk", g, d) >= -1e-9 * d.norm(dim=-1, keepdim=True) * g.norm(dim=-1)).all()
+    w_sum, _ = fb.policy_weights(G, name, rescale="sum")
+    torch.testing.assert_close(w, gamma * w_sum, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 2.0])
+def test_mmpareto_gamma_raises_the_combination_to_at_least_gamma_times_the_sum(gamma):
+    g = conflicting_gradients(8, 3, 7)
+    agree = gradients(8, 3, 12, 8).abs()  # positive entries: every pair agrees
+    g = torch.cat([g, agree])
+    G = gram_of(g)
+    w, branch = fb.policy_weights(G, "mmpareto", rescale=gamma)
+    w_plain, _ = fb.policy_weights(G, "mmpareto", rescale="none")
+    assert (branch[:8] == fb.BRANCH_CONFLICT).all() and (branch[8:] == fb.BRANCH_SUM).all()
+    torch.testing.assert_close(w_plain.sum(-1), torch.ones(16, dtype=torch.float64))  # on the simplex
+    d, d_plain = torch.einsum("sk,skn->sn", w, g), torch.einsum("sk,skn->sn", w_plain, g)
+    target = gamma * g.sum(1).norm(dim=-1)
+    torch.testing.assert_close(d.norm(dim=-1), torch.maximum(target, d_plain.norm(dim=-1)), rtol=1e-9, atol=0)
+    # only the length changes
+    factor = d.norm(dim=-1) / d_plain.norm(dim=-1)
+    torch.testing.assert_close(w, w_plain * factor[:, None], rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("bad, error", [(0, ValueError), (-1.0, ValueError), (float("nan"), ValueError),
+                                        (float("inf"), ValueError), (True, TypeError), ("double", ValueError),
+                                        ([1.0], TypeError)])
+def test_bad_rescale_is_refused(bad, error):
+    with pytest.raises(error, match="rescale"):
+        fb.policy_weights(torch.eye(2)[None], "pareto_lora", rescale=bad)
+
+
+def test_rescale_factor_only_for_policies_that_have_a_conflict_branch():
+    with pytest.raises(ValueError, match="no rescale option"):
+        fb.policy_weights(torch.eye(2)[None], "sum", rescale=2.0)
+    with pytest.raises(ValueError, match="rescale"):
+        fb.policy_weights(torch.eye(2)[None], equal_weights_policy, rescale=2.0)
+
+
 # ----------------------------------------------------------------------------- the native solve
 @pytest.fixture(scope="module")
 def native():
@@ -176,13 +238,14 @@ def reference_and_native(native, G, name, rescale=None, tau=3.0, magnitude=None)
     policy = P.resolve_policy(name, tau=tau, rescale=rescale, rounding=rounding_of(G.dtype), magnitude=magnitude)
     Gc = clean_gram(G)
     w_ref, b_ref = policy.reference(Gc, torch.diagonal(Gc, dim1=1, dim2=2) > 0)
-    w_nat, b_nat = native(G, policy.code, policy.tau, policy.rescale == "sum", policy.rounding, None,
+    w_nat, b_nat = native(G, policy.code, policy.tau, policy.rescale_factor, policy.rounding, None,
                           policy.magnitude)
     return w_ref, b_ref, w_nat, b_nat, Gc
 
 
-SETTINGS = [("sum", None), ("mgda", "none"), ("mgda", "sum"), ("pareto_lora", "sum"),
-            ("pareto_lora", "none"), ("mmpareto", None)]
+SETTINGS = [("sum", None), ("mgda", "none"), ("mgda", "sum"), ("mgda", 0.3), ("pareto_lora", "sum"),
+            ("pareto_lora", "none"), ("pareto_lora", 2.5), ("mmpareto", None), ("mmpareto", "none"),
+            ("mmpareto", 1.7)]
 
 
 @pytest.mark.parametrize("name, rescale", SETTINGS)

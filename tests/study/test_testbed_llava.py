@@ -276,20 +276,25 @@ def test_scheduler_variant_is_chosen_on_validation_and_judged_on_test():
     assert verdict["held"] == {"fraction": True, "final accuracy not lower": False}
 
 
-def test_scheduled_arm_acts_and_records_validation(tmp_path):
+@pytest.mark.parametrize("arm", ["sched_first", "sched_kl_window"])
+def test_scheduled_arm_acts_and_records_validation(tmp_path, arm):
     """An acting scheduler arm trains both sides, records κ and the multipliers per step and the
-    validation accuracy beside the test one."""
+    validation accuracy beside the test one; the KL arm probes the training batch and moves its
+    rates only at the end of a 10-step window."""
     import copy
 
     from fused_balance.study import testbed_llava as tb
 
     cfg = tb.CONFIGS["tiny"]
     model, _ = tb.pretrained(tmp_path, 0, cfg["model"], 8)
-    scfg = {**cfg["shift"], "max_objects": 2, "noise": 0.05}
+    scfg = {**cfg["shift"], "max_objects": 2, "noise": 0.05, "steps": 12, "eval_every": 4}
     test, valid = tb.test_split("tint", scfg, 8), tb.test_split("tint", scfg, 8, tb.VALIDATION_SEED)
     assert not torch.equal(test["input_ids"], valid["input_ids"])
-    run = tb.train_shift(copy.deepcopy(model), "tint", "sched_first", 0, scfg, test, valid)
+    run = tb.train_shift(copy.deepcopy(model), "tint", arm, 0, scfg, test, valid)
     assert len(run["kappa"]) == len(run["multipliers"]) == scfg["steps"]
+    if arm == "sched_kl_window":
+        assert run["kappa"][:9] == [None] * 9 and all(m == [1.0, 1.0] for m in run["multipliers"][:9])
+        assert run["kappa"][9] is not None and run["multipliers"][10] == run["multipliers"][9]
     assert all(set(e) == {"step", "acc", "valid_acc"} for e in run["curve"])
     assert "grad_norms" not in run
     with pytest.raises(ValueError, match="unknown arm"):

@@ -29,8 +29,9 @@ def tiny_model(seed=0, dtype=torch.float64):
     return model.to(dtype)
 
 
-def hand_weights(G, policy, tau):
-    """Independent float64 implementation of the K=2 policies on one segment's Gram."""
+def hand_weights(G, policy, tau, strength=1.0):
+    """Independent float64 implementation of the K=2 policies on one segment's Gram; pareto_lora's
+    conflict branch at ``strength`` times the plain sum's magnitude (rescale=strength)."""
     g11, g12, g22 = float(G[0, 0]), float(G[0, 1]), float(G[1, 1])
     n1, n2 = math.sqrt(g11), math.sqrt(g22)
     gamma = min(max((g22 - g12) / (g11 + g22 - 2 * g12), 0.0), 1.0)
@@ -42,7 +43,7 @@ def hand_weights(G, policy, tau):
     if g12 / (n1 * n2) < 0:
         w1, w2 = minnorm
         short = w1 * w1 * g11 + 2 * w1 * w2 * g12 + w2 * w2 * g22
-        factor = math.sqrt((g11 + 2 * g12 + g22) / short)  # restore the plain sum's magnitude
+        factor = strength * math.sqrt((g11 + 2 * g12 + g22) / short)  # x the plain sum's magnitude
         return (w1 * factor, w2 * factor), "conflict"
     if max(n1, n2) > tau * min(n1, n2):
         mean = (n1 + n2) / 2
@@ -82,7 +83,7 @@ def test_layer_segments_from_peft_names():
     assert set(names) == {"attn", "rest"}
 
 
-def hand_combination(per_objective, named, policy, tau):
+def hand_combination(per_objective, named, policy, tau, strength=1.0):
     """Per parameter, the combination of its two objectives' gradients with the weights
     ``hand_weights`` gives its layer's Gram (float64 sums); and the branch per layer."""
     ids, names = segment_ids_for(named, "layer")
@@ -93,16 +94,17 @@ def hand_combination(per_objective, named, policy, tau):
         for i in members:
             g = torch.stack([per_objective[0][i].reshape(-1), per_objective[1][i].reshape(-1)]).double()
             G += g @ g.T
-        (w1, w2), branch = hand_weights(G, policy, tau)
+        (w1, w2), branch = hand_weights(G, policy, tau, strength)
         branches.append(branch)
         for i in members:
             expected[i] = w1 * per_objective[0][i] + w2 * per_objective[1][i]
     return expected, branches
 
 
-@pytest.mark.parametrize("policy,tau", [("mgda", 5.0), ("pareto_lora", 5.0), ("pareto_lora", 1.05),
-                                        ("sum", 5.0)])
-def test_grad_equals_hand_computed_per_layer_combination(policy, tau):
+@pytest.mark.parametrize("policy,tau,gamma", [("mgda", 5.0, None), ("pareto_lora", 5.0, None),
+                                              ("pareto_lora", 1.05, None), ("pareto_lora", 5.0, 0.4),
+                                              ("sum", 5.0, None)])
+def test_grad_equals_hand_computed_per_layer_combination(policy, tau, gamma):
     model = tiny_model()
     named = lora_parameters(model)
     params = [p for _, p in named]
@@ -114,9 +116,9 @@ def test_grad_equals_hand_computed_per_layer_combination(policy, tau):
 
     losses = objectives()
     per_objective = [torch.autograd.grad(losses[k], params, retain_graph=True) for k in ("text", "image")]
-    expected, branches = hand_combination(per_objective, named, policy, tau)
+    expected, branches = hand_combination(per_objective, named, policy, tau, 1.0 if gamma is None else gamma)
 
-    balancer = ParetoLoRA(model, None, policy=policy, tau=tau, backend="torch",
+    balancer = ParetoLoRA(model, None, policy=policy, tau=tau, backend="torch", rescale=gamma,
                           objectives=["text", "image"])
     result = balancer.backward(objectives(), accumulate=False)
     for i, (name, p) in enumerate(named):
@@ -126,6 +128,46 @@ def test_grad_equals_hand_computed_per_layer_combination(policy, tau):
     if policy == "pareto_lora":  # the data exercise the conflict branch and one other
         assert branches.count("conflict") == 2, branches
         assert branches[2] == ("rescale" if tau < 2 else "sum"), branches
+
+
+@pytest.mark.parametrize("selection", [dict(layers=["model.layers.1"]), dict(layers=lambda key: key.endswith(".1")),
+                                       dict(modules_to_save=False)])
+def test_selected_tensors_are_balanced_and_the_rest_get_the_plain_sum(selection):
+    """lora_parameters(model, layers=... / modules_to_save=False) into ParetoLoRA: the chosen
+    tensors get their layers' balanced combination, every other trainable tensor the plain sum."""
+    model = tiny_model()
+    every = lora_parameters(model)
+    chosen = lora_parameters(model, **selection)
+    assert 0 < len(chosen) < len(every)
+    batch = make_batch(6, torch.Generator().manual_seed(0))
+
+    def objectives():
+        losses, _ = modality_losses(model, batch)
+        return {"text": losses["text"], "image": 0.1 * losses["text"] + losses["image"]}
+
+    losses = objectives()
+    per = [torch.autograd.grad(losses[k], [p for _, p in every], retain_graph=True) for k in ("text", "image")]
+    at = {name: i for i, (name, _) in enumerate(every)}
+    picked = [at[name] for name, _ in chosen]
+    balanced, _ = hand_combination([[g[i] for i in picked] for g in per], chosen, "pareto_lora", 1.05)
+    expected = [per[0][i] + per[1][i] for i in range(len(every))]
+    for j, i in enumerate(picked):
+        expected[i] = balanced[j]
+    assert any(not torch.allclose(balanced[j], per[0][i] + per[1][i]) for j, i in enumerate(picked))
+
+    balancer = ParetoLoRA(chosen, None, policy="pareto_lora", tau=1.05, backend="torch",
+                          objectives=["text", "image"])
+    balancer.backward(objectives(), accumulate=False)
+    for i, (name, p) in enumerate(every):
+        torch.testing.assert_close(p.grad, expected[i], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_lora_parameters_refuses_a_selection_that_picks_nothing():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="describe_segments"):
+        lora_parameters(model, layers=["model.layers.7"])
+    with pytest.raises(TypeError, match="layer keys"):
+        lora_parameters(model, layers="model.layers.1")
 
 
 def test_accumulate_adds_like_backward():

@@ -213,3 +213,83 @@ def test_normalisation_travels_with_the_state_and_is_checked():
         BalanceScheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1),
                          {"a": [torch.zeros(1, requires_grad=True)], "b": [torch.zeros(1, requires_grad=True)]},
                          normalise="adam")
+
+
+def _probe_sees_llm_only(steps: int, **kwargs):
+    """Encoder and llm both learn a regression, but the probe's logits depend on the llm only."""
+    torch.manual_seed(0)
+    enc, llm = torch.nn.Linear(4, 1, bias=False), torch.nn.Linear(4, 1, bias=False)
+    model = torch.nn.ModuleDict({"enc": enc, "llm": llm})
+    probe = torch.randn(16, 4)
+    comps = {"encoder": enc, "llm": llm}
+    opt = torch.optim.SGD(BalanceScheduler.param_groups(comps, model=model, lr=0.05))
+    probe_logits = lambda: torch.cat([llm(probe), torch.zeros(16, 1)], dim=-1)  # noqa: E731
+    sched = BalanceScheduler(opt, comps, model=model, probe_fn=probe_logits, backend="torch", **kwargs)
+    target = torch.randn(2, 4)
+    records, lrs = [], []
+    for _ in range(steps):
+        x1, x2 = torch.randn(32, 4), torch.randn(32, 4)
+        loss = ((enc(x1) + llm(x2) - (x1 @ target[0] + x2 @ target[1])[:, None]) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        before = llm.weight.detach().double().clone()
+        opt.step()
+        after = llm.weight.detach().double().clone()
+        record = sched.step()
+        # KL(p_{θ+Δ_llm} ‖ p_θ) by hand in float64 (the encoder does not move the probe)
+        ref = torch.log_softmax(torch.cat([probe.double() @ before.T, torch.zeros(16, 1, dtype=torch.float64)], -1), -1)
+        moved = torch.log_softmax(torch.cat([probe.double() @ after.T, torch.zeros(16, 1, dtype=torch.float64)], -1), -1)
+        records.append((record, float((moved.exp() * (moved - ref)).sum(-1).mean())))
+        lrs.append([g["lr"] for g in opt.param_groups])
+    return sched, records, lrs
+
+
+def test_kl_measure_counts_each_components_output_change_every_step():
+    sched, records, _ = _probe_sees_llm_only(5, measure="kl", eta=0.5, dead_band=0.0)
+    for record, kl in records:
+        assert record["source"] == "kl"
+        assert record["scores"][0] == 0.0  # the probe does not see the encoder
+        assert record["scores"][1] == pytest.approx(kl, rel=1e-4)  # float32 logits against float64
+        assert record["first_order_scores"][0] > 0  # first order: the encoder learns too
+    assert sched.kappa == 0.0 and sched.multipliers["encoder"] > 1.0 > sched.multipliers["llm"]
+    first_order, _, _ = _probe_sees_llm_only(5, eta=0.5, dead_band=0.0)
+    assert first_order.kappa > 0.3  # the first-order measure sees both learn
+
+
+def test_rates_move_once_per_window_from_the_window_mean():
+    sched, records, lrs = _probe_sees_llm_only(7, update_every=3, eta=0.5, dead_band=0.0)
+    assert [r["updated"] for r, _ in records] == [False, False, True, False, False, True, False]
+    for step in (0, 1, 3, 4, 6):  # inside a window the rates stay
+        assert lrs[step] == (lrs[step - 1] if step else [0.05, 0.05])
+    assert lrs[2] != lrs[1] and lrs[5] != lrs[4]
+    window = [r["scores"] for r, _ in records[:3]]
+    first = [sum(x) / 3 for x in zip(*window)]
+    second = [sum(x) / 3 for x in zip(*[r["scores"] for r, _ in records[3:6]])]
+    expected = [0.9 * a + 0.1 * b for a, b in zip(first, second)]
+    assert records[5][0]["kappa"] == pytest.approx(expected[0] / sum(expected), rel=1e-12)
+    assert sched.window_steps == 1
+
+
+def test_window_travels_with_the_state():
+    part, _, _ = _probe_sees_llm_only(4, update_every=3, eta=0.5, dead_band=0.0)
+    state = part.state_dict()
+    assert state["window_steps"] == 1 and state["update_every"] == 3 and state["measure"] == "first_order"
+    fresh, _, _ = _probe_sees_llm_only(0, update_every=1)
+    fresh.load_state_dict(state)
+    assert (fresh.update_every, fresh.window, fresh.window_steps) == (3, part.window, 1)
+    with pytest.raises(ValueError, match="window"):
+        fresh.load_state_dict({**state, "window": [0.0]})
+
+
+def test_bad_measure_and_window_are_refused():
+    a, b = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD(BalanceScheduler.param_groups({"a": [a], "b": [b]}, lr=0.1))
+    with pytest.raises(ValueError, match="probe_fn"):
+        BalanceScheduler(opt, {"a": [a], "b": [b]}, measure="kl")
+    with pytest.raises(ValueError, match="exact_every"):
+        BalanceScheduler(opt, {"a": [a], "b": [b]}, measure="kl", exact_every=2, probe_fn=lambda: a[None])
+    with pytest.raises(ValueError, match="measure must be"):
+        BalanceScheduler(opt, {"a": [a], "b": [b]}, measure="entropy")
+    for bad in (0, 1.5, True):
+        with pytest.raises(TypeError, match="update_every"):
+            BalanceScheduler(opt, {"a": [a], "b": [b]}, update_every=bad)
