@@ -162,16 +162,18 @@ def plot_testbed_llava_scheduler(path: Path, shift: str, runs: dict) -> None:
     arms, κ_t and the [encoder, LLM] rate multipliers per step), means over seeds."""
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
-    for arm, rs in runs.items():
+    for i, (arm, rs) in enumerate(runs.items()):
+        colour = f"C{i}"  # one colour per arm in every panel
         steps = [e["step"] for e in rs[0]["curve"]]
         axes[0].plot(steps, [100 * a for a in _mean_series([[e["acc"] for e in r["curve"]] for r in rs])],
-                     label=arm, lw=1.2)
+                     label=arm, lw=1.2, color=colour)
         if "kappa" in rs[0] and "multipliers" in rs[0]:
-            axes[1].plot(range(1, len(rs[0]["kappa"]) + 1), _mean_series([r["kappa"] for r in rs]), lw=1.1, label=arm)
+            axes[1].plot(range(1, len(rs[0]["kappa"]) + 1), _mean_series([r["kappa"] for r in rs]), lw=1.1, label=arm,
+                         color=colour)
             for side, ls in ((0, "-"), (1, "--")):
                 axes[2].plot(range(1, len(rs[0]["multipliers"]) + 1),
                              _mean_series([[m[side] for m in r["multipliers"]] for r in rs]), ls=ls, lw=1.1,
-                             label=f"{arm}: {('encoder', 'LLM')[side]}")
+                             label=f"{arm}: {('encoder', 'LLM')[side]}", color=colour)
     axes[1].axhline(0.5, color="grey", lw=0.8, ls=":")
     axes[2].set_yscale("log")
     for ax, label in zip(axes, ("test accuracy (%)", "κ_t (encoder share)", "rate multiplier")):
