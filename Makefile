@@ -51,6 +51,9 @@ pins:
 	{ grep '^#' $(PINS); $(LATEST)/bin/python -m pip freeze --all --exclude-editable \
 		--disable-pip-version-check | grep -v -E '^(pip|wheel)=='; } > $(PINS).new && mv $(PINS).new $(PINS)
 
+# The study runs on the CPU: on a machine without a GPU the demo builds the C++ kernels only (about
+# a minute; the CUDA kernels, several minutes more, are built by `make test` or on a GPU machine).
+demo: export FUSED_BALANCE_NO_CUDA ?= $(shell nvidia-smi -L >/dev/null 2>&1 || echo 1)
 demo: build
 	$(FB) info
 	$(FB) study --quick --out runs/demo

@@ -497,6 +497,8 @@ class BalanceScheduler:
         measure, update_every = state.get("measure", "first_order"), state.get("update_every", 1)
         if measure not in MEASURES or (measure == "kl" and self.probe_fn is None):
             raise ValueError(f"checkpoint measure {measure!r} needs one of {MEASURES} (and 'kl' a probe_fn)")
+        if isinstance(update_every, bool) or not isinstance(update_every, int) or update_every < 1:
+            raise ValueError(f"checkpoint update_every {update_every!r} is not an int >= 1")
         window = state.get("window", [0.0] * C)
         if len(window) != C:
             raise ValueError(f"checkpoint window has {len(window)} entries for {C} components")

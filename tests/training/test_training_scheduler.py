@@ -279,6 +279,9 @@ def test_window_travels_with_the_state():
     assert (fresh.update_every, fresh.window, fresh.window_steps) == (3, part.window, 1)
     with pytest.raises(ValueError, match="window"):
         fresh.load_state_dict({**state, "window": [0.0]})
+    with pytest.raises(ValueError, match="update_every"):
+        fresh.load_state_dict({**state, "update_every": 0})
+    assert fresh.update_every == 3  # a refused state changes nothing
 
 
 def test_bad_measure_and_window_are_refused():
