@@ -71,6 +71,12 @@ class SceneStyle:
     tail: str = _TAIL
     always_tail: bool = False
 
+    def fingerprint(self) -> dict:
+        """What the style generates, as plain data (for job caches: a changed task is a new job)."""
+        return {"shapes": [list(x) for x in self.shapes], "objects": [self.min_objects, self.max_objects],
+                "templates": [t("red", "square", "top left") for t in self.templates], "tail": self.tail,
+                "always_tail": self.always_tail}
+
     def words(self) -> set:
         """Every word its captions can hold besides colours, places and counts."""
         phrased = {w for template in self.templates for w in template("red", "square", "top left").split()}

@@ -68,9 +68,12 @@ def test_layer_ratios_against_float64():
     assert got["llm.layers.1"] == pytest.approx(norm(text[2:3]) / norm(image[2:3]), rel=1e-12)
 
 
-def _task(image_drop, text_drop, ratios):
-    return {"image_drop": image_drop, "text_drop": text_drop,
-            "layer_ratio": {f"llm.layers.{i}": r for i, r in enumerate(ratios)}}
+def _task(image_drop, text_drop, ratios, runs=None):
+    """One task's numbers; ``runs``: each run's per-layer ratios (default: three runs with the
+    pooled ratios)."""
+    layers = lambda rs: {f"llm.layers.{i}": r for i, r in enumerate(rs)}  # noqa: E731
+    return {"image_drop": image_drop, "text_drop": text_drop, "layer_ratio": layers(ratios),
+            "run_layer_ratio": [layers(r) for r in (runs or [ratios] * 3)]}
 
 
 GOOD = {"a": _task([0.20, 0.25, 0.22], [0.01, 0.00, 0.02], [8.0, 12.0, 20.0, 30.0]),
@@ -86,6 +89,31 @@ def test_judge_accepts_the_papers_regime():
     row = verdict["tasks"]["a"]
     assert row["ratio_median"] == 16.0 and row["layer_spread"] == 30.0 / 8.0
     assert verdict["task_spread"] == pytest.approx(16.0 / 4.25)
+
+
+def test_spreads_are_taken_within_a_run_and_the_median_run_decides():
+    """Each run's layers differ ×2.5, but a different layer leads in each run: pooled per layer
+    index they look like one scale (×1.1); judged within runs they differ. The reverse: one
+    outlier run with a ×4 spread does not make the typical run differ."""
+    from fused_balance.study.testbed import judge
+
+    rotating = [[10.0, 25.0, 12.0, 13.0], [25.0, 10.0, 13.0, 12.0], [12.0, 13.0, 25.0, 10.0]]
+    pooled = [12.0, 13.0, 13.0, 12.0]
+    tasks = {"a": _task(GOOD["a"]["image_drop"], GOOD["a"]["text_drop"], pooled, rotating),
+             "b": _task(GOOD["b"]["image_drop"], GOOD["b"]["text_drop"], [3.0, 4.0, 4.5, 5.0])}
+    verdict = judge(tasks, [0.9, 0.85, 0.8])
+    row = verdict["tasks"]["a"]
+    assert row["pooled_layer_spread"] == pytest.approx(13.0 / 12.0)
+    assert row["run_layer_spreads"] == [2.5, 2.5, 2.5] and row["layer_spread"] == 2.5
+    assert verdict["accepted"]
+    # run by run across tasks: run i's median over layers in a (12.5 in each run) over b's (4.25)
+    assert verdict["run_task_spreads"] == pytest.approx([12.5 / 4.25] * 3)
+    one_outlier = [[15.0, 16.0, 17.0, 18.0], [15.0, 16.0, 17.0, 18.0], [8.0, 16.0, 17.0, 32.0]]
+    flat = {"a": _task(GOOD["a"]["image_drop"], GOOD["a"]["text_drop"], [15.0, 16.0, 17.0, 18.0], one_outlier),
+            "b": _task(GOOD["b"]["image_drop"], GOOD["b"]["text_drop"], [4.0, 4.2, 4.4, 4.5])}
+    verdict = judge(flat, [0.9, 0.85, 0.8])
+    assert verdict["tasks"]["a"]["run_layer_spreads"][2] == 4.0
+    assert verdict["failing"] == ["ratio differs across layers"]
 
 
 @pytest.mark.parametrize("change, failing", [
@@ -104,7 +132,8 @@ def test_judge_accepts_the_papers_regime():
                      "b": _task(t["b"]["image_drop"], t["b"]["text_drop"], [4.0, 4.2, 4.4, 4.5])}, fg),
      "ratio differs across layers"),
     # the same ratios in every task
-    (lambda t, fg: ({"a": t["a"], "b": {**t["b"], "layer_ratio": t["a"]["layer_ratio"]}}, fg),
+    (lambda t, fg: ({"a": t["a"], "b": {**t["b"], "layer_ratio": t["a"]["layer_ratio"],
+                                        "run_layer_ratio": t["a"]["run_layer_ratio"]}}, fg),
      "ratio differs across tasks"),
 ])
 def test_judge_rejects_each_criterion(change, failing):
@@ -148,6 +177,10 @@ def test_tiny_testbed_check_end_to_end(tmp_path):
     config = CONFIGS["tiny"]
     jobs = sorted((out / "jobs" / "testbed").rglob("*.json"))
     assert len(jobs) == config["seeds"] * len(config["tasks"]) * len(ARMS)
+    from fused_balance.study.data import TASK_STYLES
+    for job in jobs:  # a job is read back only for the same task (test_a_changed_task_is_a_new_job)
+        settings = json.loads(job.read_text())["settings"]
+        assert settings["style"] == json.loads(json.dumps(TASK_STYLES[settings["task"]].fingerprint()))
     result = json.loads((out / "testbed_check.json").read_text())
     verdict = result["verdict"]
     assert set(verdict["tasks"]) == set(config["tasks"])
@@ -171,3 +204,17 @@ def test_tiny_testbed_check_end_to_end(tmp_path):
     assert all(p["cached"] for p in json.loads((out / "testbed_check.json").read_text())["pretraining"])
     again = json.loads(redo.read_text())
     assert again.pop("wall_s") and by_worker.pop("wall_s") and again == by_worker
+
+
+def test_a_changed_task_is_a_new_job():
+    """The task jobs' cache settings hold the task's style, so editing a task's phrasing reruns
+    its jobs instead of reading back results of the old task."""
+    import dataclasses
+
+    from fused_balance.study.data import TASK_STYLES
+
+    prints = {name: json.dumps(style.fingerprint()) for name, style in TASK_STYLES.items()}
+    assert len(set(prints.values())) == len(prints)
+    long = TASK_STYLES["long_text"]
+    assert dataclasses.replace(long, tail=". the rest of the picture is empty").fingerprint() != long.fingerprint()
+    assert long.fingerprint()["templates"][0].startswith("looking at the top left")
