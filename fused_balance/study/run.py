@@ -214,6 +214,12 @@ def main(args) -> int:
     if args.testbed_check:
         return _testbed_checks(args)
     config = CONFIGS[args.size]
+    if args.arms:  # a misspelt arm would otherwise run nothing and say nothing
+        known = list(dict.fromkeys([*(a for f in UNIFIED for a in config[f"{f}_arms"]), *config["llava_arms"]]))
+        unknown = [a for a in args.arms.split(",") if a not in known]
+        if unknown:
+            raise SystemExit(f"fused-balance study: --arms names {unknown}, not arms of the {args.size} study; "
+                             f"its arms: {', '.join(known)}")
     seeds = list(range(args.seeds if args.seeds else config["seeds"]))
     studies = args.only or ["emu2", "chameleon", "llava"]
     out = Path(args.out)

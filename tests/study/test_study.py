@@ -135,3 +135,12 @@ def test_layer_group_segments_group_decoder_layers_and_keep_other_modules_apart(
                                                               "layers 2..3", "layers 2..3"]
     assert key("base_model.model.lm_head.weight", None) == "lm_head"
     assert key("base_model.model.model.embed_tokens.weight", None) == "model.embed_tokens"
+
+
+def test_an_unknown_arm_is_refused_before_anything_runs(tmp_path):
+    from fused_balance.cli import main as cli_main
+
+    out = tmp_path / "study"
+    with pytest.raises(SystemExit, match=r"\['pareto_tau3'\], not arms of the tiny study; its arms: vanilla"):
+        cli_main(["study", "--tiny", "--out", str(out), "--no-progress", "--arms", "vanilla,pareto_tau3"])
+    assert not out.exists()
