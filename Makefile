@@ -54,9 +54,15 @@ pins:
 # The study runs on the CPU: on a machine without a GPU the demo builds the C++ kernels only (about
 # a minute; the CUDA kernels, several minutes more, are built by `make test` or on a GPU machine).
 demo: export FUSED_BALANCE_NO_CUDA ?= $(shell nvidia-smi -L >/dev/null 2>&1 || echo 1)
+# The quick study's jobs in two processes (one per core: emu2 | chameleon + llava, about the same
+# work), then one report from every job file; a failing process fails the demo.
 demo: build
 	$(FB) info
-	$(FB) study --quick --out runs/demo
+	@mkdir -p runs/demo
+	$(FB) study --quick --out runs/demo --only emu2 --no-plots > /dev/null & first=$$!; \
+	$(FB) study --quick --out runs/demo --only chameleon --only llava --no-plots --no-progress > /dev/null; \
+	second=$$?; wait $$first && test $$second = 0
+	$(FB) study --quick --out runs/demo --report-only
 
 # The study's two testbeds (unified; encoder+LLM) judged before any method runs (issue 21): ACCEPTED or NOT, and why.
 testbed: build
