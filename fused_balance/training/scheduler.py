@@ -43,11 +43,22 @@ Per step t:
    base each step (LambdaLR, OneCycleLR, closed-form cosine) stepped before this one; chainable
    schedules that scale the current rate (StepLR, ExponentialLR) would compound the multiplier.
 
-Optional auxiliary loss (``aux_weight`` λ > 0): ``auxiliary_loss(logits, mask)`` returns
-−λ · ℓ_t · H̄(softmax(logits)), with lag ℓ_t = max_c max(0, (τ_c − σ̄_c) / τ_c) ∈ [0, 1] and H̄ the
-mean entropy over the masked positions: while a component lags, it rewards keeping the output
-distribution from collapsing (a peaked softmax makes the cross-entropy gradient p − y vanish), so
-gradient keeps flowing into the lagging component; it is exactly zero once balanced.
+Optional auxiliary loss (``aux_weight`` λ > 0), scaled by the lag
+ℓ_t = max_c max(0, (τ_c − σ̄_c) / τ_c) ∈ [0, 1] (exactly zero once balanced), a mean over the masked
+positions, in one of two forms (``aux``):
+- "entropy" (default): ``auxiliary_loss(logits, mask)`` = −λ · ℓ_t · H̄(softmax(logits)). While a
+  component lags, it rewards keeping the output distribution from collapsing (a peaked softmax
+  makes the cross-entropy gradient p − y vanish), so gradient keeps flowing into the lagging one.
+- "distribution_change", our reading of CoMMIT's label-free auxiliary loss that pushes the
+  components to change the generation distribution: ``auxiliary_loss(logits, mask,
+  previous_logits)`` = −λ · ℓ_t · mean KL(softmax(previous_logits) ‖ softmax(logits)), with
+  previous_logits = ``previous_outputs(lambda: model(batch).logits)`` (called before the forward
+  with grad), the same forward at θ_{t−1} = θ_t − Δ (the components' parameters before the last
+  step ``step()`` measured; ``rest`` stays at θ_t): one extra no-grad forward per step. Its gradient per position, p_θ − p_{t−1},
+  moves the output distribution further from where the last step left it ("keep it moving"); it
+  reaches every component through the logits, not the lagging one alone. Without a measured Δ
+  (before the first step, after ``load_state_dict``, between ``optimizer.step()`` and ``step()``)
+  ``previous_outputs`` runs at θ_t, and the term and its gradient are zero (to rounding).
 
 Normalisation (``normalise``): "none" (default) counts s_c as above; "parameters" divides every
 s_c (first-order and KL alike) by component c's trainable parameter count n_c, so κ compares the
@@ -69,6 +80,7 @@ Defaults: β = 0.9, η = 0.1, δ = 0.05, m ∈ [0.25, 8]. ``history`` keeps the 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import deque
 from typing import Callable, Mapping, Sequence
@@ -91,6 +103,9 @@ NORMALISATIONS = ("none", "parameters")
 # in the output distribution on the probe batch, KL(p_{θ + Δ_c} ‖ p_θ) ("kl"; C + 1 forward passes
 # of ``probe_fn`` per step, e.g. on the current training batch).
 MEASURES = ("first_order", "kl")
+# The auxiliary loss's form (module docstring): reward the output entropy, or the change of the
+# output distribution since the parameters before the last step.
+AUX_FORMS = ("entropy", "distribution_change")
 
 
 def _params_of(component, name: str = "component") -> list[torch.Tensor]:
@@ -149,7 +164,7 @@ class BalanceScheduler:
                  aux_weight: float = 0.0, backend: str | None = None,
                  history_limit: int | None = 10_000, model: torch.nn.Module | None = None,
                  rest: Sequence[torch.Tensor] | torch.nn.Module | None = None, normalise: str = "none",
-                 measure: str = "first_order", update_every: int = 1):
+                 measure: str = "first_order", update_every: int = 1, aux: str = "entropy"):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         from fused_balance.training.optim import BalancedAdamW
@@ -187,6 +202,8 @@ class BalanceScheduler:
         check_history_limit(history_limit)
         if normalise not in NORMALISATIONS:
             raise ValueError(f"normalise must be one of {NORMALISATIONS}, got {normalise!r}")
+        if not isinstance(aux, str) or aux not in AUX_FORMS:
+            raise ValueError(f"aux must be one of {AUX_FORMS}, got {aux!r}")
         self.optimizer = optimizer
         self.names = list(components)
         if any(not isinstance(n, str) for n in self.names):
@@ -246,7 +263,7 @@ class BalanceScheduler:
         self.beta, self.eta, self.dead_band = float(beta), float(eta), float(dead_band)
         self.m_min, self.m_max = float(m_min), float(m_max)
         self.exact_every, self.probe_fn = int(exact_every), probe_fn
-        self.aux_weight, self.backend = float(aux_weight), backend
+        self.aux_weight, self.aux, self.backend = float(aux_weight), aux, backend
         self.normalise, self.measure, self.update_every = normalise, measure, int(update_every)
         self.params = [p for n in self.names for p in self.component_params[n]]
         self._counts = [sum(p.numel() for p in self.component_params[n]) for n in self.names]
@@ -264,6 +281,7 @@ class BalanceScheduler:
         self.history: deque = deque(maxlen=history_limit)  # one record per step, the last history_limit
         self._snapshot: list[torch.Tensor] | None = None
         self._snapshot_fresh = False
+        self._delta_ready = False  # the snapshot buffer holds Δ of the last measured step
         self._hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: self.snapshot())
 
     @staticmethod
@@ -302,7 +320,7 @@ class BalanceScheduler:
         else:
             for buf, p in zip(self._snapshot, self.params):
                 buf.copy_(p)
-        self._snapshot_fresh = True
+        self._snapshot_fresh, self._delta_ready = True, False
 
     @property
     def multipliers(self) -> dict[str, float]:
@@ -377,6 +395,7 @@ class BalanceScheduler:
         self._apply_lrs()
         record["lrs"] = list(self._written)
         self.history.append(record)
+        self._delta_ready = True
         return record
 
     def _normalised(self, scores: list[float]) -> list[float]:
@@ -405,12 +424,37 @@ class BalanceScheduler:
             return kl
         return [x * scale / total_kl for x in kl]
 
+    @contextlib.contextmanager
+    def _previous_parameters(self, deltas: list[torch.Tensor] | None):
+        """Under no_grad: the components' parameters at θ − Δ inside the block (untouched when
+        deltas is None), bitwise θ again after it, also on error. Written in place, not by
+        swapping ``.data``: sharded wrappers (FSDP2) read the parameters' own storage."""
+        current = [] if deltas is None else [p.detach().clone() for p in self.params]
+        try:
+            for p, d in zip(self.params, deltas or ()):
+                p.sub_(d)  # θ_{t-1} (to rounding)
+            yield
+        finally:
+            for p, saved in zip(self.params, current):
+                p.copy_(saved)  # bitwise back to θ_t
+
+    def previous_outputs(self, fn: Callable[[], torch.Tensor]):
+        """``fn()`` (e.g. ``lambda: model(batch).logits``) under no_grad at θ_{t−1} = θ_t − Δ, the
+        components' parameters before the last step ``step()`` measured; its result detached, the
+        parameters bitwise θ_t again afterwards (also when fn raises). Without a measured Δ (before
+        the first step, after ``load_state_dict``, between ``optimizer.step()`` and ``step()``) fn
+        runs at θ_t. For ``auxiliary_loss(..., previous_logits=)`` with aux="distribution_change".
+        Call it before the forward you backpropagate through: it writes the parameters in place,
+        and autograd refuses a graph whose saved parameters were written since."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        with torch.no_grad(), self._previous_parameters(self._snapshot if self._delta_ready else None):
+            out = fn()
+            return out.detach() if isinstance(out, torch.Tensor) else out
+
     def _kl_scores(self, deltas) -> list[float]:
         """KL(p_{θ_prev + Δ_c} ‖ p_{θ_prev}) on the probe batch, per component c."""
-        current = [p.detach().clone() for p in self.params]
-        try:
-            for p, d in zip(self.params, deltas):
-                p.sub_(d)  # θ_{t-1} (to rounding)
+        with self._previous_parameters(deltas):
             ref = torch.log_softmax(self.probe_fn().float(), dim=-1)
             scores = []
             for c in range(len(self.names)):
@@ -424,9 +468,6 @@ class BalanceScheduler:
                     if cid == c:
                         p.sub_(d)
             return scores
-        finally:
-            for p, saved in zip(self.params, current):
-                p.copy_(saved)  # bitwise back to θ_t
 
     # -- auxiliary loss -----------------------------------------------------------------------
     def lag(self) -> float:
@@ -435,9 +476,13 @@ class BalanceScheduler:
             return 0.0
         return max(max(0.0, (t - e) / t) for t, e in zip(self.target, self.shares_ema))
 
-    def auxiliary_loss(self, logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """−aux_weight · lag · mean entropy of softmax(logits) over ``mask`` (see the module
-        docstring); a zero tensor when aux_weight is 0 or the components are balanced."""
+    def auxiliary_loss(self, logits: torch.Tensor, mask: torch.Tensor | None = None,
+                       previous_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The auxiliary loss over the positions in ``mask`` (module docstring), in float32, cast
+        to logits.dtype: aux="entropy": −aux_weight · lag · mean entropy of softmax(logits);
+        aux="distribution_change": −aux_weight · lag · mean KL(softmax(previous_logits) ‖
+        softmax(logits)), previous_logits (detached) from ``previous_outputs``. A zero tensor
+        when aux_weight · lag is 0 or no position is masked."""
         if not isinstance(logits, torch.Tensor) or not logits.dtype.is_floating_point or logits.dim() < 1:
             raise TypeError("logits must be a floating tensor [..., vocab]")
         if mask is not None:
@@ -446,16 +491,32 @@ class BalanceScheduler:
             if mask.shape != logits.shape[:-1] or mask.device != logits.device:
                 raise ValueError(f"mask has shape {tuple(mask.shape)} on {mask.device}, expected "
                                  f"{tuple(logits.shape[:-1])} on {logits.device}")
+        if self.aux == "entropy" and previous_logits is not None:
+            raise ValueError('previous_logits belongs to aux="distribution_change"; this scheduler has aux="entropy"')
+        if self.aux == "distribution_change":
+            if previous_logits is None:
+                raise ValueError('aux="distribution_change" needs previous_logits, the same forward at the '
+                                 "parameters before the last step: previous_logits = "
+                                 "scheduler.previous_outputs(lambda: model(batch).logits)")
+            if not isinstance(previous_logits, torch.Tensor) or not previous_logits.dtype.is_floating_point:
+                raise TypeError("previous_logits must be a floating tensor of logits' shape")
+            if previous_logits.shape != logits.shape or previous_logits.device != logits.device:
+                raise ValueError(f"previous_logits has shape {tuple(previous_logits.shape)} on "
+                                 f"{previous_logits.device}, expected {tuple(logits.shape)} on {logits.device}")
         weight = self.aux_weight * self.lag()
         if weight == 0.0:
             return logits.new_zeros(())
         logp = torch.log_softmax(logits.float(), dim=-1)
-        entropy = -(logp.exp() * logp).sum(-1)
+        if self.aux == "entropy":
+            per_position = -(logp.exp() * logp).sum(-1)
+        else:  # KL(p_prev ‖ p_θ): its gradient p_θ − p_prev moves p_θ away from p_prev
+            previous = torch.log_softmax(previous_logits.detach().float(), dim=-1)
+            per_position = (previous.exp() * (previous - logp)).sum(-1)
         if mask is not None:
-            entropy = entropy[mask]
-        if entropy.numel() == 0:
+            per_position = per_position[mask]
+        if per_position.numel() == 0:
             return logits.new_zeros(())
-        return (-weight * entropy.mean()).to(logits.dtype)
+        return (-weight * per_position.mean()).to(logits.dtype)
 
     # -- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -463,6 +524,7 @@ class BalanceScheduler:
                 "eta": self.eta, "dead_band": self.dead_band, "m_min": self.m_min,
                 "m_max": self.m_max, "exact_every": self.exact_every, "aux_weight": self.aux_weight,
                 "normalise": self.normalise, "measure": self.measure, "update_every": self.update_every,
+                "aux": self.aux,
                 "window": list(self.window), "window_steps": self.window_steps,
                 "log_multipliers": list(self.log_multipliers),
                 "scores_ema": None if self.scores_ema is None else list(self.scores_ema),
@@ -503,7 +565,11 @@ class BalanceScheduler:
         window = state.get("window", [0.0] * C)
         if len(window) != C:
             raise ValueError(f"checkpoint window has {len(window)} entries for {C} components")
+        aux = state.get("aux", "entropy")  # states from before the option: the entropy form
+        if aux not in AUX_FORMS:
+            raise ValueError(f"checkpoint aux {aux!r} is not one of {AUX_FORMS}")
         self.normalise, self.measure, self.update_every = normalise, measure, int(update_every)
+        self.aux, self._delta_ready = aux, False  # the Δ held belongs to the parameters before the load
         self.window, self.window_steps = list(window), int(state.get("window_steps", 0))
         for key in ("target", "beta", "eta", "dead_band", "m_min", "m_max", "exact_every",
                     "aux_weight"):

@@ -517,6 +517,30 @@ def test_scheduler_auxiliary_loss_bad_mask():
         sched.auxiliary_loss(logits.tolist())
 
 
+def test_scheduler_aux_form_and_previous_logits():
+    _, _, comps, opt = scheduler_setup()
+    hooks = len(opt._optimizer_step_pre_hooks)
+    for bad in ("kl", 1, None):
+        with pytest.raises(ValueError, match=r"aux must be one of \('entropy', 'distribution_change'\)"):
+            BalanceScheduler(opt, comps, aux=bad)
+    assert len(opt._optimizer_step_pre_hooks) == hooks  # refused before the optimizer hook is set
+    logits = torch.randn(2, 5, 7)
+    entropy = BalanceScheduler(opt, comps, aux_weight=0.5)
+    with pytest.raises(ValueError, match='previous_logits belongs to aux="distribution_change"'):
+        entropy.auxiliary_loss(logits, previous_logits=logits)
+    change = BalanceScheduler(opt, comps, aux_weight=0.5, aux="distribution_change")
+    with pytest.raises(ValueError, match=r"needs previous_logits.*scheduler.previous_outputs\(lambda"):
+        change.auxiliary_loss(logits)
+    with pytest.raises(ValueError, match=r"previous_logits has shape \(2, 5, 6\) on cpu, expected \(2, 5, 7\)"):
+        change.auxiliary_loss(logits, previous_logits=logits[..., :6])
+    with pytest.raises(ValueError, match="previous_logits has shape .* on meta"):
+        change.auxiliary_loss(logits, previous_logits=logits.to("meta"))
+    with pytest.raises(TypeError, match="previous_logits must be a floating tensor"):
+        change.auxiliary_loss(logits, previous_logits=logits.long())
+    with pytest.raises(TypeError, match="fn must be callable"):
+        change.previous_outputs(logits)
+
+
 def test_scheduler_load_state_dict_mismatch_changes_nothing():
     enc, llm, comps, opt = scheduler_setup()
     sched = BalanceScheduler(opt, comps)
@@ -530,14 +554,15 @@ def test_scheduler_load_state_dict_mismatch_changes_nothing():
 
     def view(s):
         return (list(s.log_multipliers), s.scores_ema, s.step_count, list(s.history),
-                [g["lr"] for g in opt.param_groups], s.beta)
+                [g["lr"] for g in opt.param_groups], s.beta, s.aux, s._delta_ready)
 
     before = clone_state(view(sched))
     for corrupt, match in [(lambda s: s.update(names=["a", "b"]), "components"),
                            (lambda s: s.pop("peak_total"), "missing"),
                            (lambda s: s.update(base_lrs=[0.1]), "param groups"),
                            (lambda s: s.update(log_multipliers=[0.0]), "log_multipliers"),
-                           (lambda s: s.update(exact_every=2), "probe_fn")]:
+                           (lambda s: s.update(exact_every=2), "probe_fn"),
+                           (lambda s: s.update(aux="kl"), "checkpoint aux 'kl'")]:
         state = clone_state(good)
         state["beta"] = 0.5  # would be written first by a careless loader
         corrupt(state)

@@ -1,5 +1,7 @@
 """BalanceScheduler: a starved component gets its learning rate raised; a balanced pair stays
-put without oscillating; exact (KL) mode, auxiliary loss, external LR changes."""
+put without oscillating; exact (KL) mode, auxiliary loss (entropy and distribution-change forms),
+external LR changes."""
+import copy
 import math
 
 import pytest
@@ -296,3 +298,180 @@ def test_bad_measure_and_window_are_refused():
     for bad in (0, 1.5, True):
         with pytest.raises(TypeError, match="update_every"):
             BalanceScheduler(opt, {"a": [a], "b": [b]}, update_every=bad)
+
+
+def _kl64(previous_logits, logits, mask=None):
+    """Mean KL(softmax(previous_logits) ‖ softmax(logits)) over the masked positions, in float64."""
+    previous = torch.log_softmax(previous_logits.detach().double(), -1)
+    kl = (previous.exp() * (previous - torch.log_softmax(logits.detach().double(), -1))).sum(-1)
+    return (kl if mask is None else kl[mask]).mean()
+
+
+def _stepped_distribution_change(steps: int = 1, shares=(0.2, 0.8)):
+    """An encoder and a head feeding logits, one SGD step observed by the scheduler, then the
+    shares set by hand (encoder lagging: lag = (0.5 − 0.2) / 0.5 = 0.6), so the lag is exact.
+    Returns the model, its copy before the last step (θ_{t−1}), the scheduler, optimizer, data."""
+    torch.manual_seed(0)
+    enc, head = torch.nn.Linear(4, 6), torch.nn.Linear(6, 5)
+    model = torch.nn.Sequential(enc, torch.nn.Tanh(), head)
+    comps = {"encoder": enc, "llm": head}
+    opt = torch.optim.SGD(BalanceScheduler.param_groups(comps, model=model, lr=2.0))
+    sched = BalanceScheduler(opt, comps, model=model, backend="torch", aux_weight=0.5, eta=0.0,
+                             aux="distribution_change")
+    x, y = torch.randn(3, 7, 4), torch.randint(0, 5, (3, 7))
+    before = copy.deepcopy(model)
+    for _ in range(steps):
+        before = copy.deepcopy(model)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+        opt.step()
+        sched.step()
+    if shares is not None:
+        sched.shares_ema = list(shares)
+    return model, before, sched, opt, x, y
+
+
+def test_distribution_change_matches_a_float64_reference():
+    model, before, sched, _, x, _ = _stepped_distribution_change()
+    assert sched.lag() == pytest.approx(0.6)
+    current = [p.detach().clone() for p in model.parameters()]
+    previous = sched.previous_outputs(lambda: model(x))
+    assert all(torch.equal(c, p) for c, p in zip(current, model.parameters()))  # bitwise θ_t again
+    assert not previous.requires_grad
+    torch.testing.assert_close(previous, before(x).detach(), rtol=1e-5, atol=1e-6)  # θ_t − Δ = θ_{t−1}
+    assert not torch.equal(previous, model(x))  # the step moved the outputs
+    logits = model(x).detach().requires_grad_()  # a leaf, to read the gradient on the logits
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(1)) > 0.3
+    previous = previous.clone().requires_grad_()  # even so, no gradient flows into it
+    aux = sched.auxiliary_loss(logits, mask, previous)
+    # the reference: θ_{t−1}'s outputs from the saved copy, everything in float64
+    previous64 = copy.deepcopy(before).double()(x.double()).detach()
+    expected = -0.5 * 0.6 * _kl64(previous64, logits, mask)
+    assert aux.dtype == logits.dtype
+    assert aux.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert expected.item() < -1e-2  # a real change, not a rounding-level one
+    aux.backward()
+    # d(−w·KL)/d logits = −w · (p_θ − p_prev) / #masked at the masked positions, 0 elsewhere
+    diff = torch.softmax(logits.detach().double(), -1) - torch.softmax(previous64, -1)
+    expected_grad = torch.where(mask[..., None], -0.5 * 0.6 * diff / mask.sum(), 0.0)
+    torch.testing.assert_close(logits.grad.double(), expected_grad, rtol=1e-4, atol=1e-7)
+    assert previous.grad is None
+
+
+def test_distribution_change_gradient_moves_the_output_distribution_further():
+    model, _, sched, _, x, _ = _stepped_distribution_change()
+    previous = sched.previous_outputs(lambda: model(x))
+    kl_before = _kl64(previous, model(x))
+    model.zero_grad()
+    sched.auxiliary_loss(model(x), previous_logits=previous).backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 0.5 * p.grad  # one small step on the auxiliary loss alone
+    assert _kl64(previous, model(x)) > kl_before * 1.01
+
+
+def test_distribution_change_is_zero_without_lag_or_without_a_measured_step():
+    fresh, _, sched, _, x, _ = _stepped_distribution_change(steps=0, shares=None)
+    assert sched.lag() == 0.0 and torch.equal(sched.previous_outputs(lambda: fresh(x)), fresh(x))
+    logits = fresh(x)
+    aux = sched.auxiliary_loss(logits, previous_logits=sched.previous_outputs(lambda: fresh(x)))
+    assert float(aux) == 0.0 and aux.grad_fn is None  # a constant: loss + aux backpropagates as loss
+    sched.shares_ema = [0.2, 0.8]  # lagging, but no Δ yet: evaluated at θ_t, value and gradient zero
+    logits = fresh(x).detach().requires_grad_()
+    aux = sched.auxiliary_loss(logits, previous_logits=sched.previous_outputs(lambda: fresh(x)))
+    aux.backward()
+    assert aux.item() == 0.0 and logits.grad.abs().max() < 1e-7
+    model, _, balanced, _, x, _ = _stepped_distribution_change(shares=(0.5, 0.5))
+    previous = balanced.previous_outputs(lambda: model(x))
+    assert not torch.equal(previous, model(x)) and balanced.lag() == 0.0
+    assert float(balanced.auxiliary_loss(model(x), previous_logits=previous)) == 0.0
+    # between optimizer.step() and scheduler.step() the snapshot holds θ_t, not Δ: θ_{t+1} is used
+    model, _, sched, opt, x, y = _stepped_distribution_change()
+    before_step = copy.deepcopy(model)
+    opt.zero_grad()
+    torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    opt.step()
+    assert torch.equal(sched.previous_outputs(lambda: model(x)), model(x))
+    sched.step()  # now Δ of that step is measured: θ_t again
+    torch.testing.assert_close(sched.previous_outputs(lambda: model(x)), before_step(x).detach())
+
+
+def test_distribution_change_mask_is_a_masked_mean_like_the_entropy_form():
+    model, _, sched, opt, x, _ = _stepped_distribution_change()
+    entropy = BalanceScheduler(opt, {"encoder": model[0], "llm": model[2]}, model=model, aux_weight=0.5)
+    entropy.shares_ema = sched.shares_ema
+    logits, previous = model(x).detach(), sched.previous_outputs(lambda: model(x))
+    mask = torch.tensor([[True, False, True, True, False, False, True]] * 3)
+    mask[1] = False
+    for s, extra, extra_masked in [(sched, {"previous_logits": previous}, {"previous_logits": previous[mask]}),
+                                   (entropy, {}, {})]:
+        assert float(s.auxiliary_loss(logits, mask, **extra)) == pytest.approx(
+            float(s.auxiliary_loss(logits[mask], None, **extra_masked)), rel=1e-6)
+        assert float(s.auxiliary_loss(logits, torch.ones(3, 7, dtype=torch.bool), **extra)) == \
+            pytest.approx(float(s.auxiliary_loss(logits, None, **extra)), rel=1e-6)
+        assert float(s.auxiliary_loss(logits, torch.zeros(3, 7, dtype=torch.bool), **extra)) == 0.0
+    entropy.close()
+
+
+def test_previous_outputs_restores_the_parameters_when_fn_raises():
+    model, before, sched, _, x, _ = _stepped_distribution_change()
+    current = [p.detach().clone() for p in model.parameters()]
+    seen = []
+
+    def failing():
+        seen.append(model(x))
+        raise RuntimeError("probe failed")
+
+    with pytest.raises(RuntimeError, match="probe failed"):
+        sched.previous_outputs(failing)
+    torch.testing.assert_close(seen[0], before(x).detach())  # it did run at θ_{t−1}
+    assert all(torch.equal(c, p) for c, p in zip(current, model.parameters()))
+
+
+def test_previous_outputs_restores_bitwise_where_the_step_dwarfs_the_parameters():
+    """Where |Δ| ≫ |θ_t| and θ_t is not θ_{t−1} minus an update (here AdamW's decoupled weight
+    decay multiplies the parameters by 1e-3), θ_t − Δ + Δ is not θ_t in floating point: the
+    parameters must be copied back, not have Δ added back."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(100, generator=g).requires_grad_(), torch.randn(100, generator=g).requires_grad_()
+    comps = {"a": [a], "b": [b]}
+    opt = torch.optim.AdamW(BalanceScheduler.param_groups(comps, lr=1.0, weight_decay=0.999))
+    sched = BalanceScheduler(opt, comps, backend="torch")
+    before = torch.cat([a, b]).detach().clone()
+    a.grad, b.grad = torch.zeros_like(a), torch.zeros_like(b)  # the decay alone moves them
+    opt.step()
+    sched.step()
+    current = [a.detach().clone(), b.detach().clone()]
+    torch.testing.assert_close(sched.previous_outputs(lambda: torch.cat([a, b])), before)
+    assert torch.equal(a, current[0]) and torch.equal(b, current[1])
+
+
+def test_previous_outputs_then_forward_gives_the_gradients_of_theta_t():
+    """The documented order: previous_outputs, then the forward with grad and its backward. The
+    task loss's gradients are bitwise those of a copy that never went to θ_{t−1}."""
+    model, _, sched, _, x, y = _stepped_distribution_change()
+    reference = copy.deepcopy(model)
+    torch.nn.functional.cross_entropy(reference(x).flatten(0, 1), y.flatten()).backward()
+    model.zero_grad()
+    previous = sched.previous_outputs(lambda: model(x))
+    torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
+    assert not torch.equal(previous, model(x))
+    assert all(torch.equal(p.grad, r.grad) for p, r in zip(model.parameters(), reference.parameters()))
+
+
+def test_aux_form_travels_with_the_state_and_is_checked():
+    model, _, sched, _, x, _ = _stepped_distribution_change()
+    state = sched.state_dict()
+    assert state["aux"] == "distribution_change"
+    _, _, fresh, _, _, _ = _stepped_distribution_change(steps=0, shares=None)
+    fresh.aux = "entropy"  # a scheduler built with the other form
+    fresh.load_state_dict(state)
+    assert fresh.aux == "distribution_change"
+    fresh.load_state_dict({k: v for k, v in state.items() if k != "aux"})  # saved before the option
+    assert fresh.aux == "entropy"
+    with pytest.raises(ValueError, match="checkpoint aux 'kl'"):
+        fresh.load_state_dict({**state, "aux": "kl", "beta": 0.5})
+    assert fresh.aux == "entropy" and fresh.beta == 0.9  # a refused state changes nothing
+    # the Δ held belonged to the parameters before the load: after it, θ_t is used
+    sched.load_state_dict(state)
+    assert torch.equal(sched.previous_outputs(lambda: model(x)), model(x))
