@@ -187,6 +187,31 @@ def plot_testbed_llava_scheduler(path: Path, shift: str, runs: dict) -> None:
     plt.close(fig)
 
 
+def plot_testbed_methods(path: Path, verdicts: dict, image_target: float, text_cost: float) -> None:
+    """The methods on the unified testbed's regime tasks (``verdicts[task]``: judge_methods's
+    result): per task and comparison the test relative change with its paired 95 % interval, image
+    cell score and text accuracy side by side, the issue's target lines dotted."""
+    plt = _plt()
+    rows = [(task, name, c) for task, v in verdicts.items() for name, c in v["comparisons"].items()]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.32 * len(rows) + 1.6), sharey=True)
+    names = list(dict.fromkeys(name for _, name, _ in rows))
+    for ax, key, target in ((axes[0], "image", image_target), (axes[1], "text", -text_cost)):
+        for y, (task, name, c) in enumerate(rows):
+            x = c[key]
+            ax.errorbar(100 * x["mean"], -y, xerr=[[100 * (x["mean"] - x["low"])], [100 * (x["high"] - x["mean"])]],
+                        fmt="o", ms=4, capsize=2, color=f"C{names.index(name)}")
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.axvline(100 * target, color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(f"Δ {'image cell score' if key == 'image' else 'text accuracy'} (%, relative, test)")
+    axes[0].set_yticks([-y for y in range(len(rows))],
+                       [f"{task}: {name} ({c['arm']})" for task, name, c in rows], fontsize=7)
+    fig.suptitle("unified testbed, regime tasks: paired relative changes, 95 % intervals over seeds "
+                 "(dotted: +10 % image target, −2 % text cost)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def write_plots(out: Path, results: dict) -> None:
     for family, runs in results["unified"].items():
         plot_pictures(out / f"pictures_{family}.png", family, runs)

@@ -71,7 +71,10 @@ CONFIGS = {
                  llava_arms=list(_LLAVA_ARMS)),
 }
 ARM_SPECS = {**_MAIN_ARMS, **_ABLATIONS}
-TESTBEDS = {"unified": "testbed", "encoder_llm": "testbed_llava"}  # --testbed-check: name -> module
+TESTBEDS = {"unified": "testbed", "encoder_llm": "testbed_llava"}  # --testbed-check: name -> its files' prefix
+# what --testbed-check runs: the check, then the methods where it found the regime (unified) or
+# accepted the testbed (encoder+LLM: the scheduler)
+RUNNERS = {"unified": ("testbed_methods", "check_and_compare"), "encoder_llm": ("testbed_llava", "testbed_check")}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,15 +192,17 @@ def _testbed_checks(args) -> int:
     out = Path(args.out)
     for name in TESTBEDS if args.testbed_check == "all" else [args.testbed_check]:
         module = importlib.import_module(f"fused_balance.study.{TESTBEDS[name]}")
+        runner_module, runner = RUNNERS[name]
         seeds = list(range(args.seeds if args.seeds else module.CONFIGS[args.size]["seeds"]))
-        plots = {"plots": not args.no_plots} if name == "encoder_llm" else {}  # the unified check draws none
-        result = module.testbed_check(out, args.size, seeds, progress=not args.no_progress, workers=args.workers,
-                                      **plots)
+        run = getattr(importlib.import_module(f"fused_balance.study.{runner_module}"), runner)
+        result = run(out, args.size, seeds, progress=not args.no_progress, workers=args.workers, plots=not args.no_plots)
         table = out / f"{TESTBEDS[name]}_check.md"
         print(table.read_text())
         print(f"wrote {table} and .json in {result['meta']['wall_s']:.0f} s")
         for shift in result.get("scheduler", {}):  # the method's check, run on an accepted testbed
             print((out / f"{TESTBEDS[name]}_scheduler_{shift}.md").read_text())
+        for task in result.get("methods", {}):  # the methods, on the unified testbed's regime tasks
+            print((out / f"testbed_methods_{task}.md").read_text())
     return 0
 
 

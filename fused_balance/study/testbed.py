@@ -23,7 +23,9 @@
    (cell score of generated pictures) under vanilla against image-only, of text quality (caption
    token accuracy) against text-only, their paired difference over seeds, and the per-layer
    gradient ratios; ``DIR/testbed_check.md`` and ``.json`` say ACCEPTED or NOT ACCEPTED and name
-   every failing criterion. No balancing method runs here.
+   every failing criterion. No balancing method runs before this verdict.
+5. *The methods* follow the verdict, on each task where the drop and the ratio criteria hold
+   (``testbed_methods.py``).
 """
 from __future__ import annotations
 
@@ -229,23 +231,41 @@ def layer_ratios(named, grads: dict) -> dict:
     return {layer: math.sqrt(t / i) for layer, (t, i) in sums.items() if t > 0 and i > 0}
 
 
-def train_task(model: TestbedModel, task: str, arm: str, seed: int, cfg: dict, split: dict) -> dict:
-    """One LoRA run of ``arm`` on ``task`` from the pretrained ``model`` (changed in place)."""
+def train_task(model: TestbedModel, task: str, arm: str, seed: int, cfg: dict, split: dict,
+               method: dict | None = None, validation: dict | None = None) -> dict:
+    """One LoRA run of ``arm`` on ``task`` from the pretrained ``model`` (changed in place), scored
+    on ``split`` (and on ``validation`` when given: ``result["validation"]``). ``method``: a
+    balancing method instead of the check's fixed weights (``ARMS``): ``{"kind": "static",
+    "image_weight": w}`` or ``{"kind": "pareto", "policy", "tau", "magnitude", "rescale"}``
+    (a per-layer ``ParetoLoRA`` writes its combination; every arm clips and steps alike)."""
     from fused_balance.study.data import TRAIN_SEED_BASE
     from fused_balance.study.unified import evaluate, train_batch
+    from fused_balance.training import ParetoLoRA
 
     started = time.perf_counter()
     named = add_lora(model, cfg["rank"], cfg["alpha"], seed, cfg["targets"])
     params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
-    weights = ARMS[arm]
+    balancer, kind = None, (method or {}).get("kind")
+    if method is None:
+        weights = ARMS[arm]
+    elif kind == "static":
+        weights = (1.0, float(method["image_weight"]))
+    elif kind == "pareto":
+        balancer = ParetoLoRA(named, optimizer, policy=method["policy"], tau=method.get("tau", 5.0),
+                              rescale=method.get("rescale"), magnitude=method.get("magnitude", "mean"),
+                              segments="layer", objectives=list(OBJECTIVES), record_history=False)
+    else:
+        raise ValueError(f"unknown method kind {kind!r}: 'static' or 'pareto'")
     rng = torch.Generator().manual_seed(TRAIN_SEED_BASE + seed)  # the same batches in every arm
     ratios, curve = [], {k: [] for k in OBJECTIVES}
     for step in range(cfg["steps"]):
         batch = train_batch(rng, cfg["batch_size"], cfg["generation_fraction"], cfg["max_objects"],
                             TASK_STYLES[task], TESTBED_WORDS)
         losses = model.losses(batch, cfg["text_per_example"])
-        if arm == "vanilla" and step % cfg["diag_every"] == 0:
+        if balancer is not None:  # writes the combination into .grad
+            balancer.backward(losses, accumulate=False)
+        elif arm == "vanilla" and method is None and step % cfg["diag_every"] == 0:
             grads = {k: torch.autograd.grad(losses[k], params, retain_graph=True, allow_unused=True)
                      for k in OBJECTIVES}
             for p, gt, gi in zip(params, grads["text"], grads["image"]):  # the sum's gradient
@@ -260,9 +280,11 @@ def train_task(model: TestbedModel, task: str, arm: str, seed: int, cfg: dict, s
         for k in OBJECTIVES:
             curve[k].append(float(losses[k].detach()))
     final = evaluate(model, split)
-    return {"task": task, "arm": arm, "seed": seed, "final": _scores(final), "pictures": final["pictures"],
-            "targets": final["targets"], "grad_ratios": ratios, "train_losses": curve,
-            "wall_s": time.perf_counter() - started}
+    result = {"task": task, "arm": arm, "seed": seed, "final": _scores(final), "pictures": final["pictures"],
+              "targets": final["targets"], "grad_ratios": ratios, "train_losses": curve}
+    if validation is not None:
+        result["validation"] = _scores(evaluate(model, validation))
+    return {**result, "wall_s": time.perf_counter() - started}
 
 
 def relative_drop(reference: float, value: float) -> float:
@@ -432,7 +454,8 @@ def _task_job(out: Path, seed: int, task: str, arm: str, mcfg: dict, lcfg: dict,
 def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = True, workers: int = 1,
                   config: dict | None = None) -> dict:
     """Pretraining (cached) + references + vanilla on every task and seed; writes
-    ``out/testbed_check.md`` and ``.json`` and returns the verdict with its numbers. Finished jobs
+    ``out/testbed_check.md`` and ``.json`` and returns the verdict with its numbers (the methods
+    follow in ``testbed_methods.check_and_compare``). Finished jobs
     are read back (``out/jobs/testbed/<task>/<arm>__seed<k>.json``). Jobs run in ``workers``
     processes of one torch thread each (a seed's task jobs once its pretraining is cached);
     the results do not depend on ``workers``."""

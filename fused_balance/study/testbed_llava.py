@@ -66,10 +66,12 @@ ARMS = ("both", "llm_only", "encoder_only")
 PROJECTOR_SIDES = ("encoder", "bridge")
 # arms of the scheduler check (run only on an accepted testbed): an acting BalanceScheduler over
 # both sides' LoRA (default rates), κ raw or per parameter, or from the KL changes of the answer
-# distribution on the training batch averaged over 10 steps (rates moved every 10 steps); compared
-# with ``both`` (constant rates)
+# distribution on the training batch averaged over 10 steps (rates moved every 10 steps), or κ raw
+# plus the distribution-change auxiliary loss (weight 1, on the answer logits of the training batch);
+# compared with ``both`` (constant rates)
 SCHEDULED = {"sched_first": dict(normalise="none"), "sched_per_parameter": dict(normalise="parameters"),
-             "sched_kl_window": dict(measure="kl", update_every=10)}
+             "sched_kl_window": dict(measure="kl", update_every=10),
+             "sched_aux_change": dict(aux="distribution_change", aux_weight=1.0)}
 SHIFTS = {"new_shapes": (SceneStyle(shapes=tuple(HELD_OUT_SHAPES.items())), "shape"),
           "tint": (PRETRAINING, "tint"),
           "new_format": (PRETRAINING, "what"),
@@ -313,8 +315,16 @@ def train_shift(model, shift: str, arm: str, seed: int, cfg: dict, test: dict, v
     rng = torch.Generator().manual_seed(TRAIN_SEED_BASE + 1300 + seed)  # the same batches in every arm
     curve, norms = [], []
     for step in range(cfg["steps"]):
-        current["batch"] = make_batch(cfg["batch_size"], rng, cfg, style, kind)
-        loss_of(model, current["batch"]).backward()
+        batch = current["batch"] = make_batch(cfg["batch_size"], rng, cfg, style, kind)
+        scheduler = monitors["kappa"] if arm in SCHEDULED else None
+        if scheduler is not None and scheduler.aux_weight > 0:  # answer logits before the last step, then now
+            answers = lambda: _logits(model, batch)[batch["target"]]  # noqa: E731
+            previous = scheduler.previous_outputs(answers)
+            logits = answers()
+            loss = F.cross_entropy(logits, batch["input_ids"][:, 1:][batch["target"]])
+            (loss + scheduler.auxiliary_loss(logits, previous_logits=previous)).backward()
+        else:
+            loss_of(model, batch).backward()
         if arm == "both" and step % cfg["diag_every"] == 0:
             norms.append({"step": step, **{side: math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in ps)
                                                            / sum(p.numel() for p in ps))

@@ -190,6 +190,9 @@ def test_tiny_testbed_check_end_to_end(tmp_path):
         assert summary["seeds"] == [0, 1] and len(summary["image_drop"]) == 2
         assert len(summary["layer_ratio"]) == config["model"]["layers"]
         assert all(r > 0 for r in summary["layer_ratio"].values())
+    # the CLI runs the methods after the check, on its regime tasks only
+    assert sorted(p.name for p in out.glob("testbed_methods_*.md")) == sorted(
+        f"testbed_methods_{t}.md" for t in verdict["regime_tasks"])
     table = (out / "testbed_check.md").read_text()
     assert ("**NOT ACCEPTED**" in table) == (not verdict["accepted"])
     assert all(f"FAIL: {c}" in table for c in verdict["failing"])

@@ -301,6 +301,23 @@ def test_scheduled_arm_acts_and_records_validation(tmp_path, arm):
         tb.train_shift(copy.deepcopy(model), "tint", "sched_exact", 0, scfg, test)
 
 
+def test_aux_change_arm_adds_the_distribution_change_term(tmp_path):
+    """The aux arm is sched_first plus the distribution-change loss: the same first step (no
+    measured step yet: the term is zero), then another run (the term acts)."""
+    import copy
+
+    from fused_balance.study import testbed_llava as tb
+
+    cfg = tb.CONFIGS["tiny"]
+    model, _ = tb.pretrained(tmp_path, 0, cfg["model"], 8)
+    scfg = {**cfg["shift"], "max_objects": 2, "noise": 0.05, "steps": 8, "eval_every": 4}
+    test = tb.test_split("tint", scfg, 8)
+    first = tb.train_shift(copy.deepcopy(model), "tint", "sched_first", 0, scfg, test)
+    aux = tb.train_shift(copy.deepcopy(model), "tint", "sched_aux_change", 0, scfg, test)
+    assert aux["kappa"][0] == first["kappa"][0]
+    assert aux["kappa"][1:] != first["kappa"][1:]
+
+
 def test_an_accepted_testbed_runs_the_scheduler_check_on_its_separating_shifts(tmp_path, monkeypatch):
     from fused_balance.study import testbed_llava as tb
 
