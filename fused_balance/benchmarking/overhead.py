@@ -10,12 +10,20 @@ the fused AdamW), the per-tensor loop (the torch reference backend's pareto_comb
 Gram) and ``torch._fused_adamw_`` on the same P tensors; and a whole training step on the same
 P tensors by hand (``zero_grad`` setting ``.grad`` to None, and keeping them) and through
 ``ParetoLoRA.step``, whose difference from the cheaper by-hand step is the balancer's overhead.
+That difference carries the O(P) run-to-run noise of the whole step (loss forward, backward
+passes, AdamW), so the step is also taken apart within each call: the time inside autograd's
+backward, inside ``optimizer.step``, and the rest of the step call (``ParetoLoRA.step(losses)``, or
+by hand the two ``.backward()`` calls and ``optimizer.step()``; the loss forward and ``zero_grad``,
+the same in both, outside). The balancer's own host work is that rest minus the by-hand rest; its
+backward passes (into the bank rows, in place) are compared with the by-hand ones (into fresh
+``.grad``) apart.
 
     python -m fused_balance.benchmarking.overhead [--device cpu|cuda] [--threads 1] [--segments S]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -45,6 +53,44 @@ BY_HAND = ("step_by_hand", "step_by_hand_kept")
 # the derived row: what ParetoLoRA.step adds to the same backward passes and optimizer step
 STEP_OVERHEAD = ("ParetoLoRA.step overhead (median over rounds of ParetoLoRA.step minus the cheaper "
                  "by-hand step of the same round)")
+OWN_OVERHEAD = ("ParetoLoRA.step's own host work (its call minus the time inside backward and "
+                "optimizer.step, minus the same of the by-hand step's calls)")
+BACKWARD_EXTRA = "its backward passes (into the bank rows) minus the by-hand ones (into .grad)"
+STEPS = (*BY_HAND, "paretolora_step")
+PARTS = ("call", "backward", "optimizer")  # what _StepClock counts
+
+
+class _StepClock:
+    """Seconds spent in the training-step contenders' step call (``call``: ``ParetoLoRA.step``,
+    or by hand the backward calls and ``optimizer.step``), and within it inside
+    ``torch.autograd.backward`` (what ``Tensor.backward`` calls) and ``optimizer.step``."""
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(PARTS, 0.0)
+        self._started = {}
+
+    def start(self, part: str):
+        self._started[part] = time.perf_counter()
+
+    def stop(self, part: str):
+        self.seconds[part] += time.perf_counter() - self._started[part]
+
+    @contextlib.contextmanager
+    def timing_backward(self):
+        """Patches ``torch.autograd.backward`` for the benchmark's duration (restored after)."""
+        original = torch.autograd.backward
+
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds["backward"] += time.perf_counter() - started
+        torch.autograd.backward = timed
+        try:
+            yield
+        finally:
+            torch.autograd.backward = original
 
 
 def _segment_of(i: int, P: int, segments: int | None) -> int:
@@ -63,7 +109,8 @@ def _setup(P: int, device: torch.device, segments: int | None):
     return params, bank, [_segment_of(i, P, segments) for i in range(P)]
 
 
-def _contenders(P: int, device: torch.device, num_segments: int | None = None) -> dict:
+def _contenders(P: int, device: torch.device, num_segments: int | None = None,
+                clock: _StepClock | None = None) -> dict:
     params, bank, segments = _setup(P, device, num_segments)
     outs = [torch.zeros_like(p) for p in params]
     fns = {}
@@ -108,14 +155,17 @@ def _contenders(P: int, device: torch.device, num_segments: int | None = None) -
         t_params, t_grads, t_m, t_v, [], t_steps, lr=1e-6, beta1=0.9, beta2=0.999, weight_decay=0.0,
         eps=1e-8, amsgrad=False, maximize=False)
     fns["step_by_hand"], fns["step_by_hand_kept"], fns["paretolora_step"] = _training_steps(P, device,
-                                                                                           num_segments)
+                                                                                           num_segments, clock)
     return fns
 
 
-def _training_steps(P: int, device: torch.device, segments: int | None = None):
+def _training_steps(P: int, device: torch.device, segments: int | None = None,
+                    clock: _StepClock | None = None):
     """A training step on P tiny LoRA-like tensors, by hand (``zero_grad`` to None, and keeping
     the ``.grad``) and through ParetoLoRA (the same losses, backward passes and torch AdamW):
-    their difference is the balancer's overhead."""
+    their difference is the balancer's overhead. ``clock`` times their step calls and optimizer
+    steps."""
+    clock = clock or _StepClock()
     from fused_balance.training import ParetoLoRA
 
     gen = torch.Generator().manual_seed(P + 1)
@@ -125,6 +175,8 @@ def _training_steps(P: int, device: torch.device, segments: int | None = None):
         text = torch.randn(P * ELEMS, generator=gen).to(device)
         image = (torch.randn(P * ELEMS, generator=gen) * 0.01).to(device)
         optimizer = torch.optim.AdamW(params, lr=1e-6)
+        optimizer.register_step_pre_hook(lambda *_: clock.start("optimizer"))
+        optimizer.register_step_post_hook(lambda *_: clock.stop("optimizer"))
 
         def losses(params=params, text=text, image=image):
             x = torch.cat(params)
@@ -134,14 +186,19 @@ def _training_steps(P: int, device: torch.device, segments: int | None = None):
             balancer = ParetoLoRA(named, optimizer, policy="pareto_lora", segments="layer")
 
             def step(balancer=balancer, losses=losses):
-                balancer.step(losses())
+                pair = losses()
+                clock.start("call")
+                balancer.step(pair)
+                clock.stop("call")
                 balancer.zero_grad()
         else:
             def step(optimizer=optimizer, losses=losses, keep_grads=keep_grads):
                 pair = losses()
+                clock.start("call")
                 pair["text"].backward(retain_graph=True)
                 pair["image"].backward()
                 optimizer.step()
+                clock.stop("call")
                 optimizer.zero_grad(set_to_none=not keep_grads)
         steps.append(step)
     return steps
@@ -152,9 +209,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_per_call(fn, device: torch.device, round_s: float) -> float:
-    """Seconds per call: calls looped for ~round_s, the device drained at the end."""
+def _time_per_call(fn, device: torch.device, round_s: float, clock: _StepClock | None = None) -> tuple:
+    """Seconds per call, and per call those ``clock`` counted in each part: calls looped for
+    ~round_s, the device drained at the end."""
     _sync(device)
+    before = dict(clock.seconds) if clock else {}
     calls, start = 0, time.perf_counter()
     while True:
         fn()
@@ -162,7 +221,7 @@ def _time_per_call(fn, device: torch.device, round_s: float) -> float:
         if calls >= 3 and time.perf_counter() - start >= round_s:
             break
     _sync(device)
-    return (time.perf_counter() - start) / calls
+    return (time.perf_counter() - start) / calls, {k: (clock.seconds[k] - before[k]) / calls for k in before}
 
 
 def run_overhead(device="cpu", counts=OVERHEAD_COUNTS, rounds: int = 5, round_s: float = 0.05,
@@ -174,8 +233,10 @@ def run_overhead(device="cpu", counts=OVERHEAD_COUNTS, rounds: int = 5, round_s:
     device = torch.device(device)
     table: dict = {name: {} for name in CONTENDERS}
     paired: dict = {}
+    parts: dict = {}
+    clock = _StepClock()
     for P in counts:
-        fns = _contenders(P, device, segments)
+        fns = _contenders(P, device, segments, clock)
         for fn in fns.values():  # warm-up: builds, caches, first launches
             fn()
             fn()
@@ -184,8 +245,12 @@ def run_overhead(device="cpu", counts=OVERHEAD_COUNTS, rounds: int = 5, round_s:
             names = list(fns)
             names = names[r % len(names):] + names[:r % len(names)]
             for name in names:
-                samples[name].append(_time_per_call(fns[name], device, round_s))
-        for name in (*BY_HAND, "paretolora_step"):  # kept per round: paired differences
+                with clock.timing_backward() if name in STEPS else contextlib.nullcontext():
+                    total, inner = _time_per_call(fns[name], device, round_s, clock)
+                samples[name].append(total)
+                if name in STEPS:  # kept per round: paired differences
+                    parts.setdefault(name, {}).setdefault(P, []).append(inner)
+        for name in STEPS:
             paired.setdefault(name, {})[P] = list(samples[name])
         for name, xs in samples.items():
             xs.sort()
@@ -195,7 +260,7 @@ def run_overhead(device="cpu", counts=OVERHEAD_COUNTS, rounds: int = 5, round_s:
                      f"list pareto_combine {table['list_pareto_combine'][P] * 1e6:.0f} us")
     return {"device": str(device), "threads": torch.get_num_threads(), "counts": list(counts),
             "elements_per_tensor": ELEMS, "objectives": K, "segments": segments, "seconds": table,
-            "step_rounds": paired,
+            "step_rounds": paired, "step_parts": parts,
             "labels": dict(CONTENDERS)}
 
 
@@ -213,21 +278,33 @@ def markdown(result: dict) -> list[str]:
         cells = [f"{row[P] * 1e6:.0f}" if P in row else "–" for P in counts]
         growth = (f"{row[counts[-1]] / row[counts[0]]:.2f}×" if counts[0] in row and counts[-1] in row else "–")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {growth} |")
-    overhead = step_overhead(result)
-    if overhead:
-        fused = result["seconds"].get("torch_fused_adamw", {})
-        lines.append(f"| {STEP_OVERHEAD} | " + " | ".join(
+    fused = result["seconds"].get("torch_fused_adamw", {})
+    for label, overhead in ((STEP_OVERHEAD, step_overhead(result)), (OWN_OVERHEAD, step_overhead(result, "own")),
+                            (BACKWARD_EXTRA, step_overhead(result, "backward"))):
+        if not overhead:
+            continue
+        growth = (f"{overhead[counts[-1]] / overhead[counts[0]]:.2f}×"
+                  if counts[0] in overhead and counts[-1] in overhead and overhead[counts[0]] > 0 else "–")
+        lines.append(f"| {label} | " + " | ".join(
             f"{overhead[P] * 1e6:.0f} ({overhead[P] / fused[P]:.2f}× torch._fused_adamw_)" if P in fused
-            else f"{overhead[P] * 1e6:.0f}" for P in counts) + " | – |")
+            else f"{overhead[P] * 1e6:.0f}" for P in counts) + f" | {growth} |")
     return lines + [""]
 
 
-def step_overhead(result: dict) -> dict:
+def step_overhead(result: dict, key: str = "step_rounds") -> dict:
     """Per P: seconds ParetoLoRA.step adds to the same passes and optimizer step by hand, the
     median over rounds of its time minus the cheaper by-hand step of that round (they ran back
     to back in every round: a paired difference, far less noisy than the difference of two
-    medians of ~15 ms steps)."""
-    rounds = result.get("step_rounds", {})
+    medians of ~15 ms steps). ``key="own"``: the same of each step call's own work (the call
+    minus the time inside backward and optimizer.step: no forward, backward or AdamW noise);
+    ``key="backward"``: the same of the time inside backward."""
+    if key == "step_rounds":
+        rounds = result.get(key, {})
+    else:
+        def part(d):
+            return d["call"] - d["backward"] - d["optimizer"] if key == "own" else d[key]
+        rounds = {name: {P: [part(d) for d in per] for P, per in by_p.items()}
+                  for name, by_p in result.get("step_parts", {}).items()}
     hands = [rounds[name] for name in BY_HAND if name in rounds]
     balanced = rounds.get("paretolora_step", {})
     out = {}
