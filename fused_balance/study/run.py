@@ -96,10 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: write the report from the jobs finished so far")
     parser.add_argument("--testbed-check", nargs="?", const="all", choices=list(TESTBEDS) + ["all"],
-                        help="run only the testbed checks, no method (pretraining cached under DIR/cache): "
+                        help="run the testbed checks instead of the study (pretraining cached under DIR/cache): "
                              "'unified' (unimodal references and vanilla LoRA: DIR/testbed_check.md and "
-                             ".json), 'encoder_llm' (LLM-only, encoder-only and both-sided LoRA: "
-                             "DIR/testbed_llava_check.md and .json) or 'all' (the default)")
+                             ".json; then the methods on its regime tasks: DIR/testbed_methods_<task>.md), "
+                             "'encoder_llm' (LLM-only, encoder-only and both-sided LoRA: "
+                             "DIR/testbed_llava_check.md and .json; then, if accepted, the schedulers) or "
+                             "'all' (the default)")
     parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                         help="--testbed-check: processes of one torch thread each (default: 2 where "
                              "there are 2 cores; the results do not depend on it)")
