@@ -64,7 +64,8 @@ demo: build
 	second=$$?; wait $$first && test $$second = 0
 	$(FB) study --quick --out runs/demo --report-only
 
-# The study's two testbeds (unified; encoder+LLM) judged before any method runs (issue 21): ACCEPTED or NOT, and why.
+# The study's two testbeds (unified; encoder+LLM) judged before any method runs (issue 21): ACCEPTED or NOT, and why;
+# then the methods where the unified check found the regime, the schedulers where the encoder+LLM one accepted.
 testbed: build
 	$(FB) study --testbed-check --quick --out runs/testbed
 
