@@ -10,7 +10,7 @@ ARM_LABELS = {"vanilla": "vanilla LoRA", "static": "static reweighting", "gradno
               "pareto_weaker": "Pareto-LoRA, weaker raised", "pareto_protect_image": "Pareto-LoRA, image protected",
               "constant": "constant LR", "llm_only": "LLM-only LoRA", "encoder_only": "encoder-only LoRA",
               "sched_first": "BalanceScheduler first-order", "sched_exact": "BalanceScheduler exact (KL probe)",
-              "sched_aux": "BalanceScheduler + auxiliary loss",
+              "sched_aux": "BalanceScheduler + auxiliary loss (entropy form)",
               # our reading of CoMMIT's one-sided baselines (the paper's exact definitions are not available to us)
               "feature_cd": "Feature-CD (our reading: alternating, encoder first)",
               "language_cd": "Language-CD (our reading: alternating, LLM first)"}
