@@ -436,19 +436,28 @@ def _pretraining_job(out: Path, seed: int, cfg: dict, n_eval: int) -> dict:
     return pretrained(out, seed, cfg, n_eval)[1]
 
 
-def _task_job(out: Path, seed: int, task: str, arm: str, mcfg: dict, lcfg: dict, n_eval: int) -> dict:
-    """One arm on one task from the cached pretrained model of ``seed``; read back when finished."""
-    from fused_balance.study.data import TEST_SEED
+def _task_job(out: Path, seed: int, task: str, arm: str, mcfg: dict, lcfg: dict, n_eval: int,
+              method: dict | None = None) -> dict:
+    """One arm on one task from the cached pretrained model of ``seed``; read back when finished.
+    With ``method`` (``testbed_methods``) the run is ``train_task``'s method, also scored on the
+    validation split, and its file lives under ``jobs/testbed_methods``."""
+    from fused_balance.study.data import TEST_SEED, VALIDATION_SEED
     from fused_balance.study.jobs import in_worker, run_job
 
     in_worker()
+    style = TASK_STYLES[task]
 
     def run():
         model, _ = pretrained(out, seed, mcfg, n_eval)
-        return train_task(model, task, arm, seed, lcfg, _split(TEST_SEED + 900, n_eval, mcfg, TASK_STYLES[task]))
-    return run_job(out / "jobs" / "testbed" / task / f"{arm}__seed{seed}.json", run,
-                   {"model": mcfg, "lora": lcfg, "eval_examples": n_eval, "task": task, "arm": arm,
-                    "style": TASK_STYLES[task].fingerprint()})
+        test = _split(TEST_SEED + 900, n_eval, mcfg, style)
+        if method is None:
+            return train_task(model, task, arm, seed, lcfg, test)
+        return train_task(model, task, arm, seed, lcfg, test, method=method,
+                          validation=_split(VALIDATION_SEED + 900, n_eval, mcfg, style))
+    settings = {"model": mcfg, "lora": lcfg, "eval_examples": n_eval, "task": task,
+                **({"arm": arm} if method is None else {"method": method}), "style": style.fingerprint()}
+    folder = "testbed" if method is None else "testbed_methods"
+    return run_job(out / "jobs" / folder / task / f"{arm}__seed{seed}.json", run, settings)
 
 
 def testbed_check(out: Path, size: str, seeds: list[int], *, progress: bool = True, workers: int = 1,

@@ -173,9 +173,11 @@ def _logits(model, batch: dict) -> torch.Tensor:
     return model(**inputs).logits[:, :-1]
 
 
-def loss_of(model, batch: dict) -> torch.Tensor:
+def loss_of(model, batch: dict, logits: torch.Tensor | None = None) -> torch.Tensor:
+    """The answer cross-entropy; ``logits``: the model's on ``batch`` (``_logits``), when already made."""
     mask = batch["target"]
-    return F.cross_entropy(_logits(model, batch)[mask], batch["input_ids"][:, 1:][mask])
+    logits = _logits(model, batch) if logits is None else logits
+    return F.cross_entropy(logits[mask], batch["input_ids"][:, 1:][mask])
 
 
 @torch.no_grad()
@@ -318,11 +320,10 @@ def train_shift(model, shift: str, arm: str, seed: int, cfg: dict, test: dict, v
         batch = current["batch"] = make_batch(cfg["batch_size"], rng, cfg, style, kind)
         scheduler = monitors["kappa"] if arm in SCHEDULED else None
         if scheduler is not None and scheduler.aux_weight > 0:  # answer logits before the last step, then now
-            answers = lambda: _logits(model, batch)[batch["target"]]  # noqa: E731
-            previous = scheduler.previous_outputs(answers)
-            logits = answers()
-            loss = F.cross_entropy(logits, batch["input_ids"][:, 1:][batch["target"]])
-            (loss + scheduler.auxiliary_loss(logits, previous_logits=previous)).backward()
+            previous = scheduler.previous_outputs(lambda: _logits(model, batch))
+            logits = _logits(model, batch)
+            aux = scheduler.auxiliary_loss(logits, batch["target"], previous_logits=previous)
+            (loss_of(model, batch, logits) + aux).backward()
         else:
             loss_of(model, batch).backward()
         if arm == "both" and step % cfg["diag_every"] == 0:

@@ -39,25 +39,6 @@ STATIC_ARMS = ["vanilla"] + [f"static_w{w:g}" for w in STATIC_WEIGHTS]  # weight
 TARGET_IMAGE_GAIN, TARGET_TEXT_COST = 0.10, 0.02
 
 
-def _method_job(out: Path, seed: int, task: str, arm: str, mcfg: dict, lcfg: dict, n_eval: int) -> dict:
-    """One method on one task from the cached pretrained model of ``seed``, scored on the
-    validation and the test split; read back when finished."""
-    from fused_balance.study.data import TASK_STYLES, TEST_SEED, VALIDATION_SEED
-    from fused_balance.study.jobs import in_worker, run_job
-    from fused_balance.study.testbed import _split, pretrained, train_task
-
-    in_worker()
-
-    def run():
-        model, _ = pretrained(out, seed, mcfg, n_eval)
-        style = TASK_STYLES[task]
-        return train_task(model, task, arm, seed, lcfg, _split(TEST_SEED + 900, n_eval, mcfg, style),
-                          method=METHODS[arm], validation=_split(VALIDATION_SEED + 900, n_eval, mcfg, style))
-    return run_job(out / "jobs" / "testbed_methods" / task / f"{arm}__seed{seed}.json", run,
-                   {"model": mcfg, "lora": lcfg, "eval_examples": n_eval, "task": task, "method": METHODS[arm],
-                    "style": TASK_STYLES[task].fingerprint()})
-
-
 def _choose(arms: list[str], validation: dict, reference_text: float) -> dict:
     """The arm with the best mean validation cell score among those within 2 % of the reference
     text accuracy; if none is, the best cell score, flagged (``text_condition_met`` False)."""
@@ -150,7 +131,7 @@ def methods_check(out: Path, size: str, seeds: list[int], task: str, check: dict
     from tqdm.auto import tqdm
 
     from fused_balance.study.jobs import run_staged
-    from fused_balance.study.testbed import CONFIGS, _pretraining_job
+    from fused_balance.study.testbed import CONFIGS, _pretraining_job, _task_job
 
     config = config or CONFIGS[size]
     started = time.perf_counter()
@@ -159,8 +140,8 @@ def methods_check(out: Path, size: str, seeds: list[int], task: str, check: dict
     bar = tqdm(total=len(seeds) * (1 + len(METHODS)), desc=f"methods on {task} ({size})", disable=not progress,
                dynamic_ncols=True, file=sys.stderr)
     _, found = run_staged(seeds, lambda seed: (_pretraining_job, out, seed, mcfg, n_eval),
-                          lambda seed: {(seed, arm): (_method_job, out, seed, task, arm, mcfg, lcfg, n_eval)
-                                        for arm in METHODS}, workers, bar)
+                          lambda seed: {(seed, arm): (_task_job, out, seed, task, arm, mcfg, lcfg, n_eval,
+                                                      METHODS[arm]) for arm in METHODS}, workers, bar)
     bar.close()
     runs = {arm: [found[seed, arm] for seed in seeds] for arm in METHODS}
     verdict = judge_methods(runs)
